@@ -1,0 +1,193 @@
+"""Triton kernels for `pyprefopt.fused_linear_logprobs` (GPU path).
+
+Forward: each program owns a block of tokens and a slice of the vocabulary; it computes logits tiles
+`h @ W.T` in registers (fp32 accumulation), folds them into an online log-sum-exp and picks the label's
+logit. No logits tile ever reaches global memory (Cut Cross-Entropy, Wijmans et al. 2024). The partial
+(max-shifted sum, max) pairs of the vocabulary slices are combined by a log-sum-exp over slices.
+
+Backward: each program recomputes one `[BLOCK_N, BLOCK_V]` logits tile, turns it into the logits
+gradient `g/T * (onehot(y) - p)` in registers and accumulates `dH += dZ @ W_tile` and
+`dW_tile += dZ.T @ H` into fp32 buffers with atomics; flags skip the weight/bias terms of a frozen head.
+
+Under `TRITON_INTERPRET=1` the kernels run on CPU tensors; the interpreter's `tl.dot` is wrong on bf16
+operands (triton 3.9), so `DOT_FP32` upcasts the tiles there.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _interpreting() -> bool:
+    return bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else False
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    # fp32 operands: IEEE fp32 unless torch allows TF32 (torch.backends.cuda.matmul.allow_tf32).
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _logits_tile(
+    h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, n_hidden, stride_h, stride_w, inv_t,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+):
+    """fp32 `(h[offs_n] @ w[offs_v].T + b[offs_v]) / T`, -inf outside the vocabulary."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for d0 in range(0, n_hidden, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < n_hidden
+        h = tl.load(h_ptr + offs_n[:, None] * stride_h + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_v[:, None] * stride_w + offs_d[None, :], mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+        if DOT_FP32:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = _dot(h, tl.trans(w), acc, IEEE)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+    acc = acc * inv_t
+    return tl.where(mask_v[None, :], acc, float("-inf"))
+
+
+@triton.jit
+def fused_linear_logprobs_fwd_kernel(
+    h_ptr, w_ptr, b_ptr, y_ptr, part_max_ptr, part_sum_ptr, label_logit_ptr,
+    n_tokens, n_vocab, n_hidden, stride_h, stride_w, vocab_per_split, inv_t,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n_tokens
+    y = tl.load(y_ptr + offs_n, mask=mask_n, other=-1)
+    run_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    run_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    label_logit = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    v_start = split * vocab_per_split
+    v_end = tl.minimum(v_start + vocab_per_split, n_vocab)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < v_end
+        z = _logits_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, n_hidden, stride_h, stride_w, inv_t,
+                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, IEEE)
+        new_max = tl.maximum(run_max, tl.max(z, axis=1))
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+        run_max = new_max
+        label_logit += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
+    out = split * n_tokens + offs_n
+    tl.store(part_max_ptr + out, run_max, mask=mask_n)
+    tl.store(part_sum_ptr + out, run_sum, mask=mask_n)
+    tl.store(label_logit_ptr + out, label_logit, mask=mask_n)
+
+
+@triton.jit
+def fused_linear_logprobs_bwd_kernel(
+    h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr,
+    n_tokens, n_vocab, n_hidden, stride_h, stride_w, inv_t,
+    HAS_BIAS: tl.constexpr, HIDDEN_GRAD: tl.constexpr, WEIGHT_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_n = offs_n < n_tokens
+    mask_v = offs_v < n_vocab
+    z = _logits_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, n_hidden, stride_h, stride_w, inv_t,
+                     HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, IEEE)
+    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+    y = tl.load(y_ptr + offs_n, mask=mask_n, other=-1)
+    g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0) * inv_t
+    p = tl.exp(z - lse[:, None])
+    # d logp_t / d z_tv = (1[v == y_t] - p_tv) / T, scaled by the upstream gradient g_t.
+    dz = g[:, None] * (tl.where(offs_v[None, :] == y[:, None], 1.0, 0.0) - p)
+    dz = tl.where(mask_n[:, None] & mask_v[None, :], dz, 0.0)
+    if BIAS_GRAD:
+        tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=mask_v)
+    if DOT_FP32:
+        dz_op = dz
+    else:
+        dz_op = dz.to(h_ptr.dtype.element_ty)
+    for d0 in range(0, n_hidden, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < n_hidden
+        if HIDDEN_GRAD:
+            w = tl.load(w_ptr + offs_v[:, None] * stride_w + offs_d[None, :], mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+            if DOT_FP32:
+                w = w.to(tl.float32)
+            dh = _dot(dz_op, w, tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32), IEEE)
+            tl.atomic_add(dh_ptr + offs_n[:, None] * n_hidden + offs_d[None, :], dh, mask=mask_n[:, None] & mask_d[None, :])
+        if WEIGHT_GRAD:
+            h = tl.load(h_ptr + offs_n[:, None] * stride_h + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            if DOT_FP32:
+                h = h.to(tl.float32)
+            dw = _dot(tl.trans(dz_op), h, tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32), IEEE)
+            tl.atomic_add(dw_ptr + offs_v[:, None] * n_hidden + offs_d[None, :], dw, mask=mask_v[:, None] & mask_d[None, :])
+
+
+def _dot_flags(dtype: torch.dtype) -> dict:
+    interpreting = _interpreting()
+    return {
+        "DOT_FP32": interpreting,
+        "IEEE": dtype == torch.float32 and not interpreting and not torch.backends.cuda.matmul.allow_tf32,
+    }
+
+
+def _block_sizes(n_hidden: int) -> dict:
+    # 64x64 fp32 tiles with a 64-wide reduction step: 2 tiles + accumulator fit in registers on sm_80+.
+    return {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 32 if n_hidden <= 32 else 64}
+
+
+def forward(hidden, weight, bias, labels, inv_t):
+    """`(logp [N], lse [N])` fp32 for rows whose labels are all valid."""
+    hidden = hidden.contiguous()
+    weight = weight.contiguous()
+    n_tokens, n_hidden = hidden.shape
+    n_vocab = weight.shape[0]
+    blocks = _block_sizes(n_hidden)
+    token_blocks = triton.cdiv(n_tokens, blocks["BLOCK_N"])
+    # Split the vocabulary so that small token counts still fill the GPU (~4 programs per SM on 132 SMs).
+    splits = max(1, min(triton.cdiv(n_vocab, 4 * blocks["BLOCK_V"]), triton.cdiv(528, token_blocks)))
+    vocab_per_split = triton.cdiv(triton.cdiv(n_vocab, splits), blocks["BLOCK_V"]) * blocks["BLOCK_V"]
+    splits = triton.cdiv(n_vocab, vocab_per_split)
+    part = torch.empty(3, splits, n_tokens, dtype=torch.float32, device=hidden.device)
+    fused_linear_logprobs_fwd_kernel[(token_blocks, splits)](
+        hidden, weight, bias if bias is not None else hidden, labels, part[0], part[1], part[2],
+        n_tokens, n_vocab, n_hidden, hidden.stride(0), weight.stride(0), vocab_per_split, inv_t,
+        HAS_BIAS=bias is not None, **_dot_flags(hidden.dtype), **blocks,
+    )
+    part_max, part_sum, label_logit = part
+    lse = torch.logsumexp(part_max + part_sum.log(), dim=0)
+    return label_logit.sum(0) - lse, lse
+
+
+def backward(grad_logp, hidden, weight, bias, labels, lse, inv_t, need_hidden, need_weight, need_bias):
+    """fp32 `(grad_hidden, grad_weight, grad_bias)`, None where not needed."""
+    hidden = hidden.contiguous()
+    weight = weight.contiguous()
+    n_tokens, n_hidden = hidden.shape
+    n_vocab = weight.shape[0]
+    dev = hidden.device
+    grad_hidden = torch.zeros(n_tokens, n_hidden, dtype=torch.float32, device=dev) if need_hidden else None
+    grad_weight = torch.zeros(n_vocab, n_hidden, dtype=torch.float32, device=dev) if need_weight else None
+    grad_bias = torch.zeros(n_vocab, dtype=torch.float32, device=dev) if need_bias else None
+    dummy = lse
+    blocks = _block_sizes(n_hidden)
+    grid = (triton.cdiv(n_tokens, blocks["BLOCK_N"]), triton.cdiv(n_vocab, blocks["BLOCK_V"]))
+    fused_linear_logprobs_bwd_kernel[grid](
+        hidden, weight, bias if bias is not None else hidden, labels, lse, grad_logp.float().contiguous(),
+        grad_hidden if need_hidden else dummy, grad_weight if need_weight else dummy,
+        grad_bias if need_bias else dummy,
+        n_tokens, n_vocab, n_hidden, hidden.stride(0), weight.stride(0), inv_t,
+        HAS_BIAS=bias is not None, HIDDEN_GRAD=need_hidden, WEIGHT_GRAD=need_weight, BIAS_GRAD=need_bias,
+        **_dot_flags(hidden.dtype), **blocks,
+    )
+    return grad_hidden, grad_weight, grad_bias

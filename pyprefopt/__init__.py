@@ -1,0 +1,8 @@
+"""pyprefopt: fused kernels for preference fine-tuning (SFT, DPO, IPO, CPO, KTO) of language models."""
+
+from pyprefopt import losses
+from pyprefopt.fused_linear_logprobs import fused_linear_logprobs
+from pyprefopt.fused_linear_preference_loss import FusedLinearPreferenceLoss
+
+__all__ = ["FusedLinearPreferenceLoss", "fused_linear_logprobs", "losses"]
+__version__ = "0.1.0"
