@@ -141,9 +141,48 @@ def _dot_flags(dtype: torch.dtype) -> dict:
     }
 
 
-def _block_sizes(n_hidden: int) -> dict:
-    # 64x64 fp32 tiles with a 64-wide reduction step: 2 tiles + accumulator fit in registers on sm_80+.
-    return {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 32 if n_hidden <= 32 else 64}
+# Tile configs for the GPU autotuner. Every kept one is compiled ahead of time for sm_80 and sm_90 in
+# tests/test_triton_aot.py, which reports registers and asserts zero spills: 64-wide reduction steps
+# at 4 warps spill (255 registers); 32-wide steps at 8 warps use 122-188 with 16-bit inputs.
+FORWARD_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": 32}, num_warps=8)
+    for bn, bv in ((64, 64), (128, 64), (64, 128))
+]
+BACKWARD_CONFIGS = FORWARD_CONFIGS
+# The interpreter runs one config (autotuning there only multiplies test time).
+INTERPRETER_CONFIG = {"BLOCK_N": 32, "BLOCK_V": 32, "BLOCK_D": 16}
+
+
+def kept_configs(configs, element_size: int):
+    """The configs worth timing for inputs of `element_size` bytes: fp32 tiles take twice the
+    registers of 16-bit ones, and tiles above 64x64 spill there."""
+    return [c for c in configs if element_size < 4 or c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_V"] <= 64 * 64]
+
+
+def _prune(configs, named_args, **kwargs):
+    return kept_configs(configs, named_args["h_ptr"].element_size())
+
+
+def _tuned(kernel, configs, reset_to_zero=None):
+    return triton.autotune(
+        configs, key=["n_vocab", "n_hidden"], reset_to_zero=reset_to_zero, prune_configs_by={"early_config_prune": _prune}
+    )(kernel)
+
+
+_fwd_tuned = _tuned(fused_linear_logprobs_fwd_kernel, FORWARD_CONFIGS)
+# The backward accumulates with atomics: every autotuning trial must start from zeroed buffers.
+_bwd_tuned = _tuned(fused_linear_logprobs_bwd_kernel, BACKWARD_CONFIGS, reset_to_zero=["dh_ptr", "dw_ptr", "db_ptr"])
+
+
+def _kernel(tuned, plain):
+    """The autotuned kernel on a GPU; under the interpreter the plain one with its single config."""
+    if _interpreting():
+        return lambda grid, **kw: plain[grid(INTERPRETER_CONFIG)](**kw, **INTERPRETER_CONFIG)
+    return lambda grid, **kw: tuned[grid](**kw)
+
+
+# Vocabulary slices are whole multiples of the largest BLOCK_V, so every config tiles them exactly.
+VOCAB_SLICE_ALIGN = 128
 
 
 def forward(hidden, weight, bias, labels, inv_t):
@@ -152,17 +191,18 @@ def forward(hidden, weight, bias, labels, inv_t):
     weight = weight.contiguous()
     n_tokens, n_hidden = hidden.shape
     n_vocab = weight.shape[0]
-    blocks = _block_sizes(n_hidden)
-    token_blocks = triton.cdiv(n_tokens, blocks["BLOCK_N"])
-    # Split the vocabulary so that small token counts still fill the GPU (~4 programs per SM on 132 SMs).
-    splits = max(1, min(triton.cdiv(n_vocab, 4 * blocks["BLOCK_V"]), triton.cdiv(528, token_blocks)))
-    vocab_per_split = triton.cdiv(triton.cdiv(n_vocab, splits), blocks["BLOCK_V"]) * blocks["BLOCK_V"]
+    # Split the vocabulary so that few tokens still fill the GPU (~4 programs per SM on 132 SMs).
+    splits = max(1, min(triton.cdiv(n_vocab, 4 * VOCAB_SLICE_ALIGN), triton.cdiv(528, triton.cdiv(n_tokens, 64))))
+    vocab_per_split = triton.cdiv(triton.cdiv(n_vocab, splits), VOCAB_SLICE_ALIGN) * VOCAB_SLICE_ALIGN
     splits = triton.cdiv(n_vocab, vocab_per_split)
     part = torch.empty(3, splits, n_tokens, dtype=torch.float32, device=hidden.device)
-    fused_linear_logprobs_fwd_kernel[(token_blocks, splits)](
-        hidden, weight, bias if bias is not None else hidden, labels, part[0], part[1], part[2],
-        n_tokens, n_vocab, n_hidden, hidden.stride(0), weight.stride(0), vocab_per_split, inv_t,
-        HAS_BIAS=bias is not None, **_dot_flags(hidden.dtype), **blocks,
+    _kernel(_fwd_tuned, fused_linear_logprobs_fwd_kernel)(
+        lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]), splits),
+        h_ptr=hidden, w_ptr=weight, b_ptr=bias if bias is not None else hidden, y_ptr=labels,
+        part_max_ptr=part[0], part_sum_ptr=part[1], label_logit_ptr=part[2],
+        n_tokens=n_tokens, n_vocab=n_vocab, n_hidden=n_hidden, stride_h=hidden.stride(0),
+        stride_w=weight.stride(0), vocab_per_split=vocab_per_split, inv_t=inv_t,
+        HAS_BIAS=bias is not None, **_dot_flags(hidden.dtype),
     )
     part_max, part_sum, label_logit = part
     lse = torch.logsumexp(part_max + part_sum.log(), dim=0)
@@ -179,15 +219,16 @@ def backward(grad_logp, hidden, weight, bias, labels, lse, inv_t, need_hidden, n
     grad_hidden = torch.zeros(n_tokens, n_hidden, dtype=torch.float32, device=dev) if need_hidden else None
     grad_weight = torch.zeros(n_vocab, n_hidden, dtype=torch.float32, device=dev) if need_weight else None
     grad_bias = torch.zeros(n_vocab, dtype=torch.float32, device=dev) if need_bias else None
-    dummy = lse
-    blocks = _block_sizes(n_hidden)
-    grid = (triton.cdiv(n_tokens, blocks["BLOCK_N"]), triton.cdiv(n_vocab, blocks["BLOCK_V"]))
-    fused_linear_logprobs_bwd_kernel[grid](
-        hidden, weight, bias if bias is not None else hidden, labels, lse, grad_logp.float().contiguous(),
-        grad_hidden if need_hidden else dummy, grad_weight if need_weight else dummy,
-        grad_bias if need_bias else dummy,
-        n_tokens, n_vocab, n_hidden, hidden.stride(0), weight.stride(0), inv_t,
+    unused = lse  # a valid pointer for the outputs a frozen head does not write
+    _kernel(_bwd_tuned, fused_linear_logprobs_bwd_kernel)(
+        lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]), triton.cdiv(n_vocab, meta["BLOCK_V"])),
+        h_ptr=hidden, w_ptr=weight, b_ptr=bias if bias is not None else hidden, y_ptr=labels, lse_ptr=lse,
+        g_ptr=grad_logp.float().contiguous(),
+        dh_ptr=grad_hidden if need_hidden else unused, dw_ptr=grad_weight if need_weight else unused,
+        db_ptr=grad_bias if need_bias else unused,
+        n_tokens=n_tokens, n_vocab=n_vocab, n_hidden=n_hidden, stride_h=hidden.stride(0),
+        stride_w=weight.stride(0), inv_t=inv_t,
         HAS_BIAS=bias is not None, HIDDEN_GRAD=need_hidden, WEIGHT_GRAD=need_weight, BIAS_GRAD=need_bias,
-        **_dot_flags(hidden.dtype), **blocks,
+        **_dot_flags(hidden.dtype),
     )
     return grad_hidden, grad_weight, grad_bias

@@ -81,7 +81,7 @@ def _check_label_range(valid_labels: torch.Tensor, vocab: int):
 
 
 def _tile_sizes(n_tokens: int, vocab: int, tile_bytes: int = CPU_TILE_BYTES) -> tuple[int, int]:
-    block = min(n_tokens, CPU_TOKEN_BLOCK)
+    block = max(1, min(n_tokens, CPU_TOKEN_BLOCK))
     tile = max(256, (tile_bytes // (4 * block)) // 256 * 256)
     return block, min(vocab, tile)
 
@@ -267,11 +267,16 @@ def fused_linear_logprobs(
     keep = (flat_labels != ignore_index).nonzero().squeeze(1)
     valid_labels = flat_labels.index_select(0, keep).long()
     _check_label_range(valid_labels, weight.shape[0])
+    if keep.numel() == flat_labels.numel():
+        rows = flat_hidden
+    else:
+        rows = flat_hidden.index_select(0, keep)
+    # Nothing to score still goes through the Function (on the CPU path, which handles 0 rows), so the
+    # result stays in the autograd graph and backward gives zero gradients instead of an error.
+    valid_logp, _ = FusedLinearLogprobsFunction.apply(
+        rows, weight, bias, valid_labels, 1.0 / temperature, use_triton and keep.numel() > 0
+    )
+    if keep.numel() == flat_labels.numel():
+        return valid_logp.view(labels.shape)
     logp = torch.zeros(flat_labels.shape[0], dtype=torch.float32, device=hidden.device)
-    if keep.numel() > 0:
-        rows = flat_hidden if keep.numel() == flat_labels.numel() else flat_hidden.index_select(0, keep)
-        valid_logp, _ = FusedLinearLogprobsFunction.apply(
-            rows, weight, bias, valid_labels, 1.0 / temperature, use_triton
-        )
-        logp = logp.index_copy(0, keep, valid_logp) if keep.numel() != flat_labels.numel() else valid_logp
-    return logp.view(labels.shape)
+    return logp.index_copy(0, keep, valid_logp).view(labels.shape)

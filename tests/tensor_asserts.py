@@ -1,0 +1,28 @@
+"""Comparisons shared by the tests: tight fp32 checks that name the worst element, and low-precision
+checks bounded by a multiple of the same-dtype PyTorch error (as flash-attention's tests do)."""
+
+import torch
+
+
+def max_error(actual, expected):
+    return (actual.double() - expected.double()).abs().max().item() if actual.numel() else 0.0
+
+
+def assert_close_verbose(actual, expected, rtol=1e-5, atol=1e-5, name="tensor"):
+    """`torch.testing.assert_close` that names the tensor and shows the worst element."""
+    try:
+        torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, check_dtype=False)
+    except AssertionError as err:
+        diff = (actual.double() - expected.double()).abs().flatten()
+        i = int(diff.argmax())
+        raise AssertionError(
+            f"{name}: max abs error {diff[i].item():.3e} at flat index {i} of shape {tuple(actual.shape)} "
+            f"(actual {actual.flatten()[i].item():.6g}, expected {expected.flatten()[i].item():.6g})\n{err}"
+        ) from None
+
+
+def assert_within_torch_error(actual, truth, torch_same_dtype, factor=2.0, name="tensor"):
+    """|actual - truth| <= factor * |torch_same_dtype - truth| (+ a tiny floor for exact-zero torch error)."""
+    ours = max_error(actual, truth)
+    theirs = max_error(torch_same_dtype, truth)
+    assert ours <= factor * theirs + 1e-6, f"{name}: error {ours:.3e} > {factor} x torch's same-dtype error {theirs:.3e}"

@@ -1,0 +1,137 @@
+import sys
+
+import pytest
+import torch
+
+from pyprefopt import fused_linear_logprobs
+from pyprefopt.reference import reference_logprobs
+from tensor_asserts import assert_close_verbose, assert_within_torch_error
+
+# (batch, seq, hidden, vocab): odd widths, GPT-2's and a Qwen-like vocabulary at tiny hidden sizes,
+# length-1 sequences, hidden sizes that are not multiples of 16.
+SHAPES = [(3, 47, 31, 123), (2, 3, 16, 50257), (1, 4, 8, 151936), (5, 1, 24, 1000), (2, 6, 40, 257)]
+SMALL_SHAPES = [(3, 7, 31, 123), (5, 1, 24, 100), (2, 6, 40, 257)]  # for the Triton interpreter
+GRAD_SETS = [("hidden",), ("hidden", "weight", "bias"), ("weight",), ("hidden", "bias")]
+
+
+def make_inputs(batch, seq, width, vocab, dtype=torch.float32, grads=("hidden",), with_bias=True):
+    hidden = torch.randn(batch, seq, width).to(dtype)
+    weight = (torch.randn(vocab, width) / width**0.5 * 3).to(dtype)
+    bias = torch.randn(vocab).to(dtype) if with_bias else None
+    labels = torch.randint(0, vocab, (batch, seq))
+    labels[0, : seq // 2] = -100  # a prompt
+    if batch > 2:
+        labels[1] = -100  # a row with nothing to score
+    for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        if t is not None:
+            t.requires_grad_(name in grads)
+    return hidden, weight, bias, labels
+
+
+def value_and_grads(fn, hidden, weight, bias, labels, grads, **kwargs):
+    out = fn(hidden, weight, labels, bias, **kwargs)
+    tensors = {"hidden": hidden, "weight": weight, "bias": bias}
+    wanted = [tensors[g] for g in grads if tensors[g] is not None]
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    return out, torch.autograd.grad(out, wanted, upstream)
+
+
+def check_against_reference(backend, shape, grads, temperature=1.0):
+    hidden, weight, bias, labels = make_inputs(*shape, grads=grads)
+    out, got = value_and_grads(fused_linear_logprobs, hidden, weight, bias, labels, grads, backend=backend,
+                               temperature=temperature)
+    ref, want = value_and_grads(reference_logprobs, hidden, weight, bias, labels, grads, temperature=temperature)
+    assert out.dtype == torch.float32 and out.shape == labels.shape
+    assert (out[labels == -100] == 0).all()
+    assert_close_verbose(out, ref, name="logp")
+    for name, g, w in zip(grads, got, want):
+        assert_close_verbose(g, w, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("grads", GRAD_SETS, ids="+".join)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_cpu_matches_reference_fp32(shape, grads):
+    check_against_reference("torch", shape, grads)
+
+
+@pytest.mark.parametrize("grads", GRAD_SETS, ids="+".join)
+@pytest.mark.parametrize("shape", SMALL_SHAPES, ids=str)
+def test_triton_interpreted_matches_reference_fp32(shape, grads):
+    check_against_reference("triton", shape, grads)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_temperature(backend):
+    check_against_reference(backend, (2, 5, 24, 300), ("hidden", "weight", "bias"), temperature=0.7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_low_precision_within_twice_torch_error(backend, dtype):
+    """Error vs an fp64 truth is at most 2x that of PyTorch's materialised logits in the same dtype."""
+    grads = ("hidden", "weight")
+    hidden, weight, bias, labels = make_inputs(3, 9, 48, 500, dtype=dtype, grads=grads, with_bias=False)
+    out, got = value_and_grads(fused_linear_logprobs, hidden, weight, bias, labels, grads, backend=backend)
+    same_dtype, torch_grads = value_and_grads(reference_logprobs, hidden, weight, bias, labels, grads, dtype=dtype)
+    truth, true_grads = value_and_grads(reference_logprobs, hidden.double().detach().requires_grad_(),
+                                        weight.double().detach().requires_grad_(), None, labels, grads,
+                                        dtype=torch.float64)
+    assert got[0].dtype == dtype and got[1].dtype == dtype
+    assert_within_torch_error(out, truth, same_dtype, name="logp")
+    for name, g, t, tg in zip(grads, got, torch_grads, true_grads):
+        assert_within_torch_error(g, tg, t, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_all_positions_ignored(backend):
+    hidden, weight, bias, labels = make_inputs(2, 3, 16, 50, grads=("hidden", "weight"))
+    labels.fill_(-7)
+    out = fused_linear_logprobs(hidden, weight, labels, bias, ignore_index=-7, backend=backend)
+    assert torch.equal(out, torch.zeros(2, 3))
+    out.sum().backward()
+    assert not hidden.grad.any()
+
+
+def test_frozen_head_does_no_recompute(monkeypatch):
+    """A frozen head takes the factorised path: backward only scales what the forward formed."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("backward recomputed logits for a frozen head")
+
+    # `pyprefopt.fused_linear_logprobs` the attribute is the function; the module is in sys.modules.
+    monkeypatch.setattr(sys.modules["pyprefopt.fused_linear_logprobs"], "cpu_backward", fail)
+    hidden, weight, bias, labels = make_inputs(2, 5, 16, 70, grads=("hidden",))
+    fused_linear_logprobs(hidden, weight, labels, bias).sum().backward()
+    assert hidden.grad is not None and weight.grad is None and bias.grad is None
+
+
+def test_leading_shapes_are_kept():
+    hidden = torch.randn(2, 3, 4, 8)
+    weight = torch.randn(11, 8)
+    labels = torch.randint(0, 11, (2, 3, 4))
+    out = fused_linear_logprobs(hidden, weight, labels)
+    assert_close_verbose(out, reference_logprobs(hidden, weight, labels), name="logp")
+
+
+BAD_INPUTS = [
+    ("hidden's last dimension", lambda h, w, y: (h[..., :-1], w, y, {})),
+    ("must share a dtype", lambda h, w, y: (h.double(), w, y, {})),
+    ("leading shape", lambda h, w, y: (h, w, y[:, :-1], {})),
+    ("integer tensor", lambda h, w, y: (h, w, y.float(), {})),
+    ("out of range", lambda h, w, y: (h, w, y.clone().fill_(10), {})),
+    ("out of range", lambda h, w, y: (h, w, y.clone().fill_(-3), {})),
+    ("empty batch", lambda h, w, y: (h[:0], w, y[:0], {})),
+    ("one device", lambda h, w, y: (h, w.to("meta"), y, {})),
+    ("temperature", lambda h, w, y: (h, w, y, {"temperature": 0.0})),
+    ("bias must be", lambda h, w, y: (h, w, y, {"bias": torch.zeros(3)})),
+    ("weight must be", lambda h, w, y: (h, w[None], y, {})),
+    ("backend", lambda h, w, y: (h, w, y, {"backend": "cuda"})),
+]
+
+
+@pytest.mark.parametrize("message,make", BAD_INPUTS, ids=[m for m, _ in BAD_INPUTS])
+def test_bad_input_gets_a_clear_error(message, make):
+    hidden, weight, labels = torch.randn(2, 3, 8), torch.randn(10, 8), torch.randint(0, 10, (2, 3))
+    h, w, y, kwargs = make(hidden, weight, labels)
+    with pytest.raises((ValueError, TypeError), match=message):
+        fused_linear_logprobs(h, w, y, **kwargs)

@@ -1,0 +1,183 @@
+import math
+import sys
+
+import pytest
+import torch
+
+from pyprefopt import FusedLinearPreferenceLoss, losses
+from pyprefopt.reference import reference_logprobs, reference_preference_loss
+from tensor_asserts import assert_close_verbose
+
+module = sys.modules["pyprefopt.fused_linear_preference_loss"]
+
+CASES = [
+    ("sft", {}),
+    ("dpo", {"beta": 0.2}),
+    ("dpo", {"beta": 0.1, "label_smoothing": 0.1}),
+    ("ipo", {"beta": 0.3}),
+    ("cpo", {"beta": 0.2, "alpha": 1.0}),
+    ("cpo", {"beta": 2.0, "alpha": 0.0, "simpo_gamma": 0.5}),
+    ("kto", {"beta": 0.1, "desirable_weight": 1.33, "undesirable_weight": 0.7}),
+]
+CASE_IDS = [f"{m}-" + "-".join(f"{k}={v}" for k, v in h.items()) for m, h in CASES]
+
+
+def make_batch(method, batch=4, seq=9, width=20, vocab=77, trained=False):
+    hidden = torch.randn(batch, seq, width, requires_grad=True)
+    weight = (torch.randn(vocab, width) * 0.3).requires_grad_(trained)
+    bias = torch.randn(vocab).requires_grad_(trained)
+    labels = torch.randint(0, vocab, (batch, seq))
+    labels[:, :3] = -100  # prompts
+    labels[-1, -2:] = -100  # padding
+    ours, theirs = {}, {}
+    if method in losses.REFERENCE_METHODS:
+        ref_hidden = torch.randn(batch, seq, width)
+        ours["ref_hidden"] = ref_hidden
+        theirs["ref_logps"] = reference_logprobs(ref_hidden, weight, labels, bias).sum(-1).detach()
+    if method == "kto":
+        desirable = torch.arange(batch) % 3 != 1
+        kl_hidden, ref_kl = torch.randn(batch, seq, width), torch.randn(batch) - 20
+        kl_labels = labels.roll(1, 0)
+        ours.update(desirable=desirable, kl_hidden=kl_hidden, kl_labels=kl_labels, ref_kl_logps=ref_kl)
+        theirs.update(desirable=desirable, ref_kl_logps=ref_kl,
+                      kl_logps=reference_logprobs(kl_hidden, weight, kl_labels, bias).sum(-1).detach())
+    return (hidden, weight, labels, bias), ours, theirs
+
+
+def check(method, hparams, trained, batch=4, seq=9):
+    (hidden, weight, labels, bias), ours, theirs = make_batch(method, batch, seq, trained=trained)
+    loss, metrics = FusedLinearPreferenceLoss(method, **hparams)(hidden, weight, labels, bias, **ours)
+    ref_loss, ref_metrics = reference_preference_loss(method, hidden, weight, labels, bias, **theirs, **hparams)
+    assert_close_verbose(loss, ref_loss, name="loss")
+    assert metrics.keys() == ref_metrics.keys()
+    for key in metrics:
+        assert metrics[key].requires_grad is False
+        assert_close_verbose(metrics[key], ref_metrics[key], name=key)
+    params = [hidden, weight, bias] if trained else [hidden]
+    for name, got, want in zip(("hidden", "weight", "bias"), torch.autograd.grad(loss, params),
+                               torch.autograd.grad(ref_loss, params)):
+        assert_close_verbose(got, want, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("trained", [False, True], ids=["frozen-head", "trained-head"])
+@pytest.mark.parametrize("method,hparams", CASES, ids=CASE_IDS)
+def test_matches_reference(method, hparams, trained):
+    check(method, hparams, trained)
+
+
+@pytest.mark.parametrize("method,hparams", CASES, ids=CASE_IDS)
+def test_trained_head_in_many_chunks(method, hparams, monkeypatch):
+    """A pair (or two single rows) per chunk: the one-pass gradients stay exact across chunk boundaries."""
+    monkeypatch.setattr(module, "TRAINED_HEAD_CHUNK_BYTES", 4 * 77 * 18)
+    assert len(module._group_chunks(method, torch.zeros(6, 9), -100, 77)) == 3
+    check(method, hparams, trained=True, batch=6)
+
+
+def test_trained_head_falls_back_when_a_group_is_too_long(monkeypatch):
+    monkeypatch.setattr(module, "TRAINED_HEAD_CHUNK_BYTES", 4 * 77 * 3)
+    assert module._group_chunks("dpo", torch.zeros(4, 9), -100, 77) is None
+    check("dpo", {"beta": 0.1}, trained=True)
+
+
+def test_reference_inputs_are_interchangeable():
+    """ref_logps per sequence, per token, or from reference hidden states give one loss."""
+    (hidden, weight, labels, bias), ours, _ = make_batch("dpo")
+    loss_fn = FusedLinearPreferenceLoss("dpo", beta=0.1)
+    per_token = reference_logprobs(ours["ref_hidden"], weight, labels, bias)
+    from_hidden, _ = loss_fn(hidden, weight, labels, bias, ref_hidden=ours["ref_hidden"])
+    from_tokens, _ = loss_fn(hidden, weight, labels, bias, ref_logps=per_token)
+    from_sums, _ = loss_fn(hidden, weight, labels, bias, ref_logps=per_token.sum(-1))
+    assert_close_verbose(from_hidden, from_tokens)
+    assert_close_verbose(from_hidden, from_sums)
+
+
+def test_dpo_by_hand():
+    loss, m = losses.dpo_loss(torch.tensor([-10.0]), torch.tensor([-14.0]), torch.tensor([-11.0]),
+                              torch.tensor([-12.0]), beta=0.5)
+    # margin = (-10 + 11) - (-14 + 12) = 3
+    assert math.isclose(loss.item(), math.log1p(math.exp(-1.5)), rel_tol=1e-6)
+    assert m["rewards/chosen"].item() == 0.5 and m["rewards/rejected"].item() == -1.0
+    assert m["rewards/margins"].item() == 1.5 and m["rewards/accuracies"].item() == 1.0
+
+
+def test_ipo_by_hand():
+    loss, _ = losses.ipo_loss(torch.tensor([-10.0]), torch.tensor([-14.0]), torch.tensor([-11.0]),
+                              torch.tensor([-12.0]), torch.tensor([2]), torch.tensor([4]), beta=0.25)
+    # (1/2 - (-2)/4 - 1/(2*0.25))^2 = (1 - 2)^2
+    assert math.isclose(loss.item(), 1.0, rel_tol=1e-6)
+
+
+def test_kto_class_weights_are_honoured():
+    logps, ref = torch.tensor([-5.0, -7.0, -6.0]), torch.tensor([-6.0, -6.0, -6.0])
+    desirable = torch.tensor([True, False, True])
+    kl = torch.tensor(0.25)
+    base, _ = losses.kto_loss(logps, ref, desirable, kl, beta=0.1)
+    heavy, _ = losses.kto_loss(logps, ref, desirable, kl, beta=0.1, desirable_weight=2.0, undesirable_weight=0.5)
+    sig = torch.sigmoid
+    want = (2 * (1 - sig(torch.tensor(0.1 * (1 - 0.25)))) + 0.5 * (1 - sig(torch.tensor(0.1 * (0.25 + 1))))
+            + 2 * (1 - sig(torch.tensor(0.1 * (0 - 0.25))))) / 3
+    assert math.isclose(heavy.item(), want.item(), rel_tol=1e-6)
+    assert not math.isclose(heavy.item(), base.item())
+
+
+def test_kto_kl_is_detached_and_clamped():
+    kl_logps = torch.tensor([-9.0, -8.0], requires_grad=True)
+    assert losses.kto_kl(kl_logps, torch.tensor([-1.0, -1.0])).item() == 0.0
+    kl = losses.kto_kl(kl_logps, torch.tensor([-10.0, -10.0]))
+    assert kl.item() == 1.5 and not kl.requires_grad
+
+
+def test_cpo_matches_trl_cpo_loss():
+    """TRL's own CPOTrainer.cpo_loss as the oracle for the preference term and rewards."""
+    trl_cpo = pytest.importorskip("trl.experimental.cpo.cpo_trainer")
+    from types import SimpleNamespace
+
+    chosen, rejected = torch.tensor([-10.0, -20.0, -3.0]), torch.tensor([-12.0, -15.0, -9.0])
+    lengths = torch.tensor([4, 5, 2])
+    for loss_type, gamma in (("sigmoid", None), ("simpo", 0.7)):
+        trainer = SimpleNamespace(alpha=0.0, beta=0.3, label_smoothing=0.05, loss_type=loss_type,
+                                  simpo_gamma=gamma or 0.0, accelerator=SimpleNamespace(device="cpu"))
+        c, r = (chosen / lengths, rejected / lengths) if gamma else (chosen, rejected)
+        trl_losses, trl_chosen_rewards, trl_rejected_rewards = trl_cpo.CPOTrainer.cpo_loss(trainer, c, r)
+        loss, m = losses.cpo_loss(chosen, rejected, lengths, lengths, beta=0.3, alpha=0.0, label_smoothing=0.05,
+                                  simpo_gamma=gamma)
+        assert_close_verbose(loss, trl_losses.mean(), name=f"{loss_type} loss")
+        assert_close_verbose(m["rewards/chosen"], trl_chosen_rewards.mean(), name="rewards/chosen")
+        assert_close_verbose(m["rewards/rejected"], trl_rejected_rewards.mean(), name="rewards/rejected")
+
+
+def _dpo_batch():
+    (hidden, weight, labels, bias), ours, _ = make_batch("dpo")
+    return hidden, weight, labels, bias, ours
+
+
+@pytest.mark.parametrize(
+    "method,call,message",
+    [
+        ("dpo", lambda f, h, w, y, b, o: f(h[:3], w, y[:3], b, ref_logps=torch.zeros(3)), "odd batch"),
+        ("dpo", lambda f, h, w, y, b, o: f(h, w, y, b), "reference log-probs"),
+        ("dpo", lambda f, h, w, y, b, o: f(h, w, y, b, ref_logps=torch.zeros(3)), "ref_logps has shape"),
+        ("kto", lambda f, h, w, y, b, o: f(h, w, y, b, **o), "desirable"),
+        ("kto", lambda f, h, w, y, b, o: f(h, w, y, b, desirable=torch.ones(4, dtype=torch.bool), **o),
+         "KL reference point"),
+        ("sft", lambda f, h, w, y, b, o: f(h[0], w, y[0], b), r"\[batch, seq_len\]"),
+        ("sft", lambda f, h, w, y, b, o: f(h[:0], w, y[:0], b), "empty batch"),
+        ("sft", lambda f, h, w, y, b, o: f(h, w, y.clone().fill_(500), b), "out of range"),
+    ],
+)
+@pytest.mark.parametrize("trained", [False, True], ids=["frozen-head", "trained-head"])
+def test_bad_input_gets_a_clear_error(method, call, message, trained):
+    hidden, weight, labels, bias, ours = _dpo_batch()
+    weight.requires_grad_(trained)
+    with pytest.raises((ValueError, TypeError), match=message):
+        call(FusedLinearPreferenceLoss(method), hidden, weight, labels, bias, ours)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [({"method": "orpo"}, "unknown method"), ({"method": "dpo", "alpha": 1.0}, "hyper-parameters"),
+     ({"method": "kto", "beta": 0.0}, "beta must be > 0")],
+)
+def test_bad_hyperparameters(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        FusedLinearPreferenceLoss(**kwargs)
