@@ -130,14 +130,15 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logps):
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         hidden_shape, hidden_dtype, weight_dtype = ctx.shapes
+        # The usual upstream gradient of a loss is 1: hand the stored gradients over without a copy.
+        unit = bool(grad_loss == 1)
+        grad_hidden, grad_weight, grad_bias = (
+            None if g is None else (g if unit else g * grad_loss).to(dtype)
+            for g, dtype in zip(ctx.saved_tensors, (hidden_dtype, weight_dtype, weight_dtype))
+        )
         if grad_hidden is not None:
-            grad_hidden = (grad_hidden * grad_loss).view(hidden_shape).to(hidden_dtype)
-        if grad_weight is not None:
-            grad_weight = (grad_weight * grad_loss).to(weight_dtype)
-        if grad_bias is not None:
-            grad_bias = (grad_bias * grad_loss).to(weight_dtype)
+            grad_hidden = grad_hidden.view(hidden_shape)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 

@@ -44,7 +44,7 @@ def make_batch(method, batch=4, seq=9, width=20, vocab=77, trained=False):
     return (hidden, weight, labels, bias), ours, theirs
 
 
-def check(method, hparams, trained, batch=4, seq=9):
+def check(method, hparams, trained, batch=4, seq=9, upstream=1.0):
     (hidden, weight, labels, bias), ours, theirs = make_batch(method, batch, seq, trained=trained)
     loss, metrics = FusedLinearPreferenceLoss(method, **hparams)(hidden, weight, labels, bias, **ours)
     ref_loss, ref_metrics = reference_preference_loss(method, hidden, weight, labels, bias, **theirs, **hparams)
@@ -54,15 +54,15 @@ def check(method, hparams, trained, batch=4, seq=9):
         assert metrics[key].requires_grad is False
         assert_close_verbose(metrics[key], ref_metrics[key], name=key)
     params = [hidden, weight, bias] if trained else [hidden]
-    for name, got, want in zip(("hidden", "weight", "bias"), torch.autograd.grad(loss, params),
-                               torch.autograd.grad(ref_loss, params)):
+    for name, got, want in zip(("hidden", "weight", "bias"), torch.autograd.grad(upstream * loss, params),
+                               torch.autograd.grad(upstream * ref_loss, params)):
         assert_close_verbose(got, want, name=f"grad {name}")
 
 
 @pytest.mark.parametrize("trained", [False, True], ids=["frozen-head", "trained-head"])
 @pytest.mark.parametrize("method,hparams", CASES, ids=CASE_IDS)
 def test_matches_reference(method, hparams, trained):
-    check(method, hparams, trained)
+    check(method, hparams, trained, upstream=2.5)
 
 
 @pytest.mark.parametrize("method,hparams", CASES, ids=CASE_IDS)
