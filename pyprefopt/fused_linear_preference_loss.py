@@ -123,19 +123,27 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
                 grad_weight.addmm_(z.T, h)
             if grad_bias is not None:
                 grad_bias += z.sum(dim=0)
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        # Held on ctx, not saved for backward: backward hands these buffers over as the gradients (no copy
+        # of a [V, H] tensor), so they must not stay reachable from the graph afterwards.
+        ctx.grads = (grad_hidden, grad_weight, grad_bias)
         ctx.shapes = (hidden.shape, hidden.dtype, weight.dtype)
         ctx.mark_non_differentiable(logps)
         return loss_of_logps(logps), logps
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logps):
+        if ctx.grads is None:
+            raise RuntimeError(
+                "FusedLinearPreferenceLoss with a trained head computes its gradients once, in the forward "
+                "pass: run backward through it once (no retain_graph re-use)"
+            )
         hidden_shape, hidden_dtype, weight_dtype = ctx.shapes
+        grads, ctx.grads = ctx.grads, None
         # The usual upstream gradient of a loss is 1: hand the stored gradients over without a copy.
         unit = bool(grad_loss == 1)
         grad_hidden, grad_weight, grad_bias = (
-            None if g is None else (g if unit else g * grad_loss).to(dtype)
-            for g, dtype in zip(ctx.saved_tensors, (hidden_dtype, weight_dtype, weight_dtype))
+            None if g is None else (g if unit else g.mul_(grad_loss)).to(dtype)
+            for g, dtype in zip(grads, (hidden_dtype, weight_dtype, weight_dtype))
         )
         if grad_hidden is not None:
             grad_hidden = grad_hidden.view(hidden_shape)

@@ -6,8 +6,10 @@ as TRL logs them (`rewards/chosen`, `rewards/rejected`, `rewards/margins`, `rewa
 `logps/chosen`, `logps/rejected`, plus `kl` for KTO and `nll_loss` for CPO). Nothing here syncs with
 the device; call `.item()` on a metric when you log it.
 
-Semantics follow TRL 1.16 (`DPOTrainer`, `CPOTrainer`, `KTOTrainer`) exactly; the tests check them
-against TRL's own code.
+Semantics follow TRL 1.16 (`DPOTrainer`, `CPOTrainer`, `KTOTrainer`) exactly; tests/test_trl_oracle.py
+checks losses, metrics and gradients against those trainers. One addition: `dpo_loss(label_smoothing=e)`
+is conservative DPO, `(1-e) L(x) + e L(-x)`, which TRL 1.16 only offers as its "sigmoid" and "robust"
+losses combined with weights `2(1-e)` and `-(1-2e)` (its "sigmoid" alone ignores label_smoothing).
 """
 
 from __future__ import annotations
@@ -100,7 +102,8 @@ def cpo_loss(
     sigmoid (`alpha=0` for pure SimPO, as in TRL's CPOTrainer with `loss_type="simpo"`).
     Rewards are `beta * pi` (averaged log-probs under SimPO, as TRL logs them).
     """
-    nll = -chosen_logps.sum() / chosen_lengths.sum().clamp(min=1)
+    # As TRL: with alpha = 0 the NLL term is neither computed nor logged (nll_loss = 0).
+    nll = -chosen_logps.sum() / chosen_lengths.sum().clamp(min=1) if alpha else chosen_logps.new_zeros(())
     if simpo_gamma is not None:
         chosen_logps = chosen_logps / chosen_lengths.clamp(min=1)
         rejected_logps = rejected_logps / rejected_lengths.clamp(min=1)

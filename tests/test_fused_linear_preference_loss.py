@@ -181,3 +181,11 @@ def test_bad_input_gets_a_clear_error(method, call, message, trained):
 def test_bad_hyperparameters(kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
         FusedLinearPreferenceLoss(**kwargs)
+
+
+def test_trained_head_backward_twice_is_a_clear_error():
+    (hidden, weight, labels, bias), ours, _ = make_batch("dpo", trained=True)
+    loss, _ = FusedLinearPreferenceLoss("dpo")(hidden, weight, labels, bias, **ours)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward through it once"):
+        loss.backward()
