@@ -189,3 +189,31 @@ def test_trained_head_backward_twice_is_a_clear_error():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward through it once"):
         loss.backward()
+
+
+@pytest.mark.parametrize("trained", [False, True], ids=["frozen-head", "trained-head"])
+def test_bf16_within_twice_torch_error(trained):
+    """bf16 inputs: loss and gradients within 2x the error of PyTorch's bf16 materialised logits."""
+    from tensor_asserts import assert_within_torch_error
+
+    (hidden, weight, labels, _), _, _ = make_batch("dpo", seq=12, trained=trained)
+    ref_logps = torch.randn(4) - 30
+    params = [hidden.detach().bfloat16().requires_grad_(), weight.detach().bfloat16().requires_grad_(trained)]
+    truth_params = [p.detach().double().requires_grad_(p.requires_grad) for p in params]
+    wanted = params if trained else params[:1]
+
+    def seq_logps(h, w, dtype):
+        return reference_logprobs(h, w, labels, dtype=dtype).sum(-1)
+
+    loss, _ = FusedLinearPreferenceLoss("dpo", beta=0.1)(*params, labels, ref_logps=ref_logps)
+    same_dtype, _ = losses.from_sequence_stats("dpo", seq_logps(*params, torch.bfloat16), (labels != -100).sum(-1),
+                                               ref_logps=ref_logps, beta=0.1)
+    truth, _ = losses.from_sequence_stats("dpo", seq_logps(*truth_params, torch.float64), (labels != -100).sum(-1),
+                                          ref_logps=ref_logps.double(), beta=0.1)
+    assert_within_torch_error(loss, truth, same_dtype, name="loss")
+    got = torch.autograd.grad(loss, wanted)
+    torch_grads = torch.autograd.grad(same_dtype, wanted)
+    true_grads = torch.autograd.grad(truth, truth_params if trained else truth_params[:1])
+    for name, g, t, tg in zip(("hidden", "weight"), got, torch_grads, true_grads):
+        assert g.dtype == torch.bfloat16
+        assert_within_torch_error(g, tg, t, name=f"grad {name}")
