@@ -191,8 +191,10 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
     """Autograd over rows whose labels are all valid (ignored rows are dropped before the call)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, inv_t, use_triton):
-        need_hidden = hidden.requires_grad
+    def forward(ctx, hidden, weight, bias, labels, inv_t, use_triton, grad_enabled):
+        # `requires_grad` still reads True in here under an outer torch.no_grad(); `grad_enabled` is the
+        # caller's grad mode, so evaluation never pays for a gradient factor nobody will use.
+        need_hidden = grad_enabled and hidden.requires_grad
         need_weight = weight.requires_grad
         need_bias = bias is not None and bias.requires_grad
         # A frozen head and bias: the forward forms d logp / d h on CPU, so backward never recomputes.
@@ -219,7 +221,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
     def backward(ctx, grad_logp, _grad_lse):
         if ctx.factorised:
             (factor,) = ctx.saved_tensors
-            return (factor * grad_logp[:, None]).to(ctx.hidden_dtype), None, None, None, None, None
+            return (factor * grad_logp[:, None]).to(ctx.hidden_dtype), None, None, None, None, None, None
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         if ctx.use_triton:
@@ -233,7 +235,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
                 grad_logp, hidden, weight, bias, labels, lse, ctx.inv_t, need_hidden, need_weight, need_bias
             )
         grad_hidden, grad_weight, grad_bias = (None if g is None else g.to(hidden.dtype) for g in grads)
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
 def fused_linear_logprobs(
@@ -274,7 +276,7 @@ def fused_linear_logprobs(
     # Nothing to score still goes through the Function (on the CPU path, which handles 0 rows), so the
     # result stays in the autograd graph and backward gives zero gradients instead of an error.
     valid_logp, _ = FusedLinearLogprobsFunction.apply(
-        rows, weight, bias, valid_labels, 1.0 / temperature, use_triton and keep.numel() > 0
+        rows, weight, bias, valid_labels, 1.0 / temperature, use_triton and keep.numel() > 0, torch.is_grad_enabled()
     )
     if keep.numel() == flat_labels.numel():
         return valid_logp.view(labels.shape)

@@ -73,7 +73,9 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
         flat_hidden = hidden.reshape(rows * seq_len, -1)
         flat_labels = labels.reshape(-1)
         dev = hidden.device
-        logps = torch.zeros(rows, dtype=torch.float32, device=dev)
+        # Sequence sums accumulate token by token across chunks: in fp64, so a long row sums as accurately
+        # as torch's pairwise `sum` does.
+        logps = torch.zeros(rows, dtype=torch.float64, device=dev)
         grad_hidden = torch.zeros(flat_hidden.shape, dtype=torch.float32, device=dev) if hidden.requires_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if weight.requires_grad else None
         grad_bias = (
@@ -107,11 +109,11 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
             row_max = z.amax(dim=1)
             z.sub_(row_max[:, None]).exp_()
             row_sum = z.sum(dim=1)
-            logps.index_add_(0, row_of_token, label_logit - row_max - row_sum.log())
+            logps.index_add_(0, row_of_token, (label_logit - row_max - row_sum.log()).double())
             # Separability: the loss's gradient w.r.t. this chunk's rows depends on those rows alone
             # (plus batch constants), so evaluating it now on the partly filled vector is exact for them.
             with torch.enable_grad():
-                probe = logps.clone().requires_grad_()
+                probe = logps.float().requires_grad_()
                 (grad_logps,) = torch.autograd.grad(loss_of_logps(probe), probe)
             g = grad_logps.index_select(0, row_of_token).mul_(inv_t)
             # z <- d loss / d z = g * (onehot(y) - softmax(z)), in place.
@@ -127,6 +129,7 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
         # of a [V, H] tensor), so they must not stay reachable from the graph afterwards.
         ctx.grads = (grad_hidden, grad_weight, grad_bias)
         ctx.shapes = (hidden.shape, hidden.dtype, weight.dtype)
+        logps = logps.float()
         ctx.mark_non_differentiable(logps)
         return loss_of_logps(logps), logps
 

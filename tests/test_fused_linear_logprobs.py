@@ -135,3 +135,16 @@ def test_bad_input_gets_a_clear_error(message, make):
     h, w, y, kwargs = make(hidden, weight, labels)
     with pytest.raises((ValueError, TypeError), match=message):
         fused_linear_logprobs(h, w, y, **kwargs)
+
+
+def test_no_grad_forms_no_gradient_factor(monkeypatch):
+    """Under torch.no_grad() (evaluation, reference passes) the forward skips the gradient factor."""
+    module = sys.modules["pyprefopt.fused_linear_logprobs"]
+    calls = []
+    real = module.cpu_forward
+    monkeypatch.setattr(module, "cpu_forward", lambda *a: calls.append(a[-1]) or real(*a))
+    hidden, weight, bias, labels = make_inputs(2, 5, 16, 70, grads=("hidden",))
+    with torch.no_grad():
+        fused_linear_logprobs(hidden, weight, labels, bias)
+    fused_linear_logprobs(hidden, weight, labels, bias)
+    assert calls == [False, True]
