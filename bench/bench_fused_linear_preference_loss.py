@@ -1,24 +1,31 @@
-"""pytest-benchmark: `pyprefopt.FusedLinearPreferenceLoss("dpo")` (forward + backward, fp32, CPU) against
-the bare GEMMs on the tokens it projects, the naive materialised-logits reference, TRL's chunked
-log-probs + the same DPO maths, and Liger-Kernel's chunked DPO loss.
+"""pytest-benchmark: `pyprefopt.FusedLinearPreferenceLoss(method)` for the five methods (SFT, DPO, IPO,
+CPO, KTO; forward + backward, fp32, CPU) against the bare GEMMs on the tokens it projects, the naive
+materialised-logits reference, TRL's chunked log-probs + the same pyprefopt.losses maths, and
+Liger-Kernel's chunked loss where it has one (see variants.py for each method's batch and Liger's
+configuration).
 
-The batch: B rows of T tokens, chosen rows first, the first quarter of every row's labels -100.
+The batch: B rows of T tokens (chosen rows first for DPO/IPO/CPO, the first half desirable for KTO),
+the first quarter of every row's labels -100. DPO runs at every shape, the other losses at the default
+one (as `run_table.py --all-losses`).
 
     python -m pytest bench/bench_fused_linear_preference_loss.py          # quick shapes (default, CI)
+    python -m pytest bench/bench_fused_linear_preference_loss.py -k kto   # one method
     PYPREFOPT_BENCH_QUICK=0 python -m pytest bench -m heavy               # full shapes
 
 pyprefopt, trl, liger: checked against the naive reference (fp32 allclose, loss and gradients) first.
-In quick mode Liger (torch.compile, 7-20 s per shape and head mode) runs on the first shape only.
+Skipped with the reason: Liger's IPO (it has none) and SFT (Triton kernels, no CPU driver here); in
+quick mode Liger (torch.compile, 7-20 s per loss, shape and head mode) runs on the first shape only,
+and for the losses beyond DPO with the frozen head only.
 """
 
 import pytest
-from benchlib import run_variant, shape_params
+from benchlib import loss_shape_params, run_variant
 
 import variants as V
 
 
 @pytest.mark.parametrize("head", V.HEADS)
-@pytest.mark.parametrize("variant", V.OP_VARIANTS["dpo-loss"])
-@pytest.mark.parametrize("shape", shape_params())
-def test_fused_linear_preference_loss(benchmark, shape, variant, head):
-    run_variant(benchmark, "dpo-loss", variant, shape, head)
+@pytest.mark.parametrize("variant", V.VARIANTS)
+@pytest.mark.parametrize(("op", "shape"), loss_shape_params())
+def test_fused_linear_preference_loss(benchmark, op, shape, variant, head):
+    run_variant(benchmark, op, variant, shape, head)

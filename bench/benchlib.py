@@ -20,12 +20,21 @@ def shape_params():
     return [pytest.param(s, id=f"{s.name}-{s.label()}", marks=pytest.mark.heavy) for s in V.shapes(QUICK)]
 
 
+def loss_shape_params():
+    """(op, shape) for every loss op at its shapes (`V.op_shapes`: DPO at every shape, the other
+    losses at the default one, as `run_table.py --all-losses`), all marked heavy."""
+    return [pytest.param(op, s, id=f"{op}-{s.name}-{s.label()}", marks=pytest.mark.heavy)
+            for op in V.LOSS_OPS for s in V.op_shapes(op, QUICK)]
+
+
 def run_variant(benchmark, op, variant, shape, head, all_completion=False):
     """Build the case, check it once against the naive reference (fp32 allclose of the output and
     every gradient), then time its forward+backward with pytest-benchmark."""
     if variant in V.PEER_PACKAGES:
         pytest.importorskip(V.PEER_PACKAGES[variant])
-    if QUICK and (reason := V.quick_skip_reason(op, variant, shape)):
+    if reason := V.unavailable_reason(op, variant):
+        pytest.skip(reason)
+    if QUICK and (reason := V.quick_skip_reason(op, variant, shape, head)):
         pytest.skip(reason)
     step = V.build(op, variant, shape, head, all_completion)
     if variant in CHECKED:
@@ -39,8 +48,8 @@ def run_variant(benchmark, op, variant, shape, head, all_completion=False):
         n=shape.n,
         h=shape.h,
         v=shape.v,
-        rows=shape.rows if op == "dpo-loss" else None,
-        seq_len=shape.seq_len if op == "dpo-loss" else None,
+        rows=shape.rows if op != "primitive" else None,
+        seq_len=shape.seq_len if op != "primitive" else None,
         all_completion=all_completion,
         projected_tokens=step.projected_tokens,
         quick=QUICK,

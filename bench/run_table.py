@@ -1,8 +1,10 @@
-"""Time and memory table of `fused_linear_logprobs` and `FusedLinearPreferenceLoss("dpo")` vs their peers.
+"""Time and memory table of `fused_linear_logprobs` and `FusedLinearPreferenceLoss(method)` vs their peers.
 
-    python bench/run_table.py                      # full shapes, fresh interpreters
+    python bench/run_table.py                      # primitive + DPO at both full shapes, fresh interpreters
+    python bench/run_table.py --all-losses         # + SFT, IPO, CPO, KTO at the default shape (N2048 H1024 V32000)
     python bench/run_table.py --quick              # small shapes, 2 rounds: a < 90 s smoke run
-    python bench/run_table.py --all-completion     # DPO batch without prompt mask
+    python bench/run_table.py --quick --all-losses # the same with every loss: < 120 s
+    python bench/run_table.py --all-completion     # loss batches without prompt mask
     python bench/run_table.py --json bench/results/table.json
 
 Timing is interleaved, memory isolated. The CPU this runs on drifts: the same GEMM can take 1250 ms in
@@ -82,12 +84,12 @@ def _shape_by_name(name: str, quick: bool) -> V.Shape:
     raise ValueError(f"unknown shape {name!r}")
 
 
-def _import_peer(variant: str):
+def _import_peer(op: str, variant: str):
     """Import what the variant needs before anything is timed (and, in fork mode, before forking)."""
-    if variant == "trl":
-        import trl.trainer.utils  # noqa: F401
-    elif variant == "liger":
-        import liger_kernel.chunked_loss  # noqa: F401
+    import importlib
+
+    for module in V.peer_modules(op, variant):
+        importlib.import_module(module)
 
 
 def _warm_lazy_imports():
@@ -265,9 +267,16 @@ def worker_main(jobs: list[dict], fork: bool, timeout_s: float):
         # peer's import brings in is no longer charged to another's first call: TRL's import alone
         # lowers Liger's peak extra by ~40 MiB).
         for variant in _job_variants(job):
-            _import_peer(variant)
+            _import_peer(job["op"], variant)
+        # Everything alive now (the imports: ~millions of objects with TRL) into the permanent
+        # generation: a collection in the job (run_case's, or an automatic one during a timed step)
+        # then scans only the job's own objects. Without it each such collection walks all of TRL's
+        # objects (~0.5 s on 2 cores, and in a forked child it copies every page they sit on).
+        gc.collect()
+        gc.freeze()
         row = _fork_job(job, _job_timeout(job, timeout_s)) if fork else _run_job_safely(job)
         print("@@ROW " + json.dumps(row), flush=True)
+    gc.unfreeze()  # so that interpreter shutdown frees them as usual
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -313,10 +322,13 @@ def machine_info() -> dict:
 
 
 def plan_cases(args) -> tuple[list[dict], list[dict]]:
-    """(memory cases to run, rows that will not run: not installed / skipped)."""
+    """(memory cases to run, rows that will not run: not installed / n/a (the peer has no such loss, or
+    cannot run here) / skipped (quick mode))."""
     cases, fixed = [], []
     for op in args.ops:
-        for shape in V.shapes(args.quick):
+        # Ops that --all-losses added (not named in --ops) run at V.EXTRA_LOSS_SHAPES only.
+        op_shapes = V.op_shapes(op, args.quick) if op in args.extra_ops else V.shapes(args.quick)
+        for shape in op_shapes:
             if args.shapes and shape.name not in args.shapes:
                 continue
             for head in args.heads:
@@ -329,7 +341,7 @@ def plan_cases(args) -> tuple[list[dict], list[dict]]:
                         variant=variant,
                         shape=shape.name,
                         head=head,
-                        all_completion=args.all_completion and op == "dpo-loss",
+                        all_completion=args.all_completion and op != "primitive",
                         quick=args.quick,
                         steps=args.steps,
                         warmup=args.warmup,
@@ -339,7 +351,9 @@ def plan_cases(args) -> tuple[list[dict], list[dict]]:
                     if not V.peer_installed(variant):
                         fixed.append(dict(case, shape_dims=dims, status="not installed",
                                           error=f"python package {V.PEER_PACKAGES[variant]!r} is not installed"))
-                    elif args.quick and (reason := V.quick_skip_reason(op, variant, shape)):
+                    elif reason := V.unavailable_reason(op, variant):
+                        fixed.append(dict(case, shape_dims=dims, status="n/a", error=reason))
+                    elif args.quick and (reason := V.quick_skip_reason(op, variant, shape, head)):
                         fixed.append(dict(case, shape_dims=dims, status="skipped", error=reason))
                     else:
                         cases.append(case)
@@ -477,14 +491,21 @@ def render_table(rows: list[dict], machine: dict, args) -> str:
         f"{args.warmup - 1 + args.steps} more step(s) - RSS before the first call (inputs built; gradients and every temporary "
         "count); `<=` marks an upper bound (the steps never raised the process's high-water mark); the "
         "check runs there",
-        "- primitive: N tokens, every label valid. dpo-loss: B rows x T tokens (chosen rows first), "
+        "- primitive: N tokens, every label valid. Losses (`<method>-loss`, beta=0.1): B rows x T tokens, "
         + ("no masked position (--all-completion)" if args.all_completion
            else "first T/4 labels of each row = -100 (prompt)")
-        + "; pyprefopt skips ignored positions before any matmul, naive/trl/liger project all N",
+        + "; pyprefopt skips ignored positions before any matmul, naive/trl/liger project all N. "
+        "sft: mean NLL over the non-ignored tokens; dpo (sigmoid), ipo: chosen rows first, fixed reference "
+        "log-probs; cpo: chosen rows first, alpha=1 (NLL on chosen), no reference; kto: first B/2 rows "
+        "desirable, fixed reference log-probs, KL point from fixed per-row KL log-probs (not projected)",
         "- bare_gemms = the floor: frozen head 2 GEMMs (h@W.T, Z@W), trained head 3 (+ Z.T@h), on preallocated "
         "outputs, over the tokens pyprefopt projects (the `proj` column)",
-        "- liger runs reference-free (it takes no precomputed reference log-probs); the others use fixed "
-        "reference log-probs; same GEMMs either way",
+        "- trl = TRL's chunked log-prob function (as its fused LM head calls it without Triton), its sequence "
+        "sums fed to the same pyprefopt.losses function",
+        "- liger takes no precomputed reference log-probs: DPO runs reference-free (the others use fixed "
+        "reference log-probs; same GEMMs either way); KTO (reference-free it would saturate) computes the "
+        "reference log-probs from the reference hidden states, one more no-grad GEMM; Liger has no IPO loss; "
+        "its SFT loss (fused linear cross-entropy) is Triton kernels",
         "",
         "| variant | op | head | shape | proj | median ms | x bare | x pyprefopt | first-call ms | peak extra MiB "
         "| x naive mem | check | note |",
@@ -493,7 +514,7 @@ def render_table(rows: list[dict], machine: dict, args) -> str:
     for r in rows:
         d = r.get("shape_dims", {})
         shape = f"N{d.get('n')} H{d.get('h')} V{d.get('v')}"
-        if r["op"] == "dpo-loss":
+        if r["op"] != "primitive":
             shape += f" (B{d.get('rows')}xT{d.get('seq_len')})"
         mem_ok = r["status"] == "ok"
         time_ok = r.get("time_status") == "ok"
@@ -522,10 +543,15 @@ def render_table(rows: list[dict], machine: dict, args) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, with every default filled in (`args.extra_ops`: the ops --all-losses added)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small shapes, 2 rounds and 2 steps (< 90 s in all)")
-    p.add_argument("--all-completion", action="store_true", help="DPO batch with no masked (prompt) position")
+    p.add_argument("--quick", action="store_true",
+                   help="small shapes, 2 rounds and 2 steps (< 90 s in all, < 120 s with --all-losses)")
+    p.add_argument("--all-losses", action="store_true",
+                   help=f"add the loss ops {', '.join(V.EXTRA_LOSS_OPS)} (those not named in --ops) at the "
+                        f"{'/'.join(V.EXTRA_LOSS_SHAPES)} shape only")
+    p.add_argument("--all-completion", action="store_true", help="loss batches with no masked (prompt) position")
     p.add_argument("--rounds", type=int, default=None,
                    help="time pass: interleaved rounds per group, one step of every variant each "
                         "(default 5, --quick 2)")
@@ -534,7 +560,8 @@ def main(argv=None):
                         "(default 5, --quick 2)")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed steps before the rounds / the steps, the first call included")
-    p.add_argument("--ops", nargs="+", choices=V.OPS, default=list(V.OPS))
+    p.add_argument("--ops", nargs="+", choices=V.OPS, default=None,
+                   help=f"default: {' '.join(V.DEFAULT_OPS)} (at every shape); ops named here run at every shape")
     p.add_argument("--variants", nargs="+", choices=V.VARIANTS)
     p.add_argument("--heads", nargs="+", choices=V.HEADS, default=list(V.HEADS))
     p.add_argument("--shapes", nargs="+", help="shape names: default, qwen")
@@ -550,10 +577,12 @@ def main(argv=None):
     p.add_argument("--worker", metavar="JOBS_JSON", help=argparse.SUPPRESS)
     p.add_argument("--fork", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-
     if args.worker is not None:
-        return worker_main(json.loads(args.worker), args.fork, args.case_timeout or CASE_TIMEOUT_S)
-
+        return args
+    if args.ops is None:
+        args.ops = list(V.DEFAULT_OPS)
+    args.extra_ops = [op for op in V.EXTRA_LOSS_OPS if op not in args.ops] if args.all_losses else []
+    args.ops += args.extra_ops
     if args.steps is None:
         args.steps = 2 if args.quick else 5
     if args.rounds is None:
@@ -564,6 +593,13 @@ def main(argv=None):
         args.isolation = "fork" if args.quick else "process"
     if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
         p.error("--warmup, --steps and --rounds must be >= 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker is not None:
+        return worker_main(json.loads(args.worker), args.fork, args.case_timeout or CASE_TIMEOUT_S)
 
     t0 = time.perf_counter()
     machine = machine_info()

@@ -4,6 +4,7 @@ pass into the memory pass's rows (no subprocess, quick shapes)."""
 import argparse
 
 import run_table as R
+import variants as V
 
 
 def _group(**kw):
@@ -69,3 +70,43 @@ def test_merge_and_render():
     assert len(body) == 4 and all(line.count("|") == width for line in body)
     assert "| 1.8 | 1.25 | 1.00 |" in body[1]  # median 1.75 ms, shown to 0.1 ms
     assert "time: round 1: RuntimeError: boom" in body[2]
+
+
+def _planned(argv):
+    args = R.parse_args(argv)
+    cases, fixed = R.plan_cases(args)
+    return args, cases, fixed
+
+
+def test_default_plan_is_primitive_and_dpo_at_every_shape():
+    _, cases, fixed = _planned([])
+    assert {c["op"] for c in cases + fixed} == {"primitive", "dpo-loss"}
+    assert {(c["op"], c["shape"]) for c in cases} == {(op, s.name) for op in V.DEFAULT_OPS for s in V.FULL_SHAPES}
+
+
+def test_all_losses_adds_the_other_losses_at_the_default_shape_only():
+    _, base, _ = _planned([])
+    args, cases, fixed = _planned(["--all-losses"])
+    assert args.extra_ops == list(V.EXTRA_LOSS_OPS)
+    # The default run's cases are untouched.
+    assert [c for c in cases if c["op"] in V.DEFAULT_OPS] == base
+    extra = [c for c in cases + fixed if c["op"] in V.EXTRA_LOSS_OPS]
+    assert {c["op"] for c in extra} == set(V.EXTRA_LOSS_OPS)
+    assert {c["shape"] for c in extra} == set(V.EXTRA_LOSS_SHAPES)
+    for op in V.EXTRA_LOSS_OPS:  # every variant is a row: run, or a fixed row saying why not
+        assert {(c["variant"], c["head"]) for c in extra if c["op"] == op} == {
+            (v, h) for v in V.VARIANTS for h in V.HEADS}
+    if V.peer_installed("liger"):
+        ipo = [r for r in fixed if r["op"] == "ipo-loss" and r["variant"] == "liger"]
+        assert len(ipo) == 2 and all(r["status"] == "n/a" and "Liger has no IPO loss" in r["error"] for r in ipo)
+    # Named in --ops: every shape.
+    _, cases, _ = _planned(["--ops", "kto-loss", "--variants", "naive"])
+    assert {c["shape"] for c in cases} == {s.name for s in V.FULL_SHAPES}
+
+
+def test_quick_all_losses_restricts_liger():
+    _, cases, fixed = _planned(["--quick", "--all-losses"])
+    liger = {(c["op"], c["shape"], c["head"]) for c in cases if c["variant"] == "liger"}
+    assert all(shape == V.QUICK_SHAPES[0].name for _, shape, _ in liger)
+    assert all(head == "frozen" for op, _, head in liger if op in V.EXTRA_LOSS_OPS)
+    assert all(r["status"] in ("skipped", "n/a", "not installed") for r in fixed)

@@ -1,4 +1,5 @@
-"""Benchmark variants of `fused_linear_logprobs` (the primitive) and `FusedLinearPreferenceLoss("dpo")`.
+"""Benchmark variants of `fused_linear_logprobs` (the primitive) and `FusedLinearPreferenceLoss(method)`
+for the five methods (SFT, DPO, IPO, CPO, KTO).
 
 One place that builds every variant: `build(op, variant, shape, head, all_completion)` makes the inputs
 and returns a `Step`, a zero-argument callable that runs one forward + backward (fp32, CPU). Both
@@ -7,9 +8,18 @@ and returns a `Step`, a zero-argument callable that runs one forward + backward 
 Ops:
 - "primitive": per-token log-probs of N tokens (every label valid), backward with a fixed random
   upstream gradient.
-- "dpo-loss": B rows of length T (chosen rows first, rejected second), N = B*T tokens, DPO sigmoid loss
-  (beta=0.1) on summed completion log-probs against fixed reference log-probs. By default the first
-  quarter of each row's labels is -100 (the prompt); `all_completion=True` masks nothing.
+- "<method>-loss" (sft, dpo, ipo, cpo, kto): B rows of length T, N = B*T tokens, the loss on summed
+  completion log-probs (beta=0.1). By default the first quarter of each row's labels is -100 (the
+  prompt); `all_completion=True` masks nothing.
+  - sft: mean NLL over the non-ignored tokens of the batch.
+  - dpo (sigmoid), ipo: chosen rows first, rejected second; fixed reference log-probs (the policy's own
+    at these inputs plus N(0, 1) noise: a margin near 0, so the loss has a sizeable gradient).
+  - cpo: chosen rows first; no reference; alpha=1 (the NLL term on the chosen rows).
+  - kto: the first B/2 rows desirable, the rest undesirable; fixed reference log-probs (those of
+    fixed reference hidden states, `ref_hidden` = hidden + 0.1 N(0, 1), through the same head: Liger
+    takes the reference as hidden states only, so every variant sees the same reference); the KL
+    reference point from fixed per-row KL log-probs (`kl_logps`, `ref_kl_logps`: synthetic, z0 =
+    mean(kl_logps - ref_kl_logps) > 0), not projected by anyone.
 
 Head modes: "frozen" (lm_head weight requires_grad=False, hidden requires grad: the LoRA case) and
 "trained" (the weight requires grad too).
@@ -17,17 +27,26 @@ Head modes: "frozen" (lm_head weight requires_grad=False, hidden requires grad: 
 Variants:
 - bare_gemms: the GEMMs the op needs and nothing else, on preallocated outputs (`out=`): frozen = 2
   (`Z = h @ W.T` [n,V], `dH = Z @ W` [n,H]), trained = 3 (plus `dW = Z.T @ h` [V,H]), with n the number
-  of tokens pyprefopt projects (all N for the primitive, the non-ignored ones for the loss).
+  of tokens pyprefopt projects (all N for the primitive, the non-ignored ones for the losses).
 - naive: `pyprefopt.reference` (materialised logits, log_softmax, gather) + autograd.
-- pyprefopt: `fused_linear_logprobs` / `FusedLinearPreferenceLoss("dpo")`.
+- pyprefopt: `fused_linear_logprobs` / `FusedLinearPreferenceLoss(method)`.
 - trl: `trl.trainer.utils._ChunkedLogProbFunction`, called as `add_fused_lm_head` calls it on a
   device without Triton (every position projected, labels clamped to >= 0, ignored ones zeroed after);
-  for the loss its per-token log-probs are summed per row and fed to `pyprefopt.losses.dpo_loss`.
-- liger: `liger_kernel.chunked_loss.LigerFusedLinearDPOLoss` (torch.compile'd chunks, one pair per
-  chunk), loss op only. Liger takes no precomputed reference log-probs (only a reference model's
-  hidden states), so it runs reference-free (`use_ref_model=False`, i.e. reference log-probs = 0):
-  the same GEMMs as the others; its correctness check compares against the naive loss with zero
-  reference log-probs.
+  for the losses its per-token log-probs are summed per row and fed to the same `pyprefopt.losses`
+  function as pyprefopt's.
+- liger (losses only; Liger has no bare log-prob primitive):
+  - dpo: `liger_kernel.chunked_loss.LigerFusedLinearDPOLoss` (torch.compile'd chunks, one pair per
+    chunk). It takes no precomputed reference log-probs (only a reference model's hidden states), so
+    it runs reference-free (`use_ref_model=False`, i.e. reference log-probs = 0): the same GEMMs as the
+    others; its check compares against the naive loss with zero reference log-probs.
+  - cpo: `LigerFusedLinearCPOLoss(alpha=1, compute_nll_loss=True)`, one pair per chunk: the same loss.
+  - kto: `LigerFusedLinearKTOLoss`, one row per chunk, `kl=` the same precomputed KL point. Reference-
+    free KTO would saturate its sigmoid (summed log-probs near -T log V: zero gradients, a vacuous
+    check), so it runs with `use_ref_model=True` on the reference hidden states and head: it computes
+    the same reference log-probs itself, one more no-grad [N, V] GEMM per step than the others.
+  - sft: `liger_kernel.transformers.LigerFusedLinearCrossEntropyLoss` (mean over non-ignored tokens):
+    Triton kernels, so it runs only where Triton has a driver for CPU tensors (`unavailable_reason`).
+  - ipo: Liger has none (`LigerFusedLinearDPOLoss(loss_type="ipo")` raises NotImplementedError).
 """
 
 from __future__ import annotations
@@ -43,19 +62,36 @@ import pyprefopt
 from pyprefopt import losses
 from pyprefopt.reference import reference_logprobs, reference_preference_loss
 
-OPS = ("primitive", "dpo-loss")
+LOSS_OPS = ("sft-loss", "dpo-loss", "ipo-loss", "cpo-loss", "kto-loss")
+OPS = ("primitive", "dpo-loss", "sft-loss", "ipo-loss", "cpo-loss", "kto-loss")
+# What `run_table.py` runs by default (at every shape); `--all-losses` adds EXTRA_LOSS_OPS at the shapes
+# named in EXTRA_LOSS_SHAPES only, and bench_fused_linear_preference_loss.py runs them there only.
+DEFAULT_OPS = ("primitive", "dpo-loss")
+EXTRA_LOSS_OPS = ("sft-loss", "ipo-loss", "cpo-loss", "kto-loss")
+EXTRA_LOSS_SHAPES = ("default",)
+METHOD = {op: op[: -len("-loss")] for op in LOSS_OPS}
 HEADS = ("frozen", "trained")
 VARIANTS = ("bare_gemms", "naive", "pyprefopt", "trl", "liger")
-# Which variants exist for which op (Liger has no bare log-prob primitive).
-OP_VARIANTS = {
-    "primitive": ("bare_gemms", "naive", "pyprefopt", "trl"),
-    "dpo-loss": ("bare_gemms", "naive", "pyprefopt", "trl", "liger"),
-}
+# Which variants exist for which op (Liger has no bare log-prob primitive). A variant listed here may
+# still be unavailable (Liger has no IPO loss; its SFT loss needs Triton): see `unavailable_reason`.
+OP_VARIANTS = {"primitive": ("bare_gemms", "naive", "pyprefopt", "trl")}
+OP_VARIANTS.update({op: VARIANTS for op in LOSS_OPS})
 # Python package each peer variant needs.
 PEER_PACKAGES = {"trl": "trl", "liger": "liger_kernel"}
 
 IGNORE_INDEX = -100
 BETA = 0.1
+CPO_ALPHA = 1.0
+# The loss hyper-parameters, as `FusedLinearPreferenceLoss(method, **HPARAMS[method])` takes them.
+HPARAMS = {
+    "sft": {},
+    "dpo": {"beta": BETA},
+    "ipo": {"beta": BETA},
+    "cpo": {"beta": BETA, "alpha": CPO_ALPHA},
+    "kto": {"beta": BETA},
+}
+# KTO's reference hidden states: the policy's plus this much N(0, 1) noise.
+KTO_REF_HIDDEN_NOISE = 0.1
 # Logit scale of the synthetic head: logits have about this standard deviation.
 LOGIT_STD = 2.0
 
@@ -95,17 +131,62 @@ def env_quick() -> bool:
     return os.environ.get("PYPREFOPT_BENCH_QUICK", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def quick_skip_reason(op: str, variant: str, shape: Shape) -> str | None:
+def op_shapes(op: str, quick: bool) -> tuple[Shape, ...]:
+    """The shapes an op runs at: every one for the primitive and DPO, EXTRA_LOSS_SHAPES for the others."""
+    if op in EXTRA_LOSS_OPS:
+        return tuple(s for s in shapes(quick) if s.name in EXTRA_LOSS_SHAPES)
+    return shapes(quick)
+
+
+def quick_skip_reason(op: str, variant: str, shape: Shape, head: str | None = None) -> str | None:
     """Why a quick-mode case does not run, or None. Liger's torch.compile costs 7-20 s per new
-    (vocabulary, head mode) on a 2-core CPU, so quick mode compiles it for the first quick shape only."""
-    if variant == "liger" and shape.name != QUICK_SHAPES[0].name:
+    (loss, vocabulary, head mode) on a 2-core CPU, so quick mode compiles it for the first quick shape
+    only, and for the losses beyond DPO with the frozen head only."""
+    if variant != "liger":
+        return None
+    if shape.name != QUICK_SHAPES[0].name:
         return "skipped in quick mode: torch.compile costs 7-20 s a case; runs at full shapes"
+    if op in EXTRA_LOSS_OPS and head == "trained":
+        return "skipped in quick mode (frozen head only): torch.compile costs 7-20 s a case; runs at full shapes"
     return None
 
 
 def peer_installed(variant: str) -> bool:
     package = PEER_PACKAGES.get(variant)
     return package is None or importlib.util.find_spec(package) is not None
+
+
+def peer_modules(op: str, variant: str) -> tuple[str, ...]:
+    """Modules the variant imports (to import before anything is timed, or forked)."""
+    if variant == "trl":
+        return ("trl.trainer.utils",)
+    if variant == "liger":
+        return ("liger_kernel.transformers",) if op == "sft-loss" else ("liger_kernel.chunked_loss",)
+    return ()
+
+
+def _triton_cpu_reason() -> str | None:
+    """None if Triton has a driver that takes CPU tensors (triton-cpu), else why not."""
+    try:
+        from triton.runtime import driver
+
+        backend = driver.active.get_current_target().backend
+    except Exception as e:  # no triton, or no driver at all ("0 active drivers")
+        return f"{type(e).__name__}: {e}"
+    return None if backend == "cpu" else f"Triton's active driver is {backend!r}, not one for CPU tensors"
+
+
+def unavailable_reason(op: str, variant: str) -> str | None:
+    """Why an installed variant of an op cannot run here (a row saying so, not a silent drop), or None."""
+    if variant != "liger":
+        return None
+    if op == "ipo-loss":
+        return ("Liger has no IPO loss (liger_kernel.chunked_loss has DPO, CPO, KTO, ORPO, SimPO; "
+                "LigerFusedLinearDPOLoss(loss_type='ipo') raises NotImplementedError)")
+    if op == "sft-loss" and (why := _triton_cpu_reason()):
+        return ("LigerFusedLinearCrossEntropyLoss is Triton kernels, which cannot run on CPU tensors here "
+                f"(no Triton CPU driver: {why})")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -121,12 +202,31 @@ class Inputs:
     weight: torch.Tensor  # [V, H], requires grad iff head == "trained"
     labels: torch.Tensor  # [N] or [B, T]
     grad_out: torch.Tensor | None  # [N] upstream gradient of the primitive's log-probs
-    ref_logps: torch.Tensor | None  # [B] reference log-probs of the DPO batch
+    ref_logps: torch.Tensor | None  # [B] reference log-probs (dpo, ipo, kto)
+    ref: str = "policy"  # how ref_logps were made: "policy" or "zero" (see make_inputs)
+    ref_hidden: torch.Tensor | None = None  # [B, T, H] KTO's reference hidden states (ref_logps are theirs)
+    desirable: torch.Tensor | None = None  # [B] bool, KTO
+    kl_logps: torch.Tensor | None = None  # [B] KTO's KL log-probs under the policy (fixed)
+    ref_kl_logps: torch.Tensor | None = None  # [B] and under the reference (fixed)
+
+    @property
+    def method(self) -> str | None:
+        return METHOD.get(self.op)
 
     @property
     def projected_tokens(self) -> int:
         """Tokens pyprefopt projects: the non-ignored ones."""
         return int((self.labels != IGNORE_INDEX).sum())
+
+    def loss_kwargs(self) -> dict:
+        """What `FusedLinearPreferenceLoss` and `reference_preference_loss` take besides hidden, weight
+        and labels: the reference log-probs and KTO's inputs, as the method needs them."""
+        kw = {}
+        if self.method in losses.REFERENCE_METHODS:
+            kw["ref_logps"] = self.ref_logps
+        if self.method == "kto":
+            kw.update(desirable=self.desirable, kl_logps=self.kl_logps, ref_kl_logps=self.ref_kl_logps)
+        return kw
 
 
 @torch.no_grad()
@@ -150,37 +250,49 @@ def _sequence_logps_lowmem(hidden, weight, labels, token_block=512, vocab_block=
 
 
 def make_inputs(op, shape, head, all_completion=False, ref="policy", seed=0) -> Inputs:
-    """Deterministic inputs: the same (op, shape, head, all_completion, seed) gives the same tensors.
+    """Deterministic inputs: the same (op, shape, head, all_completion, ref, seed) gives the same tensors.
 
-    ref (loss only): "policy" = the policy's own log-probs at these inputs plus N(0, 1) noise (a DPO
-    margin near 0, so the loss has a sizeable gradient); "zero" = reference-free.
+    ref (dpo, ipo, kto): "policy" = fixed reference log-probs (dpo/ipo: the policy's own at these
+    inputs plus N(0, 1) noise, a margin near 0 so the loss has a sizeable gradient; kto: those of
+    the reference hidden states `ref_hidden`); "zero" = reference-free. Ignored by sft and cpo.
     """
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    if ref not in ("policy", "zero"):
+        raise ValueError(f"ref must be 'policy' or 'zero', got {ref!r}")
     g = torch.Generator().manual_seed(seed)
     lead = (shape.n,) if op == "primitive" else (shape.rows, shape.seq_len)
     hidden = torch.randn(*lead, shape.h, generator=g)
     # In place: `randn(...) * s` would double the peak while building.
     weight = torch.randn(shape.v, shape.h, generator=g).mul_(LOGIT_STD / math.sqrt(shape.h))
     labels = torch.randint(0, shape.v, lead, generator=g)
-    grad_out = ref_logps = None
+    x = Inputs(op, shape, head, hidden, weight, labels, grad_out=None, ref_logps=None, ref=ref)
     if op == "primitive":
-        grad_out = torch.randn(shape.n, generator=g)
+        x.grad_out = torch.randn(shape.n, generator=g)
     else:
         if not all_completion:
             labels[:, : shape.seq_len // 4] = IGNORE_INDEX
+        # Drawn for every loss, so the tensors above stay those of every other loss op.
         noise = torch.randn(shape.rows, generator=g)
-        if ref == "policy":
-            ref_logps = _sequence_logps_lowmem(hidden, weight, labels) + noise
-        elif ref == "zero":
-            ref_logps = torch.zeros(shape.rows)
-        else:
-            raise ValueError(f"ref must be 'policy' or 'zero', got {ref!r}")
+        if x.method == "kto":
+            x.ref_hidden = torch.randn(hidden.shape, generator=g).mul_(KTO_REF_HIDDEN_NOISE).add_(hidden)
+            x.desirable = torch.arange(shape.rows) < shape.rows // 2
+            # Mismatched-pair log-probs, synthetic: the reference's rolled by one row, the policy's above
+            # them by |N(0, 1)|, so z0 = mean(kl_logps - ref_kl_logps) > 0 is not clamped.
+            ref_seq_logps = _sequence_logps_lowmem(x.ref_hidden, weight, labels)
+            x.ref_kl_logps = ref_seq_logps.roll(1)
+            x.kl_logps = x.ref_kl_logps + torch.randn(shape.rows, generator=g).abs()
+            if ref == "policy":
+                x.ref_logps = ref_seq_logps
+        elif x.method in losses.REFERENCE_METHODS and ref == "policy":
+            x.ref_logps = _sequence_logps_lowmem(hidden, weight, labels) + noise
+        if x.method in losses.REFERENCE_METHODS and ref == "zero":
+            x.ref_logps = torch.zeros(shape.rows)
     hidden.requires_grad_(True)
     weight.requires_grad_(head == "trained")
-    return Inputs(op, shape, head, hidden, weight, labels, grad_out, ref_logps)
+    return x
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -253,10 +365,11 @@ def _naive(op, shape, head, all_completion, ref="policy"):
             return out
 
     else:
+        kwargs = dict(x.loss_kwargs(), **HPARAMS[x.method])
 
         def fn():
             loss, _ = reference_preference_loss(
-                "dpo", x.hidden, x.weight, x.labels, ignore_index=IGNORE_INDEX, ref_logps=x.ref_logps, beta=BETA
+                x.method, x.hidden, x.weight, x.labels, ignore_index=IGNORE_INDEX, **kwargs
             )
             loss.backward()
             return loss
@@ -274,14 +387,33 @@ def _pyprefopt(op, shape, head, all_completion):
             return out
 
     else:
-        module = pyprefopt.FusedLinearPreferenceLoss("dpo", ignore_index=IGNORE_INDEX, beta=BETA)
+        module = pyprefopt.FusedLinearPreferenceLoss(x.method, ignore_index=IGNORE_INDEX, **HPARAMS[x.method])
+        kwargs = x.loss_kwargs()
 
         def fn():
-            loss, _ = module(x.hidden, x.weight, x.labels, ref_logps=x.ref_logps)
+            loss, _ = module(x.hidden, x.weight, x.labels, **kwargs)
             loss.backward()
             return loss
 
     return Step("pyprefopt", x, fn, x.projected_tokens)
+
+
+def _loss_of_sequence_logps(x: Inputs, lengths: torch.Tensor):
+    """`seq_logps [B] -> loss`: the `pyprefopt.losses` function of x's method, called as
+    `FusedLinearPreferenceLoss` calls it (trl's variant feeds it TRL's log-probs)."""
+    method, hp = x.method, HPARAMS[x.method]
+    if method == "sft":
+        return lambda seq: losses.sft_loss(seq, lengths)[0]
+    if method == "kto":
+        kl = losses.kto_kl(x.kl_logps, x.ref_kl_logps)
+        return lambda seq: losses.kto_loss(seq, x.ref_logps, x.desirable, kl, **hp)[0]
+    chosen_len, rejected_len = lengths.chunk(2)
+    if method == "cpo":
+        return lambda seq: losses.cpo_loss(*seq.chunk(2), chosen_len, rejected_len, **hp)[0]
+    ref_chosen, ref_rejected = x.ref_logps.chunk(2)
+    if method == "dpo":
+        return lambda seq: losses.dpo_loss(*seq.chunk(2), ref_chosen, ref_rejected, **hp)[0]
+    return lambda seq: losses.ipo_loss(*seq.chunk(2), ref_chosen, ref_rejected, chosen_len, rejected_len, **hp)[0]
 
 
 def _trl(op, shape, head, all_completion):
@@ -309,6 +441,7 @@ def _trl(op, shape, head, all_completion):
         )[0]
         return logps.view(mask.shape).masked_fill(~mask, 0)
 
+    note = f"chunk_size={chunk_size}, all positions projected"
     if op == "primitive":
 
         def fn():
@@ -317,41 +450,103 @@ def _trl(op, shape, head, all_completion):
             return out
 
     else:
+        loss_of = _loss_of_sequence_logps(x, (x.labels != IGNORE_INDEX).sum(-1))
+        note += f"; + pyprefopt.losses.{x.method}_loss"
 
         def fn():
-            seq = token_logps(x.hidden, x.labels).sum(-1)
-            chosen, rejected = seq.chunk(2)
-            ref_chosen, ref_rejected = x.ref_logps.chunk(2)
-            loss, _ = losses.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=BETA)
+            loss = loss_of(token_logps(x.hidden, x.labels).sum(-1))
             loss.backward()
             return loss
 
-    return Step("trl", x, fn, x.labels.numel(), note=f"chunk_size={chunk_size}, all positions projected")
+    return Step("trl", x, fn, x.labels.numel(), note=note)
 
 
 def _liger(op, shape, head, all_completion):
-    if op != "dpo-loss":
-        raise ValueError("the liger variant exists for the dpo-loss op only")
-    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+    if op == "primitive":
+        raise ValueError("the liger variant exists for the loss ops only")
+    if reason := unavailable_reason(op, "liger"):
+        raise ValueError(reason)
+    if op == "dpo-loss":
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
 
-    x = make_inputs(op, shape, head, all_completion, ref="zero")
-    loss_fn = LigerFusedLinearDPOLoss(
-        ignore_index=IGNORE_INDEX,
-        beta=BETA,
-        compute_nll_loss=False,
-        compiled=True,
-        use_ref_model=False,
-        average_log_prob=False,
-        chunk_size=1,
-        loss_type="sigmoid",
-    )
+        x = make_inputs(op, shape, head, all_completion, ref="zero")
+        loss_fn = LigerFusedLinearDPOLoss(
+            ignore_index=IGNORE_INDEX,
+            beta=BETA,
+            compute_nll_loss=False,
+            compiled=True,
+            use_ref_model=False,
+            average_log_prob=False,
+            chunk_size=1,
+            loss_type="sigmoid",
+        )
 
-    def fn():
-        loss, _ = loss_fn(x.weight, x.hidden, x.labels)
-        loss.backward()
-        return loss
+        def fn():
+            loss, _ = loss_fn(x.weight, x.hidden, x.labels)
+            loss.backward()
+            return loss
 
-    return Step("liger", x, fn, x.labels.numel(), note="torch.compile, 1 pair/chunk, reference-free")
+        note = "torch.compile, 1 pair/chunk, reference-free"
+    elif op == "cpo-loss":
+        from liger_kernel.chunked_loss import LigerFusedLinearCPOLoss
+
+        x = make_inputs(op, shape, head, all_completion)
+        loss_fn = LigerFusedLinearCPOLoss(
+            ignore_index=IGNORE_INDEX,
+            beta=BETA,
+            alpha=CPO_ALPHA,
+            label_smoothing=0.0,
+            compute_nll_loss=True,
+            compiled=True,
+            average_log_prob=False,
+            chunk_size=1,
+        )
+
+        def fn():
+            loss, _ = loss_fn(x.weight, x.hidden, x.labels)
+            loss.backward()
+            return loss
+
+        note = f"torch.compile, 1 pair/chunk, alpha={CPO_ALPHA:g} (NLL on chosen)"
+    elif op == "kto-loss":
+        from liger_kernel.chunked_loss import LigerFusedLinearKTOLoss
+
+        x = make_inputs(op, shape, head, all_completion)
+        loss_fn = LigerFusedLinearKTOLoss(
+            ignore_index=IGNORE_INDEX,
+            beta=BETA,
+            compiled=True,
+            use_ref_model=True,
+            average_log_prob=False,
+            chunk_size=1,
+        )
+        kl = losses.kto_kl(x.kl_logps, x.ref_kl_logps)
+        ref_weight = x.weight.detach()  # the same storage: the reference head is the frozen policy head
+
+        def fn():
+            # Note the argument order: KTO takes the input first, DPO and CPO the weight first.
+            loss, _ = loss_fn(x.hidden, x.weight, x.labels, preference_labels=x.desirable,
+                              ref_input=x.ref_hidden, ref_weight=ref_weight, kl=kl)
+            loss.backward()
+            return loss
+
+        note = ("torch.compile, 1 row/chunk, same precomputed kl; takes no reference log-probs: computes "
+                "them from the reference hidden states (use_ref_model=True), +1 no-grad GEMM over N tokens")
+    elif op == "sft-loss":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        x = make_inputs(op, shape, head, all_completion)
+        loss_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="mean")
+
+        def fn():
+            loss = loss_fn(x.weight, x.hidden.view(-1, shape.h), x.labels.view(-1))
+            loss.backward()
+            return loss
+
+        note = "fused linear cross-entropy (Triton), mean over non-ignored tokens"
+    else:
+        raise ValueError(f"no liger variant for {op!r}")
+    return Step("liger", x, fn, x.labels.numel(), note=note)
 
 
 _BUILDERS = {
@@ -375,17 +570,18 @@ def build(op: str, variant: str, shape: Shape, head: str, all_completion: bool =
 
 
 def naive_result_for(step: Step, all_completion: bool = False) -> dict[str, torch.Tensor]:
-    """The naive reference on the same inputs as `step` (zero reference log-probs for liger)."""
+    """The naive reference on the same inputs as `step` (the same reference mode: zero reference
+    log-probs for liger's DPO)."""
     x = step.inputs
-    ref = "zero" if step.variant == "liger" else "policy"
-    return _naive(x.op, x.shape, x.head, all_completion, ref=ref).result()
+    return _naive(x.op, x.shape, x.head, all_completion, ref=x.ref).result()
 
 
-# (rtol, atol as a fraction of the reference's largest entry) per op. The loss gets 5x more: its
+# (rtol, atol as a fraction of the reference's largest entry) per op. The losses get 5x more: their
 # sequence log-probs are sums of hundreds of ~-10 terms whose fp32 rounding depends on the order
-# (~1e-3 absolute at T=256), and DPO's (pi - ref) differences near 0 amplify that in the loss and
-# its gradients. A broken kernel is off by far more than either.
-TOLERANCES = {"primitive": (1e-4, 1e-5), "dpo-loss": (5e-4, 5e-5)}
+# (~1e-3 absolute at T=256), and differences near 0 (DPO's (pi - ref) margins, KTO's pi - ref - z0)
+# amplify that in the loss and its gradients. A broken kernel is off by far more than either.
+TOLERANCES = {"primitive": (1e-4, 1e-5)}
+TOLERANCES.update({op: (5e-4, 5e-5) for op in LOSS_OPS})
 
 
 def assert_matches_naive(step: Step, all_completion: bool = False):
