@@ -31,6 +31,17 @@ _LOSS_FUNCTIONS = {
 }
 
 
+_REFERENCE_INPUTS = {"ref_logps", "ref_hidden", "ref_weight", "ref_bias"}
+_INPUTS_USED = {
+    "sft": set(),
+    "cpo": set(),
+    "dpo": _REFERENCE_INPUTS,
+    "ipo": _REFERENCE_INPUTS,
+    "kto": _REFERENCE_INPUTS
+    | {"desirable", "kl", "kl_hidden", "kl_labels", "kl_logps", "ref_kl_hidden", "ref_kl_logps"},
+}
+
+
 def _hyperparameters(method):
     """Names of a method's keyword hyper-parameters (those with defaults in its loss function)."""
     params = inspect.signature(_LOSS_FUNCTIONS[method]).parameters.values()
@@ -231,6 +242,17 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         KTO: `desirable` [B] bool, and the KL reference point as `kl`, or from the mismatched pairs:
         `kl_hidden` with `kl_labels` (or `kl_logps`) and `ref_kl_hidden` (or `ref_kl_logps`).
         """
+        given = {name for name, value in (
+            ("ref_logps", ref_logps), ("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias),
+            ("desirable", desirable), ("kl", kl), ("kl_hidden", kl_hidden), ("kl_labels", kl_labels),
+            ("kl_logps", kl_logps), ("ref_kl_hidden", ref_kl_hidden), ("ref_kl_logps", ref_kl_logps),
+        ) if value is not None}
+        # An input the method does not use is a caller's mistake: say so rather than drop it (or compute it).
+        unused = given - _INPUTS_USED[self.method]
+        if unused:
+            raise ValueError(f"{self.method} does not use {sorted(unused)}")
+        if kl is not None and given & {"kl_hidden", "kl_labels", "kl_logps", "ref_kl_hidden", "ref_kl_logps"}:
+            raise ValueError("give kto either `kl` or the mismatched-pair inputs it is estimated from, not both")
         ref_weight = weight if ref_weight is None else ref_weight
         ref_bias = bias if ref_bias is None and ref_weight is weight else ref_bias
         ref = self._frozen_sequence_logps(ref_logps, ref_hidden, ref_weight, ref_bias, labels, "ref")

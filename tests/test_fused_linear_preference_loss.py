@@ -163,6 +163,12 @@ def _dpo_batch():
         ("sft", lambda f, h, w, y, b, o: f(h[0], w, y[0], b), r"\[batch, seq_len\]"),
         ("sft", lambda f, h, w, y, b, o: f(h[:0], w, y[:0], b), "empty batch"),
         ("sft", lambda f, h, w, y, b, o: f(h, w, y.clone().fill_(500), b), "out of range"),
+        ("sft", lambda f, h, w, y, b, o: f(h, w, y, b, **o), r"does not use \['ref_hidden'\]"),
+        ("cpo", lambda f, h, w, y, b, o: f(h, w, y, b, ref_logps=torch.zeros(4)), "does not use"),
+        ("dpo", lambda f, h, w, y, b, o: f(h, w, y, b, desirable=torch.ones(4, dtype=torch.bool), **o),
+         "does not use"),
+        ("kto", lambda f, h, w, y, b, o: f(h, w, y, b, desirable=torch.ones(4, dtype=torch.bool), kl=torch.tensor(0.1),
+                                           kl_logps=torch.zeros(4), ref_kl_logps=torch.zeros(4), **o), "not both"),
     ],
 )
 @pytest.mark.parametrize("trained", [False, True], ids=["frozen-head", "trained-head"])
