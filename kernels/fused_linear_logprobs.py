@@ -219,7 +219,9 @@ def backward(grad_logp, hidden, weight, bias, labels, lse, inv_t, need_hidden, n
     grad_hidden = torch.zeros(n_tokens, n_hidden, dtype=torch.float32, device=dev) if need_hidden else None
     grad_weight = torch.zeros(n_vocab, n_hidden, dtype=torch.float32, device=dev) if need_weight else None
     grad_bias = torch.zeros(n_vocab, dtype=torch.float32, device=dev) if need_bias else None
-    unused = lse  # a valid pointer for the outputs a frozen head does not write
+    # A pointer for the outputs a frozen head does not write. Its own buffer, never `lse`: the autotuner
+    # zeroes every output pointer (reset_to_zero) before each trial.
+    unused = torch.empty(1, dtype=torch.float32, device=dev)
     _kernel(_bwd_tuned, fused_linear_logprobs_bwd_kernel)(
         lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]), triton.cdiv(n_vocab, meta["BLOCK_V"])),
         h_ptr=hidden, w_ptr=weight, b_ptr=bias if bias is not None else hidden, y_ptr=labels, lse_ptr=lse,
