@@ -17,7 +17,13 @@ import inspect
 import torch
 
 from pyprefopt import losses
-from pyprefopt.fused_linear_logprobs import _check_inputs, _check_label_range, _fp32, fused_linear_logprobs
+from pyprefopt.fused_linear_logprobs import (
+    _check_inputs,
+    _check_label_range,
+    _fp32,
+    _logits_tile,
+    fused_linear_logprobs,
+)
 
 # Bytes of fp32 logits one chunk of whole groups may hold on the trained-head path.
 TRAINED_HEAD_CHUNK_BYTES = 64 * 2**20
@@ -108,10 +114,7 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
             h = _fp32(flat_hidden.index_select(0, tokens))
             y = flat_labels.index_select(0, tokens).long()
             row_of_token = tokens // seq_len
-            z = logits_buffer[:n]
-            torch.mm(h, w.T, out=z)
-            if b is not None:
-                z.add_(b)
+            z, _ = _logits_tile(h, w, b, 0, vocab, logits_buffer)
             if inv_t != 1.0:
                 z.mul_(inv_t)
             arange = torch.arange(n, device=dev)
