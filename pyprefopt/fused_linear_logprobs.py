@@ -80,9 +80,9 @@ def _check_label_range(valid_labels: torch.Tensor, vocab: int):
         raise ValueError(f"label {bad} is out of range for a vocabulary of {vocab} (and is not ignore_index)")
 
 
-def _tile_sizes(n_tokens: int, vocab: int, tile_bytes: int = CPU_TILE_BYTES) -> tuple[int, int]:
+def _tile_sizes(n_tokens: int, vocab: int) -> tuple[int, int]:
     block = max(1, min(n_tokens, CPU_TOKEN_BLOCK))
-    tile = max(256, (tile_bytes // (4 * block)) // 256 * 256)
+    tile = max(256, (CPU_TILE_BYTES // (4 * block)) // 256 * 256)
     return block, min(vocab, tile)
 
 
