@@ -481,10 +481,8 @@ def _liger(op, shape, head, all_completion):
             loss_type="sigmoid",
         )
 
-        def fn():
-            loss, _ = loss_fn(x.weight, x.hidden, x.labels)
-            loss.backward()
-            return loss
+        def forward():
+            return loss_fn(x.weight, x.hidden, x.labels)[0]
 
         note = "torch.compile, 1 pair/chunk, reference-free"
     elif op == "cpo-loss":
@@ -502,10 +500,8 @@ def _liger(op, shape, head, all_completion):
             chunk_size=1,
         )
 
-        def fn():
-            loss, _ = loss_fn(x.weight, x.hidden, x.labels)
-            loss.backward()
-            return loss
+        def forward():
+            return loss_fn(x.weight, x.hidden, x.labels)[0]
 
         note = f"torch.compile, 1 pair/chunk, alpha={CPO_ALPHA:g} (NLL on chosen)"
     elif op == "kto-loss":
@@ -523,12 +519,10 @@ def _liger(op, shape, head, all_completion):
         kl = losses.kto_kl(x.kl_logps, x.ref_kl_logps)
         ref_weight = x.weight.detach()  # the same storage: the reference head is the frozen policy head
 
-        def fn():
+        def forward():
             # Note the argument order: KTO takes the input first, DPO and CPO the weight first.
-            loss, _ = loss_fn(x.hidden, x.weight, x.labels, preference_labels=x.desirable,
-                              ref_input=x.ref_hidden, ref_weight=ref_weight, kl=kl)
-            loss.backward()
-            return loss
+            return loss_fn(x.hidden, x.weight, x.labels, preference_labels=x.desirable,
+                           ref_input=x.ref_hidden, ref_weight=ref_weight, kl=kl)[0]
 
         note = ("torch.compile, 1 row/chunk, same precomputed kl; takes no reference log-probs: computes "
                 "them from the reference hidden states (use_ref_model=True), +1 no-grad GEMM over N tokens")
@@ -538,14 +532,18 @@ def _liger(op, shape, head, all_completion):
         x = make_inputs(op, shape, head, all_completion)
         loss_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="mean")
 
-        def fn():
-            loss = loss_fn(x.weight, x.hidden.view(-1, shape.h), x.labels.view(-1))
-            loss.backward()
-            return loss
+        def forward():
+            return loss_fn(x.weight, x.hidden.view(-1, shape.h), x.labels.view(-1))
 
         note = "fused linear cross-entropy (Triton), mean over non-ignored tokens"
     else:
         raise ValueError(f"no liger variant for {op!r}")
+
+    def fn():
+        loss = forward()
+        loss.backward()
+        return loss
+
     return Step("liger", x, fn, x.labels.numel(), note=note)
 
 
