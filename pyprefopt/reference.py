@@ -64,3 +64,11 @@ def dequant_merge_nf4_reference(codes, absmax, shape, blocksize, nested_absmax=N
     if lora_A is not None:
         weight = weight + scale * (lora_B.float() @ lora_A.float())
     return weight.to(out_dtype)
+
+
+def lora_linear_reference(x, weight, lora_a, lora_b, scale, bias=None, lora_x=None):
+    """A LoRA linear layer as three plain ops: `x @ W.T + bias + scale * (lora_x @ A.T) @ B.T`, where
+    `lora_x` is the LoRA branch's (dropped-out) input, x itself by default. Computed in x's dtype."""
+    lora_x = x if lora_x is None else lora_x
+    low = torch.nn.functional.linear(torch.nn.functional.linear(lora_x, lora_a), lora_b)
+    return torch.nn.functional.linear(x, weight, bias) + scale * low

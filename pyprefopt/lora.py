@@ -1,0 +1,478 @@
+"""LoRA linear layers with a fused forward/backward, interoperable with PEFT.
+
+    Y = X @ W.T (+ bias) + s * (dropout(X) @ A.T) @ B.T        s = alpha / r, or alpha / sqrt(r) (rsLoRA)
+
+`LoRALinear` wraps a frozen base `nn.Linear` or bitsandbytes `Linear4bit` (NF4) without copying its
+weight; `inject_lora` puts it into a model by `target_modules`; `save_lora_adapter` / `load_lora_adapter`
+read and write PEFT's format (`adapter_config.json` + `adapter_model.safetensors`, PEFT's key names), so
+`peft.PeftModel.from_pretrained` loads our adapters and we load PEFT's; `disable_adapters` runs the
+base (reference) model without a second copy.
+
+`FusedLoRALinearFunction` computes the layer:
+- CUDA: the Triton kernels of `pyprefopt.kernels.fused_lora_linear` (Y written once, the rank-r update in
+  the GEMM epilogue; an NF4 base decoded in the GEMM's load path).
+- CPU: the big GEMM accumulates into the low-rank product instead of the other way round: `Y = S_s @ B.T
+  (+ bias)` is written first (where the plain layer writes its bias), then `Y += X @ W.T` runs as one
+  `addmm_` whose GEMM reads Y tile by tile in its own epilogue; no extra pass over Y. The backward does
+  the same for `dX = (T_s @ A) += dY @ W`. The small products are scaled once at rank width
+  (`S_s = s * S`, `T_s = s * dY @ B`), and only X, S_s and the weights are kept for backward. With
+  dropout 0 the dropped-out input is X itself: no copy and one dX. An NF4 base is decoded per call by
+  `pyprefopt.nf4.dequantize_nf4` (bitsandbytes-exact), in forward and again in backward, never stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+BIAS_MODES = ("none", "all", "lora_only")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# PEFT's prefix of every saved key: `PeftModel.base_model` (LoraModel) `.model` (the wrapped model).
+PEFT_PREFIX = "base_model.model."
+
+
+def _linear4bit_class():
+    """bitsandbytes' `Linear4bit`, or None when bitsandbytes is not installed."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return None
+    return bnb.nn.Linear4bit
+
+
+def _is_linear4bit(module) -> bool:
+    cls = _linear4bit_class()
+    return cls is not None and isinstance(module, cls)
+
+
+def _dense_weight(base_weight, dtype):
+    """The base weight as a dense `dtype` matrix: itself, or the NF4 base decoded for this call."""
+    if isinstance(base_weight, torch.Tensor):
+        return base_weight
+    from pyprefopt import nf4
+
+    return nf4.dequantize_nf4(base_weight, out_dtype=dtype)
+
+
+def _nf4_weight(param):
+    """The `pyprefopt.nf4.NF4Weight` view of a bitsandbytes `Params4bit` (no copy of the codes)."""
+    from pyprefopt import nf4
+
+    if param.quant_state is None:
+        raise ValueError("the Linear4bit base is not quantised yet (move it to its device first)")
+    return nf4.NF4Weight.from_quant_state(param.data, param.quant_state)
+
+
+def _check_function_inputs(x, lora_x, base_weight, bias, lora_a, lora_b, scale, use_triton):
+    for label, t in (("x", x), ("lora_x", lora_x), ("lora_a", lora_a), ("lora_b", lora_b)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{label} must be a tensor, got {type(t).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if use_triton and x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"the Triton kernels take float32, bfloat16 or float16 inputs, got {x.dtype}")
+    if lora_a.dim() != 2 or lora_b.dim() != 2:
+        raise ValueError(f"lora_a must be [r, in] and lora_b [out, r], got {tuple(lora_a.shape)} and "
+                         f"{tuple(lora_b.shape)}")
+    rank, in_features = lora_a.shape
+    out_features = base_weight.shape[0]
+    if tuple(base_weight.shape) != (out_features, in_features) or tuple(lora_b.shape) != (out_features, rank):
+        raise ValueError(f"shapes do not fit: base weight {tuple(base_weight.shape)} must be [out, in] = "
+                         f"[{out_features}, {in_features}] for lora_a {tuple(lora_a.shape)}, and lora_b must be "
+                         f"[{out_features}, {rank}], got {tuple(lora_b.shape)}")
+    if rank < 1:
+        raise ValueError("the LoRA rank must be >= 1")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x's last dimension must be in_features={in_features}, got shape {tuple(x.shape)}")
+    if lora_x.shape != x.shape:
+        raise ValueError(f"lora_x {tuple(lora_x.shape)} must have x's shape {tuple(x.shape)}")
+    tensors = {"lora_x": lora_x, "lora_a": lora_a, "lora_b": lora_b}
+    if isinstance(base_weight, torch.Tensor):
+        if base_weight.requires_grad:
+            raise ValueError("the base weight must be frozen (requires_grad=False): LoRA trains only A and B")
+        tensors["base weight"] = base_weight
+    if bias is not None:
+        if tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias must be [{out_features}], got {tuple(bias.shape)}")
+        tensors["bias"] = bias
+    for label, t in tensors.items():
+        if t.dtype != x.dtype:
+            raise TypeError(f"{label} ({t.dtype}) must have x's dtype ({x.dtype}); cast one of them")
+        if t.device != x.device:
+            raise ValueError(f"{label} is on {t.device} but x is on {x.device}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+
+
+class FusedLoRALinearFunction(torch.autograd.Function):
+    """`x @ W.T + bias + scale * (lora_x @ A.T) @ B.T` over [..., in] inputs; W frozen (a dense tensor or
+    a `pyprefopt.nf4.NF4Weight`, decoded in x's dtype), gradients for x, lora_x, bias, A and B.
+
+    Pass `lora_x=x` (the same object) when there is no dropout: dX then comes out of one GEMM.
+    `use_triton` runs the Triton kernels (CUDA, or CPU tensors under TRITON_INTERPRET=1)."""
+
+    @staticmethod
+    def forward(ctx, x, lora_x, base_weight, bias, lora_a, lora_b, scale, use_triton):
+        _check_function_inputs(x, lora_x, base_weight, bias, lora_a, lora_b, scale, use_triton)
+        lead_shape = x.shape[:-1]
+        in_features = x.shape[-1]
+        merged = lora_x is x
+        x2 = x.reshape(-1, in_features)
+        lora_x2 = x2 if merged else lora_x.reshape(-1, in_features)
+        if use_triton:
+            from pyprefopt.kernels import fused_lora_linear as kernels
+
+            base = kernels.DenseBase(base_weight) if isinstance(base_weight, torch.Tensor) else \
+                kernels.NF4Base(base_weight)
+            y, low = kernels.forward(x2, base, bias, lora_x2, lora_a, lora_b, scale)
+            ctx.kernel_base = base
+        else:
+            weight = _dense_weight(base_weight, x.dtype)
+            # S_s = s * lora_x @ A.T at rank width; Y starts as S_s @ B.T (+ bias) and the big GEMM adds into it.
+            low = torch.mm(lora_x2, lora_a.t()).mul_(scale)
+            y = torch.mm(low, lora_b.t()) if bias is None else torch.addmm(bias, low, lora_b.t())
+            y.addmm_(x2, weight.t())
+        ctx.base_weight = base_weight
+        ctx.scale = scale
+        ctx.merged = merged
+        ctx.use_triton = use_triton
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(lora_x2, low, lora_a, lora_b, base_weight if isinstance(base_weight, torch.Tensor)
+                              else None)
+        return y.view(*lead_shape, y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        lora_x2, low, lora_a, lora_b, dense = ctx.saved_tensors
+        need_x, need_lora_x, _, need_bias, need_a, need_b, _, _ = ctx.needs_input_grad
+        lead_shape = grad_y.shape[:-1]
+        grad_y2 = grad_y.reshape(-1, grad_y.shape[-1])
+        need_x_any = need_x or (ctx.merged and need_lora_x)
+        grad_x = grad_lora_x = grad_a = grad_b = None
+        if ctx.use_triton:
+            from pyprefopt.kernels import fused_lora_linear as kernels
+
+            grad_x, grad_lora_x, grad_a, grad_b = kernels.backward(
+                grad_y2.to(lora_x2.dtype), lora_x2, ctx.kernel_base, lora_a, lora_b, low, ctx.scale, ctx.merged,
+                need_x_any, need_a or need_b)
+            grad_a = None if grad_a is None else grad_a.to(lora_a.dtype)
+            grad_b = None if grad_b is None else grad_b.to(lora_b.dtype)
+        else:
+            weight = dense if dense is not None else _dense_weight(ctx.base_weight, lora_x2.dtype)
+            low_grad = torch.mm(grad_y2, lora_b).mul_(ctx.scale)  # T_s = s * dY @ B
+            if need_a:
+                grad_a = torch.mm(low_grad.t(), lora_x2)
+            if need_b:
+                # dB = (S_s.T @ dY).T: the [r, out] product streams dY row-major, twice as fast as dY.T @ S_s.
+                grad_b = torch.mm(low.t(), grad_y2).t()
+            if need_x_any and ctx.merged:
+                grad_x = torch.mm(low_grad, lora_a).addmm_(grad_y2, weight)
+            else:
+                if need_x_any:
+                    grad_x = torch.mm(grad_y2, weight)
+                if need_lora_x:
+                    grad_lora_x = torch.mm(low_grad, lora_a)
+        grad_bias = grad_y2.sum(0) if need_bias and ctx.has_bias else None
+        if grad_x is not None:
+            grad_x = grad_x.view(*lead_shape, grad_x.shape[-1])
+        if grad_lora_x is not None:
+            grad_lora_x = grad_lora_x.view(*lead_shape, grad_lora_x.shape[-1])
+        # With lora_x = x, dX already holds both terms: lora_x's slot gets None (autograd would add it again).
+        if ctx.merged:
+            return grad_x, None, None, grad_bias, grad_a, grad_b, None, None
+        return grad_x, grad_lora_x, None, grad_bias, grad_a, grad_b, None, None
+
+
+def lora_scale(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
+    """PEFT's scaling: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA (Kalajdzievski 2023)."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+class LoRALinear(nn.Module):
+    """A frozen base `nn.Linear` or bitsandbytes `Linear4bit` plus a trainable rank-r update.
+
+    Holds the base module itself as `base_layer` (no weight copy) and `lora_A` [r, in], `lora_B` [out, r],
+    initialised as PEFT does (A Kaiming-uniform, B zero: the layer starts equal to its base)."""
+
+    def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                 use_rslora: bool = False):
+        super().__init__()
+        is_4bit = _is_linear4bit(base_layer)
+        if not (isinstance(base_layer, nn.Linear) or is_4bit):
+            raise TypeError(f"LoRALinear wraps nn.Linear or bitsandbytes Linear4bit, got {type(base_layer).__name__}")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"r must be a positive integer, got {r!r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        if not math.isfinite(lora_alpha):
+            raise ValueError(f"lora_alpha must be finite, got {lora_alpha}")
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.lora_dropout = lora_dropout
+        self.use_rslora = use_rslora
+        self.scaling = lora_scale(lora_alpha, r, use_rslora)
+        self.adapters_disabled = False
+        base_layer.weight.requires_grad_(False)
+        weight = base_layer.weight
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, use_rslora={self.use_rslora}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.adapters_disabled:
+            return self.base_layer(x)
+        if _is_linear4bit(self.base_layer):
+            base_weight = _nf4_weight(self.base_layer.weight)
+        else:
+            base_weight = self.base_layer.weight
+        bias = self.base_layer.bias
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        # PEFT's semantics: dropout on the LoRA branch's input only; p = 0 passes X itself (no copy).
+        lora_x = nn.functional.dropout(x, self.lora_dropout, True) if self.training and self.lora_dropout > 0 else x
+        return FusedLoRALinearFunction.apply(x, lora_x, base_weight, bias, self.lora_A.to(x.dtype),
+                                             self.lora_B.to(x.dtype), self.scaling, x.is_cuda)
+
+
+@dataclass
+class LoRAConfig:
+    """What `inject_lora` was called with; saved as PEFT's `adapter_config.json`."""
+
+    r: int
+    lora_alpha: float
+    target_modules: str | list[str]
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    bias: str = "none"
+    base_model_name_or_path: str | None = None
+
+    def to_peft_dict(self) -> dict:
+        return {
+            "peft_type": "LORA", "task_type": None, "base_model_name_or_path": self.base_model_name_or_path,
+            "r": self.r, "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout,
+            "use_rslora": self.use_rslora, "bias": self.bias, "target_modules": self.target_modules,
+            "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True, "lora_bias": False,
+            "use_dora": False, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
+            "layers_to_transform": None, "layers_pattern": None,
+        }
+
+
+# PEFT config fields whose non-default values change the model in ways this module does not implement.
+_UNSUPPORTED_PEFT_FIELDS = {
+    "use_dora": False, "lora_bias": False, "fan_in_fan_out": False, "rank_pattern": {}, "alpha_pattern": {},
+    "modules_to_save": None, "layers_to_transform": None, "exclude_modules": None, "target_parameters": None,
+    "layer_replication": None, "trainable_token_indices": None,
+}
+
+
+def _is_linear(module) -> bool:
+    return isinstance(module, nn.Linear) or _is_linear4bit(module)
+
+
+def _target_names(model: nn.Module, target_modules) -> list[str]:
+    """The names of the modules `target_modules` selects, with PEFT's rules: "all-linear" is every
+    linear layer but the output head; a string is a full-match regex; a list matches a name exactly or
+    as its dotted suffix."""
+    names = [name for name, module in model.named_modules() if name]
+    if target_modules == "all-linear":
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        return [name for name in names if _is_linear(model.get_submodule(name))
+                and model.get_submodule(name) is not head]
+    if isinstance(target_modules, str):
+        return [name for name in names if re.fullmatch(target_modules, name)]
+    if not isinstance(target_modules, (list, tuple, set)) or not all(isinstance(t, str) for t in target_modules):
+        raise TypeError(f"target_modules must be 'all-linear', a regex string or a list of names, got "
+                        f"{target_modules!r}")
+    targets = set(target_modules)
+    return [name for name in names if name in targets or any(name.endswith("." + t) for t in targets)]
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every LoRALinear in `model`, by module name."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+
+
+def inject_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                use_rslora: bool = False, bias: str = "none") -> nn.Module:
+    """Replace the selected linear layers of `model` (in place) by `LoRALinear`s and freeze everything
+    but the adapters (and the biases `bias` names: "all", or "lora_only" for the wrapped layers').
+
+    target_modules: "all-linear", a regex, or a list of module names / name suffixes (PEFT's rules)."""
+    if bias not in BIAS_MODES:
+        raise ValueError(f"bias must be one of {BIAS_MODES}, got {bias!r}")
+    if lora_layers(model):
+        raise ValueError("model already has LoRA layers; load into it, or inject into a fresh model")
+    names = _target_names(model, target_modules)
+    if not names:
+        raise ValueError(f"target_modules {target_modules!r} matched no module of {type(model).__name__}")
+    for name in names:
+        module = model.get_submodule(name)
+        if not _is_linear(module):
+            raise TypeError(f"target module {name!r} is a {type(module).__name__}; LoRA wraps nn.Linear and "
+                            "bitsandbytes Linear4bit only")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = LoRALinear(getattr(parent, child), r, lora_alpha, lora_dropout, use_rslora)
+        setattr(parent, child, layer)
+        if bias == "lora_only" and layer.base_layer.bias is not None:
+            layer.base_layer.bias.requires_grad_(True)
+    if bias == "all":
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.requires_grad_(True)
+    config = getattr(model, "config", None)
+    model.pyprefopt_lora_config = LoRAConfig(
+        r=r, lora_alpha=lora_alpha, target_modules=target_modules if isinstance(target_modules, str)
+        else sorted(target_modules), lora_dropout=lora_dropout, use_rslora=use_rslora, bias=bias,
+        base_model_name_or_path=getattr(config, "_name_or_path", None) or None)
+    return model
+
+
+def _adapter_state_dict(model: nn.Module, bias: str) -> dict[str, torch.Tensor]:
+    """Our trainable tensors under PEFT's saved key names."""
+    layers = lora_layers(model)
+    state = {}
+    for name, layer in layers.items():
+        state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A
+        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B
+        if bias == "lora_only" and layer.base_layer.bias is not None:
+            state[f"{PEFT_PREFIX}{name}.base_layer.bias"] = layer.base_layer.bias
+    if bias == "all":
+        # Our module names are PEFT's (`<name>.base_layer.bias` inside a LoRA layer, `<name>.bias` elsewhere).
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                state[PEFT_PREFIX + name] = param
+    return {key: tensor.detach().contiguous() for key, tensor in state.items()}
+
+
+def save_lora_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Write `adapter_config.json` and `adapter_model.safetensors` in PEFT's format to `directory`.
+
+    Atomic: both files go to a temporary sibling directory that then replaces `directory`."""
+    from safetensors.torch import save_file
+
+    config = getattr(model, "pyprefopt_lora_config", None)
+    if config is None or not lora_layers(model):
+        raise ValueError("model has no LoRA layers (call inject_lora or load_lora_adapter first)")
+    directory = os.path.abspath(os.fspath(directory))
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
+    try:
+        save_file(_adapter_state_dict(model, config.bias), os.path.join(staging, ADAPTER_WEIGHTS),
+                  metadata={"format": "pt"})
+        with open(os.path.join(staging, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
+            json.dump(config.to_peft_dict(), f, indent=2, sort_keys=True)
+        if os.path.exists(directory):
+            # A directory cannot be renamed over a non-empty one: move the old one aside first.
+            retired = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old-", dir=parent)
+            os.rename(directory, os.path.join(retired, "adapter"))
+            os.rename(staging, directory)
+            shutil.rmtree(retired)
+        else:
+            os.rename(staging, directory)
+    finally:
+        if os.path.exists(staging):
+            shutil.rmtree(staging)
+
+
+def _read_peft_config(directory: str) -> LoRAConfig:
+    path = os.path.join(directory, ADAPTER_CONFIG)
+    with open(path, encoding="utf-8") as f:
+        raw = json.load(f)
+    if raw.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type must be 'LORA', got {raw.get('peft_type')!r}")
+    for key, default in _UNSUPPORTED_PEFT_FIELDS.items():
+        value = raw.get(key, default)
+        if value not in (default, None, {}, [], False):
+            raise ValueError(f"{path}: {key}={value!r} is not supported by pyprefopt.lora")
+    bias = raw.get("bias", "none")
+    if bias not in BIAS_MODES:
+        raise ValueError(f"{path}: bias must be one of {BIAS_MODES}, got {bias!r}")
+    target_modules = raw.get("target_modules")
+    if target_modules is None:
+        raise ValueError(f"{path}: target_modules is missing")
+    return LoRAConfig(r=int(raw["r"]), lora_alpha=raw["lora_alpha"], target_modules=target_modules,
+                      lora_dropout=float(raw.get("lora_dropout", 0.0)), use_rslora=bool(raw.get("use_rslora", False)),
+                      bias=bias, base_model_name_or_path=raw.get("base_model_name_or_path"))
+
+
+def load_lora_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Load a PEFT-format LoRA adapter (ours or PEFT's) into `model`: injects the config's layers into a
+    plain model, or loads into the LoRA layers it already has (same config). Returns `model`."""
+    from safetensors.torch import load_file
+
+    directory = os.fspath(directory)
+    config = _read_peft_config(directory)
+    if not lora_layers(model):
+        inject_lora(model, config.target_modules, r=config.r, lora_alpha=config.lora_alpha,
+                    lora_dropout=config.lora_dropout, use_rslora=config.use_rslora, bias=config.bias)
+    else:
+        mismatched = {name: layer.r for name, layer in lora_layers(model).items() if layer.r != config.r}
+        if mismatched:
+            raise ValueError(f"adapter r={config.r} does not match the model's LoRA layers: {mismatched}")
+    tensors = load_file(os.path.join(directory, ADAPTER_WEIGHTS))
+    expected = _adapter_state_dict(model, config.bias)
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise ValueError(f"{directory}: keys that match no parameter of the model: {unexpected[:5]}"
+                         f"{' ...' if len(unexpected) > 5 else ''}")
+    missing = sorted(key for key in set(expected) - set(tensors) if ".lora_" in key)
+    if missing:
+        raise ValueError(f"{directory}: LoRA weights missing for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    params = {PEFT_PREFIX + name: param for name, param in _peft_named_parameters(model)}
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            param = params[key]
+            if param.shape != tensor.shape:
+                raise ValueError(f"{key}: saved shape {tuple(tensor.shape)} does not match the model's "
+                                 f"{tuple(param.shape)}")
+            param.copy_(tensor)
+    return model
+
+
+def _peft_named_parameters(model: nn.Module):
+    """(PEFT key without prefix, parameter) for our adapters and every bias."""
+    for name, layer in lora_layers(model).items():
+        yield f"{name}.lora_A.weight", layer.lora_A
+        yield f"{name}.lora_B.weight", layer.lora_B
+    for name, param in model.named_parameters():
+        if name.endswith("bias"):
+            yield name, param
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """Run `model` as its base (the reference model of DPO/IPO/KTO) inside the block; no copy is made."""
+    layers = list(lora_layers(model).values())
+    if not layers:
+        raise ValueError("model has no LoRA layers: disabling adapters would leave the policy as its own reference")
+    previous = [layer.adapters_disabled for layer in layers]
+    for layer in layers:
+        layer.adapters_disabled = True
+    try:
+        yield model
+    finally:
+        for layer, state in zip(layers, previous):
+            layer.adapters_disabled = state
