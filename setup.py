@@ -1,4 +1,64 @@
+import os
+import shutil
+import subprocess
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
+
+# -ffp-contract=off: the NF4 decode must round exactly like bitsandbytes (a multiply, then an add), so the
+# compiler may not fuse them into FMAs (csrc/nf4.h).
+CPU_FLAGS = ["-O3", "-ffp-contract=off", "-pthread"]
+CSRC_HEADERS = ["csrc/nf4.h", "csrc/nf4_cpu_tiles.inc"]
+# Ampere through Hopper, plus PTX for what comes after; PYPREFOPT_CUDA_ARCHS="80;90" overrides.
+DEFAULT_CUDA_ARCHS = "80;86;89;90"
+
+
+def cuda_build_wanted():
+    """The CUDA kernel is built when nvcc and a CUDA torch are present (PYPREFOPT_BUILD_CUDA=1/0 forces it on
+    or off). Torch is only looked at, never needed: an isolated build environment has none and builds CPU only."""
+    forced = os.environ.get("PYPREFOPT_BUILD_CUDA")
+    if forced is not None:
+        return forced == "1"
+    if shutil.which("nvcc") is None:
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.version.cuda is not None
+
+
+class BuildExtWithCuda(build_ext):
+    """Compiles the .cu sources of an extension with nvcc into objects the normal link step picks up."""
+
+    def build_extension(self, ext):
+        cu_sources = [s for s in ext.sources if s.endswith(".cu")]
+        if cu_sources:
+            ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
+            ext.extra_objects = list(ext.extra_objects) + [self._nvcc(s, ext) for s in cu_sources]
+        super().build_extension(ext)
+
+    def _nvcc(self, source, ext):
+        obj = os.path.join(self.build_temp, os.path.splitext(source)[0] + ".o")
+        os.makedirs(os.path.dirname(obj), exist_ok=True)
+        archs = os.environ.get("PYPREFOPT_CUDA_ARCHS", DEFAULT_CUDA_ARCHS).split(";")
+        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+        gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
+        includes = [f"-I{d}" for d in ext.include_dirs + self.include_dirs]
+        cmd = ["nvcc", "-c", source, "-o", obj, "-O3", "-std=c++17", "-Xcompiler", "-fPIC", *gencode, *includes]
+        subprocess.run(cmd, check=True)
+        return obj
+
+
+ext_modules = [
+    Pybind11Extension("pyprefopt._C", ["csrc/dequant_merge_nf4.cpp"], depends=CSRC_HEADERS, cxx_std=17,
+                      extra_compile_args=CPU_FLAGS, extra_link_args=["-pthread"]),
+]
+if cuda_build_wanted():
+    cuda_home = os.path.dirname(os.path.dirname(shutil.which("nvcc")))
+    ext_modules.append(
+        Pybind11Extension("pyprefopt._C_cuda", ["csrc/dequant_merge_nf4.cu"], depends=["csrc/nf4.h"], cxx_std=17,
+                          library_dirs=[os.path.join(cuda_home, "lib64")], libraries=["cudart"]))
 
 setup(
     name="pyprefopt",
@@ -11,6 +71,8 @@ setup(
     # `kernels` package would clash with an unrelated PyPI project.
     packages=["pyprefopt", "pyprefopt.kernels"],
     package_dir={"pyprefopt": "pyprefopt", "pyprefopt.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": BuildExtWithCuda},
     install_requires=[
         "torch>=2.4",
         "triton>=3.1; platform_system == 'Linux'",

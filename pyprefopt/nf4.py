@@ -60,6 +60,10 @@ OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # The kernels' output dtype codes (csrc/nf4.h OutDtype).
 _OUT_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
+# The CPU instruction set limit passed to pyprefopt._C ("auto": the widest the CPU has); tests pin it to check
+# that every path gives the same bits.
+_CPU_ISA = "auto"
+
 _warned_fallback = False
 
 
@@ -198,7 +202,7 @@ def _run(weight, lora_A, lora_B, scale, out_dtype, out):
     if backend is _C_cuda:
         backend.dequant_merge_nf4(**args, stream=torch.cuda.current_stream(weight.device).cuda_stream)
     else:
-        backend.dequant_merge_nf4(**args, num_threads=torch.get_num_threads())
+        backend.dequant_merge_nf4(**args, num_threads=torch.get_num_threads(), isa=_CPU_ISA)
     return out
 
 
@@ -257,8 +261,8 @@ def _validate_weight(w: NF4Weight):
             raise ValueError("nested_absmax needs nested_code and nested_offset")
         if w.absmax.dtype != torch.uint8:
             raise TypeError(f"nested (double-quantised) absmax must be uint8, got {w.absmax.dtype}")
-        if w.nested_blocksize <= 0:
-            raise ValueError(f"nested_blocksize must be positive, got {w.nested_blocksize}")
+        if w.nested_blocksize <= 0 or w.nested_blocksize & (w.nested_blocksize - 1):
+            raise ValueError(f"nested_blocksize must be a power of two (bitsandbytes uses 256), got {w.nested_blocksize}")
         n_nested = -(-w.n_blocks // w.nested_blocksize)
         if w.nested_absmax.dim() != 1 or w.nested_absmax.numel() != n_nested:
             raise ValueError(f"nested_absmax must be 1-D with {n_nested} entries ({w.n_blocks} blocks, "

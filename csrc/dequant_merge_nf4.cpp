@@ -1,0 +1,321 @@
+// pyprefopt._C: the CPU NF4 dequant-merge. One pass over memory: read the packed NF4 codes and block scales,
+// decode, add the LoRA delta scale * B @ A tile by tile from registers, write bf16 / fp16 / fp32 once.
+//
+// Pure pybind11 over raw data pointers (pyprefopt/nf4.py validates dtypes, sizes and contiguity first), so the
+// build needs no torch. Rows are split between std::threads; within a thread the work runs on the widest
+// instruction set the CPU has (AVX-512, AVX2+FMA+F16C, or portable scalar code), chosen at run time. All
+// paths accumulate the rank-r dot product in the same order with fused multiply-adds, so they agree bit for
+// bit. Built with -ffp-contract=off: see nf4.h.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "nf4.h"
+
+// The SIMD paths use GCC's per-function target pragmas; other compilers and CPUs build the scalar path.
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && !defined(__clang__)
+#define NF4_X86 1
+#include <immintrin.h>
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+const float kNF4Code[16] = {NF4_CODE_VALUES};
+
+// Fewer elements than this per thread cost more in thread start-up than they save.
+constexpr int64_t kMinElementsPerThread = 1 << 16;
+// Rows go to threads in groups of the SIMD row tile (Ops::R), so only the last group runs single rows.
+constexpr int kRowGroup = 4;
+
+enum class Isa { kScalar, kAvx2, kAvx512 };
+
+namespace scalar {
+
+void merge_rows(const nf4::Problem& p, int64_t row_begin, int64_t row_end) {
+    for (int64_t row = row_begin; row < row_end; ++row)
+        for (int64_t col = 0; col < p.cols; ++col) nf4::merge_element(p, kNF4Code, row, col);
+}
+
+}  // namespace scalar
+
+#if NF4_X86
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+
+struct Ops {
+    using V = __m256;
+    static constexpr int W = 8;
+    // 4 rows x 2 vectors: 8 accumulators + 2 lora_A vectors + 1 broadcast fit the 16 ymm registers.
+    static constexpr int R = 4;
+    static constexpr int C = 2;
+
+    // The 16-entry table as two 8-lane halves; bit 3 of the code picks the half.
+    struct Table {
+        __m256 low, high;
+        explicit Table(const float* code) : low(_mm256_loadu_ps(code)), high(_mm256_loadu_ps(code + 8)) {}
+    };
+
+    static V zero() { return _mm256_setzero_ps(); }
+    static V set1(float x) { return _mm256_set1_ps(x); }
+    static V loadu(const float* x) { return _mm256_loadu_ps(x); }
+    static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+    static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+    static V add(V a, V b) { return _mm256_add_ps(a, b); }
+
+    // 8 elements from 4 bytes, high nibble first.
+    static V decode(const uint8_t* bytes, const Table& table) {
+        int32_t word;
+        std::memcpy(&word, bytes, sizeof word);
+        const __m128i doubled = _mm_unpacklo_epi8(_mm_cvtsi32_si128(word), _mm_cvtsi32_si128(word));
+        // Lane l holds byte l / 2: shift the even lanes' high nibble down. Bits above the nibble are ignored
+        // below: permutevar8x32 reads bits 0-2, and bit 3 reaches the sign bit after the shift by 28.
+        const __m256i idx = _mm256_srlv_epi32(_mm256_cvtepu8_epi32(doubled), _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0));
+        const __m256 low = _mm256_permutevar8x32_ps(table.low, idx);
+        const __m256 high = _mm256_permutevar8x32_ps(table.high, idx);
+        return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+    }
+
+    template <int Dt>
+    static void store(const nf4::Problem& p, int64_t e, V v) {
+        switch (Dt) {
+            case nf4::kFloat32: _mm256_storeu_ps(static_cast<float*>(p.out) + e, v); break;
+            case nf4::kBFloat16: {
+                // Round to nearest even on the bits (nf4::bf16_bits); NaN lanes become 0x7FC0.
+                const __m256i bits = _mm256_castps_si256(v);
+                const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+                __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), odd), 16);
+                const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+                rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
+                // packus packs within 128-bit lanes; the permute brings the two halves' results together.
+                const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0xD8);
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p.out) + e), _mm256_castsi256_si128(packed));
+                break;
+            }
+            default:
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p.out) + e),
+                                 _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+                break;
+        }
+    }
+};
+
+#include "nf4_cpu_tiles.inc"
+
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma,f16c")
+namespace avx512 {
+
+struct Ops {
+    using V = __m512;
+    static constexpr int W = 16;
+    // 4 rows x 4 vectors of 16: 16 accumulators + 4 lora_A vectors + 1 broadcast of the 32 zmm registers.
+    static constexpr int R = 4;
+    static constexpr int C = 4;
+
+    struct Table {
+        __m512 all;
+        explicit Table(const float* code) : all(_mm512_loadu_ps(code)) {}
+    };
+
+    static V zero() { return _mm512_setzero_ps(); }
+    static V set1(float x) { return _mm512_set1_ps(x); }
+    static V loadu(const float* x) { return _mm512_loadu_ps(x); }
+    static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+    static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+    static V add(V a, V b) { return _mm512_add_ps(a, b); }
+
+    // 16 elements from 8 bytes, high nibble first; permutexvar reads only the low 4 bits of each index.
+    static V decode(const uint8_t* bytes, const Table& table) {
+        const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes));
+        const __m512i lanes = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(raw, raw));
+        const __m512i idx = _mm512_srlv_epi32(lanes, _mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0));
+        return _mm512_permutexvar_ps(idx, table.all);
+    }
+
+    template <int Dt>
+    static void store(const nf4::Problem& p, int64_t e, V v) {
+        switch (Dt) {
+            case nf4::kFloat32: _mm512_storeu_ps(static_cast<float*>(p.out) + e, v); break;
+            case nf4::kBFloat16: {
+                const __m512i bits = _mm512_castps_si512(v);
+                const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+                __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), odd), 16);
+                const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+                rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0));
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(p.out) + e), _mm512_cvtepi32_epi16(rounded));
+                break;
+            }
+            default:
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(p.out) + e),
+                                    _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+                break;
+        }
+    }
+};
+
+#include "nf4_cpu_tiles.inc"
+
+}  // namespace avx512
+#pragma GCC pop_options
+
+#endif  // NF4_X86
+
+bool cpu_supports(Isa isa) {
+    switch (isa) {
+        case Isa::kScalar: return true;
+#if NF4_X86
+        case Isa::kAvx2:
+            return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+        case Isa::kAvx512: return cpu_supports(Isa::kAvx2) && __builtin_cpu_supports("avx512f");
+#endif
+        default: return false;
+    }
+}
+
+const char* isa_name(Isa isa) {
+    switch (isa) {
+        case Isa::kAvx2: return "avx2";
+        case Isa::kAvx512: return "avx512";
+        default: return "scalar";
+    }
+}
+
+int vector_width(Isa isa) {
+    switch (isa) {
+        case Isa::kAvx2: return 8;
+        case Isa::kAvx512: return 16;
+        default: return 1;
+    }
+}
+
+std::vector<std::string> supported_isas() {
+    std::vector<std::string> names;
+    for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512})
+        if (cpu_supports(isa)) names.push_back(isa_name(isa));
+    return names;
+}
+
+Isa parse_isa(const std::string& name) {
+    for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512})
+        if (name == isa_name(isa)) {
+            if (!cpu_supports(isa)) throw std::invalid_argument("this CPU does not support isa '" + name + "'");
+            return isa;
+        }
+    throw std::invalid_argument("unknown isa '" + name + "': expected 'auto', 'scalar', 'avx2' or 'avx512'");
+}
+
+// The widest supported instruction set at most `limit` whose vector width divides cols; scalar otherwise.
+Isa pick_isa(Isa limit, int64_t cols) {
+    for (Isa isa : {Isa::kAvx512, Isa::kAvx2})
+        if (isa <= limit && cpu_supports(isa) && cols % vector_width(isa) == 0) return isa;
+    return Isa::kScalar;
+}
+
+using RowsFn = void (*)(const nf4::Problem&, int64_t, int64_t);
+
+RowsFn rows_fn(Isa isa) {
+    switch (isa) {
+#if NF4_X86
+        case Isa::kAvx2: return avx2::merge_rows;
+        case Isa::kAvx512: return avx512::merge_rows;
+#endif
+        default: return scalar::merge_rows;
+    }
+}
+
+// Split the rows between threads in whole groups of `granule` rows.
+void run_threads(const nf4::Problem& p, RowsFn fn, int granule, int num_threads) {
+    const int64_t groups = (p.rows + granule - 1) / granule;
+    const int64_t by_work = std::max<int64_t>(1, p.rows * p.cols / kMinElementsPerThread);
+    const int64_t threads = std::max<int64_t>(1, std::min<int64_t>({num_threads, groups, by_work}));
+    std::vector<std::thread> workers;
+    workers.reserve(threads - 1);
+    auto range = [&](int64_t t) {
+        const int64_t begin = std::min(p.rows, groups * t / threads * granule);
+        const int64_t end = std::min(p.rows, groups * (t + 1) / threads * granule);
+        return std::pair<int64_t, int64_t>(begin, end);
+    };
+    for (int64_t t = 1; t < threads; ++t) {
+        const auto [begin, end] = range(t);
+        workers.emplace_back(fn, std::cref(p), begin, end);
+    }
+    const auto [begin, end] = range(0);
+    fn(p, begin, end);
+    for (auto& worker : workers) worker.join();
+}
+
+int log2_exact(int64_t n, const char* what) {
+    if (n <= 0 || (n & (n - 1)) != 0) throw std::invalid_argument(std::string(what) + " must be a power of two");
+    int log2 = 0;
+    while ((int64_t{1} << log2) != n) ++log2;
+    return log2;
+}
+
+void require(bool ok, const char* message) {
+    if (!ok) throw std::invalid_argument(message);
+}
+
+void dequant_merge_nf4(uintptr_t codes, uintptr_t absmax, bool nested, uintptr_t nested_absmax, uintptr_t nested_code,
+                       float nested_offset, int64_t nested_blocksize, int64_t rows, int64_t cols, int64_t blocksize,
+                       uintptr_t lora_A, uintptr_t lora_B, int64_t rank, float scale, uintptr_t out, int out_dtype,
+                       int num_threads, const std::string& isa) {
+    require(rows >= 0 && cols >= 0 && rank >= 0, "rows, cols and rank must be non-negative");
+    require(blocksize >= 32 && blocksize <= 4096, "blocksize must be in [32, 4096]");
+    require(out_dtype >= nf4::kFloat32 && out_dtype <= nf4::kFloat16, "out_dtype must be 0 (fp32), 1 (bf16) or 2 (fp16)");
+    require(num_threads >= 1, "num_threads must be positive");
+    nf4::Problem p{};
+    p.blocksize_log2 = log2_exact(blocksize, "blocksize");
+    p.nested_blocksize_log2 = nested ? log2_exact(nested_blocksize, "nested_blocksize") : 0;
+    const Isa limit = isa == "auto" ? Isa::kAvx512 : parse_isa(isa);
+    if (rows == 0 || cols == 0) return;
+    require(codes && absmax && out, "codes, absmax and out must be non-null");
+    require(!nested || (nested_absmax && nested_code), "nested needs nested_absmax and nested_code");
+    require(rank == 0 || (lora_A && lora_B), "rank > 0 needs lora_A and lora_B");
+    p.codes = reinterpret_cast<const uint8_t*>(codes);
+    p.absmax = reinterpret_cast<const void*>(absmax);
+    p.nested = nested;
+    p.nested_absmax = reinterpret_cast<const float*>(nested_absmax);
+    p.nested_code = reinterpret_cast<const float*>(nested_code);
+    p.nested_offset = nested_offset;
+    p.rows = rows;
+    p.cols = cols;
+    p.lora_A = reinterpret_cast<const float*>(lora_A);
+    p.lora_B = reinterpret_cast<const float*>(lora_B);
+    p.rank = rank;
+    p.scale = scale;
+    p.out = reinterpret_cast<void*>(out);
+    p.out_dtype = out_dtype;
+    const Isa chosen = pick_isa(limit, cols);
+    py::gil_scoped_release release;
+    run_threads(p, rows_fn(chosen), kRowGroup, num_threads);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+    m.doc() = "pyprefopt C++ kernels: NF4 dequantisation fused with the LoRA merge (see pyprefopt/nf4.py)";
+    m.def("dequant_merge_nf4", &dequant_merge_nf4, py::kw_only(), py::arg("codes"), py::arg("absmax"),
+          py::arg("nested"), py::arg("nested_absmax"), py::arg("nested_code"), py::arg("nested_offset"),
+          py::arg("nested_blocksize"), py::arg("rows"), py::arg("cols"), py::arg("blocksize"), py::arg("lora_A"),
+          py::arg("lora_B"), py::arg("rank"), py::arg("scale"), py::arg("out"), py::arg("out_dtype"),
+          py::arg("num_threads"), py::arg("isa") = "auto",
+          "out[rows, cols] = NF4-decoded weight + scale * lora_B @ lora_A, from raw data pointers. The caller "
+          "guarantees sizes, dtypes and contiguity (pyprefopt.nf4 checks them). isa: 'auto' (the widest the CPU "
+          "has), or the widest allowed of 'scalar', 'avx2', 'avx512'.");
+    m.def("supported_isas", &supported_isas, "The instruction sets this CPU can run, narrowest first.");
+    m.def("nf4_code", [] { return std::vector<float>(kNF4Code, kNF4Code + 16); }, "The kernels' NF4 table.");
+}
