@@ -80,6 +80,7 @@ setup(
         "peft>=0.13",
         "bitsandbytes>=0.45",
         "safetensors>=0.4",
+        "tqdm>=4.60",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4"],
