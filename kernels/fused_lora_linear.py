@@ -219,17 +219,27 @@ def lora_grad_kernel(
 
 
 # Tile configs for the GPU autotuner. Every kept one is compiled ahead of time for sm_80 and sm_90 in
-# tests/test_triton_aot.py, which reports registers and asserts zero spills.
+# tests/test_triton_aot.py, which reports registers and asserts zero spills. 8 warps throughout: at 4
+# warps 16-bit 64x64 tiles already sit at 254-255 registers, and fp32 inputs (IEEE fp32 dots run on the
+# FMA units and unroll into registers) spill.
 MAIN_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
-    for bm, bn, bk, w, st in (
-        (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3), (128, 128, 64, 8, 3),
-    )
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3)
+    for bm, bn in ((128, 128), (128, 64), (64, 128), (64, 64), (64, 32))
 ]
-# The skinny kernels stream one big operand: wide tiles along it, the rank along the other axis.
-DOWN_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=4) for bm, bk in ((64, 64), (128, 64), (64, 128))]
-DY_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4) for bm, bn in ((64, 64), (128, 64), (64, 128))]
-GRAD_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=4) for bm, bk in ((64, 64), (64, 128), (128, 64))]
+# The skinny kernels stream one big operand: tiles along it, the whole rank block across.
+DOWN_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=8, num_stages=2)
+                for bm, bk in ((128, 64), (64, 64), (32, 64))]
+DY_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=8, num_stages=2)
+              for bm, bn in ((128, 64), (64, 64), (32, 64))]
+GRAD_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=8, num_stages=2)
+                for bm, bk in ((64, 128), (64, 64), (64, 32))]
+# The largest tile (BLOCK_M x BLOCK_N or BLOCK_K) kept, by (fp32 inputs?, rank block above 16?), from
+# the ptxas reports: wider rank blocks and fp32 tiles take more registers. Rank blocks of 32 get the
+# rank-64 budget (compiled: 16 and 64).
+TILE_BUDGETS = {
+    "main": {(False, False): 128 * 128, (False, True): 128 * 64, (True, False): 64 * 64, (True, True): 64 * 32},
+    "skinny": {(False, False): 128 * 64, (False, True): 64 * 64, (True, False): 128 * 64, (True, True): 32 * 64},
+}
 # The interpreter runs one config each (autotuning there only multiplies test time).
 INTERPRETER_CONFIGS = {
     "main": {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2},
@@ -240,38 +250,31 @@ INTERPRETER_CONFIGS = {
 MAX_BLOCK_R = 64
 
 
-def kept_configs(configs, element_size: int, block_r: int = 16):
-    """The configs worth timing for `element_size`-byte inputs and rank block `block_r`: fp32 tiles take
-    twice the registers of 16-bit ones, and a wide rank block adds its tiles to every kernel."""
-    def tile(c):
-        kw = c.kwargs
-        return kw["BLOCK_M"] * kw.get("BLOCK_N", kw.get("BLOCK_K"))
-
-    budget = 128 * 128 if element_size < 4 else 64 * 128
-    if block_r > 32:
-        budget //= 2
-    return [c for c in configs if tile(c) <= budget] or configs[-1:]
+def kept_configs(family: str, configs, element_size: int, block_r: int):
+    """The configs of a kernel `family` ("main" or "skinny") worth timing for `element_size`-byte inputs
+    and rank block `block_r`: those whose tile fits the family's register budget."""
+    budget = TILE_BUDGETS[family][(element_size > 2, block_r > 16)]
+    return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs.get("BLOCK_N", c.kwargs.get("BLOCK_K")) <= budget]
 
 
 # The streamed big operand of each kernel, whose element size sets the register budget.
 _STREAMED = ("x_ptr", "p_ptr", "dy_ptr")
 
 
-def _prune(configs, named_args, **kwargs):
-    streamed = next(named_args[name] for name in _STREAMED if name in named_args)
-    return kept_configs(configs, streamed.element_size(), kwargs["BLOCK_R"])
+def _tuned(kernel, configs, family, key, reset_to_zero=None):
+    def prune(configs, named_args, **kwargs):
+        streamed = next(named_args[name] for name in _STREAMED if name in named_args)
+        return kept_configs(family, configs, streamed.element_size(), kwargs["BLOCK_R"])
 
-
-def _tuned(kernel, configs, key, reset_to_zero=None):
     return triton.autotune(configs, key=key, reset_to_zero=reset_to_zero,
-                           prune_configs_by={"early_config_prune": _prune})(kernel)
+                           prune_configs_by={"early_config_prune": prune})(kernel)
 
 
-_main_tuned = _tuned(lora_main_kernel, MAIN_CONFIGS, ["N", "K", "R"])
+_main_tuned = _tuned(lora_main_kernel, MAIN_CONFIGS, "main", ["N", "K", "R"])
 # Atomic accumulators: every autotuning trial must start from zeroed buffers.
-_down_tuned = _tuned(lora_down_kernel, DOWN_CONFIGS, ["K", "R"], reset_to_zero=["out_ptr"])
-_dy_tuned = _tuned(lora_dy_kernel, DY_CONFIGS, ["N", "R"], reset_to_zero=["t_ptr", "db_ptr"])
-_grad_tuned = _tuned(lora_grad_kernel, GRAD_CONFIGS, ["K", "R"], reset_to_zero=["da_ptr"])
+_down_tuned = _tuned(lora_down_kernel, DOWN_CONFIGS, "skinny", ["K", "R"], reset_to_zero=["out_ptr"])
+_dy_tuned = _tuned(lora_dy_kernel, DY_CONFIGS, "skinny", ["N", "R"], reset_to_zero=["t_ptr", "db_ptr"])
+_grad_tuned = _tuned(lora_grad_kernel, GRAD_CONFIGS, "skinny", ["K", "R"], reset_to_zero=["da_ptr"])
 _TUNED = {"main": (_main_tuned, lora_main_kernel), "down": (_down_tuned, lora_down_kernel),
           "dy": (_dy_tuned, lora_dy_kernel), "grad": (_grad_tuned, lora_grad_kernel)}
 

@@ -2,7 +2,8 @@
 needed), and ptxas reports its registers and zero spills.
 
 The compile runs in a subprocess: this test session sets TRITON_INTERPRET=1, under which `@triton.jit`
-functions are interpreted and cannot be compiled. Run this file directly to print the table.
+functions are interpreted and cannot be compiled. Run this file directly to print the table (kernel
+names as arguments compile only those).
 """
 
 import json
@@ -15,26 +16,77 @@ import pytest
 
 TARGETS = {80: "sm_80", 90: "sm_90a"}
 DTYPES = {"bf16": ("*bf16", 2), "fp32": ("*fp32", 4)}
-INPUT_POINTERS = {"h_ptr", "w_ptr", "b_ptr"}
+FLOAT_SCALARS = {"inv_t", "scale", "nested_offset"}
 
 
-def _signature(kernel, pointer_type):
+def _signature(kernel, pointer_type, input_pointers, other_types):
+    """Triton's signature: `input_pointers` in the input dtype, `other_types` as given, other pointers
+    fp32, float scalars fp32, other scalars i32."""
     sig = {}
     for param in kernel.params:
         name = param.name
         if param.is_constexpr:
             sig[name] = "constexpr"
-        elif name == "y_ptr":
-            sig[name] = "*i64"
-        elif name in INPUT_POINTERS:
+        elif name in other_types:
+            sig[name] = other_types[name]
+        elif name in input_pointers:
             sig[name] = pointer_type
         elif name.endswith("_ptr"):
             sig[name] = "*fp32"
-        elif name == "inv_t":
+        elif name in FLOAT_SCALARS:
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
     return sig
+
+
+class Case:
+    """One kernel to compile: its name, its configs and keep filter, its flags and pointer types."""
+
+    def __init__(self, name, kernel, configs, kept, flags, input_pointers, other_types=None, dtypes=tuple(DTYPES)):
+        self.name, self.kernel, self.configs, self.kept = name, kernel, configs, kept
+        self.flags, self.input_pointers, self.other_types, self.dtypes = flags, input_pointers, other_types or {}, dtypes
+
+
+def cases():
+    from pyprefopt.kernels import fused_linear_logprobs as k
+    from pyprefopt.kernels import fused_lora_linear as lora
+
+    logprobs_inputs = {"h_ptr", "w_ptr", "b_ptr"}
+    logprobs = [
+        Case("fused_linear_logprobs_fwd", k.fused_linear_logprobs_fwd_kernel, k.FORWARD_CONFIGS, k.kept_configs,
+             {"HAS_BIAS": True}, logprobs_inputs, {"y_ptr": "*i64"}),
+        Case("fused_linear_logprobs_bwd", k.fused_linear_logprobs_bwd_kernel, k.BACKWARD_CONFIGS, k.kept_configs,
+             {"HAS_BIAS": True, "HIDDEN_GRAD": True, "WEIGHT_GRAD": True, "BIAS_GRAD": True}, logprobs_inputs,
+             {"y_ptr": "*i64"}),
+    ]
+    # LoRA: every kernel at the rank blocks 16 (r <= 16) and 64 (the largest); the NF4 main kernel with
+    # double-quantised absmax (the heavier decode) for 16-bit activations, as QLoRA runs.
+    main_inputs = {"x_ptr", "w_ptr", "bias_ptr", "l_ptr", "y_ptr"}
+    nf4_types = {"codes_ptr": "*u8", "absmax_code_ptr": "*u8"}
+    lora_cases = []
+    for block_r in (16, 64):
+        def main_kept(configs, element_size, block_r=block_r):
+            return lora.kept_configs("main", configs, element_size, block_r)
+
+        def skinny_kept(configs, element_size, block_r=block_r):
+            return lora.kept_configs("skinny", configs, element_size, block_r)
+
+        lora_cases += [
+            Case(f"lora_main_r{block_r}", lora.lora_main_kernel, lora.MAIN_CONFIGS, main_kept,
+                 {"HAS_BIAS": True, "HAS_LORA": True, "NF4": False, "NESTED": False, "BLOCK_R": block_r},
+                 main_inputs, nf4_types),
+            Case(f"lora_main_nf4_r{block_r}", lora.lora_main_kernel, lora.MAIN_CONFIGS, main_kept,
+                 {"HAS_BIAS": True, "HAS_LORA": True, "NF4": True, "NESTED": True, "BLOCK_R": block_r},
+                 main_inputs, nf4_types, dtypes=("bf16",)),
+            Case(f"lora_down_r{block_r}", lora.lora_down_kernel, lora.DOWN_CONFIGS, skinny_kept,
+                 {"BLOCK_R": block_r}, {"p_ptr", "q_ptr"}),
+            Case(f"lora_dy_r{block_r}", lora.lora_dy_kernel, lora.DY_CONFIGS, skinny_kept, {"BLOCK_R": block_r},
+                 {"dy_ptr", "b_ptr"}),
+            Case(f"lora_grad_r{block_r}", lora.lora_grad_kernel, lora.GRAD_CONFIGS, skinny_kept,
+                 {"BLOCK_R": block_r}, {"x_ptr"}),
+        ]
+    return logprobs + lora_cases
 
 
 def compile_all():
@@ -45,21 +97,19 @@ def compile_all():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from pyprefopt.kernels import fused_linear_logprobs as k
-
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
-    kernels = [
-        ("fused_linear_logprobs_fwd", k.fused_linear_logprobs_fwd_kernel, k.FORWARD_CONFIGS, {"HAS_BIAS": True}),
-        ("fused_linear_logprobs_bwd", k.fused_linear_logprobs_bwd_kernel, k.BACKWARD_CONFIGS,
-         {"HAS_BIAS": True, "HIDDEN_GRAD": True, "WEIGHT_GRAD": True, "BIAS_GRAD": True}),
-    ]
-    for name, kernel, configs, flags in kernels:
-        for dtype, (pointer_type, element_size) in DTYPES.items():
-            for config in k.kept_configs(configs, element_size):
-                constexprs = dict(flags, **config.kwargs, DOT_FP32=False, IEEE=dtype == "fp32")
+    only = set(sys.argv[1:])
+    for case in cases():
+        if only and case.name not in only:
+            continue
+        for dtype in case.dtypes:
+            pointer_type, element_size = DTYPES[dtype]
+            signature = _signature(case.kernel, pointer_type, case.input_pointers, case.other_types)
+            for config in case.kept(case.configs, element_size):
+                constexprs = dict(case.flags, **config.kwargs, DOT_FP32=False, IEEE=dtype == "fp32")
                 for cc, arch in TARGETS.items():
                     compiled = triton.compile(
-                        ASTSource(kernel, _signature(kernel, pointer_type), constexprs),
+                        ASTSource(case.kernel, signature, constexprs),
                         target=GPUTarget("cuda", cc, 32),
                         options={"num_warps": config.num_warps, "num_stages": config.num_stages},
                     )
@@ -69,7 +119,7 @@ def compile_all():
                                          capture_output=True, text=True, check=True).stderr
                     os.unlink(f.name)
                     print(json.dumps({
-                        "kernel": name, "config": config.kwargs, "num_warps": config.num_warps, "dtype": dtype,
+                        "kernel": case.name, "config": config.kwargs, "num_warps": config.num_warps, "dtype": dtype,
                         "arch": arch, "cubin_bytes": len(compiled.asm["cubin"]),
                         "registers": int(re.search(r"Used (\d+) registers", out).group(1)),
                         "spill_bytes": int(re.search(r"(\d+) bytes spill stores", out).group(1)),
@@ -83,9 +133,7 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills():
     proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert {(r["kernel"], r["arch"]) for r in rows} == {
-        (k, a) for k in ("fused_linear_logprobs_fwd", "fused_linear_logprobs_bwd") for a in TARGETS.values()
-    }
+    assert {(r["kernel"], r["arch"]) for r in rows} == {(c.name, a) for c in cases() for a in TARGETS.values()}
     for r in rows:
         print(f"{r['kernel']:28s} {r['arch']:7s} {r['dtype']:5s} {r['config']} warps={r['num_warps']}: "
               f"{r['registers']} registers, {r['spill_bytes']} B spilled")
