@@ -29,6 +29,8 @@ import torch
 # unblocked GEMM, whose fresh 262 MB output page-faults on every call).
 CPU_TILE_BYTES = 16 * 2**20
 CPU_TOKEN_BLOCK = 1024
+# Per-token statistics `fused_linear_logprobs(..., statistics=...)` computes beside the log-probs.
+STATISTICS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
 
 def _check_inputs(hidden, weight, labels, bias, temperature):
@@ -100,11 +102,13 @@ def _logits_tile(h, weight, bias, v0, tile, buffer):
     return z, w
 
 
-def cpu_forward(hidden, weight, bias, labels, inv_t: float, with_hidden_grad_factor: bool):
+def cpu_forward(hidden, weight, bias, labels, inv_t: float, with_hidden_grad_factor: bool, statistics=()):
     """Blocked forward on [N, H] rows whose labels are all valid.
 
-    Returns `(logp [N] fp32, lse [N] fp32, grad_factor [N, H] fp32 or None)`, where
-    `grad_factor[t] = (W[y_t] - sum_v p_tv W_v) / T` is `d logp_t / d h_t`.
+    Returns `(logp [N] fp32, lse [N] fp32, grad_factor [N, H] fp32 or None, statistics)`, where
+    `grad_factor[t] = (W[y_t] - sum_v p_tv W_v) / T` is `d logp_t / d h_t` and `statistics` maps each
+    requested name of STATISTICS to its [N] tensor (see `fused_linear_logprobs`). Plain PyTorch, so it
+    also serves CUDA tensors when statistics are asked of the Triton path.
     """
     n, width = hidden.shape
     vocab = weight.shape[0]
@@ -114,16 +118,31 @@ def cpu_forward(hidden, weight, bias, labels, inv_t: float, with_hidden_grad_fac
     logp = torch.empty(n, dtype=torch.float32, device=dev)
     lse = torch.empty(n, dtype=torch.float32, device=dev)
     factor = torch.empty(n, width, dtype=torch.float32, device=dev) if with_hidden_grad_factor else None
+    stats = {name: torch.empty(n, dtype=torch.bool if name == "is_top1" else torch.float32, device=dev)
+             for name in statistics}
+    # The entropy needs sum_v p_v W_v, the same accumulator as the gradient factor.
+    entropy = "entropy" in stats
+    scratch = torch.empty(block, width, dtype=torch.float32, device=dev) if entropy and factor is None else None
     for t0 in range(0, n, block):
         h = _fp32(hidden[t0 : t0 + block])
         rows = h.shape[0]
+        y = labels[t0 : t0 + rows]
         running_max = torch.full((rows,), float("-inf"), dtype=torch.float32, device=dev)
         running_sum = torch.zeros(rows, dtype=torch.float32, device=dev)
         acc = factor[t0 : t0 + rows].zero_() if factor is not None else None
+        if scratch is not None:
+            acc = scratch[:rows].zero_()
+        bias_acc = torch.zeros(rows, dtype=torch.float32, device=dev) if entropy and bias is not None else None
+        square_sum = torch.zeros(rows, dtype=torch.float32, device=dev) if "log_sum_sq_probs" in stats else None
+        tile_label_logit = torch.empty(rows, dtype=torch.float32, device=dev) if "is_top1" in stats else None
         for v0 in range(0, vocab, tile):
             z, w = _logits_tile(h, weight, bias, v0, tile, logits)
             if inv_t != 1.0:
                 z.mul_(inv_t)
+            if tile_label_logit is not None:
+                # Read from the tile itself, so the comparison with the max is exact.
+                r = ((y >= v0) & (y < v0 + w.shape[0])).nonzero().squeeze(1)
+                tile_label_logit[r] = z[r, y[r] - v0]
             new_max = torch.maximum(running_max, z.amax(dim=1))
             rescale = torch.exp(running_max - new_max)
             z.sub_(new_max[:, None]).exp_()
@@ -131,20 +150,43 @@ def cpu_forward(hidden, weight, bias, labels, inv_t: float, with_hidden_grad_fac
             if acc is not None:
                 # acc = sum_v exp(z_v - max) W_v, rescaled whenever the max moves (flash-attention style).
                 acc.mul_(rescale[:, None]).addmm_(z, w)
+            if bias_acc is not None:
+                bias_acc.mul_(rescale).add_(z @ _fp32(bias[v0 : v0 + w.shape[0]]))
+            if square_sum is not None:
+                square_sum.mul_(rescale.square()).add_(torch.linalg.vector_norm(z, dim=1).square_())
             running_max = new_max
         block_lse = lse[t0 : t0 + rows]
         torch.add(running_max, running_sum.log(), out=block_lse)
         # The label's logit as a row-wise dot product: cheaper than picking it out of each tile.
-        y = labels[t0 : t0 + rows]
         w_label = _fp32(weight.index_select(0, y))
         label_logit = torch.einsum("nh,nh->n", h, w_label)
         if bias is not None:
             label_logit += _fp32(bias.index_select(0, y))
         torch.sub(label_logit.mul_(inv_t), block_lse, out=logp[t0 : t0 + rows])
         if acc is not None:
-            # (W[y] - acc / sum) / T, in place in acc.
-            acc.div_(running_sum[:, None]).neg_().add_(w_label).mul_(inv_t)
-    return logp, lse, factor
+            expected_w = acc.div_(running_sum[:, None])  # sum_v p_v W_v, in place
+            if entropy:
+                # H = lse - sum_v p_v z_v, and sum_v p_v z_v = (h . sum_v p_v W_v + sum_v p_v b_v) / T.
+                expected_z = torch.einsum("nh,nh->n", h, expected_w)
+                if bias_acc is not None:
+                    expected_z += bias_acc / running_sum
+                torch.sub(block_lse, expected_z.mul_(inv_t), out=stats["entropy"][t0 : t0 + rows])
+            if factor is not None:
+                # (W[y] - sum_v p_v W_v) / T, in place in acc.
+                expected_w.neg_().add_(w_label).mul_(inv_t)
+        if square_sum is not None:
+            # log sum_v p_v^2 = log sum_v exp(2 (z_v - max)) - 2 log sum_v exp(z_v - max)
+            torch.sub(square_sum.log_(), running_sum.log().mul_(2), out=stats["log_sum_sq_probs"][t0 : t0 + rows])
+        if tile_label_logit is not None:
+            torch.ge(tile_label_logit, running_max, out=stats["is_top1"][t0 : t0 + rows])
+    if "mean_logits" in stats:
+        # The mean over the vocabulary is linear: mean_v z_v = (h . mean_v W_v + mean_v b_v) / T.
+        mean_w = weight.mean(0, dtype=torch.float32)
+        mean_logits = _fp32(hidden) @ mean_w
+        if bias is not None:
+            mean_logits += bias.mean(dtype=torch.float32)
+        torch.mul(mean_logits, inv_t, out=stats["mean_logits"])
+    return logp, lse, factor, stats
 
 
 def cpu_backward(grad_logp, hidden, weight, bias, labels, lse, inv_t, need_hidden, need_weight, need_bias):
@@ -193,10 +235,11 @@ def _use_triton(device: torch.device, backend: str) -> bool:
 
 
 class FusedLinearLogprobsFunction(torch.autograd.Function):
-    """Autograd over rows whose labels are all valid (ignored rows are dropped before the call)."""
+    """Autograd over rows whose labels are all valid (ignored rows are dropped before the call).
+    Outputs: logp, lse, then the requested statistics in `statistics` order (no gradient)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, inv_t, use_triton, grad_enabled):
+    def forward(ctx, hidden, weight, bias, labels, inv_t, use_triton, grad_enabled, statistics):
         # `requires_grad` still reads True in here under an outer torch.no_grad(); `grad_enabled` is the
         # caller's grad mode, so evaluation never pays for a gradient factor nobody will use.
         need_hidden = grad_enabled and hidden.requires_grad
@@ -209,8 +252,10 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
 
             logp, lse = triton_kernels.forward(hidden, weight, bias, labels, inv_t)
             factor = None
+            # The Triton kernels compute log-probs only: statistics cost one more (no-grad) blocked pass.
+            stats = cpu_forward(hidden, weight, bias, labels, inv_t, False, statistics)[3] if statistics else {}
         else:
-            logp, lse, factor = cpu_forward(hidden, weight, bias, labels, inv_t, factorised)
+            logp, lse, factor, stats = cpu_forward(hidden, weight, bias, labels, inv_t, factorised, statistics)
         if factorised:
             ctx.save_for_backward(factor)
         else:
@@ -219,14 +264,15 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         ctx.hidden_dtype = hidden.dtype
         ctx.inv_t = inv_t
         ctx.use_triton = use_triton
-        ctx.mark_non_differentiable(lse)
-        return logp, lse
+        extra = tuple(stats[name] for name in statistics)
+        ctx.mark_non_differentiable(lse, *extra)
+        return (logp, lse, *extra)
 
     @staticmethod
-    def backward(ctx, grad_logp, _grad_lse):
+    def backward(ctx, grad_logp, *_no_grad_outputs):
         if ctx.factorised:
             (factor,) = ctx.saved_tensors
-            return (factor * grad_logp[:, None]).to(ctx.hidden_dtype), None, None, None, None, None, None
+            return (factor * grad_logp[:, None]).to(ctx.hidden_dtype), None, None, None, None, None, None, None
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         if ctx.use_triton:
@@ -240,7 +286,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
                 grad_logp, hidden, weight, bias, labels, lse, ctx.inv_t, need_hidden, need_weight, need_bias
             )
         grad_hidden, grad_weight, grad_bias = (None if g is None else g.to(hidden.dtype) for g in grads)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
 def fused_linear_logprobs(
@@ -251,7 +297,8 @@ def fused_linear_logprobs(
     ignore_index: int = -100,
     temperature: float = 1.0,
     backend: str = "auto",
-) -> torch.Tensor:
+    statistics: tuple[str, ...] = (),
+):
     """Log-prob of each label under `softmax((hidden @ weight.T + bias) / temperature)`.
 
     Args:
@@ -261,13 +308,21 @@ def fused_linear_logprobs(
             for causal LMs), `ignore_index` where no log-prob is wanted.
         bias: optional `[V]` LM-head bias.
         backend: "auto" (Triton on CUDA, blocked PyTorch on CPU), "triton" or "torch".
+        statistics: names from STATISTICS to compute in the same pass, without gradient (metrics):
+            "entropy" (of the softmax), "log_sum_sq_probs" (`log sum_v p_v^2`), "mean_logits" (over the
+            vocabulary, after the temperature) and "is_top1" (the label's logit is the largest; ties count).
 
     Returns:
         fp32 tensor of `labels.shape`: the log-probs, 0 at ignored positions. Differentiable w.r.t.
         hidden, weight and bias; a weight or bias that does not require grad costs no gradient work.
-        Ignored positions are dropped before any matmul.
+        Ignored positions are dropped before any matmul. With `statistics`: `(log-probs, {name: tensor
+        of labels.shape})`, 0 (False) at ignored positions.
     """
     _check_inputs(hidden, weight, labels, bias, temperature)
+    statistics = tuple(statistics)
+    unknown = [name for name in statistics if name not in STATISTICS]
+    if unknown or len(set(statistics)) != len(statistics):
+        raise ValueError(f"statistics must be distinct names from {STATISTICS}, got {statistics}")
     use_triton = _use_triton(hidden.device, backend)
     flat_labels = labels.reshape(-1)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
@@ -280,10 +335,13 @@ def fused_linear_logprobs(
         rows = flat_hidden.index_select(0, keep)
     # Nothing to score still goes through the Function (on the CPU path, which handles 0 rows), so the
     # result stays in the autograd graph and backward gives zero gradients instead of an error.
-    valid_logp, _ = FusedLinearLogprobsFunction.apply(
-        rows, weight, bias, valid_labels, 1.0 / temperature, use_triton and keep.numel() > 0, torch.is_grad_enabled()
+    valid_logp, _, *valid_stats = FusedLinearLogprobsFunction.apply(
+        rows, weight, bias, valid_labels, 1.0 / temperature, use_triton and keep.numel() > 0, torch.is_grad_enabled(),
+        statistics,
     )
-    if keep.numel() == flat_labels.numel():
-        return valid_logp.view(labels.shape)
-    logp = torch.zeros(flat_labels.shape[0], dtype=torch.float32, device=hidden.device)
-    return logp.index_copy(0, keep, valid_logp).view(labels.shape)
+    outputs = [valid_logp, *valid_stats]
+    if keep.numel() != flat_labels.numel():
+        outputs = [torch.zeros(flat_labels.shape[0], dtype=t.dtype, device=hidden.device).index_copy(0, keep, t)
+                   for t in outputs]
+    logp, *stats = (t.view(labels.shape) for t in outputs)
+    return (logp, dict(zip(statistics, stats))) if statistics else logp

@@ -22,6 +22,23 @@ def reference_logprobs(hidden, weight, labels, bias=None, ignore_index=-100, tem
     return torch.where(mask, picked, torch.zeros_like(picked))
 
 
+def reference_token_statistics(hidden, weight, labels, bias=None, ignore_index=-100, temperature=1.0):
+    """`fused_linear_logprobs`'s statistics through the full fp32 logits: entropy, log sum p^2, mean logit,
+    and whether the label's logit is the largest; 0 (False) at ignored positions."""
+    logits = torch.nn.functional.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+    logits = logits / temperature
+    logprobs = torch.log_softmax(logits, dim=-1)
+    mask = labels != ignore_index
+    safe = torch.where(mask, labels, torch.zeros_like(labels)).long()
+    stats = {
+        "entropy": -(logprobs.exp() * logprobs).sum(-1),
+        "log_sum_sq_probs": torch.logsumexp(2 * logprobs, dim=-1),
+        "mean_logits": logits.mean(-1),
+        "is_top1": logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1) >= logits.amax(-1),
+    }
+    return {name: torch.where(mask, value, torch.zeros_like(value)) for name, value in stats.items()}
+
+
 def reference_preference_loss(method, hidden, weight, labels, bias=None, ignore_index=-100, **kwargs):
     """The same loss as `FusedLinearPreferenceLoss(method, ...)` computed through materialised logits.
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pyprefopt import fused_linear_logprobs
-from pyprefopt.reference import reference_logprobs
+from pyprefopt.reference import reference_logprobs, reference_token_statistics
 from tensor_asserts import assert_close_verbose, assert_within_torch_error
 
 # (batch, seq, hidden, vocab): odd widths, GPT-2's and a Qwen-like vocabulary at tiny hidden sizes,
@@ -142,9 +142,51 @@ def test_no_grad_forms_no_gradient_factor(monkeypatch):
     module = sys.modules["pyprefopt.fused_linear_logprobs"]
     calls = []
     real = module.cpu_forward
-    monkeypatch.setattr(module, "cpu_forward", lambda *a: calls.append(a[-1]) or real(*a))
+    monkeypatch.setattr(module, "cpu_forward", lambda *a: calls.append(a[5]) or real(*a))
     hidden, weight, bias, labels = make_inputs(2, 5, 16, 70, grads=("hidden",))
     with torch.no_grad():
         fused_linear_logprobs(hidden, weight, labels, bias)
     fused_linear_logprobs(hidden, weight, labels, bias)
     assert calls == [False, True]
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("grads", [("hidden",), ("hidden", "weight"), ()], ids=["frozen", "trained", "no-grad"])
+@pytest.mark.parametrize("backend,shape", [("torch", s) for s in SHAPES] + [("triton", s) for s in SMALL_SHAPES], ids=str)
+def test_statistics_match_reference(backend, shape, grads, with_bias, monkeypatch):
+    """Entropy, log sum p^2, mean logit and is-top-1 beside the log-probs, on every path (frozen head: from
+    the gradient factor's accumulator; trained head and no-grad: their own), with tiles small enough
+    that the online rescaling runs."""
+    monkeypatch.setattr(sys.modules["pyprefopt.fused_linear_logprobs"], "CPU_TILE_BYTES", 4096)
+    hidden, weight, bias, labels = make_inputs(*shape, grads=grads, with_bias=with_bias)
+    # Make some labels the argmax, so is_top1 is not all False.
+    with torch.no_grad():
+        logits = torch.nn.functional.linear(hidden, weight, bias)
+        labels[:, ::2] = torch.where(labels[:, ::2] == -100, labels[:, ::2], logits.argmax(-1)[:, ::2])
+    statistics = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+    logp, stats = fused_linear_logprobs(hidden, weight, labels, bias, temperature=0.7, backend=backend,
+                                        statistics=statistics)
+    want = reference_token_statistics(hidden, weight, labels, bias, temperature=0.7)
+    assert_close_verbose(logp, reference_logprobs(hidden, weight, labels, bias, temperature=0.7), name="logp")
+    assert list(stats) == list(statistics)
+    for name in statistics:
+        assert stats[name].shape == labels.shape and not stats[name].requires_grad
+        if name == "is_top1":
+            assert torch.equal(stats[name], want[name]) and stats[name].any()
+        else:
+            assert_close_verbose(stats[name], want[name], rtol=1e-4, atol=1e-4, name=name)
+    if grads:
+        # The statistics change nothing about the gradients.
+        upstream = torch.randn(logp.shape)
+        tensors = [{"hidden": hidden, "weight": weight}[g] for g in grads]
+        got = torch.autograd.grad(logp, tensors, upstream)
+        want_grads = torch.autograd.grad(fused_linear_logprobs(hidden, weight, labels, bias, temperature=0.7,
+                                                               backend=backend), tensors, upstream)
+        for g, w in zip(got, want_grads):
+            assert_close_verbose(g, w, name="grad")
+
+
+def test_unknown_statistic_is_an_error():
+    hidden, weight, bias, labels = make_inputs(2, 3, 8, 20)
+    with pytest.raises(ValueError, match="statistics must be distinct names"):
+        fused_linear_logprobs(hidden, weight, labels, bias, statistics=("perplexity",))
