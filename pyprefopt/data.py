@@ -1,0 +1,373 @@
+"""Training data: loading, validation, chat templates, tokenisation and collation for SFT, preference
+(DPO/IPO/CPO) and KTO rows, with TRL's semantics.
+
+Row formats (TRL's, conversational or standard):
+- sft: `{"messages": [...]}` (the last message, an assistant turn, is the completion; the rest the prompt),
+  `{"prompt": ..., "completion": ...}`, or `{"text": "..."}` (every token is a target);
+- preference: `{"prompt": ..., "chosen": ..., "rejected": ...}`;
+- kto: `{"prompt": ..., "completion": ..., "label": bool}`;
+where `...` is either a list of `{"role", "content"}` messages or a string.
+
+Tokenisation follows TRL 1.16's `DPOTrainer`: a conversational prompt is rendered with the generation
+prompt, prompt+completion with the full template, and the completion starts where the two token lists
+diverge; a string completion gets the EOS token appended when it lacks it. Sequences longer than
+`max_length` are cut at the end (TRL's "keep_start"), and examples whose prompt alone fills `max_length`
+are dropped, as TRL does; both are counted in `TokenizedData.truncated` / `.dropped`. Prompt tokens carry
+no loss.
+
+Batches hand the model `input_ids` without each row's last token (its hidden state would score nothing)
+and `labels` aligned with them: `labels[t]` is the token at t+1 where that token is a completion token, else
+-100, which is what `FusedLinearPreferenceLoss` takes.
+
+KTO's KL reference point uses mismatched prompt/completion pairs, as TRL does. TRL cycles completions by
+one inside each device's batch; here example i is paired once, in dataset order, with the completion of
+example i-1, so a pair does not depend on the batching or the number of processes and its reference
+log-prob can be computed once and cached.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+IGNORE_INDEX = -100
+FORMATS = {"sft": "sft", "dpo": "preference", "ipo": "preference", "cpo": "preference", "kto": "kto"}
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+PACKAGE_DATA = Path(__file__).resolve().parent / "data"
+# Share of the training rows held out for evaluation when the data has no test split.
+HELD_OUT_FRACTION = 0.1
+
+
+class DataError(ValueError):
+    """Bad training data: the message names the file (or dataset), the row and the problem."""
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def default_data_dir(method: str) -> Path:
+    """The embedded data set of a method: `pyprefopt/data/{sft,preference,kto}/`."""
+    return PACKAGE_DATA / FORMATS[method]
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from e
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{number}: a row must be a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """The rows of one local .jsonl, .json (a list of objects, or JSON lines) or .parquet file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty")
+    if path.suffix == ".jsonl":
+        rows = _read_jsonl(path)
+    elif path.suffix == ".json":
+        with open(path, encoding="utf-8") as f:
+            first = f.read(1)
+        if first == "[":
+            with open(path, encoding="utf-8") as f:
+                rows = json.load(f)
+            if not all(isinstance(row, dict) for row in rows):
+                raise DataError(f"{path}: a .json file must hold a list of JSON objects")
+        else:
+            rows = _read_jsonl(path)
+    elif path.suffix == ".parquet":
+        import datasets
+
+        rows = datasets.Dataset.from_parquet(str(path)).to_list()
+    else:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; expected one of {DATA_SUFFIXES}")
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def _split_file(directory: Path, split: str) -> Path | None:
+    found = [directory / f"{split}{suffix}" for suffix in DATA_SUFFIXES if (directory / f"{split}{suffix}").is_file()]
+    if len(found) > 1:
+        raise DataError(f"{directory}: more than one {split} file: {[p.name for p in found]}")
+    return found[0] if found else None
+
+
+def load_splits(data: str | None, method: str, eval_data: str | None = None, seed: int = 0):
+    """`(train_rows, eval_rows, description)` of `--data`: None (the embedded set), a directory holding
+    `train.*` and optionally `test.*`, a file, or a `datasets` name (its "train" and "test" splits).
+
+    Without a test split, HELD_OUT_FRACTION of the training rows (a seeded choice) is held out."""
+    if data is None:
+        directory = default_data_dir(method)
+        if _split_file(directory, "train") is None:
+            raise DataError(f"the embedded {FORMATS[method]} data set is missing: no {directory}/train.jsonl "
+                            "(pass --data)")
+        data = str(directory)
+    path = Path(data)
+    if path.is_dir():
+        train_file = _split_file(path, "train")
+        if train_file is None:
+            raise DataError(f"{path}: no train file (expected train.jsonl, train.json or train.parquet)")
+        train = read_rows(train_file)
+        test_file = _split_file(path, "test")
+        test = read_rows(test_file) if test_file is not None else None
+    elif path.exists() or path.suffix in DATA_SUFFIXES:
+        train, test = read_rows(path), None
+    else:
+        import datasets
+
+        loaded = datasets.load_dataset(data)
+        if "train" not in loaded:
+            raise DataError(f"dataset {data!r} has no 'train' split (it has {sorted(loaded)})")
+        train = loaded["train"].to_list()
+        test = loaded["test"].to_list() if "test" in loaded else None
+    if eval_data is not None:
+        test = read_rows(eval_data)
+    if test is None:
+        if len(train) < 2:
+            raise DataError(f"{data}: {len(train)} row(s) and no test split: nothing to hold out for evaluation")
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        held = max(1, round(HELD_OUT_FRACTION * len(train)))
+        test = [train[i] for i in sorted(order[:held])]
+        train = [train[i] for i in sorted(order[held:])]
+        data = f"{data} ({held} rows held out for evaluation)"
+    return train, test, data
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+def _is_messages(value) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    )
+
+
+def _check_field(row: dict, name: str, where: str, conversational: bool | None):
+    if name not in row or row[name] is None:
+        raise DataError(f"{where}: missing {name!r} (the row has {sorted(row)})")
+    value = row[name]
+    if conversational is None:
+        conversational = isinstance(value, list)
+    if conversational and not _is_messages(value):
+        raise DataError(f"{where}: {name!r} must be a list of {{'role', 'content'}} messages like the prompt")
+    if not conversational and not isinstance(value, str):
+        raise DataError(f"{where}: {name!r} must be a string like the prompt, got {type(value).__name__}")
+    if not value:
+        raise DataError(f"{where}: {name!r} is empty")
+    return conversational
+
+
+def normalise_rows(rows: list[dict], method: str, source: str) -> list[dict]:
+    """Rows checked and put in one shape per format: `{"prompt", "completion"}` (sft), `{"prompt", "chosen",
+    "rejected"}` (preference) or `{"prompt", "completion", "label"}` (kto); a prompt or completion is a
+    message list or a string. Raises DataError naming the first bad row."""
+    if not rows:
+        raise DataError(f"{source}: no rows")
+    fmt = FORMATS[method]
+    out = []
+    for number, row in enumerate(rows, 1):
+        where = f"{source}: row {number}"
+        if fmt == "sft":
+            if "messages" in row:
+                messages = row["messages"]
+                if not _is_messages(messages) or not messages:
+                    raise DataError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} messages")
+                if messages[-1]["role"] != "assistant":
+                    raise DataError(f"{where}: has no completion: the last message is from "
+                                    f"{messages[-1]['role']!r}, not 'assistant'")
+                out.append({"prompt": messages[:-1], "completion": messages[-1:]})
+            elif "text" in row:
+                if not isinstance(row["text"], str) or not row["text"]:
+                    raise DataError(f"{where}: 'text' must be a non-empty string")
+                out.append({"prompt": "", "completion": row["text"]})
+            elif "prompt" in row or "completion" in row:
+                conversational = _check_field(row, "prompt", where, None)
+                _check_field(row, "completion", where, conversational)
+                out.append({"prompt": row["prompt"], "completion": row["completion"]})
+            else:
+                raise DataError(f"{where}: sft rows need 'messages', 'text' or 'prompt'+'completion' "
+                                f"(the row has {sorted(row)})")
+        elif fmt == "preference":
+            conversational = _check_field(row, "prompt", where, None)
+            _check_field(row, "chosen", where, conversational)
+            _check_field(row, "rejected", where, conversational)
+            out.append({"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]})
+        else:
+            conversational = _check_field(row, "prompt", where, None)
+            _check_field(row, "completion", where, conversational)
+            if "label" not in row:
+                raise DataError(f"{where}: missing 'label' (the row has {sorted(row)})")
+            if not isinstance(row["label"], bool):
+                raise DataError(f"{where}: 'label' must be true or false, got {row['label']!r}")
+            out.append({"prompt": row["prompt"], "completion": row["completion"], "label": row["label"]})
+    if fmt == "kto":
+        labels = {row["label"] for row in out}
+        if len(labels) < 2:
+            raise DataError(f"{source}: every KTO row is {'desirable' if True in labels else 'undesirable'} "
+                            "(label true/false); KTO needs both classes")
+    return out
+
+
+def corpus(rows: list[dict]) -> list[str]:
+    """Every string in normalised rows: the text the default tokenizer learns its merges from."""
+    texts = []
+    for row in rows:
+        for key in ("prompt", "completion", "chosen", "rejected"):
+            value = row.get(key)
+            if isinstance(value, str) and value:
+                texts.append(value)
+            elif isinstance(value, list):
+                texts.extend(m["content"] for m in value)
+    return texts
+
+
+# ---------------------------------------------------------------------------------------- tokenisation
+
+
+def _common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _prompt_and_completions(tokenizer, prompt, completions: list, where: str) -> tuple[list[int], list[list[int]]]:
+    """TRL's split of prompt+completion token lists into the shared prompt and each completion."""
+    if isinstance(prompt, list):
+        prompt_ids = _encode(tokenizer, tokenizer.apply_chat_template(prompt, tokenize=False,
+                                                                      add_generation_prompt=True))
+        full = [_encode(tokenizer, tokenizer.apply_chat_template(prompt + c, tokenize=False)) for c in completions]
+    else:
+        eos = tokenizer.eos_token
+        prompt_ids = _encode(tokenizer, prompt) if prompt else []
+        full = [_encode(tokenizer, prompt + (c if c.endswith(eos) else c + eos)) for c in completions]
+    prompt_len = min(_common_prefix_length(prompt_ids, ids) for ids in full)
+    completion_ids = [ids[prompt_len:] for ids in full]
+    if any(not ids for ids in completion_ids):
+        raise DataError(f"{where}: a completion renders to no tokens")
+    return prompt_ids[:prompt_len], completion_ids
+
+
+@dataclass
+class TokenizedData:
+    """One split, tokenised: per example the prompt ids and its completions' ids (sft: [completion];
+    preference: [chosen, rejected]; kto: [completion, mismatched KL completion]), KTO labels, and what
+    max_length did to it."""
+
+    method: str
+    prompts: list[list[int]]
+    completions: list[list[list[int]]]
+    labels: list[bool] | None
+    max_length: int
+    truncated: int = 0  # sequences cut at max_length
+    dropped: int = 0  # examples whose prompt alone fills max_length
+    sequences: int = 0
+
+    def __len__(self):
+        return len(self.prompts)
+
+    @property
+    def rows_per_example(self) -> int:
+        """Reference log-probs cached per example: 1 (sft needs none), 2 (chosen, rejected / completion, KL)."""
+        return len(self.completions[0]) if self.completions else 0
+
+
+def tokenize(rows: list[dict], method: str, tokenizer, max_length: int, source: str) -> TokenizedData:
+    """Tokenise normalised rows (see `normalise_rows`) as TRL does; see the module docstring."""
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    fmt = FORMATS[method]
+    prompts, completions, labels = [], [], [] if fmt == "kto" else None
+    dropped = 0
+    for number, row in enumerate(rows, 1):
+        where = f"{source}: row {number}"
+        if fmt == "preference":
+            prompt_ids, ids = _prompt_and_completions(tokenizer, row["prompt"], [row["chosen"], row["rejected"]], where)
+        else:
+            prompt_ids, ids = _prompt_and_completions(tokenizer, row["prompt"], [row["completion"]], where)
+        if len(prompt_ids) >= max_length:
+            dropped += 1
+            continue
+        prompts.append(prompt_ids)
+        completions.append(ids)
+        if labels is not None:
+            labels.append(row["label"])
+    if not prompts:
+        raise DataError(f"{source}: every example's prompt fills max_length={max_length}: nothing left to train on")
+    if fmt == "kto":
+        # Example i's KL sequence: its own prompt with example i-1's completion (see the module docstring).
+        completions = [ids + [completions[i - 1][0]] for i, ids in enumerate(completions)]
+        if len(set(labels)) < 2:
+            raise DataError(f"{source}: after dropping over-long prompts only one KTO class is left")
+    truncated = sum(len(p) + len(c) > max_length for p, cs in zip(prompts, completions) for c in cs)
+    sequences = sum(len(cs) for cs in completions)
+    return TokenizedData(method, prompts, completions, labels, max_length, truncated, dropped, sequences)
+
+
+# ------------------------------------------------------------------------------------------- collation
+
+
+def _rows_to_tensors(prompts, completions, max_length, pad_id):
+    """input_ids [R, T] (each sequence cut at max_length, minus its last token), aligned labels [R, T]
+    and the number of sequence tokens (prompt + completion, after the cut)."""
+    sequences, starts = [], []
+    for prompt, completion in zip(prompts, completions):
+        sequences.append((prompt + completion)[:max_length])
+        starts.append(len(prompt))
+    width = max(len(s) for s in sequences) - 1
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (seq, start) in enumerate(zip(sequences, starts)):
+        n = len(seq) - 1
+        input_ids[i, :n] = torch.tensor(seq[:-1])
+        # Position t scores token t+1: completion tokens sit at positions start-1 .. n-1.
+        first = max(start - 1, 0)
+        labels[i, first:n] = torch.tensor(seq[first + 1:])
+    return input_ids, labels, sum(len(s) for s in sequences)
+
+
+def collate(data: TokenizedData, indices: list[int], pad_id: int) -> dict:
+    """The batch of examples `indices`: `input_ids`, `labels`, `index` [B], `num_tokens` (sequence tokens of
+    the trained rows), `items` (what the loss averages over: target tokens for sft, pairs or rows otherwise);
+    paired methods put the B chosen rows first and the B rejected rows second; kto adds `desirable` [B] and
+    the KL rows as `kl_input_ids`, `kl_labels`."""
+    prompts = [data.prompts[i] for i in indices]
+    batch = {"index": torch.tensor(indices, dtype=torch.long)}
+    fmt = FORMATS[data.method]
+    if fmt == "preference":
+        rows_prompts = prompts + prompts
+        rows_completions = [data.completions[i][0] for i in indices] + [data.completions[i][1] for i in indices]
+    else:
+        rows_prompts = prompts
+        rows_completions = [data.completions[i][0] for i in indices]
+    batch["input_ids"], batch["labels"], batch["num_tokens"] = _rows_to_tensors(
+        rows_prompts, rows_completions, data.max_length, pad_id)
+    if fmt == "kto":
+        batch["desirable"] = torch.tensor([data.labels[i] for i in indices], dtype=torch.bool)
+        batch["kl_input_ids"], batch["kl_labels"], _ = _rows_to_tensors(
+            prompts, [data.completions[i][1] for i in indices], data.max_length, pad_id)
+    batch["items"] = int((batch["labels"] != IGNORE_INDEX).sum()) if fmt == "sft" else len(indices)
+    return batch

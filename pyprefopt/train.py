@@ -1,0 +1,746 @@
+"""`python -m pyprefopt.train --method {sft,dpo,ipo,cpo,kto}`: LoRA / QLoRA / full fine-tuning with
+pyprefopt's fused losses, on the embedded default (tiny Qwen3 + the bundled Arabic/Persian data) or on
+any local checkpoint and data set. `--help` lists every option with its default.
+
+One flat loop, in order:
+1. data: load, check, tokenise (pyprefopt.data);
+2. model: `--model` or the cached default (pyprefopt.default_model), LoRA layers injected
+   (pyprefopt.lora), NF4 base with --load-in-4bit;
+3. reference log-probs (dpo, ipo, kto): every example's, once, from the same model with its adapters
+   disabled (for --full: before the first update), cached in the run's directory;
+4. steps: each micro-batch runs the decoder to its last hidden state and `FusedLinearPreferenceLoss` on
+   the LM head's weight (no logits tensor), gradients accumulate, are summed over processes, clipped,
+   and AdamW steps; metrics go to metrics.jsonl every step;
+5. evaluation on the held-out split before the first step, every --eval-every steps and at the end;
+6. checkpoints every --save-every steps (atomic; --resume continues bit-for-bit);
+7. output: PEFT adapter (or full model), tokenizer, metrics, plots, model card; --merge.
+
+Data parallel: under `torchrun --nproc_per_node N`, each process takes its slice of every global batch
+and the trainable gradients are summed once per optimizer step with one all-reduce (what DDP does at the
+end of an accumulation window; DDP's module wrapper is not used because the loop calls the decoder and the
+head separately). Every loss is a mean over "items" (target tokens for sft, pairs for dpo/ipo/cpo, rows
+for kto), and each micro-batch's loss is weighted by its share of the global batch's items, so N processes
+with batch B compute the same step as one process with batch N*B (for cpo the NLL term is a per-batch
+token mean, as TRL's, so it matches only approximately).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pyprefopt import data as D
+from pyprefopt import losses
+from pyprefopt.fused_linear_preference_loss import FusedLinearPreferenceLoss
+
+DEFAULT_TARGET_MODULES = "all-linear"
+CHECKPOINTS = "checkpoints"
+REFERENCE_FILE = "reference_logps.safetensors"
+METRICS_FILE = "metrics.jsonl"
+RUN_ARGS_FILE = "run_args.json"
+# Options that may differ between a run and its --resume (they do not change what is computed).
+RESUMABLE_CHANGES = {"resume", "eval_every", "save_every", "save_total_limit", "merge", "output_dir"}
+
+
+# --------------------------------------------------------------------------------------------- options
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m pyprefopt.train",
+        description="Fine-tune a causal LM with SFT, DPO, IPO, CPO or KTO (LoRA by default). With no --model "
+        "and no --data it trains the embedded default: a tiny Qwen3 built offline and the bundled data.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--method", required=True, choices=losses.METHODS, help="training objective")
+    p.add_argument("--model", default=None,
+                   help="local transformers checkpoint or hub id; default: the embedded tiny Qwen3 "
+                   "(built and cached under $PYPREFOPT_CACHE or ~/.cache/pyprefopt at first use)")
+    p.add_argument("--data", default=None,
+                   help="a directory with train.* and test.* (.jsonl/.json/.parquet), one such file, or a "
+                   "`datasets` name; default: the bundled pyprefopt/data/{sft,preference,kto}/")
+    p.add_argument("--eval-data", default=None, help="held-out file; default: the data's test split, else "
+                   f"{D.HELD_OUT_FRACTION:.0%} of the training rows")
+    p.add_argument("--output-dir", default=None, help="default: runs/<method>-<UTC time>")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --output-dir (start fresh if it has none)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps; default: --epochs worth")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the training set (when no --max-steps)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch per process")
+    p.add_argument("--eval-batch-size", type=int, default=16, help="examples per evaluation batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--lr-scheduler", default="cosine", choices=("linear", "cosine", "constant_with_warmup"),
+                   help="decay after warmup (transformers' schedulers)")
+    p.add_argument("--warmup-ratio", type=float, default=0.1, help="share of the steps spent warming up")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: none)")
+    p.add_argument("--optim", default="adamw", choices=("adamw", "adamw_8bit"),
+                   help="AdamW from torch, or bitsandbytes' 8-bit AdamW")
+    p.add_argument("--beta", type=float, default=0.1, help="dpo/ipo/cpo/kto beta")
+    p.add_argument("--cpo-alpha", type=float, default=1.0, help="weight of CPO's NLL term")
+    p.add_argument("--desirable-weight", type=float, default=1.0, help="KTO weight of desirable rows")
+    p.add_argument("--undesirable-weight", type=float, default=1.0, help="KTO weight of undesirable rows")
+    p.add_argument("--max-length", type=int, default=512,
+                   help="tokens per sequence (prompt + completion); longer ones are cut at the end")
+    p.add_argument("--seed", type=int, default=0, help="seeds the adapter init, data order and dropout")
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: before and after only)")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: none)")
+    p.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept")
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (scale alpha / r)")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA branch's input")
+    p.add_argument("--target-modules", default=DEFAULT_TARGET_MODULES,
+                   help="'all-linear', a regex, or comma-separated module names (PEFT's rules)")
+    p.add_argument("--load-in-4bit", action="store_true", help="QLoRA: the base in bitsandbytes NF4")
+    p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--merge", action="store_true",
+                   help="also write the base merged with the adapter (bf16) to <output-dir>/merged")
+    args = p.parse_args(argv)
+    for name in ("batch_size", "eval_batch_size", "grad_accum", "max_length", "lora_r"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("eval_every", "save_every", "save_total_limit"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0")
+    if args.max_steps is not None and args.max_steps < 1:
+        p.error("--max-steps must be at least 1")
+    if not args.epochs > 0:
+        p.error("--epochs must be > 0")
+    if not args.lr > 0:
+        p.error("--lr must be > 0")
+    if not 0 <= args.warmup_ratio < 1:
+        p.error("--warmup-ratio must be in [0, 1)")
+    if args.full and args.load_in_4bit:
+        p.error("--full trains every weight: it cannot train an NF4 (--load-in-4bit) base")
+    if args.full and args.merge:
+        p.error("--merge merges an adapter; --full writes the full model already")
+    if args.output_dir is None:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        args.output_dir = str(Path("runs") / f"{args.method}-{stamp}")
+    return args
+
+
+# ------------------------------------------------------------------------------------------ processes
+
+
+def setup_distributed():
+    """(rank, world size, device): torchrun's environment, else one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return dist.get_rank(), world, device
+    return 0, 1, device
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over processes, in place (a no-op with one process)."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def peak_memory_mib(device) -> float:
+    """Peak GPU memory allocated, or the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def hardware_description(device, world) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        name = f"CPU {name}, {torch.get_num_threads()} threads"
+    return f"{world} x {name}" if world > 1 else name
+
+
+# ------------------------------------------------------------------------------------------ model
+
+
+def load_model(args, train_rows, device):
+    """(model, tokenizer, base path or hub id). LoRA layers are injected unless --full."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from pyprefopt.default_model import default_model_path
+    from pyprefopt.lora import inject_lora
+
+    base = args.model
+    if base is None:
+        base = str(default_model_path(D.corpus(train_rows)))
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    kwargs = {"dtype": torch.float32}
+    if args.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    if not args.load_in_4bit:
+        model.to(device)
+    model.config.use_cache = False
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.full:
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return model, tokenizer, base
+    targets = args.target_modules
+    if targets != "all-linear" and "," in targets:
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    inject_lora(model, targets, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
+    model.pyprefopt_lora_config.base_model_name_or_path = base
+    return model, tokenizer, base
+
+
+def decoder_and_head(model):
+    """The model body (returning last hidden states) and its LM head."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (LM head)")
+    return model.base_model, head
+
+
+def last_hidden(decoder, input_ids, device):
+    """Last hidden states [B, T, H]. No attention mask: rows are right-padded and attention is causal, so no
+    real token ever attends to padding, and SDPA keeps its mask-free causal path."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return decoder(input_ids=input_ids.to(device), use_cache=False).last_hidden_state
+
+
+def reference_context(model, full: bool):
+    """The reference model: this model with its adapters off (LoRA), or as it is now (--full, before any step)."""
+    import contextlib
+
+    from pyprefopt.lora import disable_adapters
+
+    return contextlib.nullcontext() if full else disable_adapters(model)
+
+
+# ------------------------------------------------------------------------------------------ batches
+
+
+def collate_rows(data: D.TokenizedData, indices: list[int], which: int, pad_id: int):
+    """input_ids and aligned labels of completion `which` of each example in `indices`."""
+    prompts = [data.prompts[i] for i in indices]
+    completions = [data.completions[i][which] for i in indices]
+    input_ids, labels, _ = D._rows_to_tensors(prompts, completions, data.max_length, pad_id)
+    return input_ids, labels
+
+
+@torch.no_grad()
+def sequence_logps_all(model, data, pad_id, batch_size, device, rank, world):
+    """Summed completion log-probs [N, k] and completion lengths [N, k] of every completion of every
+    example (k = data.rows_per_example), computed in eval mode; each process takes every world-th batch
+    and the results are summed over processes."""
+    decoder, head = decoder_and_head(model)
+    loss_fn = FusedLinearPreferenceLoss("sft")
+    n, k = len(data), data.rows_per_example
+    logps = torch.zeros(n, k, dtype=torch.float64, device=device)
+    lengths = torch.zeros(n, k, dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    starts = list(range(0, n, batch_size))
+    for start in starts[rank::world]:
+        indices = list(range(start, min(start + batch_size, n)))
+        for which in range(k):
+            input_ids, labels = collate_rows(data, indices, which, pad_id)
+            hidden = last_hidden(decoder, input_ids, device)
+            row_logps, row_lengths = loss_fn.sequence_logps(hidden, head.weight, labels.to(device), head.bias)
+            logps[indices, which] = row_logps.double()
+            lengths[indices, which] = row_lengths.double()
+    model.train(was_training)
+    all_reduce_sum(logps)
+    all_reduce_sum(lengths)
+    return logps.float(), lengths.long()
+
+
+def loss_hparams(args) -> dict:
+    if args.method == "sft":
+        return {}
+    if args.method == "cpo":
+        return {"beta": args.beta, "alpha": args.cpo_alpha}
+    if args.method == "kto":
+        return {"beta": args.beta, "desirable_weight": args.desirable_weight,
+                "undesirable_weight": args.undesirable_weight}
+    return {"beta": args.beta}
+
+
+def evaluate(model, data, reference, args, pad_id, device, rank, world) -> dict:
+    """Held-out metrics over the whole split at once (eval_ prefix): the method's loss and TRL's reward
+    metrics (rewards/accuracies and margins of the pairs; KTO's with its KL point over the split), and for
+    sft the mean token NLL and its perplexity."""
+    logps, lengths = sequence_logps_all(model, data, pad_id, args.eval_batch_size, device, rank, world)
+    method = args.method
+    kwargs = loss_hparams(args)
+    if method == "sft":
+        loss, _ = losses.from_sequence_stats("sft", logps[:, 0], lengths[:, 0])
+        return {"eval_loss": loss.item(), "eval_perplexity": math.exp(loss.item())}
+    if method == "kto":
+        kwargs.update(ref_logps=reference[:, 0], desirable=torch.tensor(data.labels, device=device),
+                      kl_logps=logps[:, 1], ref_kl_logps=reference[:, 1])
+        loss, metrics = losses.from_sequence_stats("kto", logps[:, 0], lengths[:, 0], **kwargs)
+    else:
+        if method in losses.REFERENCE_METHODS:
+            kwargs["ref_logps"] = torch.cat([reference[:, 0], reference[:, 1]])
+        loss, metrics = losses.from_sequence_stats(method, torch.cat([logps[:, 0], logps[:, 1]]),
+                                                   torch.cat([lengths[:, 0], lengths[:, 1]]), **kwargs)
+    out = {"eval_loss": loss.item()}
+    out.update({f"eval_{name}": value.item() for name, value in metrics.items()})
+    return out
+
+
+def metric_names(method) -> list[str]:
+    """The per-step metrics logged for a method, in a fixed order (the all-reduce needs one)."""
+    if method == "sft":
+        return ["nll_loss"]
+    names = ["rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"]
+    if method == "kto":
+        return names + ["kl"]
+    names += ["rewards/accuracies", "rewards/margins"]
+    return names + (["nll_loss"] if method == "cpo" else [])
+
+
+def metric_weight(method, name, batch) -> float:
+    """What a micro-batch's metric is averaged over: its items, or for KTO's class means that class's rows."""
+    if method == "kto" and name.endswith("/chosen"):
+        return float(batch["desirable"].sum())
+    if method == "kto" and name.endswith("/rejected"):
+        return float((~batch["desirable"]).sum())
+    return float(batch["items"])
+
+
+def micro_batch_loss(model, loss_fn, batch, reference, args, device):
+    """(loss, metrics) of one micro-batch from the decoder's last hidden states and the LM head weight."""
+    decoder, head = decoder_and_head(model)
+    kwargs = {}
+    index = batch["index"].to(device)
+    if args.method in ("dpo", "ipo"):
+        kwargs["ref_logps"] = torch.cat([reference[index, 0], reference[index, 1]])
+    elif args.method == "kto":
+        kwargs["ref_logps"] = reference[index, 0]
+        kwargs["desirable"] = batch["desirable"].to(device)
+        # KTO's reference point z0 from the mismatched pairs, over the global micro-batch (all processes),
+        # as TRL gathers it (Ethayarajh et al. 2024, Eq. 7); under no grad, as TRL computes it.
+        with torch.no_grad():
+            kl_hidden = last_hidden(decoder, batch["kl_input_ids"], device)
+            kl_logps, _ = loss_fn.sequence_logps(kl_hidden, head.weight, batch["kl_labels"].to(device), head.bias)
+            del kl_hidden
+            stats = torch.stack([(kl_logps.double() - reference[index, 1].double()).sum(),
+                                 torch.tensor(float(len(index)), dtype=torch.float64, device=device)])
+            all_reduce_sum(stats)
+            kwargs["kl"] = (stats[0] / stats[1]).float().clamp(min=0)
+    hidden = last_hidden(decoder, batch["input_ids"], device)
+    return loss_fn(hidden, head.weight, batch["labels"].to(device), head.bias, **kwargs)
+
+
+def global_batch_indices(step, n_examples, global_batch, seed):
+    """The examples of optimizer step `step`: a seeded permutation per epoch, cut into global batches
+    (an incomplete last batch of an epoch is dropped)."""
+    steps_per_epoch = n_examples // global_batch
+    epoch, position = divmod(step, steps_per_epoch)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n_examples, generator=generator)
+    return order[position * global_batch:(position + 1) * global_batch].tolist(), epoch
+
+
+# --------------------------------------------------------------------------------- checkpoints
+
+
+def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _flatten_state(state, prefix=""):
+    """A nested state dict split into tensors (for safetensors) and plain JSON values."""
+    tensors, plain = {}, {}
+    for key, value in state.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, torch.Tensor):
+            tensors[name] = value.detach().cpu().contiguous()
+        elif isinstance(value, dict):
+            sub_tensors, sub_plain = _flatten_state(value, name + "/")
+            tensors.update(sub_tensors)
+            plain[str(key)] = sub_plain
+        else:
+            plain[str(key)] = value
+    return tensors, plain
+
+
+def _unflatten_optimizer_state(tensors, plain):
+    state = {}
+    for key, tensor in tensors.items():
+        parameter_id, name = key.split("/", 2)[1:]
+        state.setdefault(int(parameter_id), {})[name] = tensor
+    for parameter_id, values in plain.get("state", {}).items():
+        state.setdefault(int(parameter_id), {}).update(values)
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def _atomic_write_text(path: Path, text: str):
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(output_dir: Path, step, model, optimizer, scheduler, keep: int):
+    """checkpoints/step-<N>/: trainable weights, optimizer state and RNG in safetensors, the rest in JSON;
+    written to a temporary directory and renamed into place, then the oldest beyond `keep` removed."""
+    from safetensors.torch import save_file
+
+    root = output_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    staging = Path(tempfile.mkdtemp(prefix=".step-tmp-", dir=root))
+    save_file({k: v.detach().cpu().contiguous() for k, v in trainable_parameters(model).items()},
+              staging / "trainable.safetensors")
+    opt_tensors, opt_plain = _flatten_state(optimizer.state_dict())
+    save_file(opt_tensors, staging / "optimizer.safetensors")
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, staging / "rng.safetensors")
+    state = {"step": step, "optimizer": opt_plain, "scheduler": scheduler.state_dict()}
+    (staging / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+    os.rename(staging, final)
+    for old in sorted(root.glob("step-*"))[:-keep] if keep else []:
+        shutil.rmtree(old)
+    return final
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = sorted((output_dir / CHECKPOINTS).glob("step-*"))
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, device) -> int:
+    """Restore a checkpoint written by save_checkpoint; returns its step. Nothing is unpickled."""
+    from safetensors.torch import load_file
+
+    params = trainable_parameters(model)
+    saved = load_file(path / "trainable.safetensors")
+    if set(saved) != set(params):
+        raise ValueError(f"{path}: its trainable tensors do not match this model's "
+                         f"(missing {sorted(set(params) - set(saved))[:3]}, extra {sorted(set(saved) - set(params))[:3]})")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(saved[name])
+    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    optimizer.load_state_dict(_unflatten_optimizer_state(load_file(path / "optimizer.safetensors",
+                                                                   device=str(device)), state["optimizer"]))
+    scheduler.load_state_dict(state["scheduler"])
+    rng = load_file(path / "rng.safetensors")
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"])
+    return state["step"]
+
+
+# --------------------------------------------------------------------------------------- output
+
+
+def save_outputs(output_dir: Path, model, tokenizer, full: bool):
+    """The adapter in PEFT's format (or the full model with --full) and the tokenizer, each file written to a
+    staging directory and renamed into output_dir."""
+    from pyprefopt.lora import save_lora_adapter
+
+    staging = Path(tempfile.mkdtemp(prefix=".output-tmp-", dir=output_dir))
+    try:
+        if full:
+            model.save_pretrained(staging)
+        else:
+            save_lora_adapter(model, staging / "adapter")
+            for f in (staging / "adapter").iterdir():
+                os.rename(f, staging / f.name)
+            (staging / "adapter").rmdir()
+        tokenizer.save_pretrained(staging)
+        for f in staging.iterdir():
+            os.replace(f, output_dir / f.name)
+    finally:
+        shutil.rmtree(staging)
+
+
+def check_resume_args(output_dir: Path, args):
+    path = output_dir / RUN_ARGS_FILE
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    current = vars(args)
+    changed = {k: (saved.get(k), v) for k, v in current.items()
+               if k not in RESUMABLE_CHANGES and saved.get(k) != v}
+    if changed:
+        raise SystemExit(f"--resume with different options than the run in {output_dir}: "
+                         + ", ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}" for k, (a, b) in changed.items()))
+
+
+def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict]:
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in records if up_to_step is None or r["step"] <= up_to_step]
+
+
+# ---------------------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rank, world, device = setup_distributed()
+    try:
+        return train(args, rank, world, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def log(rank, message):
+    if rank == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def train(args, rank, world, device) -> int:
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    started = time.perf_counter()
+    output_dir = Path(args.output_dir)
+    checkpoint = latest_checkpoint(output_dir) if args.resume else None
+    if output_dir.exists() and any(output_dir.iterdir()) and not args.resume:
+        raise SystemExit(f"{output_dir} is not empty: pass --resume to continue the run there, or another "
+                         "--output-dir")
+    if args.resume and (output_dir / RUN_ARGS_FILE).exists():
+        check_resume_args(output_dir, args)
+
+    # 1. data
+    train_rows, eval_rows, data_source = D.load_splits(args.data, args.method, args.eval_data, args.seed)
+    train_rows = D.normalise_rows(train_rows, args.method, f"{data_source} (train)")
+    eval_rows = D.normalise_rows(eval_rows, args.method, f"{data_source} (eval)")
+
+    # 2. model: seeded first, so the adapter's init depends on --seed alone
+    torch.manual_seed(args.seed)
+    model, tokenizer, base = load_model(args, train_rows, device)
+    pad_id = tokenizer.pad_token_id
+    train_data = D.tokenize(train_rows, args.method, tokenizer, args.max_length, f"{data_source} (train)")
+    eval_data = D.tokenize(eval_rows, args.method, tokenizer, args.max_length, f"{data_source} (eval)")
+    global_batch = args.batch_size * args.grad_accum * world
+    steps_per_epoch = len(train_data) // global_batch
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{len(train_data)} training examples are fewer than one global batch of {global_batch} "
+                         f"(--batch-size {args.batch_size} x --grad-accum {args.grad_accum} x {world} processes)")
+    total_steps = args.max_steps or max(1, math.floor(args.epochs * steps_per_epoch))
+    for name, split in (("train", train_data), ("eval", eval_data)):
+        if split.truncated or split.dropped:
+            log(rank, f"{name}: {split.truncated} of {split.sequences} sequences cut at --max-length "
+                f"{args.max_length}; {split.dropped} examples dropped (prompt alone fills it)")
+    trainable = trainable_parameters(model)
+    if world > 1:
+        # Same seed, same init everywhere; broadcasting makes it so whatever the initialisers do.
+        for param in trainable.values():
+            dist.broadcast(param.data, 0)
+
+    # 3. optimizer and schedule
+    if args.optim == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.AdamW8bit(trainable.values(), lr=args.lr, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(trainable.values(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=round(args.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+
+    # 4. reference log-probs: once per example, before any update, kept beside the checkpoints
+    reference_path = output_dir / CHECKPOINTS / REFERENCE_FILE
+    needs_reference = args.method in losses.REFERENCE_METHODS or args.method == "kto"
+    reference_seconds = 0.0
+    train_reference = eval_reference = None
+    if needs_reference:
+        from safetensors.torch import load_file, save_file
+
+        if checkpoint is not None:
+            saved = load_file(reference_path, device=str(device))
+            train_reference, eval_reference = saved["train"], saved["eval"]
+        else:
+            t0 = time.perf_counter()
+            with reference_context(model, args.full):
+                train_reference, _ = sequence_logps_all(model, train_data, pad_id, args.eval_batch_size, device,
+                                                        rank, world)
+                eval_reference, _ = sequence_logps_all(model, eval_data, pad_id, args.eval_batch_size, device,
+                                                       rank, world)
+            reference_seconds = time.perf_counter() - t0
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / CHECKPOINTS).mkdir(exist_ok=True)
+        if not (output_dir / RUN_ARGS_FILE).exists():
+            _atomic_write_text(output_dir / RUN_ARGS_FILE, json.dumps(vars(args), indent=1))
+        if needs_reference and checkpoint is None:
+            fd, tmp = tempfile.mkstemp(prefix=".ref-tmp-", dir=output_dir / CHECKPOINTS)
+            os.close(fd)
+            save_file({"train": train_reference.cpu(), "eval": eval_reference.cpu()}, tmp)
+            os.replace(tmp, reference_path)
+
+    start_step = 0
+    metrics_path = output_dir / METRICS_FILE
+    if checkpoint is not None:
+        start_step = load_checkpoint(checkpoint, model, optimizer, scheduler, device)
+        log(rank, f"resuming from {checkpoint} (step {start_step} of {total_steps})")
+        if rank == 0:
+            kept = read_metrics(metrics_path, start_step)
+            _atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+    elif rank == 0 and metrics_path.exists():
+        metrics_path.unlink()
+
+    # 5. steps
+    loss_fn = FusedLinearPreferenceLoss(args.method, **loss_hparams(args))
+    names = metric_names(args.method)
+    evaluations = []
+    if start_step == 0:
+        evaluations.append({"step": 0, **evaluate(model, eval_data, eval_reference, args, pad_id, device, rank,
+                                                  world)})
+    metrics_file = open(metrics_path, "a", encoding="utf-8") if rank == 0 else None
+    if metrics_file and evaluations:
+        metrics_file.write(json.dumps(evaluations[-1]) + "\n")
+    model.train()
+    bar = tqdm(total=total_steps, initial=start_step, disable=rank != 0, desc=f"{args.method}", unit="step")
+    train_seconds, train_tokens = 0.0, 0
+    record = {}
+    try:
+        for step in range(start_step, total_steps):
+            t0 = time.perf_counter()
+            indices, epoch = global_batch_indices(step, len(train_data), global_batch, args.seed)
+            micro_batches = []
+            for micro in range(args.grad_accum):
+                first = (micro * world + rank) * args.batch_size
+                micro_batches.append(D.collate(train_data, indices[first:first + args.batch_size], pad_id))
+            counts = torch.tensor([sum(b["items"] for b in micro_batches), sum(b["num_tokens"] for b in micro_batches)],
+                                  dtype=torch.float64, device=device)
+            all_reduce_sum(counts)
+            global_items, global_tokens = counts.tolist()
+            # [loss, then per metric: weighted sum and weight]
+            sums = torch.zeros(1 + 2 * len(names), dtype=torch.float64, device=device)
+            for batch in micro_batches:
+                loss, metrics = micro_batch_loss(model, loss_fn, batch, train_reference, args, device)
+                share = batch["items"] / global_items
+                (loss * share).backward()
+                sums[0] += loss.detach().double() * share
+                for i, name in enumerate(names):
+                    weight = metric_weight(args.method, name, batch)
+                    if name in metrics and weight > 0:
+                        sums[1 + 2 * i] += metrics[name].double() * weight
+                        sums[2 + 2 * i] += weight
+            grads = [p.grad for p in trainable.values() if p.grad is not None]
+            if world > 1:
+                flat = torch.cat([g.reshape(-1) for g in grads])
+                all_reduce_sum(flat)
+                offset = 0
+                for g in grads:
+                    g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                    offset += g.numel()
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable.values(),
+                                                       args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
+            learning_rate = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            all_reduce_sum(sums)
+            elapsed = time.perf_counter() - t0
+            train_seconds += elapsed
+            train_tokens += int(global_tokens)
+            record = {"step": step + 1, "epoch": round(epoch + (step % steps_per_epoch + 1) / steps_per_epoch, 4),
+                      "loss": sums[0].item()}
+            for i, name in enumerate(names):
+                if sums[2 + 2 * i] > 0:
+                    record[name] = (sums[1 + 2 * i] / sums[2 + 2 * i]).item()
+            if args.method == "kto" and "rewards/chosen" in record and "rewards/rejected" in record:
+                record["rewards/margins"] = record["rewards/chosen"] - record["rewards/rejected"]
+            record.update(grad_norm=grad_norm.item(), learning_rate=learning_rate,
+                          tokens_per_second=global_tokens / elapsed, num_tokens=int(global_tokens),
+                          step_seconds=elapsed, peak_memory_mib=peak_memory_mib(device))
+            if not math.isfinite(record["loss"]):
+                raise FloatingPointError(f"step {step + 1}: the loss is {record['loss']}; lower --lr or check the data")
+            done = step + 1
+            if (args.eval_every and done % args.eval_every == 0) or done == total_steps:
+                evaluations.append({"step": done, **evaluate(model, eval_data, eval_reference, args, pad_id, device,
+                                                             rank, world)})
+                record.update({k: v for k, v in evaluations[-1].items() if k != "step"})
+            if metrics_file:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+            if args.save_every and done % args.save_every == 0 and done < total_steps and rank == 0:
+                save_checkpoint(output_dir, done, model, optimizer, scheduler, args.save_total_limit)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_second']:.0f}")
+            bar.update(1)
+    finally:
+        bar.close()
+        if metrics_file:
+            metrics_file.close()
+
+    # 6. outputs (rank 0 only)
+    if rank != 0:
+        return 0
+    from pyprefopt import model_card
+
+    save_outputs(output_dir, model, tokenizer, args.full)
+    all_records = read_metrics(metrics_path)
+    summary = {
+        "method": args.method, "base_model": base, "data": data_source, "steps": total_steps,
+        "resumed_from_step": start_step or None,
+        "examples_seen": total_steps * global_batch, "train_examples": len(train_data),
+        "eval_examples": len(eval_data), "sequences_truncated": train_data.truncated + eval_data.truncated,
+        "examples_dropped": train_data.dropped + eval_data.dropped,
+        "wall_seconds": time.perf_counter() - started, "train_step_seconds": train_seconds,
+        "reference_seconds": reference_seconds,
+        "tokens_per_second": train_tokens / train_seconds if train_seconds else None,
+        "peak_memory_mib": peak_memory_mib(device), "hardware": hardware_description(device, world),
+        "processes": world, "final": {k: v for k, v in record.items() if not k.startswith("eval_")},
+        "evaluations": [e for e in all_records if "eval_loss" in e],
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable_parameters": sum(p.numel() for p in trainable.values()),
+        "torch": torch.__version__,
+    }
+    model_card.write(output_dir, args, summary, all_records)
+    if args.merge:
+        from pyprefopt.merge import merge_adapter
+
+        base_dir = base if Path(base).is_dir() else _hub_snapshot(base)
+        merge_adapter(base_dir, output_dir, output_dir / "merged", overwrite=True)
+    if not args.save_every:
+        # Without checkpoints the directory holds only the reference cache, which nothing reads any more.
+        shutil.rmtree(output_dir / CHECKPOINTS)
+    log(rank, f"done: {output_dir} ({summary['wall_seconds']:.1f} s, "
+        f"{summary['tokens_per_second']:.0f} tokens/s over {total_steps - start_step} steps)")
+    return 0
+
+
+def _hub_snapshot(model_id: str) -> str:
+    """The local snapshot directory of a hub model (downloaded when not cached and a network is there)."""
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(model_id)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
