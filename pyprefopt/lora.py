@@ -114,6 +114,13 @@ def _check_function_inputs(x, lora_x, base_weight, bias, lora_a, lora_b, scale, 
         raise ValueError(f"scale must be finite, got {scale}")
 
 
+def _scaled_mm(a, b, scale):
+    """`scale * a @ b` with the scale applied by the GEMM itself (alpha), not by another pass."""
+    if scale == 1.0:
+        return torch.mm(a, b)
+    return torch.addmm(a.new_zeros(()), a, b, beta=0, alpha=scale)
+
+
 class FusedLoRALinearFunction(torch.autograd.Function):
     """`x @ W.T + bias + scale * (lora_x @ A.T) @ B.T` over [..., in] inputs; W frozen (a dense tensor or
     a `pyprefopt.nf4.NF4Weight`, decoded in x's dtype), gradients for x, lora_x, bias, A and B.
@@ -139,7 +146,7 @@ class FusedLoRALinearFunction(torch.autograd.Function):
         else:
             weight = _dense_weight(base_weight, x.dtype)
             # S_s = s * lora_x @ A.T at rank width; Y starts as S_s @ B.T (+ bias) and the big GEMM adds into it.
-            low = torch.mm(lora_x2, lora_a.t()).mul_(scale)
+            low = _scaled_mm(lora_x2, lora_a.t(), scale)
             y = torch.mm(low, lora_b.t()) if bias is None else torch.addmm(bias, low, lora_b.t())
             y.addmm_(x2, weight.t())
         ctx.base_weight = base_weight
@@ -169,12 +176,13 @@ class FusedLoRALinearFunction(torch.autograd.Function):
             grad_b = None if grad_b is None else grad_b.to(lora_b.dtype)
         else:
             weight = dense if dense is not None else _dense_weight(ctx.base_weight, lora_x2.dtype)
-            low_grad = torch.mm(grad_y2, lora_b).mul_(ctx.scale)  # T_s = s * dY @ B
+            low_grad = _scaled_mm(grad_y2, lora_b, ctx.scale)  # T_s = s * dY @ B
+            # dB right after T_s, while dY is still in cache. dB = (S_s.T @ dY).T: the [r, out] product
+            # streams dY row-major, twice as fast as dY.T @ S_s.
+            if need_b:
+                grad_b = torch.mm(low.t(), grad_y2).t()
             if need_a:
                 grad_a = torch.mm(low_grad.t(), lora_x2)
-            if need_b:
-                # dB = (S_s.T @ dY).T: the [r, out] product streams dY row-major, twice as fast as dY.T @ S_s.
-                grad_b = torch.mm(low.t(), grad_y2).t()
             if need_x_any and ctx.merged:
                 grad_x = torch.mm(low_grad, lora_a).addmm_(grad_y2, weight)
             else:
