@@ -1,0 +1,221 @@
+"""pyprefopt inside other trainers: TRL's DPO/IPO, CPO, KTO and SFT trainers, and transformers' `Trainer`.
+
+TRL (`patch_trl`): TRL 1.16's DPOTrainer, KTOTrainer and SFTTrainer score sequences through a fused LM head
+that `trl.trainer.utils.add_fused_lm_head` puts on the model (`model(..., labels=..., fused_lm_head=True)`
+returns per-token log-probs instead of logits); its CPOTrainer materialises the `[B, T, V]` logits.
+`patch_trl()` swaps in pyprefopt's head (`add_fused_lm_head` below, the same contract over
+`fused_linear_logprobs`) and a CPO forward without logits. TRL keeps everything else: its batches, losses
+(sigmoid, ipo, ...), metric names, PEFT reference handling (adapter disabled) and
+`precompute_ref_log_probs`. Call it before building the trainer:
+
+    import pyprefopt.drop_in
+    pyprefopt.drop_in.patch_trl()
+    trainer = DPOTrainer(model=model, args=DPOConfig(...), ...)
+
+transformers `Trainer` (`FusedLMHeadTrainer`): causal-LM (SFT) training whose loss comes from the fused
+head; `FusedLMHeadTrainer(model=..., ...)` in place of `Trainer(model=..., ...)`.
+
+Supported: TRL >= 1.16 and < 2, transformers >= 4.56 (the versions tested: TRL 1.16.0, transformers 5.23);
+other versions fail with a clear error. Not supported (a clear error, never a silent difference):
+logit soft-capping or logit scaling in the model config (Gemma 2/3, Cohere, Granite...), MoE router
+auxiliary losses, encoder-decoder models. The head's `entropy` output carries no gradient (TRL's trainers
+above use it for metrics only).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import types
+from dataclasses import dataclass
+
+import torch
+import transformers
+from packaging.version import Version
+from transformers.utils import ModelOutput
+
+from pyprefopt.fused_linear_logprobs import STATISTICS, fused_linear_logprobs
+
+TRL_VERSIONS = (Version("1.16"), Version("2"))  # [min, max)
+TRANSFORMERS_MIN = Version("4.56")
+HEAD_OUTPUTS = ("log_probs", *STATISTICS)
+# The TRL trainer modules whose fused head patch_trl replaces (GRPO/RLOO use the entropy with gradient).
+TRL_HEAD_MODULES = ("trl.trainer.dpo_trainer", "trl.trainer.kto_trainer", "trl.trainer.sft_trainer")
+# Config fields that change the logits beyond `hidden @ W.T + b` (TRL's head applies them; ours refuses).
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                    "logits_scaling")
+
+
+def _check_transformers():
+    if Version(transformers.__version__) < TRANSFORMERS_MIN:
+        raise RuntimeError(f"pyprefopt.drop_in needs transformers >= {TRANSFORMERS_MIN}, found {transformers.__version__}")
+
+
+def _check_trl():
+    import trl
+
+    low, high = TRL_VERSIONS
+    if not low <= Version(trl.__version__) < high:
+        raise RuntimeError(f"pyprefopt.drop_in.patch_trl supports TRL >= {low}, < {high}; found {trl.__version__}")
+    _check_transformers()
+
+
+@dataclass
+class FusedCausalLMOutput(ModelOutput):
+    """What `model(..., labels=labels, fused_lm_head=True)` returns: TRL's `FusedCausalLMOutput` fields.
+
+    loss: summed NLL of the non-ignored next tokens over their count (or `num_items_in_batch`).
+    log_probs [B, T-1] (or [B, T] with `shift_labels`): log-prob of each next-token label, 0 where ignored.
+    entropy, log_sum_sq_probs, mean_logits, is_top1: per-token statistics when requested (else None).
+    label_mask: labels != -100. aux_loss: always None (MoE router losses are not supported).
+    """
+
+    loss: torch.Tensor | None = None
+    log_probs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    log_sum_sq_probs: torch.Tensor | None = None
+    mean_logits: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None
+    label_mask: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+def _check_plain_logits(config, what):
+    text_config = config.get_text_config()
+    for name in LOGIT_TRANSFORMS:
+        value = getattr(text_config, name, None)
+        if value is not None and value != 1:
+            raise NotImplementedError(f"{what}: the model config sets {name}={value}; pyprefopt's fused head "
+                                      "computes plain `hidden @ W.T + b` logits only")
+    if getattr(text_config, "output_router_logits", False):
+        raise NotImplementedError(f"{what}: MoE router auxiliary losses (output_router_logits) are not supported")
+    if getattr(config, "is_encoder_decoder", False):
+        raise NotImplementedError(f"{what}: encoder-decoder models are not supported")
+
+
+def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
+                      outputs: tuple[str, ...] = ("log_probs",)) -> None:
+    """Patch `model` so `model(..., labels=labels, fused_lm_head=True)` returns a `FusedCausalLMOutput` of
+    per-token log-probs computed by `fused_linear_logprobs`, never the `[B, T, V]` logits; without
+    `fused_lm_head=True` the forward is the original one (generation is unchanged). The signature and
+    behaviour are those of `trl.trainer.utils.add_fused_lm_head` (1.16); add it before wrapping with PEFT.
+
+    labels [B, T] are shifted inside (position t scores labels[t + 1]); pre-shifted `shift_labels` are
+    scored as given. `outputs`: "log_probs" plus any of "entropy", "log_sum_sq_probs", "mean_logits",
+    "is_top1", computed in the same pass.
+    """
+    _check_transformers()
+    _check_plain_logits(model.config, "add_fused_lm_head")
+    unknown = set(outputs) - set(HEAD_OUTPUTS)
+    if unknown:
+        raise ValueError(f"outputs must be among {HEAD_OUTPUTS}, got {sorted(unknown)}")
+    statistics = tuple(name for name in STATISTICS if name in outputs)
+    original_forward = model.forward
+
+    # The original signature, kept: `generate` validates its model kwargs against it.
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        if not fused_lm_head:
+            extra = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
+            return original_forward(*args, **kwargs, **{k: v for k, v in extra.items() if v is not None})
+        kwargs["use_cache"] = False
+        # Looked up per call: PEFT and FSDP replace the backbone and the head after patching.
+        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        if shift_labels is None:
+            hidden, labels = hidden[:, :-1], labels[:, 1:]
+        else:
+            labels = shift_labels
+        lm_head = self.get_output_embeddings()
+        weight, bias = lm_head.weight, lm_head.bias
+        labels = labels.to(weight.device)
+        hidden = hidden.to(weight.device)
+        if cast_lm_head_to_fp32:
+            hidden, weight = hidden.float(), weight.float()
+            bias = None if bias is None else bias.float()
+        elif hidden.dtype != weight.dtype:
+            # Autocast hands bf16 activations to an fp32 head: project in the head's precision.
+            hidden = hidden.to(weight.dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            result = fused_linear_logprobs(hidden, weight, labels, bias, temperature=temperature,
+                                           statistics=statistics)
+        log_probs, stats = result if statistics else (result, {})
+        mask = labels != -100
+        loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, label_mask=mask, **stats)
+
+    model.forward = types.MethodType(forward, model)
+
+
+def _cpo_concatenated_forward(self, model, batch):
+    """`CPOTrainer.concatenated_forward` without the `[B, T, V]` logits: the same five outputs, where the
+    two "logits" are the per-position means over the vocabulary (TRL only logs their mean, which is the
+    same number: the mean over (B, T, V) of the logits)."""
+    from accelerate.utils import is_peft_model  # noqa: PLC0415 (a TRL dependency)
+
+    if self.is_encoder_decoder:
+        raise NotImplementedError("pyprefopt's CPO forward supports decoder-only models")
+    _check_plain_logits(model.config, "CPOTrainer")
+    concatenated = self.concatenated_inputs(batch, is_encoder_decoder=False, padding_value=self.pad_token_id,
+                                            device=self.accelerator.device)
+    len_chosen = batch["chosen_labels"].shape[0]
+    causal_lm = model.get_base_model() if is_peft_model(model) else model
+    hidden = causal_lm.base_model(concatenated["concatenated_input_ids"],
+                                  attention_mask=concatenated["concatenated_attention_mask"],
+                                  use_cache=False).last_hidden_state
+    lm_head = causal_lm.get_output_embeddings()
+    labels = concatenated["concatenated_labels"][:, 1:]
+    per_token = fused_linear_logprobs(hidden[:, :-1], lm_head.weight, labels, lm_head.bias)
+    mask = labels != -100
+    all_logps = per_token.sum(-1)
+    if self.loss_type in ("ipo", "simpo"):
+        all_logps = all_logps / mask.sum(-1)
+    if self.cpo_alpha == 0:
+        nll_loss = torch.tensor(0.0, device=self.accelerator.device)
+    else:
+        # TRL: mean cross-entropy over the chosen rows' scored tokens.
+        nll_loss = -per_token[:len_chosen].sum() / mask[:len_chosen].sum()
+    with torch.no_grad():
+        mean_logits = hidden @ lm_head.weight.mean(0)
+        if lm_head.bias is not None:
+            mean_logits += lm_head.bias.mean()
+    return all_logps[:len_chosen], all_logps[len_chosen:], mean_logits[:len_chosen], mean_logits[len_chosen:], nll_loss
+
+
+def patch_trl():
+    """Make TRL trainers built from now on use pyprefopt: DPOTrainer (every loss_type), KTOTrainer and
+    SFTTrainer through `add_fused_lm_head`, `trl.experimental.cpo.CPOTrainer` through a forward without
+    logits. Returns a function that undoes the patch."""
+    _check_trl()
+    from trl.experimental.cpo import CPOTrainer  # noqa: PLC0415
+
+    undo = []
+    for name in TRL_HEAD_MODULES:
+        module = importlib.import_module(name)
+        undo.append((module, "add_fused_lm_head", module.add_fused_lm_head))
+        module.add_fused_lm_head = add_fused_lm_head
+    undo.append((CPOTrainer, "concatenated_forward", CPOTrainer.concatenated_forward))
+    CPOTrainer.concatenated_forward = _cpo_concatenated_forward
+
+    def unpatch():
+        for owner, attr, original in reversed(undo):
+            setattr(owner, attr, original)
+
+    return unpatch
+
+
+class FusedLMHeadTrainer(transformers.Trainer):
+    """`transformers.Trainer` for causal-LM (SFT) training with the loss from pyprefopt's fused head:
+    the mean NLL of the non-ignored next tokens (over `num_items_in_batch` under gradient accumulation,
+    as the model's own loss), without the `[B, T, V]` logits."""
+
+    def __init__(self, model=None, *args, **kwargs):
+        if model is None:
+            raise ValueError("FusedLMHeadTrainer needs a model (model_init is not supported)")
+        add_fused_lm_head(model.get_base_model() if hasattr(model, "get_base_model") else model)
+        super().__init__(model, *args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "labels" not in inputs:
+            raise ValueError("FusedLMHeadTrainer needs `labels` in every batch (use a causal-LM collator)")
+        outputs = model(**inputs, fused_lm_head=True, num_items_in_batch=num_items_in_batch)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss

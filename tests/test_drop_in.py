@@ -1,0 +1,181 @@
+"""pyprefopt inside TRL's own trainers and transformers' Trainer: a few real training steps with and without
+pyprefopt on a tiny Qwen3 (CPU, fp32) log the same losses and metrics."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+
+pytest.importorskip("trl")
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from peft import LoraConfig  # noqa: E402
+from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments  # noqa: E402
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer  # noqa: E402
+from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
+
+from pyprefopt import drop_in  # noqa: E402
+from tiny_trl_setup import common_args, model  # noqa: E402
+from tiny_trl_setup import (  # noqa: E402,F401 (pytest fixtures)
+    policy_state,
+    preference_dataset,
+    qwen3_config,
+    ref_state,
+    tokenizer,
+    unpaired_dataset,
+)
+
+STEPS = 3
+# Logged per step; timing entries differ from run to run by nature.
+TIMING = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos")
+# fp32 on both sides, the same batches and seeds; the head's sums run in a different order, and three
+# AdamW steps carry those last-bit differences into the weights.
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def train_logs(build):
+    trainer = build()
+    trainer.train()
+    return [{k: v for k, v in entry.items() if k not in TIMING} for entry in trainer.state.log_history]
+
+
+def assert_same_logs(ours, theirs):
+    assert len(ours) == len(theirs) == STEPS + 1
+    for step, (a, b) in enumerate(zip(ours, theirs)):
+        assert a.keys() == b.keys(), (step, sorted(a.keys() ^ b.keys()))
+        for key, value in b.items():
+            assert math.isclose(a[key], value, rel_tol=RTOL, abs_tol=ATOL), f"step {step} {key}: {a[key]} vs {value}"
+    assert any("loss" in entry for entry in theirs)
+
+
+@pytest.fixture
+def head_calls(monkeypatch):
+    """Counts pyprefopt's head calls: a comparison that never reached our code would prove nothing."""
+    calls = []
+    real = drop_in.fused_linear_logprobs
+    monkeypatch.setattr(drop_in, "fused_linear_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def with_and_without_pyprefopt(build, head_calls):
+    theirs = train_logs(build)
+    assert not head_calls
+    undo = drop_in.patch_trl()
+    try:
+        ours = train_logs(build)
+    finally:
+        undo()
+    assert len(head_calls) >= STEPS
+    assert_same_logs(ours, theirs)
+    return ours
+
+
+def args(config_class, tmp_path, batch_size, **kwargs):
+    return config_class(**common_args(tmp_path, batch_size), max_steps=STEPS, logging_steps=1,
+                        save_strategy="no", **kwargs)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+@pytest.mark.parametrize("reference", ["ref_model", "peft", "peft_precomputed"])
+def test_dpo_trainer(tmp_path, head_calls, qwen3_config, policy_state, ref_state, tokenizer, preference_dataset,
+                     loss_type, reference):
+    def build():
+        peft = reference.startswith("peft")
+        return DPOTrainer(
+            model=model(qwen3_config, policy_state),
+            ref_model=None if peft else model(qwen3_config, ref_state),
+            args=args(DPOConfig, tmp_path, 2, loss_type=loss_type, beta=0.1,
+                      precompute_ref_log_probs=reference == "peft_precomputed"),
+            train_dataset=preference_dataset,
+            processing_class=tokenizer,
+            peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                   init_lora_weights=False) if peft else None,
+        )
+
+    logs = with_and_without_pyprefopt(build, head_calls)
+    assert "rewards/margins" in logs[0] and "entropy" in logs[0]
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "simpo"])
+def test_cpo_trainer(tmp_path, head_calls, qwen3_config, policy_state, tokenizer, preference_dataset, loss_type):
+    def build():
+        return CPOTrainer(model=model(qwen3_config, policy_state),
+                          args=args(CPOConfig, tmp_path, 2, loss_type=loss_type, max_length=64),
+                          train_dataset=preference_dataset, processing_class=tokenizer)
+
+    logs = with_and_without_pyprefopt(build, head_calls)
+    assert "nll_loss" in logs[0] and "logits/chosen" in logs[0]
+
+
+def test_kto_trainer(tmp_path, head_calls, qwen3_config, policy_state, ref_state, tokenizer, unpaired_dataset):
+    def build():
+        return KTOTrainer(model=model(qwen3_config, policy_state), ref_model=model(qwen3_config, ref_state),
+                          args=args(KTOConfig, tmp_path, 4, desirable_weight=1.0, undesirable_weight=1.5),
+                          train_dataset=unpaired_dataset, processing_class=tokenizer)
+
+    logs = with_and_without_pyprefopt(build, head_calls)
+    assert "kl" in logs[0]
+
+
+def test_sft_trainer(tmp_path, head_calls, qwen3_config, policy_state, tokenizer, preference_dataset):
+    dataset = preference_dataset.rename_column("chosen", "completion").remove_columns("rejected")
+
+    def build():
+        return SFTTrainer(model=model(qwen3_config, policy_state), args=args(SFTConfig, tmp_path, 2),
+                          train_dataset=dataset, processing_class=tokenizer)
+
+    logs = with_and_without_pyprefopt(build, head_calls)
+    assert "mean_token_accuracy" in logs[0]
+
+
+def test_hf_trainer_sft(tmp_path, head_calls, qwen3_config, policy_state, tokenizer, preference_dataset):
+    texts = [p + c for p, c in zip(preference_dataset["prompt"], preference_dataset["chosen"])]
+    dataset = Dataset.from_dict(dict(tokenizer(texts)))
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+
+    def build(trainer_class):
+        training_args = TrainingArguments(**common_args(tmp_path, 2), max_steps=STEPS, logging_steps=1,
+                                          gradient_accumulation_steps=2, save_strategy="no")
+        return trainer_class(model=model(qwen3_config, policy_state), args=training_args, train_dataset=dataset,
+                             data_collator=collator)
+
+    theirs = train_logs(lambda: build(Trainer))
+    assert not head_calls
+    assert_same_logs(train_logs(lambda: build(drop_in.FusedLMHeadTrainer)), theirs)
+    assert len(head_calls) >= 2 * STEPS
+
+
+def test_unsupported_models_are_refused(qwen3_config, policy_state):
+    capped = model(qwen3_config, policy_state)
+    capped.config = copy.deepcopy(qwen3_config)  # the fixture's config is shared
+    capped.config.final_logit_softcapping = 30.0
+    with pytest.raises(NotImplementedError, match="final_logit_softcapping=30.0"):
+        drop_in.add_fused_lm_head(capped)
+    with pytest.raises(ValueError, match="outputs must be among"):
+        drop_in.add_fused_lm_head(model(qwen3_config, policy_state), outputs=("log_probs", "perplexity"))
+
+
+def test_head_outputs_match_trl_head(qwen3_config, policy_state):
+    """The head alone, every output, against TRL's own `add_fused_lm_head`."""
+    from trl.trainer.utils import add_fused_lm_head as trl_add_fused_lm_head
+
+    outputs = drop_in.HEAD_OUTPUTS
+    ours, theirs = model(qwen3_config, policy_state), model(qwen3_config, policy_state)
+    drop_in.add_fused_lm_head(ours, temperature=0.9, outputs=outputs)
+    trl_add_fused_lm_head(theirs, temperature=0.9, outputs=outputs)
+    input_ids = torch.randint(0, qwen3_config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(0))
+    labels = input_ids.clone()
+    labels[0, :4] = -100
+    a = ours(input_ids=input_ids, labels=labels, fused_lm_head=True)
+    b = theirs(input_ids=input_ids, labels=labels, fused_lm_head=True)
+    for name in ("loss", *outputs, "label_mask"):
+        x, y = getattr(a, name), getattr(b, name)
+        if x.dtype == torch.bool:
+            assert torch.equal(x, y), name
+        else:
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    # Without fused_lm_head the forward is the model's own.
+    assert ours(input_ids=input_ids).logits.shape == (3, 9, qwen3_config.vocab_size)

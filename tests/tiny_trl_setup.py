@@ -1,0 +1,143 @@
+"""A tiny Qwen3, a WordLevel tokenizer and in-memory TRL datasets, shared by the tests that run TRL's
+trainers (tests/test_trl_oracle.py, tests/test_drop_in.py). Nothing downloads anything."""
+
+import pytest
+import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+SENTENCES = [
+    "what is the capital of france",
+    "paris is the capital",
+    "london is big",
+    "tell me a joke",
+    "why did the chicken cross the road ? to get to the other side",
+    "i do not know why",
+    "what color is the sky",
+    "blue",
+    "grass is green",
+    "the cat sat on the mat",
+    "a dog ran in the park",
+    "where did the dog run",
+]
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    words = sorted({w for s in SENTENCES for w in s.split()})
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<unk>", *words])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    # Sanity: the EOS string the trainers append is one special token, and nothing maps to <unk>.
+    ids = tok("why did the chicken cross the road<eos>")["input_ids"]
+    assert ids[-1] == tok.eos_token_id and tok.unk_token_id not in ids
+    return tok
+
+
+@pytest.fixture(scope="module")
+def qwen3_config():
+    return Qwen3Config(
+        vocab_size=320,  # > the tokenizer's ~50 words: the unused rows still enter every softmax
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,  # so lm_head.weight's gradient is the head's alone
+        initializer_range=0.2,  # peakier than the default 0.02, so rewards are not all ~0
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+        dtype="float32",
+    )
+
+
+@pytest.fixture(scope="module")
+def policy_state(qwen3_config):
+    torch.manual_seed(0)
+    return Qwen3ForCausalLM(qwen3_config).float().state_dict()
+
+
+@pytest.fixture(scope="module")
+def ref_state(qwen3_config):
+    torch.manual_seed(1)
+    return Qwen3ForCausalLM(qwen3_config).float().state_dict()
+
+
+def model(config, state):
+    """A fresh model per trainer: the trainers patch `forward` (fused LM head) and tag the model."""
+    model = Qwen3ForCausalLM(config).float()
+    model.load_state_dict(state)
+    return model
+
+
+@pytest.fixture(scope="module")
+def preference_dataset():
+    return Dataset.from_dict(
+        {
+            "prompt": [
+                "what is the capital of france",
+                "tell me a joke",
+                "what color is the sky",
+                "why did the chicken cross the road",
+            ],
+            "chosen": [
+                " paris is the capital",
+                " why did the chicken cross the road ? to get to the other side",
+                " blue",
+                " to get to the other side",
+            ],
+            "rejected": [" london is big", " i do not know", " grass is green", " i do not know why"],
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def unpaired_dataset():
+    # 5 desirable, 3 undesirable rows: one batch of 8 (KTO rotates completions within a batch for its KL term).
+    return Dataset.from_dict(
+        {
+            "prompt": [
+                "what is the capital of france",
+                "tell me a joke",
+                "what color is the sky",
+                "why did the chicken cross the road",
+                "where did the dog run",
+                "what is the capital of france",
+                "what color is the sky",
+                "tell me a joke",
+            ],
+            "completion": [
+                " paris is the capital",
+                " why did the chicken cross the road ? to get to the other side",
+                " blue",
+                " to get to the other side",
+                " the dog ran in the park",
+                " london is big",
+                " grass is green",
+                " i do not know",
+            ],
+            "label": [True, True, True, True, True, False, False, False],
+        }
+    )
+
+
+def common_args(tmp_path, batch_size):
+    return dict(
+        output_dir=str(tmp_path),
+        report_to="none",
+        per_device_train_batch_size=batch_size,
+        bf16=False,
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+
+
