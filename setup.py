@@ -71,6 +71,8 @@ setup(
     # `kernels` package would clash with an unrelated PyPI project.
     packages=["pyprefopt", "pyprefopt.kernels"],
     package_dir={"pyprefopt": "pyprefopt", "pyprefopt.kernels": "kernels"},
+    # The embedded default data `python -m pyprefopt.train` trains on.
+    package_data={"pyprefopt": ["data/*/*.jsonl", "data/README.md"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtWithCuda},
     install_requires=[
@@ -81,6 +83,8 @@ setup(
         "bitsandbytes>=0.45",
         "safetensors>=0.4",
         "tqdm>=4.60",
+        "datasets>=2.19",
+        "matplotlib>=3.7",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4"],

@@ -1,8 +1,8 @@
 """pyprefopt: fused kernels for preference fine-tuning (SFT, DPO, IPO, CPO, KTO) of language models."""
 
-from pyprefopt import losses
+from pyprefopt import losses, lora, nf4
 from pyprefopt.fused_linear_logprobs import fused_linear_logprobs
 from pyprefopt.fused_linear_preference_loss import FusedLinearPreferenceLoss
 
-__all__ = ["FusedLinearPreferenceLoss", "fused_linear_logprobs", "losses"]
+__all__ = ["FusedLinearPreferenceLoss", "fused_linear_logprobs", "lora", "losses", "nf4"]
 __version__ = "0.1.0"
