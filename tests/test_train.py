@@ -1,0 +1,324 @@
+"""`python -m pyprefopt.train`: every method trains, a SIGKILLed run resumes to the same adapter, two data-parallel
+processes compute what one does, bad data fails clearly, and the adapter loads in PEFT.
+
+The runs use small Arabic/Persian data sets written here (`data_dir`) and the embedded tiny Qwen3, built into a
+per-session cache. Torch runs one thread in these tests (and their subprocesses): on a small shared CPU, OpenMP
+threads spinning against other processes make tiny ops hundreds of times slower, and one thread also keeps the
+in-process and subprocess runs numerically identical.
+
+`test_eval_metrics_move_the_right_way` is marked heavy, as the benchmarks are: CI runs it at its quick size
+(PYPREFOPT_BENCH_QUICK unset or 1); PYPREFOPT_BENCH_QUICK=0 trains longer on more data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pyprefopt import data as D
+from pyprefopt import train
+
+QUICK = os.environ.get("PYPREFOPT_BENCH_QUICK", "1").strip().lower() not in ("0", "false", "no", "off")
+ARABIC = "كتاب مدرسة قلم بيت شمس قمر ماء خبز سماء بحر جبل نهر طريق مدينة".split()
+PERSIAN = "کتاب خانه آب نان دریا کوه راه شهر".split()
+PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+                "logps/rejected")
+STEP_METRICS = ("grad_norm", "learning_rate", "tokens_per_second", "peak_memory_mib")
+FORMAT_OF = {"sft": "sft", "dpo": "preference", "ipo": "preference", "cpo": "preference", "kto": "kto"}
+
+
+def _sentence(rng, n):
+    words = PERSIAN if rng.random() < 0.2 else ARABIC
+    return " ".join(rng.choice(words) for _ in range(n))
+
+
+def write_data(root: Path, n_train: int, n_test: int, seed: int = 0):
+    """sft/, preference/ and kto/ with train.jsonl and test.jsonl in TRL's conversational formats. A good answer
+    starts with "جواب جيد:" and a bad one with "جواب سيء:", both the same length, so the preference is learnable."""
+    rng = random.Random(seed)
+    for kind in ("sft", "preference", "kto"):
+        (root / kind).mkdir(parents=True, exist_ok=True)
+        for split, n in (("train", n_train), ("test", n_test)):
+            with open(root / kind / f"{split}.jsonl", "w", encoding="utf-8") as f:
+                for i in range(n):
+                    prompt = [{"role": "user", "content": _sentence(rng, 6)}]
+                    good = [{"role": "assistant", "content": "جواب جيد: " + _sentence(rng, 6)}]
+                    bad = [{"role": "assistant", "content": "جواب سيء: " + _sentence(rng, 6)}]
+                    if kind == "sft":
+                        row = {"messages": prompt + good}
+                    elif kind == "preference":
+                        row = {"prompt": prompt, "chosen": good, "rejected": bad}
+                    else:
+                        row = {"prompt": prompt, "completion": good if i % 2 == 0 else bad, "label": i % 2 == 0}
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_and_private_cache(tmp_path_factory):
+    threads = torch.get_num_threads()
+    cache = os.environ.get("PYPREFOPT_CACHE")
+    torch.set_num_threads(1)
+    os.environ["PYPREFOPT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    torch.set_num_threads(threads)
+    if cache is None:
+        del os.environ["PYPREFOPT_CACHE"]
+    else:
+        os.environ["PYPREFOPT_CACHE"] = cache
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_data(root, n_train=32, n_test=8)
+    return root
+
+
+def subprocess_env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def run(method, data_dir, out, *extra):
+    argv = ["--method", method, "--data", str(data_dir / FORMAT_OF[method]), "--output-dir", str(out), *extra]
+    assert train.main(argv) == 0
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def adapter(out):
+    return load_file(out / "adapter_model.safetensors")
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "ipo", "cpo", "kto"])
+def test_each_method_trains_and_writes_its_outputs(method, data_dir, tmp_path):
+    out = tmp_path / "run"
+    records = run(method, data_dir, out, "--max-steps", "3", "--batch-size", "4", "--eval-every", "2")
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    expected = {"sft": ("loss", "nll_loss"), "cpo": PAIR_METRICS + ("nll_loss",),
+                "kto": ("loss", "kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")}
+    for record in steps:
+        for name in expected.get(method, PAIR_METRICS) + STEP_METRICS:
+            assert name in record and torch.isfinite(torch.tensor(record[name])), (name, record)
+    evals = [r["step"] for r in records if "eval_loss" in r]
+    assert evals == [0, 2, 3]
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md"):
+        assert (out / name).is_file(), name
+    assert not (out / "checkpoints").exists()
+    card = (out / "README.md").read_text(encoding="utf-8")
+    # The card's figures are the run's: its step count and the last step's logged loss.
+    assert "| optimizer steps | 3 |" in card
+    assert f"| loss | {steps[-1]['loss']:.4g} |" in card
+    tensors = adapter(out)
+    assert tensors and all(torch.isfinite(t).all() for t in tensors.values())
+    assert any(k.endswith("lora_B.weight") and t.abs().max() > 0 for k, t in tensors.items())
+
+
+def test_adapter_loads_in_peft_and_matches_our_model(data_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from pyprefopt.lora import load_lora_adapter
+
+    out = tmp_path / "run"
+    run("dpo", data_dir, out, "--max-steps", "2", "--batch-size", "4", "--lr", "1e-2")
+    config = json.loads((out / "adapter_config.json").read_text())
+    base_path = config["base_model_name_or_path"]
+    assert Path(base_path).is_dir()
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), str(out)).eval()
+    ours = load_lora_adapter(AutoModelForCausalLM.from_pretrained(base_path), out).eval()
+    plain = AutoModelForCausalLM.from_pretrained(base_path).eval()
+    ids = torch.randint(0, plain.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got, base_logits = peft_model(ids).logits, ours(ids).logits, plain(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (want - base_logits).abs().max() > 1e-4
+
+
+def test_merge_and_qlora(data_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    records = run("sft", data_dir, out, "--max-steps", "2", "--batch-size", "4", "--load-in-4bit", "--merge")
+    assert torch.isfinite(torch.tensor(records[-1]["loss"]))
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    assert merged.config.vocab_size > 0
+
+
+# -------------------------------------------------------------------------------------------- resume
+
+
+def test_resume_after_sigkill_ends_with_the_same_adapter(data_dir, tmp_path):
+    args = ["--max-steps", "12", "--batch-size", "4", "--save-every", "4"]
+    straight = tmp_path / "straight"
+    want = run("kto", data_dir, straight, *args)
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "pyprefopt.train", "--method", "kto", "--data", str(data_dir / "kto"),
+           "--output-dir", str(killed), *args]
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first_checkpoint = killed / "checkpoints" / "step-00000004"
+    deadline = time.monotonic() + 300
+    while not first_checkpoint.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert not (killed / "README.md").exists(), "the run finished before it was killed: nothing was resumed"
+
+    got = run("kto", data_dir, killed, *args, "--resume")
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    assert [r.get("loss") for r in got] == [r.get("loss") for r in want]
+    want_tensors, got_tensors = adapter(straight), adapter(killed)
+    assert want_tensors.keys() == got_tensors.keys()
+    for key in want_tensors:
+        assert torch.equal(got_tensors[key], want_tensors[key]), key
+
+
+def test_resume_refuses_changed_options(data_dir, tmp_path):
+    out = tmp_path / "run"
+    run("dpo", data_dir, out, "--max-steps", "2", "--batch-size", "4", "--save-every", "1")
+    with pytest.raises(SystemExit, match="--lr was 0.001, now 0.01"):
+        train.main(["--method", "dpo", "--data", str(data_dir / "preference"), "--output-dir", str(out),
+                    "--max-steps", "2", "--batch-size", "4", "--save-every", "1", "--resume", "--lr", "1e-2"])
+    with pytest.raises(SystemExit, match="not empty"):
+        train.main(["--method", "dpo", "--data", str(data_dir / "preference"), "--output-dir", str(out)])
+
+
+# ---------------------------------------------------------------------------------------- processes
+
+
+@pytest.mark.parametrize("method", ["kto", "sft"])
+def test_two_processes_match_one_with_the_same_global_batch(method, data_dir, tmp_path):
+    """kto: the KL point is all-reduced; sft: the token mean is over the global batch."""
+    common = ["--max-steps", "3", "--lr", "1e-2"]
+    one = tmp_path / "one"
+    want = run(method, data_dir, one, *common, "--batch-size", "4")
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "pyprefopt.train", "--method", method, "--data", str(data_dir / FORMAT_OF[method]), "--output-dir",
+           str(two), *common, "--batch-size", "2"]
+    result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    got = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for a, b in zip(got, want):
+        for name in ("loss", "kl", "rewards/chosen", "eval_loss"):
+            if name in b:
+                assert a[name] == pytest.approx(b[name], rel=1e-4, abs=1e-5), (name, a["step"])
+    want_tensors, got_tensors = adapter(one), adapter(two)
+    for key in want_tensors:
+        torch.testing.assert_close(got_tensors[key], want_tensors[key], rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ bad data
+
+
+def _write(path: Path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_bad_data_errors_name_the_problem(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(D.DataError, match="empty.jsonl: the file is empty"):
+        D.read_rows(empty)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": \n')
+    with pytest.raises(D.DataError, match="broken.jsonl:2: not valid JSON"):
+        D.read_rows(broken)
+    with pytest.raises(D.DataError, match="row 2: missing 'rejected'"):
+        D.normalise_rows([{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": "b"}], "dpo", "x")
+    with pytest.raises(D.DataError, match="row 1: has no completion: the last message is from 'user'"):
+        D.normalise_rows([{"messages": [{"role": "user", "content": "سلام"}]}], "sft", "x")
+    with pytest.raises(D.DataError, match="row 1: 'completion' is empty"):
+        D.normalise_rows([{"prompt": "a", "completion": "", "label": True}], "kto", "x")
+    with pytest.raises(D.DataError, match="row 1: 'chosen' must be a list of"):
+        D.normalise_rows([{"prompt": [{"role": "user", "content": "a"}], "chosen": "b", "rejected": "c"}], "dpo", "x")
+    with pytest.raises(D.DataError, match="every KTO row is desirable"):
+        D.normalise_rows([{"prompt": "a", "completion": "b", "label": True}] * 3, "kto", "x")
+    with pytest.raises(D.DataError, match="'label' must be true or false"):
+        D.normalise_rows([{"prompt": "a", "completion": "b", "label": "yes"}], "kto", "x")
+
+
+def test_bad_data_stops_the_cli_before_anything_is_written(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    _write(data / "train.jsonl", [{"prompt": "a", "completion": "b", "label": True}] * 4)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="error: .*every KTO row is desirable"):
+        train.main(["--method", "kto", "--data", str(data), "--output-dir", str(out)])
+    assert not out.exists()
+
+
+def test_truncation_is_counted_and_prompts_masked(data_dir):
+    from pyprefopt.default_model import build_tokenizer
+
+    rows = D.normalise_rows(D.read_rows(data_dir / "preference" / "train.jsonl"), "dpo", "train")
+    tokenizer = build_tokenizer(D.corpus(rows))
+    full = D.tokenize(rows, "dpo", tokenizer, 4096, "train")
+    assert full.truncated == 0 and full.dropped == 0
+    longest = max(len(p) + len(c) for p, cs in zip(full.prompts, full.completions) for c in cs)
+    cut = D.tokenize(rows, "dpo", tokenizer, longest - 1, "train")
+    assert cut.truncated >= 1 and len(cut) == len(full)
+    batch = D.collate(full, [0, 1], tokenizer.pad_token_id)
+    assert batch["input_ids"].shape == batch["labels"].shape and batch["input_ids"].shape[0] == 4
+    # Row 0 is example 0's chosen sequence: labels score exactly its completion tokens, shifted by one.
+    prompt, chosen = full.prompts[0], full.completions[0][0]
+    labels = batch["labels"][0]
+    assert (labels[: len(prompt) - 1] == D.IGNORE_INDEX).all()
+    assert labels[len(prompt) - 1: len(prompt) - 1 + len(chosen)].tolist() == chosen
+    assert (labels[len(prompt) - 1 + len(chosen):] == D.IGNORE_INDEX).all()
+    with pytest.raises(D.DataError, match="every example's prompt fills max_length=2"):
+        D.tokenize(rows, "dpo", tokenizer, 2, "train")
+
+
+def test_standard_string_formats_are_accepted(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    _write(data / "train.jsonl", [{"prompt": f"سؤال {i} :", "chosen": " نعم", "rejected": " لا"} for i in range(8)])
+    _write(data / "test.jsonl", [{"prompt": "سؤال :", "chosen": " نعم", "rejected": " لا"}] * 2)
+    out = tmp_path / "run"
+    assert train.main(["--method", "cpo", "--data", str(data), "--output-dir", str(out), "--max-steps", "2",
+                       "--batch-size", "4"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    assert len(train_records) == 2
+
+
+# ------------------------------------------------------------------------------------ longer, marked heavy
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("method", ["sft", "dpo", "ipo", "cpo", "kto"])
+def test_eval_metrics_move_the_right_way(method, tmp_path):
+    data = tmp_path / "data"
+    write_data(data, n_train=48 if QUICK else 400, n_test=16 if QUICK else 64, seed=1)
+    epochs = "2" if QUICK else "3"
+    records = run(method, data, tmp_path / "run", "--epochs", epochs, "--batch-size", "4", "--lr", "3e-3")
+    evals = [r for r in records if "eval_loss" in r]
+    first, last = evals[0], evals[-1]
+    assert first["step"] == 0 and last["step"] > 0
+    if method == "sft":
+        assert last["eval_perplexity"] < 0.8 * first["eval_perplexity"]
+        return
+    assert last["eval_rewards/margins"] > first["eval_rewards/margins"]
+    if method != "kto":
+        assert last["eval_rewards/accuracies"] >= 0.9
