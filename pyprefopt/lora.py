@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pyprefopt.nf4 import lora_scale
+
 BIAS_MODES = ("none", "all", "lora_only")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -70,6 +72,12 @@ def _nf4_weight(param):
 
     if param.quant_state is None:
         raise ValueError("the Linear4bit base is not quantised yet (move it to its device first)")
+    if getattr(param.quant_state, "packing_format_for_cpu", False):
+        # bitsandbytes' CPU inference path (eval mode, no grad) repacks the codes in place into its own
+        # GEMM layout; back to the standard layout, as bitsandbytes itself does before saving.
+        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+        param.data, param.quant_state = _convert_weight_packed_for_cpu_inverse(param.data, param.quant_state)
     return nf4.NF4Weight.from_quant_state(param.data, param.quant_state)
 
 
@@ -201,11 +209,6 @@ class FusedLoRALinearFunction(torch.autograd.Function):
         return grad_x, grad_lora_x, None, grad_bias, grad_a, grad_b, None, None
 
 
-def lora_scale(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
-    """PEFT's scaling: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA (Kalajdzievski 2023)."""
-    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
-
-
 class LoRALinear(nn.Module):
     """A frozen base `nn.Linear` or bitsandbytes `Linear4bit` plus a trainable rank-r update.
 
@@ -233,6 +236,9 @@ class LoRALinear(nn.Module):
         self.use_rslora = use_rslora
         self.scaling = lora_scale(lora_alpha, r, use_rslora)
         self.adapters_disabled = False
+        # (packed data's address, QuantState, its NF4Weight): building one checks the NF4 table with a host
+        # copy, so it is rebuilt only when the base is moved or re-quantised.
+        self._nf4_cache = None
         base_layer.weight.requires_grad_(False)
         weight = base_layer.weight
         dtype = weight.dtype if weight.is_floating_point() else torch.float32
@@ -244,16 +250,26 @@ class LoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, use_rslora={self.use_rslora}")
 
+    def _nf4_base(self):
+        param = self.base_layer.weight
+        cache = self._nf4_cache
+        if cache is None or cache[0] != param.data_ptr() or cache[1] is not param.quant_state:
+            weight = _nf4_weight(param)  # may restore the standard layout: the key is taken after it
+            cache = self._nf4_cache = (param.data_ptr(), param.quant_state, weight)
+        return cache[2]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.adapters_disabled:
-            return self.base_layer(x)
         if _is_linear4bit(self.base_layer):
-            base_weight = _nf4_weight(self.base_layer.weight)
+            base_weight = self._nf4_base()
         else:
             base_weight = self.base_layer.weight
         bias = self.base_layer.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
+        if self.adapters_disabled:
+            # The base alone, through the same decode as the adapted path: calling a Linear4bit itself in
+            # eval mode without grad would make bitsandbytes repack its codes on CPU.
+            return nn.functional.linear(x, _dense_weight(base_weight, x.dtype), bias)
         # PEFT's semantics: dropout on the LoRA branch's input only; p = 0 passes X itself (no copy).
         lora_x = nn.functional.dropout(x, self.lora_dropout, True) if self.training and self.lora_dropout > 0 else x
         return FusedLoRALinearFunction.apply(x, lora_x, base_weight, bias, self.lora_A.to(x.dtype),

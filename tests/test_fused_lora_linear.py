@@ -301,6 +301,51 @@ def test_peft_saved_loads_in_ours_with_identical_outputs(case, tmp_path):
                          for name in peft_trainable}
 
 
+def _quantise_linears(model):
+    """Every nn.Linear but the head replaced by a bitsandbytes NF4 `Linear4bit` (double-quantised)."""
+    import bitsandbytes as bnb
+
+    head = model.get_output_embeddings()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                      compute_dtype=torch.float32, quant_type="nf4")
+            layer.load_state_dict(module.state_dict())
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, layer.to("cpu"))
+    return model
+
+
+def _train_mode_logits(model, ids):
+    """Logits in train mode (no dropout in the tiny model): bitsandbytes' CPU eval path repacks the 4-bit
+    codes and rejects these small layers ("N must be divisible by block_n")."""
+    with torch.no_grad():
+        return model.train()(input_ids=ids).logits
+
+
+def test_qlora_model_round_trip_with_peft(tmp_path):
+    """inject_lora wraps Linear4bit bases ("all-linear" selects them, not the head); the adapter loads in
+    PEFT over the same 4-bit model with the same outputs, and PEFT's loads in ours."""
+    import bitsandbytes as bnb
+
+    base = _quantise_linears(_tiny_llama())
+    ours = lora.inject_lora(copy.deepcopy(base), "all-linear", r=8, lora_alpha=16)
+    layers = lora.lora_layers(ours)
+    assert len(layers) == 14 and all(isinstance(layer.base_layer, bnb.nn.Linear4bit) for layer in layers.values())
+    _randomise_adapters(ours)
+    lora.save_lora_adapter(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    ids = torch.randint(0, 101, (2, 8))
+    ours_logits = _train_mode_logits(ours, ids)
+    assert_close_verbose(ours_logits, _train_mode_logits(theirs, ids), rtol=1e-4, atol=1e-4, name="logits")
+    theirs.save_pretrained(tmp_path / "peft")
+    reloaded = lora.load_lora_adapter(copy.deepcopy(base), tmp_path / "peft")
+    assert_close_verbose(_train_mode_logits(reloaded, ids), ours_logits, rtol=1e-4, atol=1e-4, name="logits")
+    with lora.disable_adapters(ours):
+        assert_close_verbose(_train_mode_logits(ours, ids), _train_mode_logits(base, ids), rtol=1e-4, atol=1e-4,
+                             name="reference logits")
+
+
 def test_save_overwrites_atomically_and_reloads(tmp_path):
     model = lora.inject_lora(_tiny_llama(), ["q_proj", "v_proj"], r=4, lora_alpha=8)
     _randomise_adapters(model)
