@@ -330,9 +330,9 @@ def tokenize(rows: list[dict], method: str, tokenizer, max_length: int, source: 
 # ------------------------------------------------------------------------------------------- collation
 
 
-def _rows_to_tensors(prompts, completions, max_length, pad_id):
+def rows_to_tensors(prompts, completions, max_length, pad_id):
     """input_ids [R, T] (each sequence cut at max_length, minus its last token), aligned labels [R, T]
-    and the number of sequence tokens (prompt + completion, after the cut)."""
+    and each row's input length [R] (its sequence's tokens, after the cut, minus one)."""
     sequences, starts = [], []
     for prompt, completion in zip(prompts, completions):
         sequences.append((prompt + completion)[:max_length])
@@ -346,14 +346,14 @@ def _rows_to_tensors(prompts, completions, max_length, pad_id):
         # Position t scores token t+1: completion tokens sit at positions start-1 .. n-1.
         first = max(start - 1, 0)
         labels[i, first:n] = torch.tensor(seq[first + 1:])
-    return input_ids, labels, sum(len(s) for s in sequences)
+    return input_ids, labels, torch.tensor([len(s) - 1 for s in sequences])
 
 
 def collate(data: TokenizedData, indices: list[int], pad_id: int) -> dict:
-    """The batch of examples `indices`: `input_ids`, `labels`, `index` [B], `num_tokens` (sequence tokens of
-    the trained rows), `items` (what the loss averages over: target tokens for sft, pairs or rows otherwise);
-    paired methods put the B chosen rows first and the B rejected rows second; kto adds `desirable` [B] and
-    the KL rows as `kl_input_ids`, `kl_labels`."""
+    """The batch of examples `indices`: `input_ids`, `labels`, `input_lengths`, `index` [B], `num_tokens`
+    (sequence tokens of the trained rows), `items` (what the loss averages over: target tokens for sft, pairs or
+    rows otherwise); paired methods put the B chosen rows first and the B rejected rows second; kto adds
+    `desirable` [B] and the KL rows as `kl_input_ids`, `kl_labels`, `kl_input_lengths`."""
     prompts = [data.prompts[i] for i in indices]
     batch = {"index": torch.tensor(indices, dtype=torch.long)}
     fmt = FORMATS[data.method]
@@ -363,11 +363,12 @@ def collate(data: TokenizedData, indices: list[int], pad_id: int) -> dict:
     else:
         rows_prompts = prompts
         rows_completions = [data.completions[i][0] for i in indices]
-    batch["input_ids"], batch["labels"], batch["num_tokens"] = _rows_to_tensors(
+    batch["input_ids"], batch["labels"], batch["input_lengths"] = rows_to_tensors(
         rows_prompts, rows_completions, data.max_length, pad_id)
+    batch["num_tokens"] = int(batch["input_lengths"].sum()) + len(rows_prompts)
     if fmt == "kto":
         batch["desirable"] = torch.tensor([data.labels[i] for i in indices], dtype=torch.bool)
-        batch["kl_input_ids"], batch["kl_labels"], _ = _rows_to_tensors(
+        batch["kl_input_ids"], batch["kl_labels"], batch["kl_input_lengths"] = rows_to_tensors(
             prompts, [data.completions[i][1] for i in indices], data.max_length, pad_id)
     batch["items"] = int((batch["labels"] != IGNORE_INDEX).sum()) if fmt == "sft" else len(indices)
     return batch

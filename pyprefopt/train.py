@@ -52,6 +52,8 @@ REFERENCE_FILE = "reference_logps.safetensors"
 METRICS_FILE = "metrics.jsonl"
 RUN_ARGS_FILE = "run_args.json"
 # Options that may differ between a run and its --resume (they do not change what is computed).
+# Most decoder calls one micro-batch is split into (see last_hidden).
+MAX_LENGTH_GROUPS = 4
 RESUMABLE_CHANGES = {"resume", "eval_every", "save_every", "save_total_limit", "merge", "output_dir"}
 
 
@@ -233,11 +235,29 @@ def decoder_and_head(model):
     return model.base_model, head
 
 
-def last_hidden(decoder, input_ids, device):
-    """Last hidden states [B, T, H]. No attention mask: rows are right-padded and attention is causal, so no
-    real token ever attends to padding, and SDPA keeps its mask-free causal path."""
+def length_groups(rows: int) -> int:
+    """Decoder calls per batch: one per ~4 rows, at most 4 (each call costs a little fixed overhead)."""
+    return max(1, min(MAX_LENGTH_GROUPS, rows // 4))
+
+
+def last_hidden(decoder, input_ids, lengths, device):
+    """Last hidden states [B, T, H], zero past each row's `lengths`.
+
+    No attention mask: rows are right-padded and attention is causal, so no real token ever attends to padding,
+    and SDPA keeps its mask-free causal path. For the same reason a row's states do not depend on the other rows
+    or on how far it is padded, so the rows run sorted by length in a few groups, each cut to its own longest
+    row: the padding the decoder computes shrinks from B * max_len to about the sum of the lengths."""
+    order = torch.argsort(lengths, stable=True)
+    width = input_ids.shape[1]
+    outputs = []
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        return decoder(input_ids=input_ids.to(device), use_cache=False).last_hidden_state
+        for rows in order.tensor_split(length_groups(len(order))):
+            group_width = int(lengths[rows].max())
+            hidden = decoder(input_ids=input_ids[rows, :group_width].to(device), use_cache=False).last_hidden_state
+            outputs.append(torch.nn.functional.pad(hidden, (0, 0, 0, width - group_width)))
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order))
+    return torch.cat(outputs)[inverse.to(device)]
 
 
 def reference_context(model, full: bool):
@@ -253,11 +273,10 @@ def reference_context(model, full: bool):
 
 
 def collate_rows(data: D.TokenizedData, indices: list[int], which: int, pad_id: int):
-    """input_ids and aligned labels of completion `which` of each example in `indices`."""
+    """input_ids, aligned labels and input lengths of completion `which` of each example in `indices`."""
     prompts = [data.prompts[i] for i in indices]
     completions = [data.completions[i][which] for i in indices]
-    input_ids, labels, _ = D._rows_to_tensors(prompts, completions, data.max_length, pad_id)
-    return input_ids, labels
+    return D.rows_to_tensors(prompts, completions, data.max_length, pad_id)
 
 
 @torch.no_grad()
@@ -276,8 +295,8 @@ def sequence_logps_all(model, data, pad_id, batch_size, device, rank, world):
     for start in starts[rank::world]:
         indices = list(range(start, min(start + batch_size, n)))
         for which in range(k):
-            input_ids, labels = collate_rows(data, indices, which, pad_id)
-            hidden = last_hidden(decoder, input_ids, device)
+            input_ids, labels, input_lengths = collate_rows(data, indices, which, pad_id)
+            hidden = last_hidden(decoder, input_ids, input_lengths, device)
             row_logps, row_lengths = loss_fn.sequence_logps(hidden, head.weight, labels.to(device), head.bias)
             logps[indices, which] = row_logps.double()
             lengths[indices, which] = row_lengths.double()
@@ -355,14 +374,14 @@ def micro_batch_loss(model, loss_fn, batch, reference, args, device):
         # KTO's reference point z0 from the mismatched pairs, over the global micro-batch (all processes),
         # as TRL gathers it (Ethayarajh et al. 2024, Eq. 7); under no grad, as TRL computes it.
         with torch.no_grad():
-            kl_hidden = last_hidden(decoder, batch["kl_input_ids"], device)
+            kl_hidden = last_hidden(decoder, batch["kl_input_ids"], batch["kl_input_lengths"], device)
             kl_logps, _ = loss_fn.sequence_logps(kl_hidden, head.weight, batch["kl_labels"].to(device), head.bias)
             del kl_hidden
             stats = torch.stack([(kl_logps.double() - reference[index, 1].double()).sum(),
                                  torch.tensor(float(len(index)), dtype=torch.float64, device=device)])
             all_reduce_sum(stats)
             kwargs["kl"] = (stats[0] / stats[1]).float().clamp(min=0)
-    hidden = last_hidden(decoder, batch["input_ids"], device)
+    hidden = last_hidden(decoder, batch["input_ids"], batch["input_lengths"], device)
     return loss_fn(hidden, head.weight, batch["labels"].to(device), head.bias, **kwargs)
 
 

@@ -1,0 +1,298 @@
+"""Train-step throughput and peak memory of `python -m pyprefopt.train` against TRL 1.16's trainers (SFTTrainer,
+DPOTrainer for dpo and ipo, CPOTrainer, KTOTrainer) on the same tiny Qwen3, data and hyper-parameters.
+
+    python bench/bench_train.py                          # every method, the embedded data, the table
+    python bench/bench_train.py --synthetic 256          # on a synthetic Arabic/Persian set of 256 rows per split
+    python bench/bench_train.py --methods dpo --steps 10 --json bench/results/train.json
+    PYPREFOPT_BENCH_QUICK=0 pytest bench/bench_train.py -m heavy   # the pytest version at full size
+
+Each (method, trainer) case runs in a fresh interpreter with OMP_NUM_THREADS=--threads, so memory is a per-process
+high-water mark and no case inherits another's allocator or thread pool. A case imports everything it will use,
+builds the model and data, reads its resident set, then trains `--warmup + --steps` optimizer steps; reported:
+
+- tokens/s: tokens of the trained sequences (prompt + completion, no padding, chosen and rejected rows both
+  counted; the same count for both trainers) over the wall time of the `--steps` timed optimizer steps (forward,
+  backward, optimizer). TRL's step time is taken between its own `on_step_begin` and `on_step_end` callbacks (its
+  batch is fetched and collated just before), pyprefopt's is the `step_seconds` it logs (collation included).
+- peak extra MiB: the process's peak resident set at the end minus its resident set before training. pyprefopt's
+  includes its reference pass and its evaluations; TRL computes its reference log-probs every step.
+
+Matched settings: LoRA r=16, alpha=32, every linear layer but the head, no dropout; AdamW, lr 1e-3, cosine with
+10 % warmup, clipping at 1.0; batch --batch-size, no accumulation; max_length 512; beta 0.1; fp32; no gradient
+checkpointing (TRL 1.16 defaults to it: it is switched off here as pyprefopt's default has it off). TRL's SFT runs
+on the same prompt/completion split as pyprefopt's (completion-only loss on the last assistant turn).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import variants as V  # noqa: E402
+
+METHODS = ("sft", "dpo", "ipo", "cpo", "kto")
+IMPLS = ("pyprefopt", "trl")
+FORMAT_OF = {"sft": "sft", "dpo": "preference", "ipo": "preference", "cpo": "preference", "kto": "kto"}
+LORA = dict(r=16, alpha=32.0)
+LR, BETA, MAX_LENGTH, WARMUP_RATIO = 1e-3, 0.1, 512, 0.1
+ARABIC = "كتاب مدرسة قلم بيت شمس قمر ماء خبز سماء بحر جبل نهر طريق مدينة سؤال جواب".split()
+PERSIAN = "کتاب خانه آب نان دریا کوه راه شهر".split()
+
+
+def write_synthetic(root: Path, rows: int, seed: int = 0):
+    """sft/, preference/, kto/ with train.jsonl and test.jsonl (`rows` rows each) in TRL's conversational formats;
+    lengths vary (prompts 8-40 words, answers 10-60) so batches carry padding as real data does."""
+    rng = random.Random(seed)
+
+    def sentence(lo, hi):
+        words = PERSIAN if rng.random() < 0.2 else ARABIC
+        return " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi)))
+
+    for kind in ("sft", "preference", "kto"):
+        (root / kind).mkdir(parents=True, exist_ok=True)
+        for split in ("train", "test"):
+            with open(root / kind / f"{split}.jsonl", "w", encoding="utf-8") as f:
+                for i in range(rows):
+                    prompt = [{"role": "user", "content": sentence(8, 40)}]
+                    good = [{"role": "assistant", "content": "جواب جيد: " + sentence(10, 60)}]
+                    bad = [{"role": "assistant", "content": "جواب سيء: " + sentence(10, 60)}]
+                    if kind == "sft":
+                        row = {"messages": prompt + good}
+                    elif kind == "preference":
+                        row = {"prompt": prompt, "chosen": good, "rejected": bad}
+                    else:
+                        row = {"prompt": prompt, "completion": good if i % 2 == 0 else bad, "label": i % 2 == 0}
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ------------------------------------------------------------------------------------------------ workers
+
+
+def _base_model_and_rows(method, data_dir):
+    from pyprefopt import data as D
+    from pyprefopt.default_model import default_model_path
+
+    train_rows, _, _ = D.load_splits(str(data_dir / FORMAT_OF[method]), method)
+    rows = D.normalise_rows(train_rows, method, "train")
+    return default_model_path(D.corpus(rows)), rows
+
+
+def run_pyprefopt(method, data_dir, steps, warmup, batch_size):
+    # Everything the run imports, imported before the baseline (TRL's worker likewise imports before its own).
+    import matplotlib.pyplot  # noqa: F401
+    import safetensors.torch  # noqa: F401
+    import tqdm.auto  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler  # noqa: F401
+
+    from pyprefopt import lora, model_card, train  # noqa: F401
+
+    _base_model_and_rows(method, data_dir)  # builds the cached base outside the measurement
+    baseline = _rss_mib()
+    with tempfile.TemporaryDirectory() as out:
+        argv = ["--method", method, "--data", str(data_dir / FORMAT_OF[method]), "--output-dir", f"{out}/run",
+                "--max-steps", str(warmup + steps), "--batch-size", str(batch_size), "--lr", str(LR),
+                "--beta", str(BETA), "--max-length", str(MAX_LENGTH), "--warmup-ratio", str(WARMUP_RATIO),
+                "--lora-r", str(LORA["r"]), "--lora-alpha", str(LORA["alpha"])]
+        train.main(argv)
+        records = [json.loads(line) for line in open(f"{out}/run/metrics.jsonl", encoding="utf-8")]
+    timed = [r for r in records if "step_seconds" in r and r["step"] > warmup]
+    return {"tokens": sum(r["num_tokens"] for r in timed), "seconds": sum(r["step_seconds"] for r in timed),
+            "step_ms": [1e3 * r["step_seconds"] for r in timed], "peak_extra_mib": _peak_rss_mib() - baseline,
+            "final_loss": timed[-1]["loss"]}
+
+
+def run_trl(method, data_dir, steps, warmup, batch_size):
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    base, rows = _base_model_and_rows(method, data_dir)
+    dataset = Dataset.from_list(rows)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules="all-linear",
+                             task_type="CAUSAL_LM")
+    common = dict(per_device_train_batch_size=batch_size, gradient_accumulation_steps=1, learning_rate=LR,
+                  lr_scheduler_type="cosine", warmup_steps=round(WARMUP_RATIO * (warmup + steps)),
+                  max_steps=warmup + steps, weight_decay=0.0,
+                  max_grad_norm=1.0, logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
+                  use_cpu=True, bf16=False, gradient_checkpointing=False, max_length=MAX_LENGTH, seed=0,
+                  dataloader_num_workers=0, disable_tqdm=True)
+    with tempfile.TemporaryDirectory() as out:
+        if method == "sft":
+            trainer_cls, args = SFTTrainer, SFTConfig(output_dir=out, **common)
+        elif method in ("dpo", "ipo"):
+            trainer_cls, args = DPOTrainer, DPOConfig(output_dir=out, beta=BETA,
+                                                      loss_type=["sigmoid" if method == "dpo" else "ipo"], **common)
+        elif method == "cpo":
+            trainer_cls, args = CPOTrainer, CPOConfig(output_dir=out, beta=BETA, cpo_alpha=1.0, **common)
+        else:
+            trainer_cls, args = KTOTrainer, KTOConfig(output_dir=out, beta=BETA, **common)
+        trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                              peft_config=peft_config)
+        tokens_per_batch, step_seconds = [], []
+        collate = trainer.data_collator
+
+        def counting_collator(examples):
+            batch = collate(examples)
+            tokens_per_batch.append(int(batch["attention_mask"].sum()))
+            return batch
+
+        class StepTimer(TrainerCallback):
+            def on_step_begin(self, *a, **k):
+                self.t0 = time.perf_counter()
+
+            def on_step_end(self, *a, **k):
+                step_seconds.append(time.perf_counter() - self.t0)
+
+        trainer.data_collator = counting_collator
+        trainer.add_callback(StepTimer())
+        baseline = _rss_mib()
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    # The collator runs once per step (no accumulation, no prefetching worker), in step order.
+    timed_tokens = tokens_per_batch[warmup:warmup + steps]
+    timed = step_seconds[warmup:warmup + steps]
+    return {"tokens": sum(timed_tokens), "seconds": sum(timed), "step_ms": [1e3 * s for s in timed],
+            "peak_extra_mib": _peak_rss_mib() - baseline, "final_loss": losses[-1]}
+
+
+def worker(argv):
+    p = argparse.ArgumentParser()
+    p.add_argument("--impl", choices=IMPLS, required=True)
+    p.add_argument("--method", choices=METHODS, required=True)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--warmup", type=int, required=True)
+    p.add_argument("--batch-size", type=int, required=True)
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    run = run_pyprefopt if a.impl == "pyprefopt" else run_trl
+    result = run(a.method, a.data, a.steps, a.warmup, a.batch_size)
+    result.update(impl=a.impl, method=a.method, tokens_per_second=result["tokens"] / result["seconds"])
+    with open(a.out, "w", encoding="utf-8") as f:
+        json.dump(result, f)
+
+
+# --------------------------------------------------------------------------------------------- driver
+
+
+def run_case(impl, method, data, steps, warmup, batch_size, threads, cache) -> dict:
+    """One case in a fresh interpreter; its result dict."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYPREFOPT_CACHE=str(cache), TRL_EXPERIMENTAL_SILENCE="1",
+               TOKENIZERS_PARALLELISM="false")
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--impl", impl, "--method", method, "--data",
+               str(data), "--steps", str(steps), "--warmup", str(warmup), "--batch-size", str(batch_size),
+               "--out", out.name]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{impl} {method} failed:\n{proc.stderr[-4000:]}")
+        return json.load(open(out.name, encoding="utf-8"))
+
+
+def table(results: list[dict]) -> str:
+    by = {(r["method"], r["impl"]): r for r in results}
+    lines = ["| method | pyprefopt tokens/s | TRL tokens/s | speed-up | pyprefopt peak extra MiB | TRL peak extra MiB "
+             "| memory ratio | median step ms (ours / TRL) |", "|---|---|---|---|---|---|---|---|"]
+    for method in METHODS:
+        if (method, "pyprefopt") not in by or (method, "trl") not in by:
+            continue
+        ours, theirs = by[(method, "pyprefopt")], by[(method, "trl")]
+        lines.append(
+            f"| {method} | {ours['tokens_per_second']:.0f} | {theirs['tokens_per_second']:.0f} | "
+            f"{ours['tokens_per_second'] / theirs['tokens_per_second']:.2f}x | {ours['peak_extra_mib']:.0f} | "
+            f"{theirs['peak_extra_mib']:.0f} | {ours['peak_extra_mib'] / theirs['peak_extra_mib']:.2f}x | "
+            f"{statistics.median(ours['step_ms']):.0f} / {statistics.median(theirs['step_ms']):.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--data", type=Path, default=None, help="root with sft/, preference/, kto/ (default: the embedded)")
+    p.add_argument("--synthetic", type=int, default=None, help="use a synthetic set of N rows per split instead")
+    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every case")
+    p.add_argument("--json", type=Path, default=None, help="also write the raw results here")
+    a = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = a.data
+        if a.synthetic:
+            data = tmp / "data"
+            write_synthetic(data, a.synthetic)
+        elif data is None:
+            from pyprefopt.data import PACKAGE_DATA
+
+            data = PACKAGE_DATA
+        cache = Path(os.environ.get("PYPREFOPT_CACHE") or tmp / "cache")
+        results = []
+        for method in a.methods:
+            for impl in IMPLS:
+                result = run_case(impl, method, data, a.steps, a.warmup, a.batch_size, a.threads, cache)
+                print(f"{method} {impl}: {result['tokens_per_second']:.0f} tokens/s, peak extra "
+                      f"{result['peak_extra_mib']:.0f} MiB", file=sys.stderr, flush=True)
+                results.append(result)
+    print(table(results))
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps({"settings": vars(a) | {"data": str(data), "json": str(a.json)},
+                                      "results": results}, indent=1, default=str))
+
+
+# ---------------------------------------------------------------------------------------------- pytest
+
+
+@pytest.mark.heavy
+def test_train_step_faster_and_smaller_than_trl(tmp_path):
+    """DPO (quick) or every method (PYPREFOPT_BENCH_QUICK=0): pyprefopt's train steps against TRL's trainer."""
+    pytest.importorskip("trl")
+    quick = V.env_quick()
+    write_synthetic(tmp_path / "data", 32 if quick else 256)
+    methods = ("dpo",) if quick else METHODS
+    steps, warmup = (4, 1) if quick else (20, 3)
+    for method in methods:
+        ours, theirs = (run_case(impl, method, tmp_path / "data", steps, warmup, 4, 1, tmp_path / "cache")
+                        for impl in IMPLS)
+        assert ours["tokens_per_second"] > theirs["tokens_per_second"], (method, ours, theirs)
+        assert ours["peak_extra_mib"] < theirs["peak_extra_mib"], (method, ours, theirs)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--worker"]:
+        worker(sys.argv[2:])
+    else:
+        main()
