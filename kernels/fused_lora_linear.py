@@ -319,10 +319,10 @@ class DenseBase:
         self.weight = weight.contiguous()
         self.shape = tuple(weight.shape)
 
-    def args(self, transpose: bool, dummy: torch.Tensor) -> dict:
+    def args(self, input_grad: bool, dummy: torch.Tensor) -> dict:
         out_features, in_features = self.shape
-        # Forward walks Wt[K=in, N=out]; backward walks W[K=out, N=in].
-        strides = (in_features, 1) if transpose else (1, in_features)
+        # The forward GEMM walks W.T [K=in, N=out]; the input-gradient GEMM walks W [K=out, N=in].
+        strides = (in_features, 1) if input_grad else (1, in_features)
         return dict(w_ptr=self.weight, codes_ptr=dummy, absmax_ptr=dummy, absmax_code_ptr=dummy,
                     nested_code_ptr=dummy, nested_absmax_ptr=dummy, nf4_table_ptr=dummy,
                     stride_wk=strides[0], stride_wn=strides[1], blocksize=1, nested_blocksize=1,
@@ -341,10 +341,10 @@ class NF4Base:
         self.shape = tuple(weight.shape)
         self.table = nf4.NF4_CODE.to(weight.device)
 
-    def args(self, transpose: bool, dummy: torch.Tensor) -> dict:
+    def args(self, input_grad: bool, dummy: torch.Tensor) -> dict:
         out_features, in_features = self.shape
         w = self.nf4
-        strides = (in_features, 1) if transpose else (1, in_features)
+        strides = (in_features, 1) if input_grad else (1, in_features)
         nested = w.nested
         return dict(w_ptr=dummy, codes_ptr=w.codes, nf4_table_ptr=self.table,
                     absmax_ptr=dummy if nested else w.absmax, absmax_code_ptr=w.absmax if nested else dummy,
@@ -355,15 +355,15 @@ class NF4Base:
                     nested_offset=float(w.nested_offset) if nested else 0.0, NF4=True, NESTED=nested)
 
 
-def _main(x, base, transpose, bias, s, low, low_strides, scale, out):
-    """`out = x @ (W or W.T) + bias + scale * s @ low`; `s=None` skips the LoRA epilogue."""
+def _main(x, base, input_grad, bias, s, low, low_strides, scale, out):
+    """`out = x @ (W if input_grad else W.T) + bias + scale * s @ low`; `s=None` skips the LoRA epilogue."""
     m, k = x.shape
     n = out.shape[1]
     rank = s.shape[1] if s is not None else 1
     dummy = out
     _launch(
         "main", lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),),
-        x_ptr=x, **base.args(transpose, dummy), bias_ptr=bias if bias is not None else dummy,
+        x_ptr=x, **base.args(input_grad, dummy), bias_ptr=bias if bias is not None else dummy,
         s_ptr=s if s is not None else dummy, l_ptr=low if low is not None else dummy, y_ptr=out,
         M=m, N=n, K=k, R=rank, stride_xm=x.stride(0), stride_lr=low_strides[0], stride_ln=low_strides[1],
         stride_ym=out.stride(0), scale=scale, HAS_BIAS=bias is not None, HAS_LORA=s is not None,

@@ -157,6 +157,7 @@ class FusedLoRALinearFunction(torch.autograd.Function):
             low = _scaled_mm(lora_x2, lora_a.t(), scale)
             y = torch.mm(low, lora_b.t()) if bias is None else torch.addmm(bias, low, lora_b.t())
             y.addmm_(x2, weight.t())
+        # `low` is S_s = s * S on CPU and the unscaled fp32 S from the kernels: each backward takes its own.
         ctx.base_weight = base_weight
         ctx.scale = scale
         ctx.merged = merged
