@@ -223,13 +223,24 @@ def _measure_memory_here(variant, shape_name, dtype_name, quick_mode):
     return (_rss_kib("VmHWM") - before) / 1024
 
 
-def run_table(quick_mode: bool, rounds: int, threads: int, with_memory: bool = True) -> list[dict]:
+FAMILIES = {"lora": LORA_VARIANTS, "qlora": QLORA_VARIANTS}
+
+
+def run_table(quick_mode: bool, rounds: int, threads: int, with_memory: bool = True, shape_names=None,
+              dtype_names=None, families=None) -> list[dict]:
+    """Rows of the table; `shape_names`, `dtype_names`, `families` ("lora", "qlora") select (all: None)."""
     torch.set_num_threads(threads)
     warnings.simplefilter("ignore", RuntimeWarning)
     rows = []
     for shape in QUICK_SHAPES if quick_mode else FULL_SHAPES:
+        if shape_names and shape.name not in shape_names:
+            continue
         for dtype_name, dtype in DTYPES.items():
-            for variants in (LORA_VARIANTS, QLORA_VARIANTS):
+            if dtype_names and dtype_name not in dtype_names:
+                continue
+            for family, variants in FAMILIES.items():
+                if families and family not in families:
+                    continue
                 steps = {v: step_fn(*build(v, shape, dtype)) for v in variants}
                 times = {v: [] for v in variants}
                 for step in steps.values():
@@ -240,7 +251,7 @@ def run_table(quick_mode: bool, rounds: int, threads: int, with_memory: bool = T
                         step()
                         times[v].append(time.perf_counter() - t0)
                 del steps
-                base, ours, peer = variants
+                base, _, peer = variants
                 for v in variants:
                     rows.append({
                         "shape": f"{shape.tokens}x{shape.in_features}->{shape.out_features}", "dtype": dtype_name,
@@ -277,8 +288,11 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory processes")
+    parser.add_argument("--shape", action="append", choices=[s.name for s in FULL_SHAPES], help="only these shapes")
+    parser.add_argument("--dtype", action="append", choices=list(DTYPES), help="only these dtypes")
+    parser.add_argument("--family", action="append", choices=list(FAMILIES), help="only LoRA or QLoRA rows")
     args = parser.parse_args(argv)
-    rows = run_table(args.quick, args.rounds, args.threads, not args.no_memory)
+    rows = run_table(args.quick, args.rounds, args.threads, not args.no_memory, args.shape, args.dtype, args.family)
     gpu_rows = [(f"{s.tokens}x{s.in_features}->{s.out_features}", gpu_cost(s.tokens, s.in_features, s.out_features, R))
                 for s in FULL_SHAPES]
     print(render(rows, gpu_rows))
