@@ -14,12 +14,14 @@ builds the model and data, reads its resident set, then trains `--warmup + --ste
   counted; the same count for both trainers) over the wall time of the `--steps` timed optimizer steps (forward,
   backward, optimizer). TRL's step time is taken between its own `on_step_begin` and `on_step_end` callbacks (its
   batch is fetched and collated just before), pyprefopt's is the `step_seconds` it logs (collation included).
-- peak extra MiB: the process's peak resident set at the end minus its resident set before training. pyprefopt's
-  includes its reference pass and its evaluations; TRL computes its reference log-probs every step.
+- peak extra MiB: the process's peak resident set at the end minus its resident set before the model is loaded
+  (after every import, with the cached base model built and the rows read): both include loading the model, the
+  LoRA layers, tokenising the data and training; pyprefopt's also its reference pass and its evaluations (TRL
+  computes its reference log-probs every step and evaluates nothing here).
 
 Matched settings: LoRA r=16, alpha=32, every linear layer but the head, no dropout; AdamW, lr 1e-3, cosine with
 10 % warmup, clipping at 1.0; batch --batch-size, no accumulation; max_length 512; beta 0.1; fp32; no gradient
-checkpointing (TRL 1.16 defaults to it: it is switched off here as pyprefopt's default has it off). TRL's SFT runs
+checkpointing (TRL 1.16 defaults to it; `--gradient-checkpointing` turns it on for both). TRL's SFT runs
 on the same prompt/completion split as pyprefopt's (completion-only loss on the last assistant turn).
 """
 
@@ -103,7 +105,7 @@ def _base_model_and_rows(method, data_dir):
     return default_model_path(D.corpus(rows)), rows
 
 
-def run_pyprefopt(method, data_dir, steps, warmup, batch_size):
+def run_pyprefopt(method, data_dir, steps, warmup, batch_size, checkpointing):
     # Everything the run imports, imported before the baseline (TRL's worker likewise imports before its own).
     import matplotlib.pyplot  # noqa: F401
     import safetensors.torch  # noqa: F401
@@ -119,6 +121,8 @@ def run_pyprefopt(method, data_dir, steps, warmup, batch_size):
                 "--max-steps", str(warmup + steps), "--batch-size", str(batch_size), "--lr", str(LR),
                 "--beta", str(BETA), "--max-length", str(MAX_LENGTH), "--warmup-ratio", str(WARMUP_RATIO),
                 "--lora-r", str(LORA["r"]), "--lora-alpha", str(LORA["alpha"])]
+        if checkpointing:
+            argv.append("--gradient-checkpointing")
         train.main(argv)
         records = [json.loads(line) for line in open(f"{out}/run/metrics.jsonl", encoding="utf-8")]
     timed = [r for r in records if "step_seconds" in r and r["step"] > warmup]
@@ -127,7 +131,7 @@ def run_pyprefopt(method, data_dir, steps, warmup, batch_size):
             "final_loss": timed[-1]["loss"]}
 
 
-def run_trl(method, data_dir, steps, warmup, batch_size):
+def run_trl(method, data_dir, steps, warmup, batch_size, checkpointing):
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -136,6 +140,7 @@ def run_trl(method, data_dir, steps, warmup, batch_size):
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
     base, rows = _base_model_and_rows(method, data_dir)
+    baseline = _rss_mib()
     dataset = Dataset.from_list(rows)
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -145,7 +150,7 @@ def run_trl(method, data_dir, steps, warmup, batch_size):
                   lr_scheduler_type="cosine", warmup_steps=round(WARMUP_RATIO * (warmup + steps)),
                   max_steps=warmup + steps, weight_decay=0.0,
                   max_grad_norm=1.0, logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
-                  use_cpu=True, bf16=False, gradient_checkpointing=False, max_length=MAX_LENGTH, seed=0,
+                  use_cpu=True, bf16=False, gradient_checkpointing=checkpointing, max_length=MAX_LENGTH, seed=0,
                   dataloader_num_workers=0, disable_tqdm=True)
     with tempfile.TemporaryDirectory() as out:
         if method == "sft":
@@ -164,7 +169,10 @@ def run_trl(method, data_dir, steps, warmup, batch_size):
 
         def counting_collator(examples):
             batch = collate(examples)
-            tokens_per_batch.append(int(batch["attention_mask"].sum()))
+            # CPOTrainer's collator keeps TRL's older layout: chosen and rejected rows (prompt included) apart.
+            masks = ["attention_mask"] if "attention_mask" in batch else ["chosen_attention_mask",
+                                                                          "rejected_attention_mask"]
+            tokens_per_batch.append(sum(int(batch[m].sum()) for m in masks))
             return batch
 
         class StepTimer(TrainerCallback):
@@ -176,7 +184,6 @@ def run_trl(method, data_dir, steps, warmup, batch_size):
 
         trainer.data_collator = counting_collator
         trainer.add_callback(StepTimer())
-        baseline = _rss_mib()
         trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     # The collator runs once per step (no accumulation, no prefetching worker), in step order.
@@ -195,9 +202,10 @@ def worker(argv):
     p.add_argument("--warmup", type=int, required=True)
     p.add_argument("--batch-size", type=int, required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--gradient-checkpointing", action="store_true")
     a = p.parse_args(argv)
     run = run_pyprefopt if a.impl == "pyprefopt" else run_trl
-    result = run(a.method, a.data, a.steps, a.warmup, a.batch_size)
+    result = run(a.method, a.data, a.steps, a.warmup, a.batch_size, a.gradient_checkpointing)
     result.update(impl=a.impl, method=a.method, tokens_per_second=result["tokens"] / result["seconds"])
     with open(a.out, "w", encoding="utf-8") as f:
         json.dump(result, f)
@@ -206,14 +214,14 @@ def worker(argv):
 # --------------------------------------------------------------------------------------------- driver
 
 
-def run_case(impl, method, data, steps, warmup, batch_size, threads, cache) -> dict:
+def run_case(impl, method, data, steps, warmup, batch_size, threads, cache, checkpointing=False) -> dict:
     """One case in a fresh interpreter; its result dict."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYPREFOPT_CACHE=str(cache), TRL_EXPERIMENTAL_SILENCE="1",
                TOKENIZERS_PARALLELISM="false")
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--impl", impl, "--method", method, "--data",
                str(data), "--steps", str(steps), "--warmup", str(warmup), "--batch-size", str(batch_size),
-               "--out", out.name]
+               "--out", out.name] + (["--gradient-checkpointing"] if checkpointing else [])
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{impl} {method} failed:\n{proc.stderr[-4000:]}")
@@ -246,6 +254,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every case")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="both trainers recompute activations "
+                   "(TRL's default; off by default here, as in pyprefopt)")
     p.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -262,7 +272,8 @@ def main(argv=None):
         results = []
         for method in a.methods:
             for impl in IMPLS:
-                result = run_case(impl, method, data, a.steps, a.warmup, a.batch_size, a.threads, cache)
+                result = run_case(impl, method, data, a.steps, a.warmup, a.batch_size, a.threads, cache,
+                                  a.gradient_checkpointing)
                 print(f"{method} {impl}: {result['tokens_per_second']:.0f} tokens/s, peak extra "
                       f"{result['peak_extra_mib']:.0f} MiB", file=sys.stderr, flush=True)
                 results.append(result)

@@ -60,12 +60,21 @@ RESUMABLE_CHANGES = {"resume", "eval_every", "save_every", "save_total_limit", "
 # --------------------------------------------------------------------------------------------- options
 
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to every option's help unless the help already says what the default is."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m pyprefopt.train",
         description="Fine-tune a causal LM with SFT, DPO, IPO, CPO or KTO (LoRA by default). With no --model "
         "and no --data it trains the embedded default: a tiny Qwen3 built offline and the bundled data.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelpFormatter,
     )
     p.add_argument("--method", required=True, choices=losses.METHODS, help="training objective")
     p.add_argument("--model", default=None,
@@ -75,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a directory with train.* and test.* (.jsonl/.json/.parquet), one such file, or a "
                    "`datasets` name; default: the bundled pyprefopt/data/{sft,preference,kto}/")
     p.add_argument("--eval-data", default=None, help="held-out file; default: the data's test split, else "
-                   f"{D.HELD_OUT_FRACTION:.0%} of the training rows")
+                   f"{D.HELD_OUT_FRACTION:.0%}% of the training rows")
     p.add_argument("--output-dir", default=None, help="default: runs/<method>-<UTC time>")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in --output-dir (start fresh if it has none)")
@@ -169,13 +178,22 @@ def peak_memory_mib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), else what `platform` knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def hardware_description(device, world) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = platform.processor() or platform.machine()
-        name = f"CPU {name}, {torch.get_num_threads()} threads"
-    return f"{world} x {name}" if world > 1 else name
+        name = f"{cpu_name()} ({os.cpu_count()} logical CPUs), {torch.get_num_threads()} torch threads"
+    return f"{world} processes x {name}" if world > 1 else name
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -435,9 +453,10 @@ def _atomic_write_text(path: Path, text: str):
     os.replace(tmp, path)
 
 
-def save_checkpoint(output_dir: Path, step, model, optimizer, scheduler, keep: int):
-    """checkpoints/step-<N>/: trainable weights, optimizer state and RNG in safetensors, the rest in JSON;
-    written to a temporary directory and renamed into place, then the oldest beyond `keep` removed."""
+def save_checkpoint(output_dir: Path, step, model, optimizer, scheduler, keep: int, data_position: dict):
+    """checkpoints/step-<N>/: trainable weights, optimizer state and RNG in safetensors, the rest in JSON (the
+    scheduler, and the data position: the epoch's seeded order is rebuilt from it); written to a temporary
+    directory and renamed into place, then the oldest beyond `keep` removed."""
     from safetensors.torch import save_file
 
     root = output_dir / CHECKPOINTS
@@ -452,7 +471,7 @@ def save_checkpoint(output_dir: Path, step, model, optimizer, scheduler, keep: i
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     save_file(rng, staging / "rng.safetensors")
-    state = {"step": step, "optimizer": opt_plain, "scheduler": scheduler.state_dict()}
+    state = {"step": step, "data_position": data_position, "optimizer": opt_plain, "scheduler": scheduler.state_dict()}
     (staging / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
     os.rename(staging, final)
     for old in sorted(root.glob("step-*"))[:-keep] if keep else []:
@@ -465,7 +484,7 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, device) -> int:
+def load_checkpoint(path: Path, model, optimizer, scheduler, device, global_batch) -> int:
     """Restore a checkpoint written by save_checkpoint; returns its step. Nothing is unpickled."""
     from safetensors.torch import load_file
 
@@ -478,6 +497,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, device) -> int:
         for name, param in params.items():
             param.copy_(saved[name])
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    if state["data_position"]["examples_per_step"] != global_batch:
+        raise SystemExit(f"{path} was written with {state['data_position']['examples_per_step']} examples per step, "
+                         f"this run takes {global_batch} (batch size x accumulation x processes): resume with the "
+                         "same global batch")
     optimizer.load_state_dict(_unflatten_optimizer_state(load_file(path / "optimizer.safetensors",
                                                                    device=str(device)), state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
@@ -564,6 +587,9 @@ def train(args, rank, world, device) -> int:
                          "--output-dir")
     if args.resume and (output_dir / RUN_ARGS_FILE).exists():
         check_resume_args(output_dir, args)
+    if world > 1:
+        # Every process has looked at output_dir before rank 0 may create anything in it.
+        dist.barrier()
 
     # 1. data
     train_rows, eval_rows, data_source = D.load_splits(args.data, args.method, args.eval_data, args.seed)
@@ -635,7 +661,7 @@ def train(args, rank, world, device) -> int:
     start_step = 0
     metrics_path = output_dir / METRICS_FILE
     if checkpoint is not None:
-        start_step = load_checkpoint(checkpoint, model, optimizer, scheduler, device)
+        start_step = load_checkpoint(checkpoint, model, optimizer, scheduler, device, global_batch)
         log(rank, f"resuming from {checkpoint} (step {start_step} of {total_steps})")
         if rank == 0:
             kept = read_metrics(metrics_path, start_step)
@@ -720,7 +746,9 @@ def train(args, rank, world, device) -> int:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
             if args.save_every and done % args.save_every == 0 and done < total_steps and rank == 0:
-                save_checkpoint(output_dir, done, model, optimizer, scheduler, args.save_total_limit)
+                position = {"epoch": done // steps_per_epoch, "batch_in_epoch": done % steps_per_epoch,
+                            "examples_per_step": global_batch, "seed": args.seed}
+                save_checkpoint(output_dir, done, model, optimizer, scheduler, args.save_total_limit, position)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_second']:.0f}")
             bar.update(1)
     finally:

@@ -102,6 +102,20 @@ def adapter(out):
 
 # ------------------------------------------------------------------------------------------- training
 
+EMBEDDED_DATA = all((D.default_data_dir(m) / "train.jsonl").is_file() for m in FORMAT_OF)
+
+
+@pytest.mark.skipif(not EMBEDDED_DATA, reason="the embedded data (pyprefopt/data/*/train.jsonl) has not landed yet")
+@pytest.mark.parametrize("method", ["sft", "dpo", "ipo", "cpo", "kto"])
+def test_embedded_default_trains(method, tmp_path):
+    """What a newcomer runs: no --model, no --data."""
+    out = tmp_path / "run"
+    assert train.main(["--method", method, "--output-dir", str(out), "--max-steps", "2"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    assert (out / "README.md").is_file() and (out / "adapter_model.safetensors").is_file()
+
+
 
 @pytest.mark.parametrize("method", ["sft", "dpo", "ipo", "cpo", "kto"])
 def test_each_method_trains_and_writes_its_outputs(method, data_dir, tmp_path):
@@ -243,6 +257,18 @@ def test_gradient_accumulation_matches_one_big_batch(method, data_dir, tmp_path)
     want = run(method, data_dir, tmp_path / "one", *common, "--batch-size", "4")
     got = run(method, data_dir, tmp_path / "accum", *common, "--batch-size", "2", "--grad-accum", "2")
     assert_same_training(tmp_path / "accum", tmp_path / "one", got, want, 1e-2)
+
+
+def test_help_documents_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--output-dir", "--max-steps", "--epochs", "--batch-size", "--grad-accum", "--lr", "--beta",
+                   "--max-length", "--seed", "--eval-every", "--save-every", "--lora-r", "--lora-alpha",
+                   "--target-modules", "--load-in-4bit", "--full", "--resume", "--merge"):
+        assert option in text, option
+    assert "(default: 0.001)" in text and "(default: 512)" in text and "default: runs/<method>-<UTC time>" in text
 
 
 # ------------------------------------------------------------------------------------------ bad data
