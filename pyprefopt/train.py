@@ -219,16 +219,7 @@ def load_model(args, train_rows, device):
             bnb_4bit_compute_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
         kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-    if args.load_in_4bit:
-        import bitsandbytes as bnb
-
-        for module in model.modules():
-            if isinstance(module, bnb.nn.Linear4bit):
-                # On an AVX512-BF16 CPU, bitsandbytes repacks a Linear4bit's weight in place into its own CPU
-                # layout at the first eval-mode, no-grad forward (the reference pass with adapters disabled),
-                # after which the LoRA layer can no longer read the NF4 blocks. Keep the standard layout.
-                module.support_avx512bf16_for_cpu = False
-    else:
+    if not args.load_in_4bit:
         model.to(device)
     model.config.use_cache = False
     if args.gradient_checkpointing:
