@@ -376,14 +376,15 @@ def forward(x, base, bias, lora_x, lora_a, lora_b, scale):
     """`(Y, S)`: Y [tokens, out] in x's dtype, S = lora_x @ A.T [tokens, r] in fp32 for the backward.
 
     x, lora_x: [tokens, in] (lora_x may be x); base: DenseBase or NF4Base; A [r, in], B [out, r]."""
-    lora_x = None if lora_x is x else lora_x.contiguous()
+    merged = lora_x is x
     x = x.contiguous()
-    lora_x = x if lora_x is None else lora_x
+    lora_x = x if merged else lora_x.contiguous()
     lora_a = lora_a.contiguous()
     lora_b = lora_b.contiguous()
     tokens, in_features = x.shape
     rank = lora_a.shape[0]
     s = torch.zeros(tokens, rank, dtype=torch.float32, device=x.device)
+    # Splits sized for 64-token blocks (the configs' middle); any config tiles them.
     m_blocks = triton.cdiv(tokens, 64)
     splits, per_split = _splits(in_features, m_blocks, SPLIT_ALIGN)
     _launch("down", lambda meta: (triton.cdiv(tokens, meta["BLOCK_M"]), splits),

@@ -182,8 +182,8 @@ class FusedLoRALinearFunction(torch.autograd.Function):
             grad_x, grad_lora_x, grad_a, grad_b = kernels.backward(
                 grad_y2.to(lora_x2.dtype), lora_x2, ctx.kernel_base, lora_a, lora_b, low, ctx.scale, ctx.merged,
                 need_x_any, need_a or need_b)
-            grad_a = None if grad_a is None else grad_a.to(lora_a.dtype)
-            grad_b = None if grad_b is None else grad_b.to(lora_b.dtype)
+            grad_a = grad_a.to(lora_a.dtype) if need_a else None
+            grad_b = grad_b.to(lora_b.dtype) if need_b else None
         else:
             weight = dense if dense is not None else _dense_weight(ctx.base_weight, lora_x2.dtype)
             low_grad = _scaled_mm(grad_y2, lora_b, ctx.scale)  # T_s = s * dY @ B
@@ -365,7 +365,7 @@ def inject_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float 
             layer.base_layer.bias.requires_grad_(True)
     if bias == "all":
         for name, param in model.named_parameters():
-            if name.endswith("bias"):
+            if "bias" in name:  # PEFT's test for bias="all"
                 param.requires_grad_(True)
     config = getattr(model, "config", None)
     model.pyprefopt_lora_config = LoRAConfig(
@@ -387,7 +387,7 @@ def _adapter_state_dict(model: nn.Module, bias: str) -> dict[str, torch.Tensor]:
     if bias == "all":
         # Our module names are PEFT's (`<name>.base_layer.bias` inside a LoRA layer, `<name>.bias` elsewhere).
         for name, param in model.named_parameters():
-            if name.endswith("bias"):
+            if "bias" in name:  # PEFT's test for bias="all"
                 state[PEFT_PREFIX + name] = param
     return {key: tensor.detach().contiguous() for key, tensor in state.items()}
 
@@ -484,7 +484,7 @@ def _peft_named_parameters(model: nn.Module):
         yield f"{name}.lora_A.weight", layer.lora_A
         yield f"{name}.lora_B.weight", layer.lora_B
     for name, param in model.named_parameters():
-        if name.endswith("bias"):
+        if "bias" in name:  # PEFT's test for bias="all"
             yield name, param
 
 
