@@ -89,6 +89,6 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4"],
         # Peers our tests use as oracles and our benches measure against.
-        "peers": ["trl>=1.0", "liger-kernel>=0.8"],
+        "peers": ["trl>=1.16,<2", "liger-kernel>=0.8"],
     },
 )
