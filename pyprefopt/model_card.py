@@ -114,11 +114,11 @@ def render(args, summary: dict, plots: list[str], plot_note: str | None) -> str:
         ["training examples / held-out examples", f"{summary['train_examples']} / {summary['eval_examples']}"],
         ["sequences cut at max_length / examples dropped", f"{summary['sequences_truncated']} / "
                                                             f"{summary['examples_dropped']}"],
-        ["wall time (whole run, s)", summary["wall_seconds"]],
+        ["wall time (s; data, model, reference pass, steps, evaluations, outputs)", summary["wall_seconds"]],
         ["time in train steps (s)", summary["train_step_seconds"]],
         ["reference log-prob pass (s)", summary["reference_seconds"]],
         ["train-step throughput (sequence tokens/s)", tok_s if tok_s is not None else "-"],
-        ["peak memory (MiB)", summary["peak_memory_mib"]],
+        ["peak memory (MiB; GPU: allocated, CPU: the process's resident set)", summary["peak_memory_mib"]],
         ["hardware", summary["hardware"]],
         ["parameters / trainable", f"{summary['parameters']:,} / {summary['trainable_parameters']:,}"],
         ["torch", summary["torch"]],

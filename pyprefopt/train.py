@@ -663,13 +663,10 @@ def train(args, rank, world, device) -> int:
     # 5. steps
     loss_fn = FusedLinearPreferenceLoss(args.method, **loss_hparams(args))
     names = metric_names(args.method)
-    evaluations = []
-    if start_step == 0:
-        evaluations.append({"step": 0, **evaluate(model, eval_data, eval_reference, args, pad_id, device, rank,
-                                                  world)})
+    initial = evaluate(model, eval_data, eval_reference, args, pad_id, device, rank, world) if start_step == 0 else None
     metrics_file = open(metrics_path, "a", encoding="utf-8") if rank == 0 else None
-    if metrics_file and evaluations:
-        metrics_file.write(json.dumps(evaluations[-1]) + "\n")
+    if metrics_file and initial is not None:
+        metrics_file.write(json.dumps({"step": 0, **initial}) + "\n")
     model.train()
     bar = tqdm(total=total_steps, initial=start_step, disable=rank != 0, desc=f"{args.method}", unit="step")
     train_seconds, train_tokens = 0.0, 0
@@ -730,9 +727,7 @@ def train(args, rank, world, device) -> int:
                 raise FloatingPointError(f"step {step + 1}: the loss is {record['loss']}; lower --lr or check the data")
             done = step + 1
             if (args.eval_every and done % args.eval_every == 0) or done == total_steps:
-                evaluations.append({"step": done, **evaluate(model, eval_data, eval_reference, args, pad_id, device,
-                                                             rank, world)})
-                record.update({k: v for k, v in evaluations[-1].items() if k != "step"})
+                record.update(evaluate(model, eval_data, eval_reference, args, pad_id, device, rank, world))
             if metrics_file:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
@@ -753,6 +748,14 @@ def train(args, rank, world, device) -> int:
     from pyprefopt import model_card
 
     save_outputs(output_dir, model, tokenizer, args.full)
+    if args.merge:
+        from pyprefopt.merge import merge_adapter
+
+        base_dir = base if Path(base).is_dir() else _hub_snapshot(base)
+        merge_adapter(base_dir, output_dir, output_dir / "merged", overwrite=True)
+    if not args.save_every:
+        # Without checkpoints the directory holds only the reference cache, which nothing reads any more.
+        shutil.rmtree(output_dir / CHECKPOINTS)
     all_records = read_metrics(metrics_path)
     summary = {
         "method": args.method, "base_model": base, "data": data_source, "steps": total_steps,
@@ -765,20 +768,14 @@ def train(args, rank, world, device) -> int:
         "tokens_per_second": train_tokens / train_seconds if train_seconds else None,
         "peak_memory_mib": peak_memory_mib(device), "hardware": hardware_description(device, world),
         "processes": world, "final": {k: v for k, v in record.items() if not k.startswith("eval_")},
-        "evaluations": [e for e in all_records if "eval_loss" in e],
+        "evaluations": [{"step": r["step"], **{k: v for k, v in r.items() if k.startswith("eval_")}}
+                        for r in all_records if "eval_loss" in r],
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in trainable.values()),
         "torch": torch.__version__,
     }
+    # Last: a README.md in the output directory means the run completed.
     model_card.write(output_dir, args, summary, all_records)
-    if args.merge:
-        from pyprefopt.merge import merge_adapter
-
-        base_dir = base if Path(base).is_dir() else _hub_snapshot(base)
-        merge_adapter(base_dir, output_dir, output_dir / "merged", overwrite=True)
-    if not args.save_every:
-        # Without checkpoints the directory holds only the reference cache, which nothing reads any more.
-        shutil.rmtree(output_dir / CHECKPOINTS)
     log(rank, f"done: {output_dir} ({summary['wall_seconds']:.1f} s, "
         f"{summary['tokens_per_second']:.0f} tokens/s over {total_steps - start_step} steps)")
     return 0
