@@ -411,15 +411,21 @@ def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def _flatten_state(state, prefix=""):
-    """A nested state dict split into tensors (for safetensors) and plain JSON values."""
+def _flatten_state(state, prefix="", seen=None):
+    """A nested state dict split into tensors keyed by their slash-joined path (for safetensors) and the nested
+    plain JSON values. A tensor whose storage was met before (bitsandbytes' 8-bit AdamW shares its quantisation
+    maps between parameters) is saved as a copy, since safetensors stores no shared tensors."""
+    seen = set() if seen is None else seen
     tensors, plain = {}, {}
     for key, value in state.items():
         name = f"{prefix}{key}"
         if isinstance(value, torch.Tensor):
-            tensors[name] = value.detach().cpu().contiguous()
+            tensor = value.detach().cpu().contiguous()
+            storage = tensor.untyped_storage().data_ptr()
+            tensors[name] = tensor.clone() if storage in seen else tensor
+            seen.add(storage)
         elif isinstance(value, dict):
-            sub_tensors, sub_plain = _flatten_state(value, name + "/")
+            sub_tensors, sub_plain = _flatten_state(value, name + "/", seen)
             tensors.update(sub_tensors)
             plain[str(key)] = sub_plain
         else:
@@ -428,13 +434,15 @@ def _flatten_state(state, prefix=""):
 
 
 def _unflatten_optimizer_state(tensors, plain):
-    state = {}
-    for key, tensor in tensors.items():
-        parameter_id, name = key.split("/", 2)[1:]
-        state.setdefault(int(parameter_id), {})[name] = tensor
-    for parameter_id, values in plain.get("state", {}).items():
-        state.setdefault(int(parameter_id), {}).update(values)
-    return {"state": state, "param_groups": plain["param_groups"]}
+    """The optimizer state dict back from _flatten_state's halves (JSON turned its parameter ids into strings)."""
+    state = json.loads(json.dumps(plain))
+    for path, tensor in tensors.items():
+        *parents, leaf = path.split("/")
+        node = state
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = tensor
+    return {"state": {int(k): v for k, v in state.get("state", {}).items()}, "param_groups": state["param_groups"]}
 
 
 def _atomic_write_text(path: Path, text: str):

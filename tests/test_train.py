@@ -205,6 +205,21 @@ def test_resume_after_sigkill_ends_with_the_same_adapter(data_dir, tmp_path):
         assert torch.equal(got_tensors[key], want_tensors[key]), key
 
 
+def test_resume_with_8bit_adamw_ends_with_the_same_adapter(data_dir, tmp_path):
+    """bitsandbytes' 8-bit AdamW state (shared quantisation maps, nested dicts) round-trips through a checkpoint."""
+    args = ["--max-steps", "4", "--batch-size", "4", "--optim", "adamw_8bit"]
+    straight = tmp_path / "straight"
+    run("dpo", data_dir, straight, *args)
+    resumed = tmp_path / "resumed"
+    run("dpo", data_dir, resumed, *args, "--save-every", "2")
+    for name in ("README.md", "adapter_model.safetensors"):
+        (resumed / name).unlink()
+    run("dpo", data_dir, resumed, *args, "--save-every", "2", "--resume")
+    want, got = adapter(straight), adapter(resumed)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+
 def test_resume_refuses_changed_options(data_dir, tmp_path):
     out = tmp_path / "run"
     run("dpo", data_dir, out, "--max-steps", "2", "--batch-size", "4", "--save-every", "1")
