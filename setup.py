@@ -78,7 +78,7 @@ setup(
     install_requires=[
         "torch>=2.4",
         "triton>=3.1; platform_system == 'Linux'",
-        "transformers>=4.46",
+        "transformers>=5.0",
         "peft>=0.13",
         "bitsandbytes>=0.45",
         "safetensors>=0.4",

@@ -15,7 +15,7 @@ returns per-token log-probs instead of logits); its CPOTrainer materialises the 
 transformers `Trainer` (`FusedLMHeadTrainer`): causal-LM (SFT) training whose loss comes from the fused
 head; `FusedLMHeadTrainer(model=..., ...)` in place of `Trainer(model=..., ...)`.
 
-Supported: TRL >= 1.16 and < 2, transformers >= 4.56 (the versions tested: TRL 1.16.0, transformers 5.23);
+Supported: TRL >= 1.16 and < 2, transformers >= 5.0 (the versions tested: TRL 1.16.0, transformers 5.23);
 other versions fail with a clear error. Not supported (a clear error, never a silent difference):
 logit soft-capping or logit scaling in the model config (Gemma 2/3, Cohere, Granite...), MoE router
 auxiliary losses, encoder-decoder models. The head's `entropy` output carries no gradient (TRL's trainers
@@ -37,7 +37,7 @@ from transformers.utils import ModelOutput
 from pyprefopt.fused_linear_logprobs import STATISTICS, fused_linear_logprobs
 
 TRL_VERSIONS = (Version("1.16"), Version("2"))  # [min, max)
-TRANSFORMERS_MIN = Version("4.56")
+TRANSFORMERS_MIN = Version("5.0")
 HEAD_OUTPUTS = ("log_probs", *STATISTICS)
 # The TRL trainer modules whose fused head patch_trl replaces (GRPO/RLOO use the entropy with gradient).
 TRL_HEAD_MODULES = ("trl.trainer.dpo_trainer", "trl.trainer.kto_trainer", "trl.trainer.sft_trainer")
