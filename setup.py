@@ -8,7 +8,7 @@ from setuptools import setup
 # -ffp-contract=off: the NF4 decode must round exactly like bitsandbytes (a multiply, then an add), so the
 # compiler may not fuse them into FMAs (csrc/nf4.h).
 CPU_FLAGS = ["-O3", "-ffp-contract=off", "-pthread"]
-CSRC_HEADERS = ["csrc/nf4.h", "csrc/nf4_cpu_tiles.inc"]
+CSRC_HEADERS = ["csrc/nf4.h", "csrc/nf4_problem.h", "csrc/nf4_cpu_tiles.inc"]
 # Ampere through Hopper, plus PTX for what comes after; PYPREFOPT_CUDA_ARCHS="80;90" overrides.
 DEFAULT_CUDA_ARCHS = "80;86;89;90"
 
@@ -57,7 +57,8 @@ ext_modules = [
 if cuda_build_wanted():
     cuda_home = os.path.dirname(os.path.dirname(shutil.which("nvcc")))
     ext_modules.append(
-        Pybind11Extension("pyprefopt._C_cuda", ["csrc/dequant_merge_nf4.cu"], depends=["csrc/nf4.h"], cxx_std=17,
+        Pybind11Extension("pyprefopt._C_cuda", ["csrc/dequant_merge_nf4.cu"],
+                          depends=["csrc/nf4.h", "csrc/nf4_problem.h"], cxx_std=17,
                           library_dirs=[os.path.join(cuda_home, "lib64")], libraries=["cudart"]))
 
 setup(

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "nf4.h"
+#include "nf4_problem.h"
 
 // The SIMD paths use GCC's per-function target pragmas; other compilers and CPUs build the scalar path.
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && !defined(__clang__)
@@ -258,47 +259,16 @@ void run_threads(const nf4::Problem& p, RowsFn fn, int granule, int num_threads)
     for (auto& worker : workers) worker.join();
 }
 
-int log2_exact(int64_t n, const char* what) {
-    if (n <= 0 || (n & (n - 1)) != 0) throw std::invalid_argument(std::string(what) + " must be a power of two");
-    int log2 = 0;
-    while ((int64_t{1} << log2) != n) ++log2;
-    return log2;
-}
-
-void require(bool ok, const char* message) {
-    if (!ok) throw std::invalid_argument(message);
-}
-
 void dequant_merge_nf4(uintptr_t codes, uintptr_t absmax, bool nested, uintptr_t nested_absmax, uintptr_t nested_code,
                        float nested_offset, int64_t nested_blocksize, int64_t rows, int64_t cols, int64_t blocksize,
                        uintptr_t lora_A, uintptr_t lora_B, int64_t rank, float scale, uintptr_t out, int out_dtype,
                        int num_threads, const std::string& isa) {
-    require(rows >= 0 && cols >= 0 && rank >= 0, "rows, cols and rank must be non-negative");
-    require(blocksize >= 32 && blocksize <= 4096, "blocksize must be in [32, 4096]");
-    require(out_dtype >= nf4::kFloat32 && out_dtype <= nf4::kFloat16, "out_dtype must be 0 (fp32), 1 (bf16) or 2 (fp16)");
-    require(num_threads >= 1, "num_threads must be positive");
-    nf4::Problem p{};
-    p.blocksize_log2 = log2_exact(blocksize, "blocksize");
-    p.nested_blocksize_log2 = nested ? log2_exact(nested_blocksize, "nested_blocksize") : 0;
+    nf4::require(num_threads >= 1, "num_threads must be positive");
     const Isa limit = isa == "auto" ? Isa::kAvx512 : parse_isa(isa);
+    const nf4::Problem p = nf4::make_problem(codes, absmax, nested, nested_absmax, nested_code, nested_offset,
+                                             nested_blocksize, rows, cols, blocksize, lora_A, lora_B, rank, scale,
+                                             out, out_dtype);
     if (rows == 0 || cols == 0) return;
-    require(codes && absmax && out, "codes, absmax and out must be non-null");
-    require(!nested || (nested_absmax && nested_code), "nested needs nested_absmax and nested_code");
-    require(rank == 0 || (lora_A && lora_B), "rank > 0 needs lora_A and lora_B");
-    p.codes = reinterpret_cast<const uint8_t*>(codes);
-    p.absmax = reinterpret_cast<const void*>(absmax);
-    p.nested = nested;
-    p.nested_absmax = reinterpret_cast<const float*>(nested_absmax);
-    p.nested_code = reinterpret_cast<const float*>(nested_code);
-    p.nested_offset = nested_offset;
-    p.rows = rows;
-    p.cols = cols;
-    p.lora_A = reinterpret_cast<const float*>(lora_A);
-    p.lora_B = reinterpret_cast<const float*>(lora_B);
-    p.rank = rank;
-    p.scale = scale;
-    p.out = reinterpret_cast<void*>(out);
-    p.out_dtype = out_dtype;
     const Isa chosen = pick_isa(limit, cols);
     py::gil_scoped_release release;
     run_threads(p, rows_fn(chosen), kRowGroup, num_threads);

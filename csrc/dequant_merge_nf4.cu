@@ -14,6 +14,7 @@
 #include <string>
 
 #include "nf4.h"
+#include "nf4_problem.h"
 
 namespace py = pybind11;
 
@@ -31,41 +32,14 @@ __global__ void dequant_merge_nf4_kernel(nf4::Problem p) {
         nf4::merge_element(p, kNF4Code, e / p.cols, e % p.cols);
 }
 
-int log2_exact(int64_t n, const char* what) {
-    if (n <= 0 || (n & (n - 1)) != 0) throw std::invalid_argument(std::string(what) + " must be a power of two");
-    int log2 = 0;
-    while ((int64_t{1} << log2) != n) ++log2;
-    return log2;
-}
-
 void dequant_merge_nf4(uintptr_t codes, uintptr_t absmax, bool nested, uintptr_t nested_absmax, uintptr_t nested_code,
                        float nested_offset, int64_t nested_blocksize, int64_t rows, int64_t cols, int64_t blocksize,
                        uintptr_t lora_A, uintptr_t lora_B, int64_t rank, float scale, uintptr_t out, int out_dtype,
                        uintptr_t stream) {
-    if (rows < 0 || cols < 0 || rank < 0) throw std::invalid_argument("rows, cols and rank must be non-negative");
-    if (out_dtype < nf4::kFloat32 || out_dtype > nf4::kFloat16)
-        throw std::invalid_argument("out_dtype must be 0 (fp32), 1 (bf16) or 2 (fp16)");
-    nf4::Problem p{};
-    p.blocksize_log2 = log2_exact(blocksize, "blocksize");
-    p.nested_blocksize_log2 = nested ? log2_exact(nested_blocksize, "nested_blocksize") : 0;
+    const nf4::Problem p = nf4::make_problem(codes, absmax, nested, nested_absmax, nested_code, nested_offset,
+                                             nested_blocksize, rows, cols, blocksize, lora_A, lora_B, rank, scale,
+                                             out, out_dtype);
     if (rows == 0 || cols == 0) return;
-    if (!codes || !absmax || !out) throw std::invalid_argument("codes, absmax and out must be non-null");
-    if (nested && (!nested_absmax || !nested_code)) throw std::invalid_argument("nested needs nested_absmax and nested_code");
-    if (rank > 0 && (!lora_A || !lora_B)) throw std::invalid_argument("rank > 0 needs lora_A and lora_B");
-    p.codes = reinterpret_cast<const uint8_t*>(codes);
-    p.absmax = reinterpret_cast<const void*>(absmax);
-    p.nested = nested;
-    p.nested_absmax = reinterpret_cast<const float*>(nested_absmax);
-    p.nested_code = reinterpret_cast<const float*>(nested_code);
-    p.nested_offset = nested_offset;
-    p.rows = rows;
-    p.cols = cols;
-    p.lora_A = reinterpret_cast<const float*>(lora_A);
-    p.lora_B = reinterpret_cast<const float*>(lora_B);
-    p.rank = rank;
-    p.scale = scale;
-    p.out = reinterpret_cast<void*>(out);
-    p.out_dtype = out_dtype;
     const int64_t blocks = std::min(kMaxBlocks, (rows * cols + kThreadsPerBlock - 1) / kThreadsPerBlock);
     dequant_merge_nf4_kernel<<<static_cast<unsigned>(blocks), kThreadsPerBlock, 0, reinterpret_cast<cudaStream_t>(stream)>>>(p);
     const cudaError_t status = cudaGetLastError();
