@@ -31,7 +31,6 @@ import argparse
 import json
 import math
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -42,42 +41,19 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# tests/ last, so that its modules (conftest.py among them) shadow nothing of bench/'s.
+sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
 import variants as V  # noqa: E402
+from synthetic_data import write_data  # noqa: E402
 
 METHODS = ("sft", "dpo", "ipo", "cpo", "kto")
 IMPLS = ("pyprefopt", "trl")
 FORMAT_OF = {"sft": "sft", "dpo": "preference", "ipo": "preference", "cpo": "preference", "kto": "kto"}
 LORA = dict(r=16, alpha=32.0)
 LR, BETA, MAX_LENGTH, WARMUP_RATIO = 1e-3, 0.1, 512, 0.1
-ARABIC = "كتاب مدرسة قلم بيت شمس قمر ماء خبز سماء بحر جبل نهر طريق مدينة سؤال جواب".split()
-PERSIAN = "کتاب خانه آب نان دریا کوه راه شهر".split()
-
-
-def write_synthetic(root: Path, rows: int, seed: int = 0):
-    """sft/, preference/, kto/ with train.jsonl and test.jsonl (`rows` rows each) in TRL's conversational formats;
-    lengths vary (prompts 8-40 words, answers 10-60) so batches carry padding as real data does."""
-    rng = random.Random(seed)
-
-    def sentence(lo, hi):
-        words = PERSIAN if rng.random() < 0.2 else ARABIC
-        return " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi)))
-
-    for kind in ("sft", "preference", "kto"):
-        (root / kind).mkdir(parents=True, exist_ok=True)
-        for split in ("train", "test"):
-            with open(root / kind / f"{split}.jsonl", "w", encoding="utf-8") as f:
-                for i in range(rows):
-                    prompt = [{"role": "user", "content": sentence(8, 40)}]
-                    good = [{"role": "assistant", "content": "جواب جيد: " + sentence(10, 60)}]
-                    bad = [{"role": "assistant", "content": "جواب سيء: " + sentence(10, 60)}]
-                    if kind == "sft":
-                        row = {"messages": prompt + good}
-                    elif kind == "preference":
-                        row = {"prompt": prompt, "chosen": good, "rejected": bad}
-                    else:
-                        row = {"prompt": prompt, "completion": good if i % 2 == 0 else bad, "label": i % 2 == 0}
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+# --synthetic's word counts (fewest, most) per prompt and answer: varied, so batches carry padding as real data does.
+SYNTHETIC_WORDS = dict(prompt_words=(8, 40), answer_words=(10, 60))
 
 
 def _rss_mib() -> float:
@@ -264,7 +240,7 @@ def main(argv=None):
         data = a.data
         if a.synthetic:
             data = tmp / "data"
-            write_synthetic(data, a.synthetic)
+            write_data(data, a.synthetic, a.synthetic, **SYNTHETIC_WORDS)
         elif data is None:
             from pyprefopt.data import PACKAGE_DATA
 
@@ -293,7 +269,8 @@ def test_train_step_faster_and_smaller_than_trl(tmp_path):
     """DPO (quick) or every method (PYPREFOPT_BENCH_QUICK=0): pyprefopt's train steps against TRL's trainer."""
     pytest.importorskip("trl")
     quick = V.env_quick()
-    write_synthetic(tmp_path / "data", 32 if quick else 256)
+    rows = 32 if quick else 256
+    write_data(tmp_path / "data", rows, rows, **SYNTHETIC_WORDS)
     methods = ("dpo",) if quick else METHODS
     steps, warmup = (4, 1) if quick else (20, 3)
     for method in methods:

@@ -19,10 +19,20 @@ Batches hand the model `input_ids` without each row's last token (its hidden sta
 and `labels` aligned with them: `labels[t]` is the token at t+1 where that token is a completion token, else
 -100, which is what `FusedLinearPreferenceLoss` takes.
 
-KTO's KL reference point uses mismatched prompt/completion pairs, as TRL does. TRL cycles completions by
-one inside each device's batch; here example i is paired once, in dataset order, with the completion of
-example i-1, so a pair does not depend on the batching or the number of processes and its reference
-log-prob can be computed once and cached.
+KTO's KL reference point uses mismatched prompt/completion pairs built exactly as TRL 1.16's `KTOTrainer`
+builds them (`add_kl_completion_ids` in trl/trainer/kto_trainer.py): after over-long prompts are dropped, the
+examples are cut, in dataset order, into consecutive chunks of `kl_chunk` (the last may be shorter), and the
+completions rotate by one within each chunk, (x1, y1) ... (xn, yn) -> (x1, yn), (x2, y1), ..., (xn, y{n-1}).
+TRL's chunk is `per_device_train_batch_size`; the training loop passes the global micro-batch, `--batch-size`
+times the number of processes. In one process the two are the same. Under data parallelism the loop
+all-reduces the KL point over the global micro-batch, so N processes already compute what one process does
+with the same global micro-batch; chunking by the global micro-batch keeps the KL pairs identical too. A chunk
+of one pairs an example with its own completion (TRL does the same for a short last chunk of one), so the
+loop refuses KTO with a global micro-batch of one, as TRL refuses a batch size of one. The pairs are fixed
+per data set: they do not depend on the shuffled order, and resuming requires the same batch size and
+(through the global batch) the same number of processes, so each pair's reference log-prob is computed once
+and cached. Unlike TRL, which requires sequential sampling for KTO, the loop shuffles the examples, so a
+micro-batch's KL completions are generally not its own completions.
 """
 
 from __future__ import annotations
@@ -295,11 +305,27 @@ class TokenizedData:
         return len(self.completions[0]) if self.completions else 0
 
 
-def tokenize(rows: list[dict], method: str, tokenizer, max_length: int, source: str) -> TokenizedData:
-    """Tokenise normalised rows (see `normalise_rows`) as TRL does; see the module docstring."""
+def kl_completion_sources(n: int, kl_chunk: int) -> list[int]:
+    """For each of `n` examples, the example whose completion its KL sequence takes: TRL 1.16's rotation by
+    one within consecutive chunks of `kl_chunk` examples (see the module docstring)."""
+    if kl_chunk < 1:
+        raise ValueError(f"kl_chunk must be at least 1, got {kl_chunk}")
+    sources = []
+    for start in range(0, n, kl_chunk):
+        chunk = list(range(start, min(start + kl_chunk, n)))
+        sources += chunk[-1:] + chunk[:-1]
+    return sources
+
+
+def tokenize(rows: list[dict], method: str, tokenizer, max_length: int, source: str,
+             kl_chunk: int | None = None) -> TokenizedData:
+    """Tokenise normalised rows (see `normalise_rows`) as TRL does; see the module docstring. KTO needs
+    `kl_chunk`, the number of examples within which its KL completions rotate (the global micro-batch)."""
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
     fmt = FORMATS[method]
+    if fmt == "kto" and kl_chunk is None:
+        raise ValueError("KTO's KL pairs need kl_chunk (the global micro-batch)")
     prompts, completions, labels = [], [], [] if fmt == "kto" else None
     dropped = 0
     for number, row in enumerate(rows, 1):
@@ -318,8 +344,10 @@ def tokenize(rows: list[dict], method: str, tokenizer, max_length: int, source: 
     if not prompts:
         raise DataError(f"{source}: every example's prompt fills max_length={max_length}: nothing left to train on")
     if fmt == "kto":
-        # Example i's KL sequence: its own prompt with example i-1's completion (see the module docstring).
-        completions = [ids + [completions[i - 1][0]] for i, ids in enumerate(completions)]
+        # Example i's KL sequence: its own prompt with the completion of the example before it in its chunk of
+        # kl_chunk examples, the chunk's first taking its last's (TRL's rotation; see the module docstring).
+        sources = kl_completion_sources(len(completions), kl_chunk)
+        completions = [ids + [completions[j][0]] for ids, j in zip(completions, sources)]
         if len(set(labels)) < 2:
             raise DataError(f"{source}: after dropping over-long prompts only one KTO class is left")
     truncated = sum(len(p) + len(c) > max_length for p, cs in zip(prompts, completions) for c in cs)

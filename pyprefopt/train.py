@@ -591,6 +591,12 @@ def train(args, rank, world, device) -> int:
         dist.barrier()
 
     # 1. data
+    # KTO's KL completions rotate within chunks of the global micro-batch (TRL's rule; see pyprefopt.data).
+    kl_chunk = args.batch_size * world
+    if args.method == "kto" and kl_chunk < 2:
+        raise SystemExit("kto needs a global micro-batch (--batch-size x processes) of at least 2: its KL "
+                         "completions rotate within it, so with one example each would be paired with its own "
+                         "completion (TRL's KTOTrainer likewise refuses a batch size of 1)")
     train_rows, eval_rows, data_source = D.load_splits(args.data, args.method, args.eval_data, args.seed)
     train_rows = D.normalise_rows(train_rows, args.method, f"{data_source} (train)")
     eval_rows = D.normalise_rows(eval_rows, args.method, f"{data_source} (eval)")
@@ -599,8 +605,8 @@ def train(args, rank, world, device) -> int:
     torch.manual_seed(args.seed)
     model, tokenizer, base = load_model(args, train_rows, device)
     pad_id = tokenizer.pad_token_id
-    train_data = D.tokenize(train_rows, args.method, tokenizer, args.max_length, f"{data_source} (train)")
-    eval_data = D.tokenize(eval_rows, args.method, tokenizer, args.max_length, f"{data_source} (eval)")
+    train_data = D.tokenize(train_rows, args.method, tokenizer, args.max_length, f"{data_source} (train)", kl_chunk)
+    eval_data = D.tokenize(eval_rows, args.method, tokenizer, args.max_length, f"{data_source} (eval)", kl_chunk)
     global_batch = args.batch_size * args.grad_accum * world
     steps_per_epoch = len(train_data) // global_batch
     if steps_per_epoch == 0:

@@ -1,10 +1,10 @@
 """`python -m pyprefopt.train`: every method trains, a SIGKILLed run resumes to the same adapter, two data-parallel
 processes compute what one does, bad data fails clearly, and the adapter loads in PEFT.
 
-The runs use small Arabic/Persian data sets written here (`data_dir`) and the embedded tiny Qwen3, built into a
-per-session cache. Torch runs one thread in these tests (and their subprocesses): on a small shared CPU, OpenMP
-threads spinning against other processes make tiny ops hundreds of times slower, and one thread also keeps the
-in-process and subprocess runs numerically identical.
+The runs use small Arabic/Persian data sets (`data_dir`, written by tests/synthetic_data.py) and the embedded tiny
+Qwen3, built into a per-session cache. Torch runs one thread in these tests (and their subprocesses): on a small
+shared CPU, OpenMP threads spinning against other processes make tiny ops hundreds of times slower, and one thread
+also keeps the in-process and subprocess runs numerically identical.
 
 `test_eval_metrics_move_the_right_way` is marked heavy, as the benchmarks are: CI runs it at its quick size
 (PYPREFOPT_BENCH_QUICK unset or 1); PYPREFOPT_BENCH_QUICK=0 trains longer on more data.
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -28,40 +27,13 @@ from safetensors.torch import load_file
 
 from pyprefopt import data as D
 from pyprefopt import train
+from synthetic_data import write_data
 
 QUICK = os.environ.get("PYPREFOPT_BENCH_QUICK", "1").strip().lower() not in ("0", "false", "no", "off")
-ARABIC = "كتاب مدرسة قلم بيت شمس قمر ماء خبز سماء بحر جبل نهر طريق مدينة".split()
-PERSIAN = "کتاب خانه آب نان دریا کوه راه شهر".split()
 PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                 "logps/rejected")
 STEP_METRICS = ("grad_norm", "learning_rate", "tokens_per_second", "peak_memory_mib")
 FORMAT_OF = {"sft": "sft", "dpo": "preference", "ipo": "preference", "cpo": "preference", "kto": "kto"}
-
-
-def _sentence(rng, n):
-    words = PERSIAN if rng.random() < 0.2 else ARABIC
-    return " ".join(rng.choice(words) for _ in range(n))
-
-
-def write_data(root: Path, n_train: int, n_test: int, seed: int = 0):
-    """sft/, preference/ and kto/ with train.jsonl and test.jsonl in TRL's conversational formats. A good answer
-    starts with "جواب جيد:" and a bad one with "جواب سيء:", both the same length, so the preference is learnable."""
-    rng = random.Random(seed)
-    for kind in ("sft", "preference", "kto"):
-        (root / kind).mkdir(parents=True, exist_ok=True)
-        for split, n in (("train", n_train), ("test", n_test)):
-            with open(root / kind / f"{split}.jsonl", "w", encoding="utf-8") as f:
-                for i in range(n):
-                    prompt = [{"role": "user", "content": _sentence(rng, 6)}]
-                    good = [{"role": "assistant", "content": "جواب جيد: " + _sentence(rng, 6)}]
-                    bad = [{"role": "assistant", "content": "جواب سيء: " + _sentence(rng, 6)}]
-                    if kind == "sft":
-                        row = {"messages": prompt + good}
-                    elif kind == "preference":
-                        row = {"prompt": prompt, "chosen": good, "rejected": bad}
-                    else:
-                        row = {"prompt": prompt, "completion": good if i % 2 == 0 else bad, "label": i % 2 == 0}
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -347,6 +319,51 @@ def test_truncation_is_counted_and_prompts_masked(data_dir):
     assert (labels[len(prompt) - 1 + len(chosen):] == D.IGNORE_INDEX).all()
     with pytest.raises(D.DataError, match="every example's prompt fills max_length=2"):
         D.tokenize(rows, "dpo", tokenizer, 2, "train")
+
+
+def test_kto_kl_pairs_are_trls(tmp_path):
+    """KTO's mismatched KL pairs are TRL 1.16's: TRL's own `KTOTrainer._prepare_dataset` (tokenise, drop over-long
+    prompts, then `add_kl_completion_ids`: a `Dataset.map(batched=True, batch_size=per_device_train_batch_size)`
+    rotating completions by one per chunk; trl/trainer/kto_trainer.py, near line 1141) runs on a stand-in trainer
+    and must give our prompts, completions and KL completions, with a chunk that does not divide the data set."""
+    pytest.importorskip("trl")
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+    from trl import KTOTrainer
+
+    from pyprefopt.default_model import build_tokenizer
+
+    words = "كتاب مدرسة قلم بيت شمس قمر ماء خبز".split()
+    rows = []
+    for i in range(12):
+        prompt_words = 40 if i == 5 else 2 + i % 3  # row 5's prompt alone fills max_length: both drop it
+        rows.append({"prompt": [{"role": "user", "content": " ".join(words[(i + k) % 8] for k in range(prompt_words))}],
+                     "completion": [{"role": "assistant",
+                                     "content": " ".join(words[(3 * i + k) % 8] for k in range(1 + i % 4))}],
+                     "label": i % 3 != 0})
+    rows = D.normalise_rows(rows, "kto", "x")
+    tokenizer = build_tokenizer(D.corpus(rows))
+    max_length, chunk = 30, 4
+    ours = D.tokenize(rows, "kto", tokenizer, max_length, "x", kl_chunk=chunk)
+    assert ours.dropped == 1 and len(ours) == 11 and len(ours) % chunk != 0
+    # Chunks [0..3], [4..7], [8..10] of the 11 kept examples, each rotated by one.
+    assert D.kl_completion_sources(11, chunk) == [3, 0, 1, 2, 7, 4, 5, 6, 10, 8, 9]
+    trainer = SimpleNamespace(_tokenizer=tokenizer, calculate_KL=True, desirable_weight=1.0, undesirable_weight=1.0)
+    args = SimpleNamespace(dataset_num_proc=None, max_length=max_length, per_device_train_batch_size=chunk)
+    # "eval" takes the same path as "train" but for a desirable/undesirable balance warning.
+    theirs = KTOTrainer._prepare_dataset(trainer, Dataset.from_list(rows), tokenizer, args, "eval")
+    assert theirs["prompt_ids"] == ours.prompts
+    assert theirs["completion_ids"] == [c[0] for c in ours.completions]
+    assert theirs["KL_completion_ids"] == [c[1] for c in ours.completions]
+    # A global micro-batch of one would pair every example with its own completion: refused, as TRL refuses it.
+    data = tmp_path / "data"
+    data.mkdir()
+    _write(data / "train.jsonl", [{"prompt": "a", "completion": "b", "label": i % 2 == 0} for i in range(4)])
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="global micro-batch .* of at least 2"):
+        train.main(["--method", "kto", "--data", str(data), "--output-dir", str(out), "--batch-size", "1"])
+    assert not out.exists()
 
 
 def test_standard_string_formats_are_accepted(tmp_path):
