@@ -8,7 +8,7 @@ from setuptools import setup
 # -ffp-contract=off: the NF4 decode must round exactly like bitsandbytes (a multiply, then an add), so the
 # compiler may not fuse them into FMAs (csrc/nf4.h).
 CPU_FLAGS = ["-O3", "-ffp-contract=off", "-pthread"]
-CSRC_HEADERS = ["csrc/nf4.h", "csrc/nf4_problem.h", "csrc/nf4_cpu_tiles.inc"]
+CSRC_HEADERS = ["csrc/nf4.h", "csrc/nf4_problem.h", "csrc/nf4_cpu_tiles.inc", "csrc/nf4_cpu_ops_avx512.inc"]
 # Ampere through Hopper, plus PTX for what comes after; PYPREFOPT_CUDA_ARCHS="80;90" overrides.
 DEFAULT_CUDA_ARCHS = "80;86;89;90"
 

@@ -167,7 +167,8 @@ def test_merge_within_one_ulp_of_fp32_reference(isa, shape, nested, out_dtype):
 
 
 @pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(33, 65), (37, 40), (67, 2048)], ids=str)
+# (2048, 2048): outputs of 8 MiB and more are written with non-temporal stores.
+@pytest.mark.parametrize("shape", [(33, 65), (37, 40), (67, 2048), (2048, 2048)], ids=str)
 def test_every_isa_gives_the_same_bits(monkeypatch, shape, out_dtype):
     packed, state = quantize(shape, 64, True)
     weight = nf4.NF4Weight.from_quant_state(packed, state)
