@@ -34,8 +34,6 @@ const float kNF4Code[16] = {NF4_CODE_VALUES};
 
 // Fewer elements than this per thread cost more in thread start-up than they save.
 constexpr int64_t kMinElementsPerThread = 1 << 16;
-// Rows go to threads in groups of the widest SIMD row tile (Ops::R), so only the last group runs smaller tiles.
-constexpr int kRowGroup = 8;
 
 // Narrowest first; each needs the ones before it. avx512 is AVX-512 F+BW+DQ (Skylake-SP and later), avx512bf16
 // adds AVX512-BF16's conversion for bf16 outputs (Cooper Lake, Sapphire Rapids, Zen 4).
@@ -77,12 +75,37 @@ class RowScales {
     int64_t first_block_ = 0;
 };
 
+// Split the rows between threads in whole groups of `granule` rows.
+using RowsFn = void (*)(const nf4::Problem&, int64_t, int64_t);
+
+void run_threads(const nf4::Problem& p, RowsFn fn, int granule, int num_threads) {
+    const int64_t groups = (p.rows + granule - 1) / granule;
+    const int64_t by_work = std::max<int64_t>(1, p.rows * p.cols / kMinElementsPerThread);
+    const int64_t threads = std::max<int64_t>(1, std::min<int64_t>({num_threads, groups, by_work}));
+    std::vector<std::thread> workers;
+    workers.reserve(threads - 1);
+    auto range = [&](int64_t t) {
+        const int64_t begin = std::min(p.rows, groups * t / threads * granule);
+        const int64_t end = std::min(p.rows, groups * (t + 1) / threads * granule);
+        return std::pair<int64_t, int64_t>(begin, end);
+    };
+    for (int64_t t = 1; t < threads; ++t) {
+        const auto [begin, end] = range(t);
+        workers.emplace_back(fn, std::cref(p), begin, end);
+    }
+    const auto [begin, end] = range(0);
+    fn(p, begin, end);
+    for (auto& worker : workers) worker.join();
+}
+
 namespace scalar {
 
 void merge_rows(const nf4::Problem& p, int64_t row_begin, int64_t row_end) {
     for (int64_t row = row_begin; row < row_end; ++row)
         for (int64_t col = 0; col < p.cols; ++col) nf4::merge_element(p, kNF4Code, row, col);
 }
+
+void merge(const nf4::Problem& p, int num_threads) { run_threads(p, merge_rows, 1, num_threads); }
 
 }  // namespace scalar
 
@@ -244,38 +267,17 @@ Isa pick_isa(Isa limit, int64_t cols) {
     return Isa::kScalar;
 }
 
-using RowsFn = void (*)(const nf4::Problem&, int64_t, int64_t);
+using MergeFn = void (*)(const nf4::Problem&, int);
 
-RowsFn rows_fn(Isa isa) {
+MergeFn merge_fn(Isa isa) {
     switch (isa) {
 #if NF4_X86
-        case Isa::kAvx2: return avx2::merge_rows;
-        case Isa::kAvx512: return avx512::merge_rows;
-        case Isa::kAvx512Bf16: return avx512bf16::merge_rows;
+        case Isa::kAvx2: return avx2::merge;
+        case Isa::kAvx512: return avx512::merge;
+        case Isa::kAvx512Bf16: return avx512bf16::merge;
 #endif
-        default: return scalar::merge_rows;
+        default: return scalar::merge;
     }
-}
-
-// Split the rows between threads in whole groups of `granule` rows.
-void run_threads(const nf4::Problem& p, RowsFn fn, int granule, int num_threads) {
-    const int64_t groups = (p.rows + granule - 1) / granule;
-    const int64_t by_work = std::max<int64_t>(1, p.rows * p.cols / kMinElementsPerThread);
-    const int64_t threads = std::max<int64_t>(1, std::min<int64_t>({num_threads, groups, by_work}));
-    std::vector<std::thread> workers;
-    workers.reserve(threads - 1);
-    auto range = [&](int64_t t) {
-        const int64_t begin = std::min(p.rows, groups * t / threads * granule);
-        const int64_t end = std::min(p.rows, groups * (t + 1) / threads * granule);
-        return std::pair<int64_t, int64_t>(begin, end);
-    };
-    for (int64_t t = 1; t < threads; ++t) {
-        const auto [begin, end] = range(t);
-        workers.emplace_back(fn, std::cref(p), begin, end);
-    }
-    const auto [begin, end] = range(0);
-    fn(p, begin, end);
-    for (auto& worker : workers) worker.join();
 }
 
 void dequant_merge_nf4(uintptr_t codes, uintptr_t absmax, bool nested, uintptr_t nested_absmax, uintptr_t nested_code,
@@ -290,7 +292,7 @@ void dequant_merge_nf4(uintptr_t codes, uintptr_t absmax, bool nested, uintptr_t
     if (rows == 0 || cols == 0) return;
     const Isa chosen = pick_isa(limit, cols);
     py::gil_scoped_release release;
-    run_threads(p, rows_fn(chosen), kRowGroup, num_threads);
+    merge_fn(chosen)(p, num_threads);
 }
 
 }  // namespace
