@@ -180,14 +180,30 @@ def fma_rate(n=2048, rounds=5):
     return n ** 3 / min_seconds(lambda: torch.mm(a, b, out=c), rounds)
 
 
+def with_isa(isa: str, call):
+    """`call` with the extension limited to instruction set `isa` (nf4._CPU_ISA)."""
+    def limited():
+        saved, nf4._CPU_ISA = nf4._CPU_ISA, isa
+        try:
+            return call()
+        finally:
+            nf4._CPU_ISA = saved
+    return limited
+
+
 def table(quick: bool, with_peft: bool, rounds: int):
+    from pyprefopt import _C
+
     bandwidth, fmas = copy_bandwidth(), fma_rate()
-    print(f"CPU, {torch.get_num_threads()} threads: copy {bandwidth / 1e9:.1f} GB/s (read + write), "
-          f"fp32 GEMM {fmas / 1e9:.1f} GFMA/s; r = {RANK}, blocksize {BLOCKSIZE}, double-quantised scales, "
-          f"bf16 out; min of {rounds} runs, ms\n")
+    isas = _C.supported_isas()
+    # The narrower x86 paths too, for CPUs without the widest one (e.g. AVX2-only AMD EPYC before Zen 4).
+    narrower = [isa for isa in ("avx512", "avx2") if isa in isas[:-1]]
+    print(f"CPU, {torch.get_num_threads()} threads, widest isa {isas[-1]}: copy {bandwidth / 1e9:.1f} GB/s "
+          f"(read + write), fp32 GEMM {fmas / 1e9:.1f} GFMA/s; r = {RANK}, blocksize {BLOCKSIZE}, double-quantised "
+          f"scales, bf16 out; min of {rounds} runs, ms\n")
     columns = ["memory floor", "FMA floor", "pyprefopt (out=)", "pyprefopt (fresh out)", "bnb dequantize_4bit",
                "bnb dequant + addmm + cast"] + (["PEFT merge()"] if with_peft else []) + \
-              ["ours / larger floor", "ours / (bnb + addmm)"]
+              [f"pyprefopt {isa} only" for isa in narrower] + ["ours / larger floor", "ours / (bnb + addmm)"]
     print("| W | " + " | ".join(columns) + " |")
     print("|---" * (len(columns) + 1) + "|")
     for rows, cols in QUICK_SHAPES if quick else FULL_SHAPES:
@@ -203,7 +219,9 @@ def table(quick: bool, with_peft: bool, rounds: int):
             if setup is None:
                 call()
             timed[variant] = min_seconds(call, rounds if variant != "peft-merge" else min(rounds, 2), setup)
-        cells = [memory_floor, fma_floor] + [timed[v] for v in VARIANTS if v in timed]
+        for isa in narrower:
+            timed[isa] = min_seconds(with_isa(isa, runner("pyprefopt", case)[1]), rounds)
+        cells = [memory_floor, fma_floor] + [timed[v] for v in VARIANTS if v in timed] + [timed[i] for i in narrower]
         ratios = [timed["pyprefopt"] / max(memory_floor, fma_floor), timed["pyprefopt"] / timed["bnb-dequant-addmm"]]
         print(f"| {rows}x{cols} | " + " | ".join(f"{t * 1e3:.1f}" for t in cells) + " | " +
               " | ".join(f"{r:.2f}x" for r in ratios) + " |", flush=True)
