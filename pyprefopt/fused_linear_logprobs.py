@@ -105,6 +105,37 @@ def _logits_tile(h, weight, bias, v0, tile, buffer):
     return z, w
 
 
+def _labels_in_tile(y, v0, width):
+    """Rows whose label falls in the vocabulary tile [v0, v0 + width)."""
+    return ((y >= v0) & (y < v0 + width)).nonzero().squeeze(1)
+
+
+def _fold_tile(z, running_max, running_sum):
+    """Fold a tile of logits into running per-row log-sum-exp statistics (online softmax): z becomes
+    exp(z - new max) in place and running_sum is rescaled and added to in place. Returns (new max, rescale)."""
+    new_max = torch.maximum(running_max, z.amax(dim=1))
+    rescale = torch.exp(running_max - new_max)
+    z.sub_(new_max[:, None]).exp_()
+    running_sum.mul_(rescale).add_(z.sum(dim=1))
+    return new_max, rescale
+
+
+def _tile_backward(z, scale, g, y, v0, h, w, grad_hidden, grad_weight, grad_bias):
+    """Gradients of one tile for rows whose upstream gradient times 1/T is `g`, where z holds the tile's
+    softmax up to a per-row factor, `scale * z = g * softmax`: z becomes d / dz = g * (onehot(y) - softmax)
+    in place, then the GEMMs add into grad_hidden (these rows' slice), grad_weight and grad_bias (full;
+    None: not wanted)."""
+    z.mul_(scale.neg()[:, None])
+    r = _labels_in_tile(y, v0, w.shape[0])
+    z[r, y[r] - v0] += g[r]
+    if grad_hidden is not None:
+        grad_hidden.addmm_(z, w)
+    if grad_weight is not None:
+        grad_weight[v0 : v0 + w.shape[0]].addmm_(z.T, h)
+    if grad_bias is not None:
+        grad_bias[v0 : v0 + w.shape[0]] += z.sum(dim=0)
+
+
 def cpu_forward(hidden, weight, bias, labels, inv_t: float, with_hidden_grad_factor: bool, statistics=()):
     """Blocked forward on [N, H] rows whose labels are all valid.
 
@@ -144,12 +175,9 @@ def cpu_forward(hidden, weight, bias, labels, inv_t: float, with_hidden_grad_fac
                 z.mul_(inv_t)
             if tile_label_logit is not None:
                 # Read from the tile itself, so the comparison with the max is exact.
-                r = ((y >= v0) & (y < v0 + w.shape[0])).nonzero().squeeze(1)
+                r = _labels_in_tile(y, v0, w.shape[0])
                 tile_label_logit[r] = z[r, y[r] - v0]
-            new_max = torch.maximum(running_max, z.amax(dim=1))
-            rescale = torch.exp(running_max - new_max)
-            z.sub_(new_max[:, None]).exp_()
-            running_sum.mul_(rescale).add_(z.sum(dim=1))
+            new_max, rescale = _fold_tile(z, running_max, running_sum)
             if acc is not None:
                 # acc = sum_v exp(z_v - max) W_v, rescaled whenever the max moves (flash-attention style).
                 acc.mul_(rescale[:, None]).addmm_(z, w)
@@ -213,17 +241,10 @@ def cpu_backward(grad_logp, hidden, weight, bias, labels, lse, inv_t, need_hidde
         g = scale[t0 : t0 + rows]
         for v0 in range(0, vocab, tile):
             z, w = _logits_tile(h, weight, bias, v0, tile, logits)
-            # z <- -(g/T) * softmax, then + g/T at each label that falls in this tile.
-            z.mul_(inv_t).sub_(lse[t0 : t0 + rows, None]).exp_().mul_(-g[:, None])
-            in_tile = (y >= v0) & (y < v0 + w.shape[0])
-            r = in_tile.nonzero().squeeze(1)
-            z[r, y[r] - v0] += g[r]
-            if grad_hidden is not None:
-                grad_hidden[t0 : t0 + rows].addmm_(z, w)
-            if grad_weight is not None:
-                grad_weight[v0 : v0 + w.shape[0]].addmm_(z.T, h)
-            if grad_bias is not None:
-                grad_bias[v0 : v0 + w.shape[0]] += z.sum(dim=0)
+            # z <- softmax = exp(z/T - lse), then -(g/T) * softmax + g/T at each label in this tile.
+            z.mul_(inv_t).sub_(lse[t0 : t0 + rows, None]).exp_()
+            _tile_backward(z, g, g, y, v0, h, w, None if grad_hidden is None else grad_hidden[t0 : t0 + rows],
+                           grad_weight, grad_bias)
     return grad_hidden, grad_weight, grad_bias
 
 

@@ -7,7 +7,19 @@ Two ways to the gradient:
   groups of rows (a chosen/rejected pair, or one row for SFT and KTO, whose KL point is detached), so
   once a chunk of whole groups has its log-probs the loss's gradient w.r.t. them is known, and the
   chunk's logits turn into their gradient right away: three GEMMs (logits, dH, dW) instead of the
-  four a recompute costs. Groups too long for one chunk fall back to the first way.
+  four a recompute costs. A chunk holds at most TRAINED_HEAD_CHUNK_BYTES of fp32 logits.
+
+  A group over that budget is a chunk of its own, kept in part: it is walked in tiles (token blocks x
+  vocabulary tiles, those of `fused_linear_logprobs`, narrowed so that several fit in the budget)
+  folded into an online log-sum-exp. The last tiles walked that fit in the budget keep their logits;
+  the earlier ones keep only the per-token log-sum-exp. Once the group's log-probs are complete, the
+  kept tiles turn into their gradient directly (2 more GEMMs) and the dropped ones are recomputed
+  from the stored log-sum-exp (3 GEMMs, back to back on one weight tile). So an over-budget group costs
+  3 + (fraction of its logits dropped) GEMMs, growing smoothly with its length instead of jumping to
+  the 4 of a recompute, and the peak extra memory stays at the budget plus the weight gradient. The
+  walk runs along the vocabulary rather than in token sub-chunks so that every GEMM keeps all the
+  group's tokens (up to a token block) as rows: a token sub-chunk would re-read the whole weight for
+  each of its GEMMs at a third of the rows, which costs more than it saves.
 """
 
 from __future__ import annotations
@@ -20,8 +32,12 @@ from pyprefopt import losses
 from pyprefopt.fused_linear_logprobs import (
     _check_inputs,
     _check_label_range,
+    _fold_tile,
     _fp32,
+    _labels_in_tile,
     _logits_tile,
+    _tile_backward,
+    _tile_sizes,
     fused_linear_logprobs,
 )
 
@@ -54,9 +70,14 @@ def _hyperparameters(method):
     return {p.name for p in params if p.default is not inspect.Parameter.empty}
 
 
+def _budget_tokens(vocab):
+    """Tokens whose fp32 logits fit in TRAINED_HEAD_CHUNK_BYTES (at least one)."""
+    return max(1, TRAINED_HEAD_CHUNK_BYTES // (4 * vocab))
+
+
 def _group_chunks(method, labels, ignore_index, vocab):
-    """Row ids of consecutive chunks of whole groups, each within TRAINED_HEAD_CHUNK_BYTES of logits;
-    None when one group alone is over it."""
+    """Row ids of consecutive chunks of whole groups, each within TRAINED_HEAD_CHUNK_BYTES of logits,
+    except that a group over it alone is a chunk of its own (walked in tiles: `_walk_tiles`)."""
     rows = labels.shape[0]
     counts = (labels != ignore_index).sum(-1)
     if method in losses.PAIRED_METHODS:
@@ -66,9 +87,7 @@ def _group_chunks(method, labels, ignore_index, vocab):
     else:
         groups = [torch.tensor([i]) for i in range(rows)]
         group_tokens = counts.tolist()
-    budget = TRAINED_HEAD_CHUNK_BYTES // (4 * vocab)
-    if max(group_tokens) > budget:
-        return None
+    budget = _budget_tokens(vocab)
     chunks, current, tokens = [], [], 0
     for group, n in zip(groups, group_tokens):
         if current and tokens + n > budget:
@@ -78,6 +97,17 @@ def _group_chunks(method, labels, ignore_index, vocab):
         tokens += n
     chunks.append(torch.cat(current))
     return chunks
+
+
+def _walk_tiles(n_tokens, vocab):
+    """`(token block, vocabulary tile, slots)`: the tiles a chunk of `n_tokens` is walked in, and how many
+    of them the budget holds. A chunk within the budget is one tile, all its logits at once; a group over
+    it is walked in `fused_linear_logprobs`' CPU tiles, narrowed so that at least four fit in the budget."""
+    if n_tokens <= _budget_tokens(vocab):
+        return max(1, n_tokens), vocab, 1
+    block, tile = _tile_sizes(n_tokens, vocab)
+    tile = max(1, min(tile, TRAINED_HEAD_CHUNK_BYTES // (16 * block)))
+    return block, tile, max(1, TRAINED_HEAD_CHUNK_BYTES // (4 * block * tile))
 
 
 class _TrainedHeadLossFunction(torch.autograd.Function):
@@ -106,39 +136,70 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
             tokens = (chunk.to(dev)[:, None] * seq_len + positions).reshape(-1)
             tokens = tokens[flat_labels.index_select(0, tokens) != ignore_index]
             token_lists.append(tokens)
-        logits_buffer = torch.empty(max(t.numel() for t in token_lists), vocab, dtype=torch.float32, device=dev)
-        for tokens in token_lists:
+        plans = [_walk_tiles(t.numel(), vocab) for t in token_lists]
+        # One buffer for every chunk, cut into [block, tile] slots: at most the budget (or one tile).
+        buffer = torch.empty(
+            max(min(slots, -(-t.numel() // block) * -(-vocab // tile)) * block * tile
+                for t, (block, tile, slots) in zip(token_lists, plans)),
+            dtype=torch.float32, device=dev,
+        )
+
+        def logits(h, v0, block, tile, slot):
+            """Logits / T of rows `h` and vocabulary tile [v0, v0 + tile) in the buffer's slot `slot` of
+            [block, tile]; returns (them, the fp32 weight tile)."""
+            slot_buffer = buffer[slot * block * tile : (slot + 1) * block * tile].view(block, tile)
+            z, w_tile = _logits_tile(h, w, b, v0, tile, slot_buffer)
+            if inv_t != 1.0:
+                z.mul_(inv_t)
+            return z, w_tile
+
+        for tokens, (block, tile, slots) in zip(token_lists, plans):
             n = tokens.numel()
             if n == 0:
                 continue
-            h = _fp32(flat_hidden.index_select(0, tokens))
-            y = flat_labels.index_select(0, tokens).long()
-            row_of_token = tokens // seq_len
-            z, _ = _logits_tile(h, w, b, 0, vocab, logits_buffer)
-            if inv_t != 1.0:
-                z.mul_(inv_t)
-            arange = torch.arange(n, device=dev)
-            label_logit = z[arange, y]
-            # In-place softmax numerator: three passes over the chunk instead of logsumexp's copies.
-            row_max = z.amax(dim=1)
-            z.sub_(row_max[:, None]).exp_()
-            row_sum = z.sum(dim=1)
-            logps.index_add_(0, row_of_token, (label_logit - row_max - row_sum.log()).double())
+            h_all = _fp32(flat_hidden.index_select(0, tokens))
+            y_all = flat_labels.index_select(0, tokens).long()
+            tiles = [(slice(t0, t0 + block), v0) for t0 in range(0, n, block) for v0 in range(0, vocab, tile)]
+            # Partial keep: the last `slots` tiles walked keep their logits in the buffer until the loss
+            # gradient is known; the earlier ones (none when the chunk fits the budget) keep only the
+            # log-sum-exp, sharing the first slot, and are recomputed.
+            first_kept = max(0, len(tiles) - slots)
+            running_max = torch.full((n,), float("-inf"), dtype=torch.float32, device=dev)
+            running_sum = torch.zeros(n, dtype=torch.float32, device=dev)
+            label_logit = torch.empty(n, dtype=torch.float32, device=dev)
+            kept = []
+            for i, (rows_, v0) in enumerate(tiles):
+                y = y_all[rows_]
+                z, w_tile = logits(h_all[rows_], v0, block, tile, max(0, i - first_kept))
+                r = _labels_in_tile(y, v0, w_tile.shape[0])
+                label_logit[rows_][r] = z[r, y[r] - v0]
+                # In place: z <- exp(z - max), the softmax's numerator (passes over the tile, no copies).
+                tile_max, _ = _fold_tile(z, running_max[rows_], running_sum[rows_])
+                running_max[rows_] = tile_max
+                if i >= first_kept:
+                    kept.append((rows_, v0, z, w_tile, tile_max))
+            lse = running_max.add_(running_sum.log_())
+            logps.index_add_(0, tokens // seq_len, (label_logit - lse).double())
             # Separability: the loss's gradient w.r.t. this chunk's rows depends on those rows alone
             # (plus batch constants), so evaluating it now on the partly filled vector is exact for them.
             with torch.enable_grad():
                 probe = logps.float().requires_grad_()
                 (grad_logps,) = torch.autograd.grad(loss_of_logps(probe), probe)
-            g = grad_logps.index_select(0, row_of_token).mul_(inv_t)
-            # z <- d loss / d z = g * (onehot(y) - softmax(z)), in place.
-            z.mul_((-g / row_sum)[:, None])
-            z[arange, y] += g
-            if grad_hidden is not None:
-                grad_hidden.index_copy_(0, tokens, z @ w)
-            if grad_weight is not None:
-                grad_weight.addmm_(z.T, h)
-            if grad_bias is not None:
-                grad_bias += z.sum(dim=0)
+            g_all = grad_logps.index_select(0, tokens // seq_len).mul_(inv_t)
+            grad_h = None if grad_hidden is None else torch.zeros(n, h_all.shape[1], dtype=torch.float32, device=dev)
+            for rows_, v0, z, w_tile, tile_max in kept:
+                # softmax = exp(z - max) * exp(max - lse): a kept tile turns into its gradient directly.
+                scale = g_all[rows_] * (tile_max - lse[rows_]).exp_()
+                _tile_backward(z, scale, g_all[rows_], y_all[rows_], v0, h_all[rows_], w_tile,
+                               None if grad_h is None else grad_h[rows_], grad_weight, grad_bias)
+            for rows_, v0 in tiles[:first_kept]:
+                # A dropped tile: recompute its logits (one more GEMM); exp(z - lse) is the softmax itself.
+                z, w_tile = logits(h_all[rows_], v0, block, tile, 0)
+                z.sub_(lse[rows_, None]).exp_()
+                _tile_backward(z, g_all[rows_], g_all[rows_], y_all[rows_], v0, h_all[rows_], w_tile,
+                               None if grad_h is None else grad_h[rows_], grad_weight, grad_bias)
+            if grad_h is not None:
+                grad_hidden.index_copy_(0, tokens, grad_h)
         # Held on ctx, not saved for backward: backward hands these buffers over as the gradients (no copy
         # of a [V, H] tensor), so they must not stay reachable from the graph afterwards.
         ctx.grads = (grad_hidden, grad_weight, grad_bias)

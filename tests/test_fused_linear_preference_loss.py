@@ -22,13 +22,21 @@ CASES = [
 CASE_IDS = [f"{m}-" + "-".join(f"{k}={v}" for k, v in h.items()) for m, h in CASES]
 
 
-def make_batch(method, batch=4, seq=9, width=20, vocab=77, trained=False):
+def make_batch(method, batch=4, seq=9, width=20, vocab=77, trained=False, lengths=None):
+    """`lengths`: each row's count of valid labels (a prompt before them, padding after); default: a
+    3-token prompt in every row and 2 tokens of padding in the last."""
     hidden = torch.randn(batch, seq, width, requires_grad=True)
     weight = (torch.randn(vocab, width) * 0.3).requires_grad_(trained)
     bias = torch.randn(vocab).requires_grad_(trained)
     labels = torch.randint(0, vocab, (batch, seq))
-    labels[:, :3] = -100  # prompts
-    labels[-1, -2:] = -100  # padding
+    if lengths is None:
+        labels[:, :3] = -100  # prompts
+        labels[-1, -2:] = -100  # padding
+    else:
+        for row, n in enumerate(lengths):
+            prompt = (seq - n) // 2
+            labels[row, :prompt] = -100
+            labels[row, prompt + n :] = -100
     ours, theirs = {}, {}
     if method in losses.REFERENCE_METHODS:
         ref_hidden = torch.randn(batch, seq, width)
@@ -44,8 +52,8 @@ def make_batch(method, batch=4, seq=9, width=20, vocab=77, trained=False):
     return (hidden, weight, labels, bias), ours, theirs
 
 
-def check(method, hparams, trained, batch=4, seq=9, upstream=1.0):
-    (hidden, weight, labels, bias), ours, theirs = make_batch(method, batch, seq, trained=trained)
+def check(method, hparams, trained, batch=4, seq=9, upstream=1.0, lengths=None):
+    (hidden, weight, labels, bias), ours, theirs = make_batch(method, batch, seq, trained=trained, lengths=lengths)
     loss, metrics = FusedLinearPreferenceLoss(method, **hparams)(hidden, weight, labels, bias, **ours)
     ref_loss, ref_metrics = reference_preference_loss(method, hidden, weight, labels, bias, **theirs, **hparams)
     assert_close_verbose(loss, ref_loss, name="loss")
@@ -73,10 +81,100 @@ def test_trained_head_in_many_chunks(method, hparams, monkeypatch):
     check(method, hparams, trained=True, batch=6)
 
 
-def test_trained_head_falls_back_when_a_group_is_too_long(monkeypatch):
-    monkeypatch.setattr(module, "TRAINED_HEAD_CHUNK_BYTES", 4 * 77 * 3)
-    assert module._group_chunks("dpo", torch.zeros(4, 9), -100, 77) is None
-    check("dpo", {"beta": 0.1}, trained=True)
+# Partial keep: a budget of 10 tokens of logits. Valid tokens per row; pairs are (i, i + 4).
+PARTIAL_BUDGET = 10
+PARTIAL_LENGTHS = {
+    # pair tokens: 10 (at the budget), 41 (over), 7 + 3 (two pairs in one chunk)
+    "paired": [5, 24, 3, 2, 5, 17, 4, 1],
+    # row tokens: 10 (at), 24 (over), 3 + 7 (one chunk), 11 (over by one), 0
+    "single": [10, 24, 3, 7, 11, 0],
+}
+PARTIAL_CHUNK_TOKENS = {"paired": [10, 41, 10], "single": [10, 24, 10, 11, 0]}
+
+
+def _partial_lengths(method):
+    return PARTIAL_LENGTHS["paired" if method in losses.PAIRED_METHODS else "single"]
+
+
+@pytest.mark.parametrize("method,hparams", CASES, ids=CASE_IDS)
+def test_trained_head_partial_keep(method, hparams, monkeypatch):
+    """Groups over the chunk budget keep the logits of their last tiles and recompute the rest from the stored
+    log-sum-exp; gradients stay exact with groups at, over and under the budget, and rows of uneven lengths."""
+    monkeypatch.setattr(module, "TRAINED_HEAD_CHUNK_BYTES", 4 * 77 * PARTIAL_BUDGET)
+    lengths = _partial_lengths(method)
+    labels = (torch.arange(24) < torch.tensor(lengths)[:, None]).long() - 1  # valid: 0, ignored: -1
+    chunks = module._group_chunks(method, labels, -1, 77)
+    kind = "paired" if method in losses.PAIRED_METHODS else "single"
+    assert [sum(lengths[i] for i in c.tolist()) for c in chunks] == PARTIAL_CHUNK_TOKENS[kind]
+    check(method, hparams, trained=True, batch=len(lengths), seq=24, upstream=2.5, lengths=lengths)
+
+
+@pytest.mark.parametrize("method,hparams", [CASES[1], CASES[6]], ids=[CASE_IDS[1], CASE_IDS[6]])
+def test_trained_head_partial_keep_across_token_blocks(method, hparams, monkeypatch):
+    """An over-budget group longer than a token block: tiles of several blocks, kept ones among the last blocks."""
+    monkeypatch.setattr(module, "TRAINED_HEAD_CHUNK_BYTES", 4 * 77 * PARTIAL_BUDGET)
+    monkeypatch.setattr(sys.modules["pyprefopt.fused_linear_logprobs"], "CPU_TOKEN_BLOCK", 8)
+    assert module._walk_tiles(41, 77)[0] == 7  # 41 tokens in 6 blocks
+    check(method, hparams, trained=True, batch=len(_partial_lengths(method)), seq=24, upstream=2.5,
+          lengths=_partial_lengths(method))
+
+
+# Logits the over-budget groups drop and recompute: such a group is walked in tiles of narrowed vocabulary
+# width so that 4 fit in the budget, and the last 4 keep their logits.
+PARTIAL_DROPPED_LOGITS = {
+    "dpo": 41 * 64,  # 41-token pair: 4-wide tiles, 20 of them; kept 4 + 4 + 4 + 1 of the 77 columns
+    "kto": 24 * 48 + 11 * 17,  # 24-token row: 8-wide, kept 8 + 8 + 8 + 5; 11-token row: 17-wide, kept 17 * 3 + 9
+}
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_partial_keep_recomputes_only_the_dropped_logits(method, monkeypatch):
+    """Over-budget groups run the partial-keep path, not the recompute fallback: the logits GEMM computes every
+    valid token's logits once plus the dropped ones once more, its buffer stays within the budget, and
+    fused_linear_logprobs' recomputing backward never runs."""
+    monkeypatch.setattr(module, "TRAINED_HEAD_CHUNK_BYTES", 4 * 77 * PARTIAL_BUDGET)
+    projected, buffer_bytes = [], []
+
+    def counting_logits_tile(h, weight, bias, v0, tile, buffer):
+        z, w = logits_tile(h, weight, bias, v0, tile, buffer)
+        projected.append(z.numel())
+        buffer_bytes.append(buffer.untyped_storage().nbytes())
+        return z, w
+
+    def no_recompute(*args):
+        raise AssertionError("the recompute path ran")
+
+    logits_tile = module._logits_tile
+    monkeypatch.setattr(module, "_logits_tile", counting_logits_tile)
+    monkeypatch.setattr(sys.modules["pyprefopt.fused_linear_logprobs"], "cpu_backward", no_recompute)
+    lengths = _partial_lengths(method)
+    (hidden, weight, labels, bias), ours, _ = make_batch(method, len(lengths), 24, trained=True, lengths=lengths)
+    loss, _ = FusedLinearPreferenceLoss(method)(hidden, weight, labels, bias, **ours)
+    loss.backward()
+    assert weight.grad is not None and bias.grad is not None
+    assert sum(projected) == sum(lengths) * 77 + PARTIAL_DROPPED_LOGITS[method]
+    assert max(buffer_bytes) <= 4 * 77 * PARTIAL_BUDGET
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_partial_keep_temperature_and_ignore_index(method, monkeypatch):
+    """Recomputed logits take the temperature and the bias as the kept ones do; another ignore_index is honoured."""
+    monkeypatch.setattr(module, "TRAINED_HEAD_CHUNK_BYTES", 4 * 77 * PARTIAL_BUDGET)
+    lengths = _partial_lengths(method)
+    (hidden, weight, labels, bias), _, _ = make_batch(method, len(lengths), 24, trained=True, lengths=lengths)
+    labels[labels == -100] = 5000  # out of the vocabulary: only ignore_index keeps it out of a matmul
+    ours = {"ref_logps": torch.randn(len(lengths)) - 40} if method == "dpo" else {}
+    loss, metrics = FusedLinearPreferenceLoss(method, ignore_index=5000, temperature=0.7)(
+        hidden, weight, labels, bias, **ours)
+    token_logps = reference_logprobs(hidden, weight, labels, bias, ignore_index=5000, temperature=0.7)
+    ref_loss, ref_metrics = losses.from_sequence_stats(method, token_logps.sum(-1), (labels != 5000).sum(-1), **ours)
+    assert_close_verbose(loss, ref_loss, name="loss")
+    for key in ref_metrics:
+        assert_close_verbose(metrics[key], ref_metrics[key], name=key)
+    params = [hidden, weight, bias]
+    for name, got, want in zip(("hidden", "weight", "bias"), torch.autograd.grad(loss, params),
+                               torch.autograd.grad(ref_loss, params)):
+        assert_close_verbose(got, want, name=f"grad {name}")
 
 
 def test_reference_inputs_are_interchangeable():
