@@ -10,7 +10,10 @@ One flat loop, in order:
    disabled (for --full: before the first update), cached in the run's directory;
 4. steps: each micro-batch runs the decoder to its last hidden state and `FusedLinearPreferenceLoss` on
    the LM head's weight (no logits tensor), gradients accumulate, are summed over processes, clipped,
-   and AdamW steps; metrics go to metrics.jsonl every step;
+   and AdamW (torch's fused kernel, as the HF Trainer's default) steps; metrics go to metrics.jsonl every
+   step. On CPU the decoder runs a micro-batch's sequences packed into one row without padding, each with
+   its own positions and causal attention (see last_hidden): the same states, no padded tokens computed.
+   Which examples share a micro-batch does not change;
 5. evaluation on the held-out split before the first step, every --eval-every steps and at the end;
 6. checkpoints every --save-every steps (atomic; --resume continues bit-for-bit);
 7. output: PEFT adapter (or full model), tokenizer, metrics, plots, model card; --merge.
@@ -51,9 +54,12 @@ CHECKPOINTS = "checkpoints"
 REFERENCE_FILE = "reference_logps.safetensors"
 METRICS_FILE = "metrics.jsonl"
 RUN_ARGS_FILE = "run_args.json"
-# Options that may differ between a run and its --resume (they do not change what is computed).
-# Most decoder calls one micro-batch is split into (see last_hidden).
+# Most decoder calls one micro-batch is split into when its rows are not packed (see last_hidden).
 MAX_LENGTH_GROUPS = 4
+# The attention implementation the loop gives a CPU model whose attention is transformers' SDPA: that SDPA, run
+# separately on each sequence of a packed row (see last_hidden).
+PACKED_ATTENTION = "pyprefopt_packed_sdpa"
+# Options that may differ between a run and its --resume (they do not change what is computed).
 RESUMABLE_CHANGES = {"resume", "eval_every", "save_every", "save_total_limit", "merge", "output_dir"}
 
 
@@ -222,6 +228,8 @@ def load_model(args, train_rows, device):
     if not args.load_in_4bit:
         model.to(device)
     model.config.use_cache = False
+    if device.type == "cpu":
+        use_packed_attention(model)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if args.full:
@@ -244,18 +252,74 @@ def decoder_and_head(model):
     return model.base_model, head
 
 
+# While last_hidden runs a packed forward: transformers builds no attention mask (the sequences' own causal
+# attention is the packed attention's), and every call of the packed attention is counted.
+_packed_forward = {"active": False, "calls": 0}
+
+
+def _packed_sdpa_attention(module, query, key, value, attention_mask, pyprefopt_lengths=None, **kwargs):
+    """transformers' SDPA attention; with `pyprefopt_lengths` (the token counts of the sequences packed one after
+    the other in one row, query/key/value [1, heads, tokens, head_dim]) run on each sequence alone, causal within it."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if pyprefopt_lengths is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    _packed_forward["calls"] += 1
+    window = kwargs.get("sliding_window")
+    outputs = []
+    # split, not slicing: its backward writes the sequences' gradients into one tensor instead of adding up one
+    # full-size zero-padded gradient per sequence.
+    for q, k, v in zip(*(t.split(pyprefopt_lengths, dim=2) for t in (query, key, value))):
+        mask = None
+        n = q.shape[2]
+        if window is not None and n > window:
+            # transformers' sliding window: a query sees the `window` most recent keys, itself included.
+            i = torch.arange(n, device=q.device)
+            mask = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
+        outputs.append(sdpa_attention_forward(module, q, k, v, mask, **kwargs)[0])  # [1, n, heads, head_dim]
+    return torch.cat(outputs, dim=1), None
+
+
+def _packed_sdpa_mask(*args, **kwargs):
+    """transformers' SDPA mask, none during a packed forward (the packed attention keeps the sequences apart)."""
+    from transformers.masking_utils import sdpa_mask
+
+    return None if _packed_forward["active"] else sdpa_mask(*args, **kwargs)
+
+
+def use_packed_attention(model) -> bool:
+    """Give `model` the packed SDPA attention if its attention is transformers' SDPA through the attention
+    interface (models with their own attention code keep it, and last_hidden its length groups). Outside
+    last_hidden's packed forwards the model computes exactly what it did. Returns whether it was set."""
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return False
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(PACKED_ATTENTION, _packed_sdpa_attention)
+    AttentionMaskInterface.register(PACKED_ATTENTION, _packed_sdpa_mask)
+    model.set_attn_implementation(PACKED_ATTENTION)  # warns and changes nothing for a model that cannot
+    return model.config._attn_implementation == PACKED_ATTENTION
+
+
 def length_groups(rows: int) -> int:
     """Decoder calls per batch: one per ~4 rows, at most 4 (each call costs a little fixed overhead)."""
     return max(1, min(MAX_LENGTH_GROUPS, rows // 4))
 
 
 def last_hidden(decoder, input_ids, lengths, device):
-    """Last hidden states [B, T, H], zero past each row's `lengths`.
+    """Last hidden states [B, T, H] of right-padded rows; zero (packed) or the pad tokens' states (groups) past
+    each row's `lengths`, which no label reads.
 
     No attention mask: rows are right-padded and attention is causal, so no real token ever attends to padding,
-    and SDPA keeps its mask-free causal path. For the same reason a row's states do not depend on the other rows
-    or on how far it is padded, so the rows run sorted by length in a few groups, each cut to its own longest
-    row: the padding the decoder computes shrinks from B * max_len to about the sum of the lengths."""
+    and a row's states depend neither on the other rows nor on how far it is padded. On CPU (use_packed_attention)
+    the real tokens of all rows run as one packed row, each sequence with its own positions 0..n-1 and attention
+    (the packed SDPA attention runs each sequence's range alone, causal): no padding is computed at all, in one
+    decoder call. Otherwise the rows run sorted by length in a few groups, each cut to its own longest row: the
+    padding the decoder computes shrinks from B * max_len to about the sum of the lengths. Either way each real
+    token's state is what the padded batch computes for it, up to the rounding of differently shaped GEMMs."""
+    if getattr(decoder.config, "_attn_implementation", None) == PACKED_ATTENTION and int(lengths.min()) > 0:
+        return _packed_last_hidden(decoder, input_ids, lengths, device)
     order = torch.argsort(lengths, stable=True)
     width = input_ids.shape[1]
     outputs = []
@@ -267,6 +331,24 @@ def last_hidden(decoder, input_ids, lengths, device):
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(len(order))
     return torch.cat(outputs)[inverse.to(device)]
+
+
+def _packed_last_hidden(decoder, input_ids, lengths, device):
+    rows, width = input_ids.shape
+    real = torch.arange(width) < lengths[:, None]  # [B, T]: row-major, so row 0's tokens come first
+    counts = tuple(lengths.tolist())
+    positions = torch.cat([torch.arange(n) for n in counts])
+    _packed_forward.update(active=True, calls=0)
+    try:
+        hidden = decoder(input_ids=input_ids[real][None].to(device), position_ids=positions[None].to(device),
+                         use_cache=False, pyprefopt_lengths=counts).last_hidden_state[0]
+    finally:
+        _packed_forward["active"] = False
+    if _packed_forward["calls"] == 0:
+        raise RuntimeError(f"{type(decoder).__name__} did not run its attention through {PACKED_ATTENTION!r}: "
+                           "the packed sequences would have attended to each other")
+    index = real.reshape(-1).nonzero().squeeze(1).to(device)
+    return hidden.new_zeros(rows * width, hidden.shape[-1]).index_copy(0, index, hidden).view(rows, width, -1)
 
 
 def reference_context(model, full: bool):
@@ -629,7 +711,9 @@ def train(args, rank, world, device) -> int:
 
         optimizer = bnb.optim.AdamW8bit(trainable.values(), lr=args.lr, weight_decay=args.weight_decay)
     else:
-        optimizer = torch.optim.AdamW(trainable.values(), lr=args.lr, weight_decay=args.weight_decay)
+        # The fused kernel: what the HF Trainer (and so TRL) uses by default, one pass over all the adapters.
+        optimizer = torch.optim.AdamW(trainable.values(), lr=args.lr, weight_decay=args.weight_decay,
+                                      fused=device.type in ("cpu", "cuda") or None)
     scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=round(args.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
 

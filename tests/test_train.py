@@ -321,6 +321,51 @@ def test_truncation_is_counted_and_prompts_masked(data_dir):
         D.tokenize(rows, "dpo", tokenizer, 2, "train")
 
 
+@pytest.mark.parametrize("sliding_window, checkpointing", [(None, False), (3, True)])
+def test_packed_rows_give_the_padded_batch_states_and_gradients(sliding_window, checkpointing):
+    """On CPU last_hidden runs a batch's real tokens packed into one row (train.use_packed_attention): every real
+    token's state and every LoRA gradient are those of the padded batch under transformers' own SDPA masks,
+    sliding windows and recomputation (gradient checkpointing) included."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from pyprefopt.lora import inject_lora
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         use_sliding_window=sliding_window is not None, sliding_window=sliding_window,
+                         max_window_layers=1, attn_implementation="sdpa")
+    model = Qwen3ForCausalLM(config)
+    inject_lora(model, "all-linear", r=4, lora_alpha=8)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)  # B = 0 would leave the adapters out of the states
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    lengths = torch.tensor([5, 1, 9, 7])
+    input_ids = torch.randint(1, 64, (4, 9)).masked_fill(torch.arange(9) >= lengths[:, None], 0)
+    real = torch.arange(9) < lengths[:, None]
+    probe = torch.randn(int(real.sum()), 32)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def states_and_grads(hidden):
+        (hidden[real] * probe).sum().backward()
+        grads = [p.grad.clone() for p in trainable]
+        model.zero_grad(set_to_none=True)
+        return hidden[real].detach(), grads
+
+    want = states_and_grads(model.model(input_ids=input_ids, attention_mask=real.long()).last_hidden_state)
+    assert train.use_packed_attention(model)
+    got = states_and_grads(train.last_hidden(model.model, input_ids, lengths, torch.device("cpu")))
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    for g, w in zip(got[1], want[1]):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    # The model computes what it did outside the packed forwards (transformers' masks, padding included).
+    again = states_and_grads(model.model(input_ids=input_ids, attention_mask=real.long()).last_hidden_state)
+    torch.testing.assert_close(again[0], want[0], rtol=0, atol=0)
+
+
 def test_kto_kl_pairs_are_trls(tmp_path):
     """KTO's mismatched KL pairs are TRL 1.16's: TRL's own `KTOTrainer._prepare_dataset` (tokenise, drop over-long
     prompts, then `add_kl_completion_ids`: a `Dataset.map(batched=True, batch_size=per_device_train_batch_size)`
