@@ -145,6 +145,33 @@ def test_merge_and_qlora(data_dir, tmp_path):
     assert merged.config.vocab_size > 0
 
 
+def test_full_finetune_from_a_local_checkpoint_on_parquet_data(data_dir, tmp_path):
+    """--model PATH (a local transformers checkpoint, here a copy of the default base), --data as .parquet,
+    --full: every weight trains and the run writes a standalone model that transformers loads."""
+    import datasets
+    from transformers import AutoModelForCausalLM
+
+    from pyprefopt.default_model import default_model_path
+
+    rows = D.read_rows(data_dir / "preference" / "train.jsonl")
+    parquet = tmp_path / "pairs" / "train.parquet"
+    parquet.parent.mkdir()
+    datasets.Dataset.from_list(rows).to_parquet(str(parquet))
+    base = tmp_path / "base"
+    shutil.copytree(default_model_path(D.corpus(D.normalise_rows(rows, "dpo", "test"))), base)
+    out = tmp_path / "run"
+    argv = ["--method", "dpo", "--model", str(base), "--data", str(parquet), "--output-dir", str(out), "--full",
+            "--max-steps", "2", "--batch-size", "4", "--lr", "1e-2"]
+    assert train.main(argv) == 0
+    assert not (out / "adapter_model.safetensors").exists()
+    trained = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    original = AutoModelForCausalLM.from_pretrained(base).state_dict()
+    changed = [name for name, t in original.items() if not torch.equal(t, trained[name])]
+    # Full fine-tuning: the embeddings, attention, MLP and norm weights all moved, not only some adapter.
+    for part in ("embed_tokens", "q_proj", "down_proj", "norm"):
+        assert any(part in name for name in changed), part
+
+
 # -------------------------------------------------------------------------------------------- resume
 
 
