@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from pyprefopt.nf4 import lora_scale
 
@@ -65,6 +66,27 @@ def _dense_weight(base_weight, dtype):
     from pyprefopt import nf4
 
     return nf4.dequantize_nf4(base_weight, out_dtype=dtype)
+
+
+# FusedLoRALinearFunction's CPU path decodes an NF4 base into one reused buffer per (shape, dtype): there the
+# decoded weight lives for one GEMM and is never saved for backward, and a fresh [out, in] tensor per call
+# pays a page fault per 4 KiB (for 4096x4096 bf16: 22.7 ms decoding into a fresh tensor vs 6.4 ms into a
+# reused one, bench_dequant_merge_nf4's table). Only for that Function: elsewhere autograd may keep the weight.
+_decode_buffers: dict[tuple, torch.Tensor] = {}
+
+
+def _weight_for_one_gemm(base_weight, dtype):
+    """`_dense_weight`, for a weight used by one GEMM and dropped: an NF4 base on CPU is decoded into the
+    shared buffer of its shape and dtype, which the next such call overwrites."""
+    if isinstance(base_weight, torch.Tensor) or base_weight.device.type != "cpu":
+        return _dense_weight(base_weight, dtype)
+    from pyprefopt import nf4
+
+    key = (tuple(base_weight.shape), dtype)
+    buffer = _decode_buffers.get(key)
+    if buffer is None:
+        buffer = _decode_buffers[key] = torch.empty(base_weight.shape, dtype=dtype)
+    return nf4.dequantize_nf4(base_weight, out_dtype=dtype, out=buffer)
 
 
 def _nf4_weight(param):
@@ -153,7 +175,7 @@ class FusedLoRALinearFunction(torch.autograd.Function):
             y, low = kernels.forward(x2, base, bias, lora_x2, lora_a, lora_b, scale)
             ctx.kernel_base = base
         else:
-            weight = _dense_weight(base_weight, x.dtype)
+            weight = _weight_for_one_gemm(base_weight, x.dtype)
             # S_s = s * lora_x @ A.T at rank width; the base GEMM writes Y and S_s @ B.T is added in place.
             low = _scaled_mm(lora_x2, lora_a.t(), scale)
             y = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
@@ -169,6 +191,7 @@ class FusedLoRALinearFunction(torch.autograd.Function):
         return y.view(*lead_shape, y.shape[-1])
 
     @staticmethod
+    @once_differentiable  # its CPU GEMMs read a shared decode buffer that a double backward could not keep
     def backward(ctx, grad_y):
         lora_x2, low, lora_a, lora_b, dense = ctx.saved_tensors
         need_x, need_lora_x, _, need_bias, need_a, need_b, _, _ = ctx.needs_input_grad
@@ -185,7 +208,7 @@ class FusedLoRALinearFunction(torch.autograd.Function):
             grad_a = grad_a.to(lora_a.dtype) if need_a else None
             grad_b = grad_b.to(lora_b.dtype) if need_b else None
         else:
-            weight = dense if dense is not None else _dense_weight(ctx.base_weight, lora_x2.dtype)
+            weight = dense if dense is not None else _weight_for_one_gemm(ctx.base_weight, lora_x2.dtype)
             low_grad = _scaled_mm(grad_y2, lora_b, ctx.scale)  # T_s = s * dY @ B
             # dB right after T_s, while dY is still in cache. dB = (S_s.T @ dY).T: the [r, out] product
             # streams dY row-major, twice as fast as dY.T @ S_s.

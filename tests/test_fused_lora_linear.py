@@ -346,6 +346,27 @@ def test_qlora_model_round_trip_with_peft(tmp_path):
                              name="reference logits")
 
 
+def test_qlora_model_gradients_match_peft(tmp_path):
+    """Backward through a model of NF4 layers, several of one shape (on CPU they decode into one shared
+    buffer, see lora._weight_for_one_gemm): every adapter gradient equals PEFT's over the same 4-bit model."""
+    base = _quantise_linears(_tiny_llama())
+    ours = lora.inject_lora(copy.deepcopy(base), "all-linear", r=8, lora_alpha=16)
+    _randomise_adapters(ours)
+    lora.save_lora_adapter(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours", is_trainable=True)
+    ids = torch.randint(0, 101, (2, 8))
+    for model in (ours, theirs):
+        model.train()(input_ids=ids).logits.square().mean().backward()
+    peft_modules = dict(theirs.base_model.model.named_modules())
+    layers = lora.lora_layers(ours)
+    shapes = [tuple(layer.base_layer.weight.quant_state.shape) for layer in layers.values()]
+    assert len(set(shapes)) < len(shapes)  # the shared buffers are exercised
+    for name, layer in layers.items():
+        for part in ("lora_A", "lora_B"):
+            assert_close_verbose(getattr(layer, part).grad, getattr(peft_modules[name], part)["default"].weight.grad,
+                                 rtol=1e-4, atol=1e-6, name=f"{name}.{part}")
+
+
 def test_save_overwrites_atomically_and_reloads(tmp_path):
     model = lora.inject_lora(_tiny_llama(), ["q_proj", "v_proj"], r=4, lora_alpha=8)
     _randomise_adapters(model)
