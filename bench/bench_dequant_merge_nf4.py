@@ -7,7 +7,8 @@
 
 Floors (the larger one is the limit): memory traffic, 0.5 byte read + 2 bytes written per weight over the
 measured copy bandwidth (a large torch copy into a reused buffer, read + write bytes); and the rank-r delta's
-r FMAs per output element over the measured FMA rate (a torch fp32 GEMM). pyprefopt writes into a reused
+r FMAs per output element over the peak fp32 FMA rate (`pyprefopt._C.peak_fma_rate`: independent FMA chains
+in registers on every thread; a torch GEMM reaches well under it, so its rate would flatter the kernel). pyprefopt writes into a reused
 `out=` buffer: a fresh 100+ MiB output pays page faults on every call (the "fresh out" row shows how much).
 """
 
@@ -174,12 +175,6 @@ def copy_bandwidth(nbytes=1 << 28, rounds=10):
     return 2 * nbytes / min_seconds(lambda: dst.copy_(src), rounds)
 
 
-def fma_rate(n=2048, rounds=5):
-    """fp32 FMAs per second of a torch GEMM."""
-    a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
-    return n ** 3 / min_seconds(lambda: torch.mm(a, b, out=c), rounds)
-
-
 def with_isa(isa: str, call):
     """`call` with the extension limited to instruction set `isa` (nf4._CPU_ISA)."""
     def limited():
@@ -194,12 +189,12 @@ def with_isa(isa: str, call):
 def table(quick: bool, with_peft: bool, rounds: int):
     from pyprefopt import _C
 
-    bandwidth, fmas = copy_bandwidth(), fma_rate()
+    bandwidth, fmas = copy_bandwidth(), _C.peak_fma_rate(num_threads=torch.get_num_threads())
     isas = _C.supported_isas()
     # The narrower x86 paths too, for CPUs without the widest one (e.g. AVX2-only AMD EPYC before Zen 4).
     narrower = [isa for isa in ("avx512", "avx2") if isa in isas[:-1]]
     print(f"CPU, {torch.get_num_threads()} threads, widest isa {isas[-1]}: copy {bandwidth / 1e9:.1f} GB/s "
-          f"(read + write), fp32 GEMM {fmas / 1e9:.1f} GFMA/s; r = {RANK}, blocksize {BLOCKSIZE}, double-quantised "
+          f"(read + write), peak fp32 {fmas / 1e9:.1f} GFMA/s; r = {RANK}, blocksize {BLOCKSIZE}, double-quantised "
           f"scales, bf16 out; min of {rounds} runs, ms\n")
     columns = ["memory floor", "FMA floor", "pyprefopt (out=)", "pyprefopt (fresh out)", "bnb dequantize_4bit",
                "bnb dequant + addmm + cast"] + (["PEFT merge()"] if with_peft else []) + \

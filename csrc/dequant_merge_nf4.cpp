@@ -10,6 +10,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -106,6 +107,17 @@ void merge_rows(const nf4::Problem& p, int64_t row_begin, int64_t row_end) {
 }
 
 void merge(const nf4::Problem& p, int num_threads) { run_threads(p, merge_rows, 1, num_threads); }
+
+// Scalar multiply-adds in 12 chains (the SIMD namespaces' fma_chains, one lane wide).
+float fma_chains(int64_t iterations) {
+    float acc[12];
+    for (int c = 0; c < 12; ++c) acc[c] = static_cast<float>(c);
+    for (int64_t i = 0; i < iterations; ++i)
+        for (float& x : acc) x = x * 0.999f + 1e-3f;
+    float sum = 0;
+    for (float x : acc) sum += x;
+    return sum;
+}
 
 }  // namespace scalar
 
@@ -280,6 +292,41 @@ MergeFn merge_fn(Isa isa) {
     }
 }
 
+using FmaChainsFn = float (*)(int64_t);
+
+FmaChainsFn fma_chains_fn(Isa isa) {
+    switch (isa) {
+#if NF4_X86
+        case Isa::kAvx2: return avx2::fma_chains;
+        case Isa::kAvx512: return avx512::fma_chains;
+        case Isa::kAvx512Bf16: return avx512bf16::fma_chains;
+#endif
+        default: return scalar::fma_chains;
+    }
+}
+
+// fp32 FMAs per second that `num_threads` threads sustain from registers on instruction set `isa`: the compute
+// ceiling of the benchmark's FMA floor (a torch GEMM's rate understates it: 108 vs 256 GFMA/s on 2 Zen 5 cores).
+double peak_fma_rate(const std::string& isa, int num_threads) {
+    nf4::require(num_threads >= 1, "num_threads must be positive");
+    const Isa chosen = isa == "auto" ? pick_isa(Isa::kAvx512Bf16, 0) : parse_isa(isa);
+    const FmaChainsFn chains = fma_chains_fn(chosen);
+    constexpr int64_t kIterations = 1 << 22;
+    py::gil_scoped_release release;
+    double best = 0;
+    for (int round = 0; round < 3; ++round) {
+        std::vector<float> sums(num_threads);
+        const auto start = std::chrono::steady_clock::now();
+        std::vector<std::thread> workers;
+        for (int t = 1; t < num_threads; ++t) workers.emplace_back([&, t] { sums[t] = chains(kIterations); });
+        sums[0] = chains(kIterations);
+        for (auto& worker : workers) worker.join();
+        const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        best = std::max(best, 12.0 * vector_width(chosen) * kIterations * num_threads / seconds);
+    }
+    return best;
+}
+
 void dequant_merge_nf4(uintptr_t codes, uintptr_t absmax, bool nested, uintptr_t nested_absmax, uintptr_t nested_code,
                        float nested_offset, int64_t nested_blocksize, int64_t rows, int64_t cols, int64_t blocksize,
                        uintptr_t lora_A, uintptr_t lora_B, int64_t rank, float scale, uintptr_t out, int out_dtype,
@@ -307,6 +354,8 @@ PYBIND11_MODULE(_C, m) {
           "out[rows, cols] = NF4-decoded weight + scale * lora_B @ lora_A, from raw data pointers. The caller "
           "guarantees sizes, dtypes and contiguity (pyprefopt.nf4 checks them). isa: 'auto' (the widest the CPU "
           "has), or the widest allowed of 'scalar', 'avx2', 'avx512', 'avx512bf16'.");
+    m.def("peak_fma_rate", &peak_fma_rate, py::kw_only(), py::arg("isa") = "auto", py::arg("num_threads") = 1,
+          "fp32 FMAs per second that num_threads threads sustain from registers on isa ('auto': the widest).");
     m.def("supported_isas", &supported_isas, "The instruction sets this CPU can run, narrowest first.");
     m.def("nf4_code", [] { return std::vector<float>(kNF4Code, kNF4Code + 16); }, "The kernels' NF4 table.");
 }

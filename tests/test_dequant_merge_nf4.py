@@ -3,6 +3,7 @@ reference, every CPU instruction-set path giving the same bits, buffer reuse, in
 fallback, and the CUDA source compiling with nvcc."""
 
 import json
+import math
 import pathlib
 import shutil
 import subprocess
@@ -310,6 +311,19 @@ def test_bad_merge_arguments_are_rejected(kwargs, error, match):
     good, _ = _bad_inputs()
     with pytest.raises(error, match=match):
         nf4.dequant_merge_nf4(nf4.NF4Weight(**good), **kwargs)
+
+
+def test_peak_fma_rate_counts_vector_lanes():
+    """The benchmark's compute floor divides by this rate: each vector isa must sustain several times the
+    scalar rate (8 or 16 lanes per FMA), or the probe is not measuring what it claims."""
+    rates = {isa: C.peak_fma_rate(isa=isa, num_threads=1) for isa in ISAS}
+    assert all(math.isfinite(rate) and rate > 0 for rate in rates.values())
+    for isa in ISAS[1:]:
+        assert rates[isa] > 3 * rates["scalar"], rates
+    with pytest.raises(ValueError, match="num_threads must be positive"):
+        C.peak_fma_rate(num_threads=0)
+    with pytest.raises(ValueError, match="unknown isa 'sse9'"):
+        C.peak_fma_rate(isa="sse9")
 
 
 def test_extension_rejects_unknown_isa():
