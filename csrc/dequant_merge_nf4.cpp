@@ -37,7 +37,8 @@ const float kNF4Code[16] = {NF4_CODE_VALUES};
 constexpr int64_t kMinElementsPerThread = 1 << 16;
 
 // Narrowest first; each needs the ones before it. avx512 is AVX-512 F+BW+DQ (Skylake-SP and later), avx512bf16
-// adds AVX512-BF16's conversion for bf16 outputs (Cooper Lake, Sapphire Rapids, Zen 4).
+// adds AVX512-BF16's conversion for bf16 outputs and AVX512-VBMI's byte shifts for decoding (Sapphire Rapids,
+// Zen 4 and later; Cooper Lake has BF16 without VBMI and runs avx512).
 enum class Isa { kScalar, kAvx2, kAvx512, kAvx512Bf16 };
 constexpr Isa kAllIsas[] = {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16};
 
@@ -138,6 +139,11 @@ struct Ops {
     struct Table {
         __m256 low, high;
         explicit Table(const float* code) : low(_mm256_loadu_ps(code)), high(_mm256_loadu_ps(code + 8)) {}
+        Table(__m256 low_values, __m256 high_values) : low(low_values), high(high_values) {}
+        Table scaled(float s) const {
+            const __m256 by = _mm256_set1_ps(s);
+            return Table(_mm256_mul_ps(low, by), _mm256_mul_ps(high, by));
+        }
     };
 
     static V zero() { return _mm256_setzero_ps(); }
@@ -207,15 +213,17 @@ struct Ops {
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx2,fma,f16c")
 namespace avx512 {
 constexpr bool kHardwareBf16 = false;
+constexpr bool kVbmi = false;
 #include "nf4_cpu_ops_avx512.inc"
 #include "nf4_cpu_tiles.inc"
 }  // namespace avx512
 #pragma GCC pop_options
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512dq,avx512bf16,avx2,fma,f16c")
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512bf16,avx512vbmi,avx2,fma,f16c")
 namespace avx512bf16 {
 constexpr bool kHardwareBf16 = true;
+constexpr bool kVbmi = true;
 #include "nf4_cpu_ops_avx512.inc"
 #include "nf4_cpu_tiles.inc"
 }  // namespace avx512bf16
@@ -232,7 +240,9 @@ bool cpu_supports(Isa isa) {
         case Isa::kAvx512:
             return cpu_supports(Isa::kAvx2) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                    __builtin_cpu_supports("avx512dq");
-        case Isa::kAvx512Bf16: return cpu_supports(Isa::kAvx512) && __builtin_cpu_supports("avx512bf16");
+        case Isa::kAvx512Bf16:
+            return cpu_supports(Isa::kAvx512) && __builtin_cpu_supports("avx512bf16") &&
+                   __builtin_cpu_supports("avx512vbmi");
 #endif
         default: return false;
     }

@@ -81,16 +81,16 @@ NF4_HD float block_scale(const Problem& p, int64_t block) {
     return add_rn(mul_rn(p.nested_code[q], p.nested_absmax[block >> p.nested_blocksize_log2]), p.nested_offset);
 }
 
-// The rank-r dot product lora_B[row, :] . lora_A[:, col] as a chain of fused multiply-adds in k order from
-// zero. Every path (scalar, AVX2, AVX-512, CUDA) accumulates in this order, so they agree bit for bit.
-NF4_HD float lora_dot(const Problem& p, int64_t row, int64_t col) {
+// The scaled rank-r delta lora_B[row, :] . (scale * lora_A[:, col]) as a chain of fused multiply-adds in k order
+// from zero, each lora_A element scaled first: one fp32 rounding, exact when scale is a power of two (LoRA's usual
+// alpha / r), and it lets the CPU tiles take lora_A pre-scaled once per call instead of multiplying every
+// output element. Every path (scalar, AVX2, AVX-512, CUDA) computes it so, and they agree bit for bit.
+NF4_HD float lora_delta(const Problem& p, int64_t row, int64_t col) {
     float acc = 0.0f;
-    for (int64_t k = 0; k < p.rank; ++k) acc = fmaf(p.lora_B[row * p.rank + k], p.lora_A[k * p.cols + col], acc);
+    for (int64_t k = 0; k < p.rank; ++k)
+        acc = fmaf(p.lora_B[row * p.rank + k], mul_rn(p.scale, p.lora_A[k * p.cols + col]), acc);
     return acc;
 }
-
-// W + scale * (B @ A): a multiply then an add, the roundings of the fp32 reference.
-NF4_HD float merge(float w, float scale, float dot) { return add_rn(w, mul_rn(scale, dot)); }
 
 NF4_HD uint32_t float_bits(float f) {
     uint32_t u;
@@ -142,7 +142,7 @@ NF4_HD void store(const Problem& p, int64_t e, float v) {
 NF4_HD void merge_element(const Problem& p, const float* nf4_code, int64_t row, int64_t col) {
     const int64_t e = row * p.cols + col;
     float v = mul_rn(nf4_code[nibble(p.codes, e)], block_scale(p, e >> p.blocksize_log2));
-    if (p.rank > 0) v = merge(v, p.scale, lora_dot(p, row, col));
+    if (p.rank > 0) v = add_rn(v, lora_delta(p, row, col));
     store(p, e, v);
 }
 
