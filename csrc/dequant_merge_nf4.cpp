@@ -133,7 +133,6 @@ struct Ops {
     static constexpr int W = 8;
     // 4 rows x 2 vectors: 8 accumulators + 2 lora_A vectors + 1 broadcast fit the 16 ymm registers.
     static constexpr int R = 4;
-    static constexpr int C = 2;
 
     // The 16-entry table as two 8-lane halves; bit 3 of the code picks the half.
     struct Table {
@@ -153,30 +152,62 @@ struct Ops {
     static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
     static V add(V a, V b) { return _mm256_add_ps(a, b); }
 
+    // The table entries at the low 4 bits of each lane: permutevar8x32 reads bits 0-2 and bit 3 reaches the sign
+    // bit after the shift by 28; bits above the nibble are shifted out or ignored.
+    static V lookup(__m256i idx, const Table& table) {
+        const __m256 low = _mm256_permutevar8x32_ps(table.low, idx);
+        const __m256 high = _mm256_permutevar8x32_ps(table.high, idx);
+        return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+    }
+
     // 8 elements from 4 bytes, high nibble first.
     static V decode(const uint8_t* bytes, const Table& table) {
         int32_t word;
         std::memcpy(&word, bytes, sizeof word);
         const __m128i doubled = _mm_unpacklo_epi8(_mm_cvtsi32_si128(word), _mm_cvtsi32_si128(word));
-        // Lane l holds byte l / 2: shift the even lanes' high nibble down. Bits above the nibble are ignored
-        // below: permutevar8x32 reads bits 0-2, and bit 3 reaches the sign bit after the shift by 28.
-        const __m256i idx = _mm256_srlv_epi32(_mm256_cvtepu8_epi32(doubled), _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0));
-        const __m256 low = _mm256_permutevar8x32_ps(table.low, idx);
-        const __m256 high = _mm256_permutevar8x32_ps(table.high, idx);
-        return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+        // Lane l holds byte l / 2: shift the even lanes' high nibble down.
+        return lookup(_mm256_srlv_epi32(_mm256_cvtepu8_epi32(doubled), _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0)), table);
+    }
+
+    // A pair's vectors are de-interleaved: lane j of the first holds element 2j of the pair, of the second element
+    // 2j + 1, so both nibbles of byte j stay in lane j. That spares decode's unpack and variable shift, and the
+    // bf16 store packs a pair with one word blend (measured 2 instructions per vector fewer than in order).
+    static constexpr int pair_column(int vector, int lane) { return 2 * lane + vector; }
+
+    // Elements [e, e + 16) from 8 bytes in pair_column order, [e, e + 8) scaled by `first`'s block scale and
+    // [e + 8, e + 16) by `second`'s; one_block: they are the same table.
+    static void decode_pair(const uint8_t* bytes, const Table& first, const Table& second, bool one_block, V& even,
+                            V& odd) {
+        const __m256i lanes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes)));
+        const __m256i high_nibbles = _mm256_srli_epi32(lanes, 4);
+        even = lookup(high_nibbles, first);
+        odd = lookup(lanes, first);
+        if (!one_block) {  // lanes 4-7 hold elements 8-15
+            even = _mm256_blend_ps(even, lookup(high_nibbles, second), 0xF0);
+            odd = _mm256_blend_ps(odd, lookup(lanes, second), 0xF0);
+        }
+    }
+
+    // fp32 -> bf16 bits by round to nearest even (nf4::bf16_bits), left in the high half of each 32-bit lane,
+    // for lanes that are not NaN.
+    static __m256i bf16_rounded_high_finite(V v) {
+        const __m256i bits = _mm256_castps_si256(v);
+        const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+        return _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), odd);
+    }
+
+    // The same for any lane: NaN lanes become 0x7FC0.
+    static __m256i bf16_rounded_high(V v) {
+        const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        return _mm256_blendv_epi8(bf16_rounded_high_finite(v), _mm256_set1_epi32(0x7FC00000), nan);
     }
 
     // 8 fp32 lanes -> 8 16-bit values of the output dtype.
     template <int Dt>
     static __m128i to_16bit(V v) {
         if (Dt == nf4::kFloat16) return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        // bf16: round to nearest even on the bits (nf4::bf16_bits); NaN lanes become 0x7FC0.
-        const __m256i bits = _mm256_castps_si256(v);
-        const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-        __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), odd), 16);
-        const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-        rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
         // packus packs within 128-bit lanes; the permute brings the two halves' results together.
+        const __m256i rounded = _mm256_srli_epi32(bf16_rounded_high(v), 16);
         return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0xD8));
     }
 
@@ -188,19 +219,41 @@ struct Ops {
             _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p.out) + e), to_16bit<Dt>(v));
     }
 
-    // Elements [e, e + 16); Stream needs them 32-byte aligned (stream_output's whole rows of lines).
+    // A pair (pair_column order) to elements [e, e + 16); Stream needs them 32-byte aligned (stream_output's
+    // whole rows of lines).
     template <int Dt, bool Stream>
-    static void store_pair(const nf4::Problem& p, int64_t e, V a, V b) {
-        if (!Stream) {
-            store<Dt>(p, e, a);
-            store<Dt>(p, e + W, b);
-        } else if (Dt == nf4::kFloat32) {
-            _mm256_stream_ps(static_cast<float*>(p.out) + e, a);
-            _mm256_stream_ps(static_cast<float*>(p.out) + e + W, b);
-        } else {
-            _mm256_stream_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(p.out) + e),
-                                _mm256_set_m128i(to_16bit<Dt>(b), to_16bit<Dt>(a)));
+    static void store_pair(const nf4::Problem& p, int64_t e, V even, V odd) {
+        if (Dt == nf4::kFloat32) {
+            // unpack interleaves within 128-bit halves: elements 0-3 | 8-11, then 4-7 | 12-15.
+            const V low = _mm256_unpacklo_ps(even, odd), high = _mm256_unpackhi_ps(even, odd);
+            const V a = _mm256_permute2f128_ps(low, high, 0x20), b = _mm256_permute2f128_ps(low, high, 0x31);
+            float* out = static_cast<float*>(p.out) + e;
+            if (Stream) {
+                _mm256_stream_ps(out, a);
+                _mm256_stream_ps(out + W, b);
+            } else {
+                _mm256_storeu_ps(out, a);
+                _mm256_storeu_ps(out + W, b);
+            }
+            return;
         }
+        __m256i packed;
+        if (Dt == nf4::kFloat16) {
+            const __m128i a = to_16bit<Dt>(even), b = to_16bit<Dt>(odd);
+            packed = _mm256_set_m128i(_mm_unpackhi_epi16(a, b), _mm_unpacklo_epi16(a, b));
+        } else if (_mm256_testz_ps(_mm256_cmp_ps(even, odd, _CMP_UNORD_Q), _mm256_castsi256_ps(_mm256_set1_epi32(-1)))) {
+            // No NaN in the pair (one compare for both vectors): round without bf16_rounded_high's NaN blend. 32-bit
+            // lane j takes element 2j's bf16 in its low word and element 2j + 1's in its high word.
+            packed = _mm256_blend_epi16(_mm256_srli_epi32(bf16_rounded_high_finite(even), 16),
+                                        bf16_rounded_high_finite(odd), 0xAA);
+        } else {
+            packed = _mm256_blend_epi16(_mm256_srli_epi32(bf16_rounded_high(even), 16), bf16_rounded_high(odd), 0xAA);
+        }
+        __m256i* out = reinterpret_cast<__m256i*>(static_cast<uint16_t*>(p.out) + e);
+        if (Stream)
+            _mm256_stream_si256(out, packed);
+        else
+            _mm256_storeu_si256(out, packed);
     }
 };
 

@@ -168,10 +168,12 @@ def test_merge_within_one_ulp_of_fp32_reference(isa, shape, nested, out_dtype):
 
 
 @pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=str)
+@pytest.mark.parametrize("blocksize", [32, 64])
+# 40 and 48 columns: rows start mid-block, so vector pairs straddle two blocks (AVX2 at 40, AVX-512 at 48);
 # (2048, 2048): outputs of 8 MiB and more are written with non-temporal stores.
-@pytest.mark.parametrize("shape", [(33, 65), (37, 40), (67, 2048), (2048, 2048)], ids=str)
-def test_every_isa_gives_the_same_bits(monkeypatch, shape, out_dtype):
-    packed, state = quantize(shape, 64, True)
+@pytest.mark.parametrize("shape", [(33, 65), (37, 40), (21, 48), (67, 2048), (2048, 2048)], ids=str)
+def test_every_isa_gives_the_same_bits(monkeypatch, shape, blocksize, out_dtype):
+    packed, state = quantize(shape, blocksize, True)
     weight = nf4.NF4Weight.from_quant_state(packed, state)
     lora_A, lora_B = torch.randn(8, shape[1]), torch.randn(shape[0], 8) * 0.1
     results = {}
