@@ -189,16 +189,20 @@ def with_isa(isa: str, call):
 def table(quick: bool, with_peft: bool, rounds: int):
     from pyprefopt import _C
 
-    bandwidth, fmas = copy_bandwidth(), _C.peak_fma_rate(num_threads=torch.get_num_threads())
+    threads = torch.get_num_threads()
+    bandwidth, fmas = copy_bandwidth(), _C.peak_fma_rate(num_threads=threads)
     isas = _C.supported_isas()
-    # The narrower x86 paths too, for CPUs without the widest one (e.g. AVX2-only AMD EPYC before Zen 4).
+    # The narrower x86 paths too, for CPUs without the widest one (e.g. AVX2-only AMD EPYC before Zen 4), each
+    # with its ratio to the larger floor at that instruction set's own peak FMA rate.
     narrower = [isa for isa in ("avx512", "avx2") if isa in isas[:-1]]
-    print(f"CPU, {torch.get_num_threads()} threads, widest isa {isas[-1]}: copy {bandwidth / 1e9:.1f} GB/s "
+    narrower_fmas = {isa: _C.peak_fma_rate(isa=isa, num_threads=threads) for isa in narrower}
+    print(f"CPU, {threads} threads, widest isa {isas[-1]}: copy {bandwidth / 1e9:.1f} GB/s "
           f"(read + write), peak fp32 {fmas / 1e9:.1f} GFMA/s; r = {RANK}, blocksize {BLOCKSIZE}, double-quantised "
           f"scales, bf16 out; min of {rounds} runs, ms\n")
     columns = ["memory floor", "FMA floor", "pyprefopt (out=)", "pyprefopt (fresh out)", "bnb dequantize_4bit",
                "bnb dequant + addmm + cast"] + (["PEFT merge()"] if with_peft else []) + \
-              [f"pyprefopt {isa} only" for isa in narrower] + ["ours / larger floor", "ours / (bnb + addmm)"]
+              [f"pyprefopt {isa} only (x its floor)" for isa in narrower] + \
+              ["ours / larger floor", "ours / (bnb + addmm)"]
     print("| W | " + " | ".join(columns) + " |")
     print("|---" * (len(columns) + 1) + "|")
     for rows, cols in QUICK_SHAPES if quick else FULL_SHAPES:
@@ -216,10 +220,12 @@ def table(quick: bool, with_peft: bool, rounds: int):
             timed[variant] = min_seconds(call, rounds if variant != "peft-merge" else min(rounds, 2), setup)
         for isa in narrower:
             timed[isa] = min_seconds(with_isa(isa, runner("pyprefopt", case)[1]), rounds)
-        cells = [memory_floor, fma_floor] + [timed[v] for v in VARIANTS if v in timed] + [timed[i] for i in narrower]
+        cells = [f"{t * 1e3:.1f}" for t in [memory_floor, fma_floor] + [timed[v] for v in VARIANTS if v in timed]]
+        for isa in narrower:
+            floor = max(memory_floor, rows * cols * RANK / narrower_fmas[isa])
+            cells.append(f"{timed[isa] * 1e3:.1f} ({timed[isa] / floor:.2f}x)")
         ratios = [timed["pyprefopt"] / max(memory_floor, fma_floor), timed["pyprefopt"] / timed["bnb-dequant-addmm"]]
-        print(f"| {rows}x{cols} | " + " | ".join(f"{t * 1e3:.1f}" for t in cells) + " | " +
-              " | ".join(f"{r:.2f}x" for r in ratios) + " |", flush=True)
+        print(f"| {rows}x{cols} | " + " | ".join(cells + [f"{r:.2f}x" for r in ratios]) + " |", flush=True)
         del case
 
 
