@@ -13,19 +13,21 @@ from pyprefopt import losses
 
 
 def reference_logprobs(hidden, weight, labels, bias=None, ignore_index=-100, temperature=1.0, dtype=torch.float32):
-    """Per-token log-probs through the full `[..., V]` logits, computed in `dtype`."""
+    """Per-token log-probs through the full `[..., V]` logits, computed in `dtype` (the softmax in fp32 at
+    least, as TRL does; float64 gives the tests their truth)."""
     logits = torch.nn.functional.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
-    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logprobs = torch.log_softmax(logits.to(torch.promote_types(dtype, torch.float32)) / temperature, dim=-1)
     mask = labels != ignore_index
     safe = torch.where(mask, labels, torch.zeros_like(labels)).long()
     picked = logprobs.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     return torch.where(mask, picked, torch.zeros_like(picked))
 
 
-def reference_token_statistics(hidden, weight, labels, bias=None, ignore_index=-100, temperature=1.0):
-    """`fused_linear_logprobs`'s statistics through the full fp32 logits: entropy, log sum p^2, mean logit,
-    and whether the label's logit is the largest; 0 (False) at ignored positions."""
-    logits = torch.nn.functional.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+def reference_token_statistics(hidden, weight, labels, bias=None, ignore_index=-100, temperature=1.0,
+                               dtype=torch.float32):
+    """`fused_linear_logprobs`'s statistics through the full logits in `dtype`: entropy, log sum p^2, mean
+    logit, and whether the label's logit is the largest; 0 (False) at ignored positions."""
+    logits = torch.nn.functional.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
     logits = logits / temperature
     logprobs = torch.log_softmax(logits, dim=-1)
     mask = labels != ignore_index
