@@ -157,11 +157,7 @@ struct Ops {
     static V lookup(__m256i idx, const Table& table) {
         const __m256 low = _mm256_permutevar8x32_ps(table.low, idx);
         const __m256 high = _mm256_permutevar8x32_ps(table.high, idx);
-        __m256 pick_high = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
-        // vblendvps reads only the sign bit; GCC 12 would otherwise rewrite the blend as a compare against zero
-        // (vpxor + vpcmpgtd) first, two more instructions per lookup.
-        asm("" : "+x"(pick_high));
-        return _mm256_blendv_ps(low, high, pick_high);
+        return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
     }
 
     // 8 elements from 4 bytes, high nibble first.
