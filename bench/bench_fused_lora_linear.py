@@ -29,7 +29,10 @@ import torch
 
 R = 16
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-LORA_VARIANTS = ("frozen_base", "pyprefopt", "peft")
+# frozen_base_onednn: the frozen base linear with its two GEMMs through pyprefopt.cpu_linear, the GEMM library
+# pyprefopt's layer uses (torch's F.linear takes MKL for fp32, at half speed on AMD CPUs): the floor that
+# isolates the LoRA overhead from the choice of GEMM.
+LORA_VARIANTS = ("frozen_base", "frozen_base_onednn", "pyprefopt", "peft")
 QLORA_VARIANTS = ("bnb_4bit_frozen", "pyprefopt_qlora", "peft_qlora")
 
 
@@ -62,6 +65,31 @@ def _base(kind: str, shape: Shape, dtype: torch.dtype, seed: int = 0) -> torch.n
     return layer.to("cpu").requires_grad_(False)
 
 
+class _FrozenLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight):
+        from pyprefopt import cpu_linear
+
+        ctx.save_for_backward(weight)
+        return cpu_linear.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        from pyprefopt import cpu_linear
+
+        (weight,) = ctx.saved_tensors
+        return cpu_linear.linear(grad_y, weight.t()), None
+
+
+class FrozenLinearSameGemm(torch.nn.Module):
+    def __init__(self, base: torch.nn.Linear):
+        super().__init__()
+        self.base_layer = base
+
+    def forward(self, x):
+        return _FrozenLinearFunction.apply(x, self.base_layer.weight)
+
+
 def _with_nonzero_b(params):
     torch.manual_seed(1)
     with torch.no_grad():
@@ -77,6 +105,8 @@ def build(variant: str, shape: Shape, dtype: torch.dtype):
     base = _base(kind, shape, dtype)
     if variant in ("frozen_base", "bnb_4bit_frozen"):
         module, params = base, []
+    elif variant == "frozen_base_onednn":
+        module, params = FrozenLinearSameGemm(base), []
     elif variant in ("pyprefopt", "pyprefopt_qlora"):
         module = lora.LoRALinear(base, R, 2 * R)
         params = [module.lora_A, module.lora_B]
@@ -251,12 +281,15 @@ def run_table(quick_mode: bool, rounds: int, threads: int, with_memory: bool = T
                         step()
                         times[v].append(time.perf_counter() - t0)
                 del steps
-                base, _, peer = variants
+                base, peer = variants[0], variants[-1]
+                same_gemm = "frozen_base_onednn" if "frozen_base_onednn" in variants else None
                 for v in variants:
                     rows.append({
                         "shape": f"{shape.tokens}x{shape.in_features}->{shape.out_features}", "dtype": dtype_name,
                         "variant": v, "median_ms": 1e3 * statistics.median(times[v]),
                         "x_base": statistics.median(t / b for t, b in zip(times[v], times[base])),
+                        "x_same_gemm_base": None if same_gemm is None else
+                        statistics.median(t / b for t, b in zip(times[v], times[same_gemm])),
                         "x_peer": statistics.median(t / p for t, p in zip(times[v], times[peer])),
                         "peak_extra_mib": _peak_extra_memory(v, shape.name, dtype_name, quick_mode, threads)
                         if with_memory else None,
@@ -266,12 +299,14 @@ def run_table(quick_mode: bool, rounds: int, threads: int, with_memory: bool = T
 
 
 def render(rows: list[dict], gpu_rows: list[tuple[str, dict]]) -> str:
-    lines = ["| shape | dtype | variant | fwd+bwd ms (median) | x frozen base | x PEFT | peak extra MiB |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    lines = ["| shape | dtype | variant | fwd+bwd ms (median) | x frozen base | x same-GEMM frozen base | x PEFT "
+             "| peak extra MiB |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         mem = "-" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib']:.0f}"
+        same = "-" if r["x_same_gemm_base"] is None else f"{r['x_same_gemm_base']:.3f}"
         lines.append(f"| {r['shape']} | {r['dtype']} | {r['variant']} | {r['median_ms']:.1f} | {r['x_base']:.3f} "
-                     f"| {r['x_peer']:.3f} | {mem} |")
+                     f"| {same} | {r['x_peer']:.3f} | {mem} |")
     lines += ["", "GPU on paper, per forward+backward call (bf16 activations, r=16):", "",
               "| shape | GFLOP fwd+bwd | 16-bit base: MB unfused | MB fused | NF4 base: MB unfused | MB fused |",
               "|---|---:|---:|---:|---:|---:|"]

@@ -11,7 +11,8 @@ base (reference) model without a second copy.
 `FusedLoRALinearFunction` computes the layer:
 - CUDA: the Triton kernels of `pyprefopt.kernels.fused_lora_linear` (Y written once, the rank-r update in
   the GEMM epilogue; an NF4 base decoded in the GEMM's load path).
-- CPU: the big GEMM writes Y exactly as the plain layer does (`addmm(bias, X, W.T)`), and one in-place
+- CPU: the big GEMM writes Y with the bias as the plain layer does (through `pyprefopt.cpu_linear`:
+  oneDNN for large fp32 GEMMs, where torch's MKL sgemm runs at half speed on AMD CPUs), and one in-place
   GEMM of depth r adds `S_s @ B.T` into it (`addmm_`): no `[tokens, out]` temporary and no separate add.
   Interleaved timings favoured this order over writing `S_s @ B.T` first and accumulating the big GEMM
   into it (beta = 1): in bf16 the accumulating big GEMM lost 4-6 %. The backward does the same for
@@ -36,6 +37,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from pyprefopt import cpu_linear
 from pyprefopt.nf4 import lora_scale
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -178,7 +180,7 @@ class FusedLoRALinearFunction(torch.autograd.Function):
             weight = _weight_for_one_gemm(base_weight, x.dtype)
             # S_s = s * lora_x @ A.T at rank width; the base GEMM writes Y and S_s @ B.T is added in place.
             low = _scaled_mm(lora_x2, lora_a.t(), scale)
-            y = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
+            y = cpu_linear.linear(x2, weight, bias)
             y.addmm_(low, lora_b.t())
         # `low` is S_s = s * S on CPU and the unscaled fp32 S from the kernels: each backward takes its own.
         ctx.base_weight = base_weight
@@ -217,10 +219,10 @@ class FusedLoRALinearFunction(torch.autograd.Function):
             if need_a:
                 grad_a = torch.mm(low_grad.t(), lora_x2)
             if need_x_any and ctx.merged:
-                grad_x = torch.mm(grad_y2, weight).addmm_(low_grad, lora_a)
+                grad_x = cpu_linear.linear(grad_y2, weight.t()).addmm_(low_grad, lora_a)
             else:
                 if need_x_any:
-                    grad_x = torch.mm(grad_y2, weight)
+                    grad_x = cpu_linear.linear(grad_y2, weight.t())
                 if need_lora_x:
                     grad_lora_x = torch.mm(low_grad, lora_a)
         grad_bias = grad_y2.sum(0) if need_bias and ctx.has_bias else None
