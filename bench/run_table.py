@@ -499,7 +499,8 @@ def render_table(rows: list[dict], machine: dict, args) -> str:
         "log-probs; cpo: chosen rows first, alpha=1 (NLL on chosen), no reference; kto: first B/2 rows "
         "desirable, fixed reference log-probs, KL point from fixed per-row KL log-probs (not projected)",
         "- bare_gemms = the floor: frozen head 2 GEMMs (h@W.T, Z@W), trained head 3 (+ Z.T@h), on preallocated "
-        "outputs, over the tokens pyprefopt projects (the `proj` column)",
+        "outputs, over the tokens pyprefopt projects (the `proj` column), through pyprefopt.cpu_linear like the "
+        "op (oneDNN for large fp32 GEMMs; naive, trl and liger run torch's fp32 matmul, MKL)",
         "- trl = TRL's chunked log-prob function (as its fused LM head calls it without Triton), its sequence "
         "sums fed to the same pyprefopt.losses function",
         "- liger takes no precomputed reference log-probs: DPO runs reference-free (the others use fixed "

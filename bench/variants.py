@@ -59,7 +59,7 @@ from dataclasses import dataclass
 import torch
 
 import pyprefopt
-from pyprefopt import losses
+from pyprefopt import cpu_linear, losses
 from pyprefopt.reference import reference_logprobs, reference_preference_loss
 
 LOSS_OPS = ("sft-loss", "dpo-loss", "ipo-loss", "cpo-loss", "kto-loss")
@@ -343,16 +343,18 @@ def _bare_gemms(op, shape, head, all_completion):
     dw = torch.zeros(shape.v, shape.h) if head == "trained" else None
     del inputs
 
+    # Through pyprefopt.cpu_linear, the GEMM library the op uses: oneDNN for large fp32 products (torch.mm's
+    # MKL runs at half speed on AMD CPUs, which would flatter every ratio to this floor).
     @torch.no_grad()
     def fn():
-        torch.mm(h, w.T, out=z)
-        torch.mm(z, w, out=dh)
+        cpu_linear.linear(h, w, out=z)
+        cpu_linear.linear(z, w.T, out=dh)
         if dw is not None:
-            torch.mm(z.T, h, out=dw)
+            cpu_linear.linear(z.T, h.T, out=dw)
         return dh
 
     gemms = "2 GEMMs" if dw is None else "3 GEMMs"
-    return Step("bare_gemms", None, fn, n, note=f"{gemms} on the {n} tokens pyprefopt projects")
+    return Step("bare_gemms", None, fn, n, note=f"{gemms} (pyprefopt.cpu_linear) on the {n} tokens pyprefopt projects")
 
 
 def _naive(op, shape, head, all_completion, ref="policy"):

@@ -59,7 +59,7 @@ def check_against_reference(backend, shape, grads, temperature=1.0):
 
 @pytest.mark.parametrize("grads", GRAD_SETS, ids="+".join)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_cpu_matches_reference_fp32(shape, grads):
+def test_cpu_matches_reference_fp32(shape, grads, cpu_gemm):
     check_against_reference("torch", shape, grads)
 
 

@@ -69,7 +69,7 @@ def check(method, hparams, trained, batch=4, seq=9, upstream=1.0, lengths=None):
 
 @pytest.mark.parametrize("trained", [False, True], ids=["frozen-head", "trained-head"])
 @pytest.mark.parametrize("method,hparams", CASES, ids=CASE_IDS)
-def test_matches_reference(method, hparams, trained):
+def test_matches_reference(method, hparams, trained, cpu_gemm):
     check(method, hparams, trained, upstream=2.5)
 
 
@@ -97,7 +97,7 @@ def _partial_lengths(method):
 
 
 @pytest.mark.parametrize("method,hparams", CASES, ids=CASE_IDS)
-def test_trained_head_partial_keep(method, hparams, monkeypatch):
+def test_trained_head_partial_keep(method, hparams, monkeypatch, cpu_gemm):
     """Groups over the chunk budget keep the logits of their last tiles and recompute the rest from the stored
     log-sum-exp; gradients stay exact with groups at, over and under the budget, and rows of uneven lengths."""
     monkeypatch.setattr(module, "TRAINED_HEAD_CHUNK_BYTES", 4 * 77 * PARTIAL_BUDGET)

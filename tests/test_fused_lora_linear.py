@@ -21,7 +21,7 @@ import transformers
 from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 from tensor_asserts import assert_close_verbose, assert_within_torch_error
 
-from pyprefopt import cpu_linear, lora
+from pyprefopt import lora
 from pyprefopt.kernels import fused_lora_linear as kernels
 from pyprefopt.reference import lora_linear_reference
 
@@ -167,13 +167,10 @@ def _forward_backward(module, x, grad_y, params):
     return [y, x.grad] + [p.grad for p in params]
 
 
-@pytest.mark.parametrize("onednn", [False, True], ids=["torch.mm", "oneDNN"])
 @pytest.mark.parametrize("use_rslora", [False, True], ids=["alpha/r", "rslora"])
 @pytest.mark.parametrize(("in_features", "out_features", "r", "lead"),
                          [(50, 70, 1, (13,)), (64, 96, 16, (3, 7)), (33, 24, 64, (2, 5))])
-def test_cpu_layer_matches_peft(in_features, out_features, r, lead, use_rslora, onednn, monkeypatch):
-    # Both GEMM paths of pyprefopt.cpu_linear (oneDNN takes large fp32 GEMMs; these shapes are small).
-    monkeypatch.setattr(cpu_linear, "ONEDNN_MIN_MACS", 0 if onednn else 1 << 62)
+def test_cpu_layer_matches_peft(in_features, out_features, r, lead, use_rslora, cpu_gemm):
     base = torch.nn.Linear(in_features, out_features)
     _, peft_layer = _peft_linear(copy.deepcopy(base), r, 2 * r, use_rslora=use_rslora)
     ours = _ours_like(peft_layer, base, r, 2 * r, use_rslora=use_rslora)
