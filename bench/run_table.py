@@ -498,9 +498,10 @@ def render_table(rows: list[dict], machine: dict, args) -> str:
         "sft: mean NLL over the non-ignored tokens; dpo (sigmoid), ipo: chosen rows first, fixed reference "
         "log-probs; cpo: chosen rows first, alpha=1 (NLL on chosen), no reference; kto: first B/2 rows "
         "desirable, fixed reference log-probs, KL point from fixed per-row KL log-probs (not projected)",
-        "- bare_gemms = the floor: frozen head 2 GEMMs (h@W.T, Z@W), trained head 3 (+ Z.T@h), on preallocated "
-        "outputs, over the tokens pyprefopt projects (the `proj` column), through pyprefopt.cpu_linear like the "
-        "op (oneDNN for large fp32 GEMMs; naive, trl and liger run torch's fp32 matmul, MKL)",
+        "- bare_gemms = the floor: frozen head 2 GEMMs (h@W.T, Z@W), trained head 3 (+ Z.T@h), over the tokens "
+        "pyprefopt projects (the `proj` column), in the op's token blocks and vocabulary tiles and through "
+        "pyprefopt.cpu_linear like the op (oneDNN for large fp32 GEMMs; naive, trl and liger run torch's fp32 "
+        "matmul, which is MKL), with nothing between the GEMMs",
         "- trl = TRL's chunked log-prob function (as its fused LM head calls it without Triton), its sequence "
         "sums fed to the same pyprefopt.losses function",
         "- liger takes no precomputed reference log-probs: DPO runs reference-free (the others use fixed "

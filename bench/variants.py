@@ -332,29 +332,37 @@ class Step:
 
 
 def _bare_gemms(op, shape, head, all_completion):
+    from pyprefopt.fused_linear_logprobs import _tile_sizes
+
     inputs = make_inputs(op, shape, head, all_completion)
     n = inputs.projected_tokens
     g = torch.Generator().manual_seed(1)
     h = torch.randn(n, shape.h, generator=g)
     w = inputs.weight.detach()
-    # Preallocated and touched now, so no step pays page faults on fresh outputs.
-    z = torch.zeros(n, shape.v)
+    # Preallocated and touched now, so no step pays page faults on fresh gradient outputs.
     dh = torch.zeros(n, shape.h)
     dw = torch.zeros(shape.v, shape.h) if head == "trained" else None
     del inputs
+    # The op's token blocks and vocabulary tiles (a logits tile is at most 16 MiB, which the allocator
+    # reuses), through pyprefopt.cpu_linear like the op: oneDNN for large fp32 products (torch.mm's MKL runs
+    # at half speed on AMD CPUs; one big [N, V] GEMM pays for a 100+ MiB output or, with oneDNN, its copy).
+    block, tile = _tile_sizes(n, shape.v)
 
-    # Through pyprefopt.cpu_linear, the GEMM library the op uses: oneDNN for large fp32 products (torch.mm's
-    # MKL runs at half speed on AMD CPUs, which would flatter every ratio to this floor).
     @torch.no_grad()
     def fn():
-        cpu_linear.linear(h, w, out=z)
-        cpu_linear.linear(z, w.T, out=dh)
-        if dw is not None:
-            cpu_linear.linear(z.T, h.T, out=dw)
+        for t0 in range(0, n, block):
+            hb = h[t0 : t0 + block]
+            for v0 in range(0, shape.v, tile):
+                wt = w[v0 : v0 + tile]
+                z = cpu_linear.linear(hb, wt)
+                cpu_linear.addmm_(dh[t0 : t0 + block], z, wt.T)
+                if dw is not None:
+                    cpu_linear.addmm_(dw[v0 : v0 + tile], z.T, hb.T)
         return dh
 
     gemms = "2 GEMMs" if dw is None else "3 GEMMs"
-    return Step("bare_gemms", None, fn, n, note=f"{gemms} (pyprefopt.cpu_linear) on the {n} tokens pyprefopt projects")
+    return Step("bare_gemms", None, fn, n, note=f"{gemms} in the op's tiles (pyprefopt.cpu_linear) on the {n} "
+                                                f"tokens pyprefopt projects")
 
 
 def _naive(op, shape, head, all_completion, ref="policy"):

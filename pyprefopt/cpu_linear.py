@@ -16,10 +16,10 @@ import torch
 # cores, the order of oneDNN's cost for a shape it has not seen.
 ONEDNN_MIN_MACS = 1 << 27
 # oneDNN writes a new tensor (no in-place accumulation), so `addmm_` adds it in a separate pass over the
-# output; that pays only for deep products. Measured: z.T @ h into a [21845, 1024] gradient tile (depth 384)
-# 75.6 ms MKL addmm_ vs 69.6 ms oneDNN + add; p @ W into [384, 1024] (depth 21845) 80.1 vs 41.5 ms.
-ONEDNN_MIN_ACCUMULATE_DEPTH = 2048
-
+# output; that pays from a depth of about 512. Measured z.T @ h into a gradient tile [tile, 1024] (MKL
+# addmm_ vs oneDNN + add): depth 192 40.1 vs 51.3 ms, 384 78.9 vs 72.3, 768 39.4 vs 23.1, 1024 39.8 vs 22.9;
+# p @ W into [384, 1024] at depth 21845: 80.1 vs 41.5 ms.
+ONEDNN_MIN_ACCUMULATE_DEPTH = 512
 
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
