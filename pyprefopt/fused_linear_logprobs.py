@@ -26,11 +26,11 @@ import torch
 
 from pyprefopt import cpu_linear
 
-# Bytes of fp32 logits one CPU tile may hold. 16 MiB keeps the peak extra memory a small fraction of
-# the materialised logits while the GEMMs stay as fast as one big GEMM (measured on a 2-core EPYC:
-# 1024x4096 tiles run the 2048x32000x1024 projection in 583 ms, 1024x8192 in 579 ms, vs 661 ms for the
-# unblocked GEMM, whose fresh 262 MB output page-faults on every call).
-CPU_TILE_BYTES = 16 * 2**20
+# Bytes of fp32 logits one CPU tile may hold. 4 MiB: oneDNN (pyprefopt.cpu_linear) writes each tile's GEMM
+# to a fresh tensor and reorders the weight tile internally, so its transient memory grows with the tile,
+# not its speed (DPO loss, frozen head, N2048 V32000 on a 2-core Zen 5: 16 MiB tiles 508 ms / 88 MiB peak
+# extra, 4 MiB tiles 494 ms / 34 MiB; through MKL's torch.mm with 16 MiB tiles, 988 ms / 45 MiB).
+CPU_TILE_BYTES = 4 * 2**20
 CPU_TOKEN_BLOCK = 1024
 # Per-token statistics `fused_linear_logprobs(..., statistics=...)` computes beside the log-probs.
 STATISTICS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
