@@ -33,13 +33,34 @@ def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+# oneDNN returns a new tensor and lays each weight out anew for its kernel. Where the result goes into a
+# caller's buffer, the product is made in blocks whose output and weight block are each at most this many
+# bytes, so the transient stays small whatever the sizes (a whole [384, 32000] pair of logits at once added
+# 47 MiB to the trained head's peak): `linear` blocks the output columns, `addmm_` the depth (a deep,
+# narrow product would otherwise re-read its wide input once per column block).
+ONEDNN_TRANSIENT_BYTES = 4 * 2**20
+
+
+def _onednn(x, weight, bias=None):
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _blocks(length: int, step: int):
+    step = max(1, step)
+    return ((i0, min(length, i0 + step)) for i0 in range(0, length, step))
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            out: torch.Tensor | None = None) -> torch.Tensor:
     """`x @ weight.T (+ bias)` for 2-D `x` [M, K] and `weight` [N, K] (a transposed view is fine), into `out`
-    when given (oneDNN's result is then copied there)."""
+    when given."""
     if _use_onednn(x, weight):
-        y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-        return y if out is None else out.copy_(y)
+        if out is None:
+            return _onednn(x, weight, bias)
+        m, k = x.shape
+        for n0, n1 in _blocks(weight.shape[0], ONEDNN_TRANSIENT_BYTES // (4 * max(m, k, 1))):
+            out[:, n0:n1].copy_(_onednn(x, weight[n0:n1], None if bias is None else bias[n0:n1]))
+        return out
     if bias is None:
         return torch.mm(x, weight.t(), out=out)
     return torch.addmm(bias, x, weight.t(), out=out)
@@ -48,5 +69,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def addmm_(acc: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`acc += x @ weight.T` in place; returns acc."""
     if x.shape[1] >= ONEDNN_MIN_ACCUMULATE_DEPTH and _use_onednn(x, weight):
-        return acc.add_(torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], ""))
+        depth_step = max(ONEDNN_MIN_ACCUMULATE_DEPTH, ONEDNN_TRANSIENT_BYTES // (4 * max(weight.shape[0], 1)))
+        for k0, k1 in _blocks(x.shape[1], depth_step):
+            acc.add_(_onednn(x[:, k0:k1], weight[:, k0:k1]))
+        return acc
     return acc.addmm_(x, weight.t())
