@@ -8,8 +8,9 @@
 Floors (the larger one is the limit): memory traffic, 0.5 byte read + 2 bytes written per weight over the
 measured copy bandwidth (a large torch copy into a reused buffer, read + write bytes); and the rank-r delta's
 r FMAs per output element over the peak fp32 FMA rate (`pyprefopt._C.peak_fma_rate`: independent FMA chains
-in registers on every thread; a torch GEMM reaches well under it, so its rate would flatter the kernel). pyprefopt writes into a reused
-`out=` buffer: a fresh 100+ MiB output pays page faults on every call (the "fresh out" row shows how much).
+in registers on every thread; a torch GEMM reaches well under it, so its rate would flatter the kernel).
+pyprefopt writes into a reused `out=` buffer: a fresh 100+ MiB output pays page faults on every call (the
+"fresh out" row shows how much).
 """
 
 from __future__ import annotations

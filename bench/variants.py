@@ -343,7 +343,7 @@ def _bare_gemms(op, shape, head, all_completion):
     dh = torch.zeros(n, shape.h)
     dw = torch.zeros(shape.v, shape.h) if head == "trained" else None
     del inputs
-    # The op's token blocks and vocabulary tiles (a logits tile is at most 16 MiB, which the allocator
+    # The op's token blocks and vocabulary tiles (a logits tile is at most CPU_TILE_BYTES, which the allocator
     # reuses), through pyprefopt.cpu_linear like the op: oneDNN for large fp32 products (torch.mm's MKL runs
     # at half speed on AMD CPUs; one big [N, V] GEMM pays for a 100+ MiB output or, with oneDNN, its copy).
     block, tile = _tile_sizes(n, shape.v)

@@ -149,7 +149,6 @@ struct Ops {
     static V set1(float x) { return _mm256_set1_ps(x); }
     static V loadu(const float* x) { return _mm256_loadu_ps(x); }
     static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-    static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
     static V add(V a, V b) { return _mm256_add_ps(a, b); }
 
     // The table entries at the low 4 bits of each lane: permutevar8x32 reads bits 0-2 and bit 3 reaches the sign
@@ -166,7 +165,8 @@ struct Ops {
         std::memcpy(&word, bytes, sizeof word);
         const __m128i doubled = _mm_unpacklo_epi8(_mm_cvtsi32_si128(word), _mm_cvtsi32_si128(word));
         // Lane l holds byte l / 2: shift the even lanes' high nibble down.
-        return lookup(_mm256_srlv_epi32(_mm256_cvtepu8_epi32(doubled), _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0)), table);
+        const __m256i shifts = _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0);
+        return lookup(_mm256_srlv_epi32(_mm256_cvtepu8_epi32(doubled), shifts), table);
     }
 
     // A pair's vectors are de-interleaved: lane j of the first holds element 2j of the pair, of the second element
@@ -241,7 +241,8 @@ struct Ops {
         if (Dt == nf4::kFloat16) {
             const __m128i a = to_16bit<Dt>(even), b = to_16bit<Dt>(odd);
             packed = _mm256_set_m128i(_mm_unpackhi_epi16(a, b), _mm_unpacklo_epi16(a, b));
-        } else if (_mm256_testz_ps(_mm256_cmp_ps(even, odd, _CMP_UNORD_Q), _mm256_castsi256_ps(_mm256_set1_epi32(-1)))) {
+        } else if (_mm256_testz_ps(_mm256_cmp_ps(even, odd, _CMP_UNORD_Q),
+                                   _mm256_castsi256_ps(_mm256_set1_epi32(-1)))) {
             // No NaN in the pair (one compare for both vectors): round without bf16_rounded_high's NaN blend. 32-bit
             // lane j takes element 2j's bf16 in its low word and element 2j + 1's in its high word.
             packed = _mm256_blend_epi16(_mm256_srli_epi32(bf16_rounded_high_finite(even), 16),

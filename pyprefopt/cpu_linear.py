@@ -20,6 +20,13 @@ ONEDNN_MIN_MACS = 1 << 27
 # addmm_ vs oneDNN + add): depth 192 40.1 vs 51.3 ms, 384 78.9 vs 72.3, 768 39.4 vs 23.1, 1024 39.8 vs 22.9;
 # p @ W into [384, 1024] at depth 21845: 80.1 vs 41.5 ms.
 ONEDNN_MIN_ACCUMULATE_DEPTH = 512
+# oneDNN returns a new tensor and lays each weight out anew for its kernel. Where the result goes into a
+# caller's buffer, the product is made in blocks whose output and weight block are each at most this many
+# bytes, so the transient stays small whatever the sizes (a whole [384, 32000] pair of logits at once added
+# 47 MiB to the trained head's peak): `linear` blocks the output columns, `addmm_` the depth (a deep,
+# narrow product would otherwise re-read its wide input once per column block).
+ONEDNN_TRANSIENT_BYTES = 4 * 2**20
+
 
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
@@ -31,14 +38,6 @@ def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
     )
-
-
-# oneDNN returns a new tensor and lays each weight out anew for its kernel. Where the result goes into a
-# caller's buffer, the product is made in blocks whose output and weight block are each at most this many
-# bytes, so the transient stays small whatever the sizes (a whole [384, 32000] pair of logits at once added
-# 47 MiB to the trained head's peak): `linear` blocks the output columns, `addmm_` the depth (a deep,
-# narrow product would otherwise re-read its wide input once per column block).
-ONEDNN_TRANSIENT_BYTES = 4 * 2**20
 
 
 def _onednn(x, weight, bias=None):
