@@ -82,8 +82,7 @@ def test_low_precision_within_twice_torch_error(backend, dtype):
     hidden, weight, bias, labels = make_inputs(3, 9, 48, 500, dtype=dtype, grads=grads, with_bias=False)
     out, got = value_and_grads(fused_linear_logprobs, hidden, weight, bias, labels, grads, backend=backend)
     same_dtype, torch_grads = value_and_grads(reference_logprobs, hidden, weight, bias, labels, grads, dtype=dtype)
-    truth, true_grads = value_and_grads(reference_logprobs, hidden.double().detach().requires_grad_(),
-                                        weight.double().detach().requires_grad_(), None, labels, grads,
+    truth, true_grads = value_and_grads(reference_logprobs, *float64_copies(hidden, weight), None, labels, grads,
                                         dtype=torch.float64)
     assert got[0].dtype == dtype and got[1].dtype == dtype
     assert_within_torch_error(out, truth, same_dtype, name="logp")
