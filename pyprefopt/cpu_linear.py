@@ -15,16 +15,17 @@ import torch
 # Multiply-adds from which a GEMM takes oneDNN: at 2^27 (e.g. 512 x 512 x 512) a GEMM takes ~1 ms on two
 # cores, the order of oneDNN's cost for a shape it has not seen.
 ONEDNN_MIN_MACS = 1 << 27
-# oneDNN writes a new tensor (no in-place accumulation), so `addmm_` adds it in a separate pass over the
-# output; that pays from a depth of about 512. Measured z.T @ h into a gradient tile [tile, 1024] (MKL
-# addmm_ vs oneDNN + add): depth 192 40.1 vs 51.3 ms, 384 78.9 vs 72.3, 768 39.4 vs 23.1, 1024 39.8 vs 22.9;
-# p @ W into [384, 1024] at depth 21845: 80.1 vs 41.5 ms.
-ONEDNN_MIN_ACCUMULATE_DEPTH = 512
+# oneDNN writes a new tensor (no in-place accumulation), so `addmm_` adds each product in a separate pass over
+# an output block small enough to still be in cache; that pays from a depth of about 64. Measured on a 2-core
+# Zen 5, the weight gradient [32000, 1024] += z.T @ h, MKL addmm_ vs oneDNN in 1024-row blocks + add: depth 32
+# 10.3 vs 10.7 ms, 64 19.2 vs 14.4, 128 37.3 vs 24.4, 384 113 vs 65 (one unblocked oneDNN product + add over
+# the whole 125 MiB output: 122 ms, no better than MKL).
+ONEDNN_MIN_ACCUMULATE_DEPTH = 64
 # oneDNN returns a new tensor and lays each weight out anew for its kernel. Where the result goes into a
 # caller's buffer, the product is made in blocks whose output and weight block are each at most this many
 # bytes, so the transient stays small whatever the sizes (a whole [384, 32000] pair of logits at once added
-# 47 MiB to the trained head's peak): `linear` blocks the output columns, `addmm_` the depth (a deep,
-# narrow product would otherwise re-read its wide input once per column block).
+# 47 MiB to the trained head's peak) and each block is copied or added while it is in cache: both block the
+# output rows and columns (`addmm_` blocks the depth in place of the columns).
 ONEDNN_TRANSIENT_BYTES = 4 * 2**20
 
 
@@ -56,9 +57,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if _use_onednn(x, weight):
         if out is None:
             return _onednn(x, weight, bias)
-        m, k = x.shape
-        for n0, n1 in _blocks(weight.shape[0], ONEDNN_TRANSIENT_BYTES // (4 * max(m, k, 1))):
-            out[:, n0:n1].copy_(_onednn(x, weight[n0:n1], None if bias is None else bias[n0:n1]))
+        (m, k), n = x.shape, weight.shape[0]
+        for n0, n1 in _blocks(n, ONEDNN_TRANSIENT_BYTES // (4 * max(k, 1))):
+            w, b = weight[n0:n1], None if bias is None else bias[n0:n1]
+            for m0, m1 in _blocks(m, ONEDNN_TRANSIENT_BYTES // (4 * (n1 - n0))):
+                out[m0:m1, n0:n1].copy_(_onednn(x[m0:m1], w, b))
         return out
     if bias is None:
         return torch.mm(x, weight.t(), out=out)
@@ -68,8 +71,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def addmm_(acc: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`acc += x @ weight.T` in place; returns acc."""
     if x.shape[1] >= ONEDNN_MIN_ACCUMULATE_DEPTH and _use_onednn(x, weight):
-        depth_step = max(ONEDNN_MIN_ACCUMULATE_DEPTH, ONEDNN_TRANSIENT_BYTES // (4 * max(weight.shape[0], 1)))
-        for k0, k1 in _blocks(x.shape[1], depth_step):
-            acc.add_(_onednn(x[:, k0:k1], weight[:, k0:k1]))
+        (m, k), n = x.shape, weight.shape[0]
+        step = ONEDNN_TRANSIENT_BYTES // (4 * max(n, 1))
+        for m0, m1 in _blocks(m, step):
+            for k0, k1 in _blocks(k, max(ONEDNN_MIN_ACCUMULATE_DEPTH, step)):
+                acc[m0:m1].add_(_onednn(x[m0:m1, k0:k1], weight[:, k0:k1]))
         return acc
     return acc.addmm_(x, weight.t())

@@ -141,18 +141,23 @@ def _fold_tile_with_spread(z, running_max, running_sum, spread, out):
     return e, new_max, rescale
 
 
-def _tile_backward(z, scale, g, y, v0, h, w, grad_hidden, grad_weight, grad_bias):
+def _tile_backward(z, scale, g, y, v0, h, w, grad_hidden, grad_weight, grad_bias, write_weight_grad=False):
     """Gradients of one tile for rows whose upstream gradient times 1/T is `g`, where z holds the tile's
     softmax up to a per-row factor, `scale * z = g * softmax`: z becomes d / dz = g * (onehot(y) - softmax)
     in place, then the GEMMs add into grad_hidden (these rows' slice), grad_weight and grad_bias (full;
-    None: not wanted)."""
+    None: not wanted). `write_weight_grad`: the tile's weight-gradient rows are written, not added to (the
+    first token block to reach them: the buffer needs no zero-fill pass)."""
     z.mul_(scale.neg()[:, None])
     r = _labels_in_tile(y, v0, w.shape[0])
     z[r, y[r] - v0] += g[r]
     if grad_hidden is not None:
         cpu_linear.addmm_(grad_hidden, z, w.T)
     if grad_weight is not None:
-        cpu_linear.addmm_(grad_weight[v0 : v0 + w.shape[0]], z.T, h.T)
+        rows = grad_weight[v0 : v0 + w.shape[0]]
+        if write_weight_grad:
+            cpu_linear.linear(z.T, h.T, out=rows)
+        else:
+            cpu_linear.addmm_(rows, z.T, h.T)
     if grad_bias is not None:
         grad_bias[v0 : v0 + w.shape[0]] += z.sum(dim=0)
 
@@ -242,7 +247,9 @@ def cpu_backward(grad_logp, hidden, weight, bias, labels, lse, inv_t, need_hidde
     block, tile = _tile_sizes(n, vocab)
     dev = hidden.device
     grad_hidden = torch.zeros(n, width, dtype=torch.float32, device=dev) if need_hidden else None
-    grad_weight = torch.zeros(vocab, width, dtype=torch.float32, device=dev) if need_weight else None
+    # The first token block writes every row of the weight gradient (`write_weight_grad`): no zero-fill, unless
+    # there are no tokens.
+    grad_weight = (torch.empty if n else torch.zeros)(vocab, width, dtype=torch.float32, device=dev) if need_weight else None
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_bias else None
     logits = torch.empty(block, tile, dtype=torch.float32, device=dev)
     scale = grad_logp.float() * inv_t
@@ -256,7 +263,7 @@ def cpu_backward(grad_logp, hidden, weight, bias, labels, lse, inv_t, need_hidde
             # z <- softmax = exp(z/T - lse), then -(g/T) * softmax + g/T at each label in this tile.
             z.mul_(inv_t).sub_(lse[t0 : t0 + rows, None]).exp_()
             _tile_backward(z, g, g, y, v0, h, w, None if grad_hidden is None else grad_hidden[t0 : t0 + rows],
-                           grad_weight, grad_bias)
+                           grad_weight, grad_bias, write_weight_grad=t0 == 0)
     return grad_hidden, grad_weight, grad_bias
 
 

@@ -25,6 +25,7 @@ Two ways to the gradient:
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 
@@ -99,6 +100,37 @@ def _group_chunks(method, labels, ignore_index, vocab):
     return chunks
 
 
+class _ReusedWeightGradient:
+    """Storage for the trained head's weight gradient, handed out again once nobody else holds it.
+
+    A fresh [V, H] fp32 tensor costs a page fault per 4 KiB page on its first write (glibc maps large
+    allocations anew each time): zero-filling a fresh 151936 x 1024 one took 151 ms on a 2-core Zen 5, about a
+    tenth of the DPO step, and writing it costs as much again. So the module keeps the storage it last handed out
+    and reuses it when its only holder is this object (the usual case once the optimizer has run and
+    `zero_grad()` set the gradient to None): a reference count check, as PyTorch's CUDA-graph trees make for
+    their output buffers. A gradient still held (accumulation, a caller's reference) gets a fresh tensor.
+    """
+
+    def __init__(self):
+        self._storage = None
+        self._dtype = None
+
+    def take(self, shape, dtype, device) -> torch.Tensor:
+        """A tensor of `shape` whose contents are undefined (the caller writes every element)."""
+        held = self._storage
+        if (
+            held is not None
+            and self._dtype == dtype
+            and held.device == device
+            and held.nbytes() == math.prod(shape) * dtype.itemsize
+            and torch._C._storage_Use_Count(held._cdata) == 1
+        ):
+            return torch.empty(0, dtype=dtype, device=device).set_(held, 0, shape)
+        fresh = torch.empty(shape, dtype=dtype, device=device)
+        self._storage, self._dtype = fresh.untyped_storage(), dtype
+        return fresh
+
+
 def _walk_tiles(n_tokens, vocab):
     """`(token block, vocabulary tile, slots)`: the tiles a chunk of `n_tokens` is walked in, and how many
     of them the budget holds. A chunk within the budget is one tile, all its logits at once; a group over
@@ -114,7 +146,7 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
     """Loss and all its gradients in the forward pass; backward scales them by the upstream gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, inv_t, ignore_index, chunks, loss_of_logps):
+    def forward(ctx, hidden, weight, bias, labels, inv_t, ignore_index, chunks, loss_of_logps, weight_grad_storage):
         rows, seq_len = labels.shape
         vocab = weight.shape[0]
         flat_hidden = hidden.reshape(rows * seq_len, -1)
@@ -124,7 +156,11 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
         # as torch's pairwise `sum` does.
         logps = torch.zeros(rows, dtype=torch.float64, device=dev)
         grad_hidden = torch.zeros(flat_hidden.shape, dtype=torch.float32, device=dev) if hidden.requires_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if weight.requires_grad else None
+        # Written, not zero-filled: the first token block of the first chunk with tokens writes every row.
+        grad_weight = (
+            weight_grad_storage.take(weight.shape, torch.float32, dev) if weight.requires_grad else None
+        )
+        weight_grad_written = False
         grad_bias = (
             torch.zeros(vocab, dtype=torch.float32, device=dev) if bias is not None and bias.requires_grad else None
         )
@@ -191,15 +227,20 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
                 # softmax = exp(z - max) * exp(max - lse): a kept tile turns into its gradient directly.
                 scale = g_all[rows_] * (tile_max - lse[rows_]).exp_()
                 _tile_backward(z, scale, g_all[rows_], y_all[rows_], v0, h_all[rows_], w_tile,
-                               None if grad_h is None else grad_h[rows_], grad_weight, grad_bias)
+                               None if grad_h is None else grad_h[rows_], grad_weight, grad_bias,
+                               write_weight_grad=not weight_grad_written and rows_.start == 0)
             for rows_, v0 in tiles[:first_kept]:
                 # A dropped tile: recompute its logits (one more GEMM); exp(z - lse) is the softmax itself.
                 z, w_tile = logits(h_all[rows_], v0, block, tile, 0)
                 z.sub_(lse[rows_, None]).exp_()
                 _tile_backward(z, g_all[rows_], g_all[rows_], y_all[rows_], v0, h_all[rows_], w_tile,
-                               None if grad_h is None else grad_h[rows_], grad_weight, grad_bias)
+                               None if grad_h is None else grad_h[rows_], grad_weight, grad_bias,
+                               write_weight_grad=not weight_grad_written and rows_.start == 0)
+            weight_grad_written = True
             if grad_h is not None:
                 grad_hidden.index_copy_(0, tokens, grad_h)
+        if grad_weight is not None and not weight_grad_written:
+            grad_weight.zero_()  # no tokens to score
         # Held on ctx, not saved for backward: backward hands these buffers over as the gradients (no copy
         # of a [V, H] tensor), so they must not stay reachable from the graph afterwards.
         ctx.grads = (grad_hidden, grad_weight, grad_bias)
@@ -225,7 +266,7 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
         )
         if grad_hidden is not None:
             grad_hidden = grad_hidden.view(hidden_shape)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 class FusedLinearPreferenceLoss(torch.nn.Module):
@@ -241,6 +282,10 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
 
     Batches follow TRL: `hidden [B, T, H]` and `labels [B, T]` aligned (position t scores labels[t]),
     and for dpo/ipo/cpo the chosen rows first, the rejected rows second.
+
+    With a trained head on CPU the module keeps the storage of the last weight gradient it returned and reuses
+    it once nobody else holds it (`_ReusedWeightGradient`): one weight-sized fp32 buffer stays allocated
+    between steps, which saves a page fault per 4 KiB of the gradient on every step.
     """
 
     def __init__(self, method: str, ignore_index: int = -100, temperature: float = 1.0, **hparams):
@@ -258,6 +303,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         self.ignore_index = ignore_index
         self.temperature = temperature
         self.hparams = hparams
+        self._weight_grad_storage = _ReusedWeightGradient()
 
     def extra_repr(self):
         return f"method={self.method!r}, " + ", ".join(f"{k}={v}" for k, v in self.hparams.items())
@@ -341,7 +387,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             return loss_and_metrics(logps)
         loss, logps = _TrainedHeadLossFunction.apply(
             hidden, weight, bias, labels, 1.0 / self.temperature, self.ignore_index, chunks,
-            lambda logps: loss_and_metrics(logps)[0],
+            lambda logps: loss_and_metrics(logps)[0], self._weight_grad_storage,
         )
         return loss, loss_and_metrics(logps)[1]
 

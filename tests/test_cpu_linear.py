@@ -56,3 +56,39 @@ def test_out_and_addmm_on_both_paths(m, k, n):
     acc = start.clone()
     assert cpu_linear.addmm_(acc, x, weight) is acc
     assert_within_fp32_dot_bound(acc, x, weight, start)
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["x", "x.t()"])
+def test_onednn_blocks_tile_the_whole_output(monkeypatch, transposed):
+    """With a tiny transient budget, `linear(out=)` runs in ragged blocks of output columns and rows, and `addmm_`
+    in ragged blocks of rows and depth (a transposed x, like the weight gradient's z.T, included): every element
+    is written, or added to, once, and nothing outside the output is touched."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    monkeypatch.setattr(cpu_linear, "ONEDNN_MIN_MACS", 0)
+    monkeypatch.setattr(cpu_linear, "ONEDNN_MIN_ACCUMULATE_DEPTH", 8)
+    monkeypatch.setattr(cpu_linear, "ONEDNN_TRANSIENT_BYTES", 4 * 7 * 13)
+    calls = []
+    onednn = cpu_linear._onednn
+    monkeypatch.setattr(cpu_linear, "_onednn", lambda *args: calls.append(args[0].shape) or onednn(*args))
+    m, n = 37, 29
+    x = torch.randn(7, m).t() if transposed else torch.randn(m, 7)
+    weight = torch.randn(n, 7)
+    framed = torch.full((m + 2, n + 2), float("nan"))
+    out = framed[1 : m + 1, 1 : n + 1]
+    assert cpu_linear.linear(x, weight, out=out) is out
+    # Columns in blocks of 13 (a 7-deep weight block of 4 * 7 * 13 bytes), rows in blocks of 7 (13 wide) or of
+    # 30 (the last block, 3 wide): 2 * 6 + 2 products.
+    assert len(calls) == 14
+    assert_within_fp32_dot_bound(out, x, weight, None)
+    frame = torch.ones_like(framed, dtype=torch.bool)
+    frame[1 : m + 1, 1 : n + 1] = False
+    assert framed[frame].isnan().all()
+    calls.clear()
+    deep, deep_weight = (torch.randn(20, m).t() if transposed else torch.randn(m, 20)), torch.randn(n, 20)
+    start = torch.randn(m, n)
+    acc = start.clone()
+    assert cpu_linear.addmm_(acc, deep, deep_weight) is acc
+    # Rows in blocks of 3 (3 x 29 outputs), depth in blocks of 8: 13 * 3 products.
+    assert len(calls) == 39
+    assert_within_fp32_dot_bound(acc, deep, deep_weight, start)

@@ -295,6 +295,44 @@ def test_trained_head_backward_twice_is_a_clear_error():
         loss.backward()
 
 
+def test_trained_head_reuses_a_free_weight_gradient_and_never_a_held_one():
+    """The module hands its weight-gradient storage out again only when nobody else holds it, and overwrites all
+    of it (no stale rows): gradient accumulation, a caller's reference and an all-ignored batch stay correct."""
+    (hidden, weight, labels, bias), ours, theirs = make_batch("dpo", trained=True)
+    ref_loss, _ = reference_preference_loss("dpo", hidden, weight, labels, bias, **theirs, beta=0.2)
+    (want,) = torch.autograd.grad(ref_loss, [weight])
+    module = FusedLinearPreferenceLoss("dpo", beta=0.2)
+
+    def step():
+        module(hidden, weight, labels, bias, **ours)[0].backward()
+        return weight.grad
+
+    first = step()
+    assert_close_verbose(first, want, name="grad weight")
+    first_ptr = first.data_ptr()
+    # Accumulation: the held gradient is added to, so this step's own gradient needs fresh storage.
+    assert_close_verbose(step(), 2 * want, name="accumulated grad weight")
+    assert weight.grad.data_ptr() == first_ptr
+    second_ptr = module._weight_grad_storage._storage.data_ptr()
+    assert second_ptr != first_ptr
+    # Free again (zero_grad sets it to None): reused, every row rewritten.
+    weight.grad = None
+    assert step().data_ptr() == second_ptr
+    assert_close_verbose(weight.grad, want, name="grad weight in reused storage")
+    # A caller still holds it: a fresh tensor, and the held one is left alone.
+    kept, kept_copy = weight.grad, weight.grad.clone()
+    weight.grad = None
+    assert step().data_ptr() != kept.data_ptr()
+    assert torch.equal(kept, kept_copy)
+    # Nothing to score: the reused storage comes back as zeros, not as the last step's gradient.
+    last_ptr = weight.grad.data_ptr()
+    del kept
+    weight.grad = None
+    labels.fill_(-100)
+    assert step().data_ptr() == last_ptr
+    assert torch.equal(weight.grad, torch.zeros_like(want))
+
+
 @pytest.mark.parametrize("trained", [False, True], ids=["frozen-head", "trained-head"])
 def test_bf16_within_twice_torch_error(trained):
     """bf16 inputs: loss and gradients within 2x the error of PyTorch's bf16 materialised logits."""
