@@ -25,7 +25,6 @@ Two ways to the gradient:
 from __future__ import annotations
 
 import inspect
-import math
 
 import torch
 
@@ -40,6 +39,7 @@ from pyprefopt.fused_linear_logprobs import (
     _tile_backward,
     _tile_sizes,
     fused_linear_logprobs,
+    weight_grad_buffer,
 )
 
 # Bytes of fp32 logits one chunk of whole groups may hold on the trained-head path.
@@ -100,37 +100,6 @@ def _group_chunks(method, labels, ignore_index, vocab):
     return chunks
 
 
-class _ReusedWeightGradient:
-    """Storage for the trained head's weight gradient, handed out again once nobody else holds it.
-
-    A fresh [V, H] fp32 tensor costs a page fault per 4 KiB page on its first write (glibc maps large
-    allocations anew each time): zero-filling a fresh 151936 x 1024 one took 151 ms on a 2-core Zen 5, about a
-    tenth of the DPO step, and writing it costs as much again. So the module keeps the storage it last handed out
-    and reuses it when its only holder is this object (the usual case once the optimizer has run and
-    `zero_grad()` set the gradient to None): a reference count check, as PyTorch's CUDA-graph trees make for
-    their output buffers. A gradient still held (accumulation, a caller's reference) gets a fresh tensor.
-    """
-
-    def __init__(self):
-        self._storage = None
-        self._dtype = None
-
-    def take(self, shape, dtype, device) -> torch.Tensor:
-        """A tensor of `shape` whose contents are undefined (the caller writes every element)."""
-        held = self._storage
-        if (
-            held is not None
-            and self._dtype == dtype
-            and held.device == device
-            and held.nbytes() == math.prod(shape) * dtype.itemsize
-            and torch._C._storage_Use_Count(held._cdata) == 1
-        ):
-            return torch.empty(0, dtype=dtype, device=device).set_(held, 0, shape)
-        fresh = torch.empty(shape, dtype=dtype, device=device)
-        self._storage, self._dtype = fresh.untyped_storage(), dtype
-        return fresh
-
-
 def _walk_tiles(n_tokens, vocab):
     """`(token block, vocabulary tile, slots)`: the tiles a chunk of `n_tokens` is walked in, and how many
     of them the budget holds. A chunk within the budget is one tile, all its logits at once; a group over
@@ -146,7 +115,7 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
     """Loss and all its gradients in the forward pass; backward scales them by the upstream gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, inv_t, ignore_index, chunks, loss_of_logps, weight_grad_storage):
+    def forward(ctx, hidden, weight, bias, labels, inv_t, ignore_index, chunks, loss_of_logps):
         rows, seq_len = labels.shape
         vocab = weight.shape[0]
         flat_hidden = hidden.reshape(rows * seq_len, -1)
@@ -157,9 +126,7 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
         logps = torch.zeros(rows, dtype=torch.float64, device=dev)
         grad_hidden = torch.zeros(flat_hidden.shape, dtype=torch.float32, device=dev) if hidden.requires_grad else None
         # Written, not zero-filled: the first token block of the first chunk with tokens writes every row.
-        grad_weight = (
-            weight_grad_storage.take(weight.shape, torch.float32, dev) if weight.requires_grad else None
-        )
+        grad_weight = weight_grad_buffer(weight) if weight.requires_grad else None
         weight_grad_written = False
         grad_bias = (
             torch.zeros(vocab, dtype=torch.float32, device=dev) if bias is not None and bias.requires_grad else None
@@ -266,7 +233,7 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
         )
         if grad_hidden is not None:
             grad_hidden = grad_hidden.view(hidden_shape)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
 class FusedLinearPreferenceLoss(torch.nn.Module):
@@ -282,10 +249,6 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
 
     Batches follow TRL: `hidden [B, T, H]` and `labels [B, T]` aligned (position t scores labels[t]),
     and for dpo/ipo/cpo the chosen rows first, the rejected rows second.
-
-    With a trained head on CPU the module keeps the storage of the last weight gradient it returned and reuses
-    it once nobody else holds it (`_ReusedWeightGradient`): one weight-sized fp32 buffer stays allocated
-    between steps, which saves a page fault per 4 KiB of the gradient on every step.
     """
 
     def __init__(self, method: str, ignore_index: int = -100, temperature: float = 1.0, **hparams):
@@ -303,7 +266,6 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         self.ignore_index = ignore_index
         self.temperature = temperature
         self.hparams = hparams
-        self._weight_grad_storage = _ReusedWeightGradient()
 
     def extra_repr(self):
         return f"method={self.method!r}, " + ", ".join(f"{k}={v}" for k, v in self.hparams.items())
@@ -387,7 +349,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             return loss_and_metrics(logps)
         loss, logps = _TrainedHeadLossFunction.apply(
             hidden, weight, bias, labels, 1.0 / self.temperature, self.ignore_index, chunks,
-            lambda logps: loss_and_metrics(logps)[0], self._weight_grad_storage,
+            lambda logps: loss_and_metrics(logps)[0],
         )
         return loss, loss_and_metrics(logps)[1]
 

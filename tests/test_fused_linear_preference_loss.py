@@ -1,10 +1,11 @@
+import gc
 import math
 import sys
 
 import pytest
 import torch
 
-from pyprefopt import FusedLinearPreferenceLoss, losses
+from pyprefopt import FusedLinearPreferenceLoss, fused_linear_logprobs, losses
 from pyprefopt.reference import reference_logprobs, reference_preference_loss
 from tensor_asserts import assert_close_verbose
 
@@ -295,25 +296,40 @@ def test_trained_head_backward_twice_is_a_clear_error():
         loss.backward()
 
 
-def test_trained_head_reuses_a_free_weight_gradient_and_never_a_held_one():
-    """The module hands its weight-gradient storage out again only when nobody else holds it, and overwrites all
-    of it (no stale rows): gradient accumulation, a caller's reference and an all-ignored batch stay correct."""
+@pytest.mark.parametrize("entry", ["primitive", "dpo-loss"])
+def test_trained_head_reuses_a_free_weight_gradient_and_never_a_held_one(entry):
+    """The weight gradient's storage is handed out again only when nobody else holds it, and all of it is
+    overwritten (no stale rows): gradient accumulation, a caller's reference and an all-ignored batch stay
+    correct, through the primitive's recomputing backward and the loss module's one-pass path alike."""
     (hidden, weight, labels, bias), ours, theirs = make_batch("dpo", trained=True)
-    ref_loss, _ = reference_preference_loss("dpo", hidden, weight, labels, bias, **theirs, beta=0.2)
-    (want,) = torch.autograd.grad(ref_loss, [weight])
-    module = FusedLinearPreferenceLoss("dpo", beta=0.2)
+    if entry == "primitive":
+        upstream = torch.randn(labels.shape)
+
+        def loss_of(fn, **kwargs):
+            return (fn(hidden, weight, labels, bias) * upstream).sum()
+
+        want_loss = loss_of(reference_logprobs)
+    else:
+        module_under_test = FusedLinearPreferenceLoss("dpo", beta=0.2)
+        want_loss, _ = reference_preference_loss("dpo", hidden, weight, labels, bias, **theirs, beta=0.2)
+    (want,) = torch.autograd.grad(want_loss, [weight])
+    registry = sys.modules["pyprefopt.fused_linear_logprobs"]._WEIGHT_GRAD_STORAGE
 
     def step():
-        module(hidden, weight, labels, bias, **ours)[0].backward()
+        if entry == "primitive":
+            loss_of(fused_linear_logprobs).backward()
+        else:
+            module_under_test(hidden, weight, labels, bias, **ours)[0].backward()
         return weight.grad
 
     first = step()
     assert_close_verbose(first, want, name="grad weight")
     first_ptr = first.data_ptr()
+    weights_kept = len(registry)
     # Accumulation: the held gradient is added to, so this step's own gradient needs fresh storage.
     assert_close_verbose(step(), 2 * want, name="accumulated grad weight")
     assert weight.grad.data_ptr() == first_ptr
-    second_ptr = module._weight_grad_storage._storage.data_ptr()
+    second_ptr = registry[weight].data_ptr()
     assert second_ptr != first_ptr
     # Free again (zero_grad sets it to None): reused, every row rewritten.
     weight.grad = None
@@ -331,6 +347,20 @@ def test_trained_head_reuses_a_free_weight_gradient_and_never_a_held_one():
     labels.fill_(-100)
     assert step().data_ptr() == last_ptr
     assert torch.equal(weight.grad, torch.zeros_like(want))
+    # The storage goes with the weight.
+    del weight, want_loss
+    gc.collect()
+    assert len(registry) == weights_kept - 1
+
+
+def test_only_fp32_weight_gradients_are_kept():
+    """A bf16 head's gradient is a bf16 copy of the fp32 buffer: that buffer is not kept between steps."""
+    (hidden, weight, labels, _), _, _ = make_batch("sft", trained=True)
+    weight = weight.detach().bfloat16().requires_grad_()
+    registry = sys.modules["pyprefopt.fused_linear_logprobs"]._WEIGHT_GRAD_STORAGE
+    fused_linear_logprobs(hidden.detach().bfloat16(), weight, labels).sum().backward()
+    FusedLinearPreferenceLoss("sft")(hidden.detach().bfloat16(), weight, labels)[0].backward()
+    assert weight.grad.dtype == torch.bfloat16 and weight not in registry
 
 
 @pytest.mark.parametrize("trained", [False, True], ids=["frozen-head", "trained-head"])
