@@ -31,6 +31,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 
@@ -48,18 +49,12 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
 
-def _linear4bit_class():
-    """bitsandbytes' `Linear4bit`, or None when bitsandbytes is not installed."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return None
-    return bnb.nn.Linear4bit
-
-
 def _is_linear4bit(module) -> bool:
-    cls = _linear4bit_class()
-    return cls is not None and isinstance(module, cls)
+    """Whether `module` is a bitsandbytes `Linear4bit`. Such a module exists only once bitsandbytes is loaded, so
+    a model without one never imports it here (on AVX512-BF16 CPUs bitsandbytes' import logs a warning about an
+    optional hub kernel, and it takes a second)."""
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
 
 
 def _dense_weight(base_weight, dtype):
