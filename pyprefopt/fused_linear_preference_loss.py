@@ -125,7 +125,7 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
         # as torch's pairwise `sum` does.
         logps = torch.zeros(rows, dtype=torch.float64, device=dev)
         grad_hidden = torch.zeros(flat_hidden.shape, dtype=torch.float32, device=dev) if hidden.requires_grad else None
-        # Written, not zero-filled: the first token block of the first chunk with tokens writes every row.
+        # Written, not zero-filled: the first chunk with tokens writes every row (see `first_visit`).
         grad_weight = weight_grad_buffer(weight) if weight.requires_grad else None
         weight_grad_written = False
         grad_bias = (
@@ -190,19 +190,29 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
                 (grad_logps,) = torch.autograd.grad(loss_of_logps(probe), probe)
             g_all = grad_logps.index_select(0, tokens // seq_len).mul_(inv_t)
             grad_h = None if grad_hidden is None else torch.zeros(n, h_all.shape[1], dtype=torch.float32, device=dev)
+            # The first chunk with tokens writes the weight gradient's rows (no zero-fill): each vocabulary tile's
+            # first visit writes, the later ones add. Kept tiles (of the last token blocks) come before the
+            # recomputed ones (of the first blocks), so the first visit is not always token block 0's.
+            unwritten = set() if weight_grad_written else {v0 for _, v0 in tiles}
+
+            def first_visit(v0):
+                first = v0 in unwritten
+                unwritten.discard(v0)
+                return first
+
             for rows_, v0, z, w_tile, tile_max in kept:
                 # softmax = exp(z - max) * exp(max - lse): a kept tile turns into its gradient directly.
                 scale = g_all[rows_] * (tile_max - lse[rows_]).exp_()
                 _tile_backward(z, scale, g_all[rows_], y_all[rows_], v0, h_all[rows_], w_tile,
                                None if grad_h is None else grad_h[rows_], grad_weight, grad_bias,
-                               write_weight_grad=not weight_grad_written and rows_.start == 0)
+                               write_weight_grad=first_visit(v0))
             for rows_, v0 in tiles[:first_kept]:
                 # A dropped tile: recompute its logits (one more GEMM); exp(z - lse) is the softmax itself.
                 z, w_tile = logits(h_all[rows_], v0, block, tile, 0)
                 z.sub_(lse[rows_, None]).exp_()
                 _tile_backward(z, g_all[rows_], g_all[rows_], y_all[rows_], v0, h_all[rows_], w_tile,
                                None if grad_h is None else grad_h[rows_], grad_weight, grad_bias,
-                               write_weight_grad=not weight_grad_written and rows_.start == 0)
+                               write_weight_grad=first_visit(v0))
             weight_grad_written = True
             if grad_h is not None:
                 grad_hidden.index_copy_(0, tokens, grad_h)

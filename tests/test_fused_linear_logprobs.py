@@ -64,6 +64,15 @@ def test_cpu_matches_reference_fp32(shape, grads, cpu_gemm):
 
 
 @pytest.mark.parametrize("grads", GRAD_SETS, ids="+".join)
+def test_cpu_many_token_blocks_and_tiles(grads, monkeypatch):
+    """Token blocks of 8 and vocabulary tiles of 256 (the smallest) on 141 tokens: the trained head's backward
+    writes each weight-gradient tile in the first block (no zero-fill) and adds the other 17 blocks to it."""
+    monkeypatch.setattr(sys.modules["pyprefopt.fused_linear_logprobs"], "CPU_TOKEN_BLOCK", 8)
+    monkeypatch.setattr(sys.modules["pyprefopt.fused_linear_logprobs"], "CPU_TILE_BYTES", 4096)
+    check_against_reference("torch", (3, 47, 31, 1000), grads)
+
+
+@pytest.mark.parametrize("grads", GRAD_SETS, ids="+".join)
 @pytest.mark.parametrize("shape", SMALL_SHAPES, ids=str)
 def test_triton_interpreted_matches_reference_fp32(shape, grads):
     check_against_reference("triton", shape, grads)

@@ -111,14 +111,21 @@ def test_trained_head_partial_keep(method, hparams, monkeypatch, cpu_gemm):
     check(method, hparams, trained=True, batch=len(lengths), seq=24, upstream=2.5, lengths=lengths)
 
 
+@pytest.mark.parametrize("long_group_first", [False, True], ids=["long-group-second", "long-group-first"])
 @pytest.mark.parametrize("method,hparams", [CASES[1], CASES[6]], ids=[CASE_IDS[1], CASE_IDS[6]])
-def test_trained_head_partial_keep_across_token_blocks(method, hparams, monkeypatch):
-    """An over-budget group longer than a token block: tiles of several blocks, kept ones among the last blocks."""
+def test_trained_head_partial_keep_across_token_blocks(method, hparams, long_group_first, monkeypatch):
+    """An over-budget group longer than a token block: tiles of several blocks, kept ones among the last blocks.
+    As the first chunk, its tiles also write the weight gradient's rows (no zero-fill): the kept tiles of later
+    blocks run before the recomputed ones of the first block, and each row is written once, then added to."""
     monkeypatch.setattr(module, "TRAINED_HEAD_CHUNK_BYTES", 4 * 77 * PARTIAL_BUDGET)
     monkeypatch.setattr(sys.modules["pyprefopt.fused_linear_logprobs"], "CPU_TOKEN_BLOCK", 8)
     assert module._walk_tiles(41, 77)[0] == 7  # 41 tokens in 6 blocks
-    check(method, hparams, trained=True, batch=len(_partial_lengths(method)), seq=24, upstream=2.5,
-          lengths=_partial_lengths(method))
+    lengths = list(_partial_lengths(method))
+    if long_group_first:  # the 41-token pair (rows 1 and 5) or the 24-token row (row 1) to the front
+        swap = [(0, 1), (4, 5)] if method in losses.PAIRED_METHODS else [(0, 1)]
+        for i, j in swap:
+            lengths[i], lengths[j] = lengths[j], lengths[i]
+    check(method, hparams, trained=True, batch=len(lengths), seq=24, upstream=2.5, lengths=lengths)
 
 
 # Logits the over-budget groups drop and recompute: such a group is walked in tiles of narrowed vocabulary
