@@ -169,25 +169,29 @@ def _fold_tile_with_spread(z, running_max, running_sum, spread, out):
     return e, new_max, rescale
 
 
-def _tile_backward(z, scale, g, y, v0, h, w, grad_hidden, grad_weight, grad_bias, write_weight_grad=False):
+def _tile_backward(z, scale, g, y, v0, h, w, grad_hidden, grad_weight, grad_bias, write_weight_grad=False,
+                   scratch=None):
     """Gradients of one tile for rows whose upstream gradient times 1/T is `g`, where z holds the tile's
     softmax up to a per-row factor, `scale * z = g * softmax`: z becomes d / dz = g * (onehot(y) - softmax)
     in place, then the GEMMs add into grad_hidden (these rows' slice), grad_weight and grad_bias (full;
     None: not wanted). `write_weight_grad`: the tile's weight-gradient rows are written, not added to (the
-    first token block to reach them: the buffer needs no zero-fill pass)."""
+    first token block to reach them: the buffer needs no zero-fill pass). `scratch`: z lives in those very
+    rows (`FusedLinearPreferenceLoss` keeps a first chunk's logits in the unwritten weight gradient), so z.T is
+    copied to this flat fp32 buffer before the rows are written."""
     z.mul_(scale.neg()[:, None])
     r = _labels_in_tile(y, v0, w.shape[0])
     z[r, y[r] - v0] += g[r]
     if grad_hidden is not None:
         cpu_linear.addmm_(grad_hidden, z, w.T)
-    if grad_weight is not None:
-        rows = grad_weight[v0 : v0 + w.shape[0]]
-        if write_weight_grad:
-            cpu_linear.linear(z.T, h.T, out=rows)
-        else:
-            cpu_linear.addmm_(rows, z.T, h.T)
     if grad_bias is not None:
         grad_bias[v0 : v0 + w.shape[0]] += z.sum(dim=0)
+    if grad_weight is not None:
+        rows = grad_weight[v0 : v0 + w.shape[0]]
+        z_t = z.T if scratch is None else scratch[: z.numel()].view(z.shape[1], z.shape[0]).copy_(z.T)
+        if write_weight_grad:
+            cpu_linear.linear(z_t, h.T, out=rows)
+        else:
+            cpu_linear.addmm_(rows, z_t, h.T)
 
 
 def cpu_forward(hidden, weight, bias, labels, inv_t: float, with_hidden_grad_factor: bool, statistics=()):

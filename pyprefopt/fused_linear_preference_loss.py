@@ -19,7 +19,10 @@ Two ways to the gradient:
   the 4 of a recompute, and the peak extra memory stays at the budget plus the weight gradient. The
   walk runs along the vocabulary rather than in token sub-chunks so that every GEMM keeps all the
   group's tokens (up to a token block) as rows: a token sub-chunk would re-read the whole weight for
-  each of its GEMMs at a third of the rows, which costs more than it saves.
+  each of its GEMMs at a third of the rows, which costs more than it saves. The first chunk with tokens
+  recomputes nothing when it is one token block of at most H tokens: the weight gradient, not written yet
+  and counted in the memory anyway, holds its logits, each tile in the rows its own gradient goes to (copied
+  out just before those rows are written). A batch of one long pair thus costs 3 GEMMs at any vocabulary.
 """
 
 from __future__ import annotations
@@ -147,14 +150,23 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
             dtype=torch.float32, device=dev,
         )
 
-        def logits(h, v0, block, tile, slot):
-            """Logits / T of rows `h` and vocabulary tile [v0, v0 + tile) in the buffer's slot `slot` of
-            [block, tile]; returns (them, the fp32 weight tile)."""
-            slot_buffer = buffer[slot * block * tile : (slot + 1) * block * tile].view(block, tile)
-            z, w_tile = _logits_tile(h, w, b, v0, tile, slot_buffer)
+        def logits(h, v0, tile, out):
+            """Logits / T of rows `h` and vocabulary tile [v0, v0 + tile) in `out`; returns (them, the fp32
+            weight tile)."""
+            z, w_tile = _logits_tile(h, w, b, v0, tile, out)
             if inv_t != 1.0:
                 z.mul_(inv_t)
             return z, w_tile
+
+        def slot(i, block, tile):
+            """The buffer's slot i of [block, tile]."""
+            return buffer[i * block * tile : (i + 1) * block * tile].view(block, tile)
+
+        def in_weight_gradient(v0, n, tile):
+            """Where a first chunk's tile keeps its logits: the first n * width values of the weight gradient's
+            rows [v0, v0 + width), which nothing has written yet (n <= H: they fit)."""
+            width = min(tile, vocab - v0)
+            return grad_weight[v0 : v0 + width].view(-1)[: n * width].view(n, width)
 
         for tokens, (block, tile, slots) in zip(token_lists, plans):
             n = tokens.numel()
@@ -165,15 +177,20 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
             tiles = [(slice(t0, t0 + block), v0) for t0 in range(0, n, block) for v0 in range(0, vocab, tile)]
             # Partial keep: the last `slots` tiles walked keep their logits in the buffer until the loss
             # gradient is known; the earlier ones (none when the chunk fits the budget) keep only the
-            # log-sum-exp, sharing the first slot, and are recomputed.
-            first_kept = max(0, len(tiles) - slots)
+            # log-sum-exp, sharing the first slot, and are recomputed. Except in the first chunk with tokens, if it
+            # is over the budget in one token block of at most H tokens: the weight gradient, not yet written and
+            # counted in the memory anyway, holds all its logits, each tile in the rows its own gradient goes to.
+            keep_in_gradient = (grad_weight is not None and not weight_grad_written and len(tiles) > slots
+                                and n <= block and n <= grad_weight.shape[1])
+            first_kept = 0 if keep_in_gradient else max(0, len(tiles) - slots)
             running_max = torch.full((n,), float("-inf"), dtype=torch.float32, device=dev)
             running_sum = torch.zeros(n, dtype=torch.float32, device=dev)
             label_logit = torch.empty(n, dtype=torch.float32, device=dev)
             kept = []
             for i, (rows_, v0) in enumerate(tiles):
                 y = y_all[rows_]
-                z, w_tile = logits(h_all[rows_], v0, block, tile, max(0, i - first_kept))
+                out = in_weight_gradient(v0, n, tile) if keep_in_gradient else slot(max(0, i - first_kept), block, tile)
+                z, w_tile = logits(h_all[rows_], v0, tile, out)
                 r = _labels_in_tile(y, v0, w_tile.shape[0])
                 label_logit[rows_][r] = z[r, y[r] - v0]
                 # In place: z <- exp(z - max), the softmax's numerator (passes over the tile, no copies).
@@ -205,10 +222,10 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
                 scale = g_all[rows_] * (tile_max - lse[rows_]).exp_()
                 _tile_backward(z, scale, g_all[rows_], y_all[rows_], v0, h_all[rows_], w_tile,
                                None if grad_h is None else grad_h[rows_], grad_weight, grad_bias,
-                               write_weight_grad=first_visit(v0))
+                               write_weight_grad=first_visit(v0), scratch=buffer if keep_in_gradient else None)
             for rows_, v0 in tiles[:first_kept]:
                 # A dropped tile: recompute its logits (one more GEMM); exp(z - lse) is the softmax itself.
-                z, w_tile = logits(h_all[rows_], v0, block, tile, 0)
+                z, w_tile = logits(h_all[rows_], v0, tile, slot(0, block, tile))
                 z.sub_(lse[rows_, None]).exp_()
                 _tile_backward(z, g_all[rows_], g_all[rows_], y_all[rows_], v0, h_all[rows_], w_tile,
                                None if grad_h is None else grad_h[rows_], grad_weight, grad_bias,

@@ -54,8 +54,9 @@ def make_batch(method, batch=4, seq=9, width=20, vocab=77, trained=False, length
     return (hidden, weight, labels, bias), ours, theirs
 
 
-def check(method, hparams, trained, batch=4, seq=9, upstream=1.0, lengths=None):
-    (hidden, weight, labels, bias), ours, theirs = make_batch(method, batch, seq, trained=trained, lengths=lengths)
+def check(method, hparams, trained, batch=4, seq=9, upstream=1.0, lengths=None, width=20):
+    (hidden, weight, labels, bias), ours, theirs = make_batch(method, batch, seq, width, trained=trained,
+                                                              lengths=lengths)
     loss, metrics = FusedLinearPreferenceLoss(method, **hparams)(hidden, weight, labels, bias, **ours)
     ref_loss, ref_metrics = reference_preference_loss(method, hidden, weight, labels, bias, **theirs, **hparams)
     assert_close_verbose(loss, ref_loss, name="loss")
@@ -163,6 +164,33 @@ def test_partial_keep_recomputes_only_the_dropped_logits(method, monkeypatch):
     assert weight.grad is not None and bias.grad is not None
     assert sum(projected) == sum(lengths) * 77 + PARTIAL_DROPPED_LOGITS[method]
     assert max(buffer_bytes) <= 4 * 77 * PARTIAL_BUDGET
+
+
+# First group over the budget of 10 tokens and at most H = 32 tokens: kept whole in the weight gradient.
+FIRST_IN_GRADIENT_LENGTHS = {
+    "paired": [12, 3, 2, 4, 11, 5, 1, 2],  # pairs: 23 (over, first), 8, 3 + 6
+    "single": [23, 4, 5, 11, 0, 2],  # rows: 23 (over, first), 4 + 5, 11 (over: partial keep), 0 + 2
+}
+
+
+@pytest.mark.parametrize("method,hparams", [CASES[1], CASES[3], CASES[6]], ids=[CASE_IDS[1], CASE_IDS[3], CASE_IDS[6]])
+def test_first_chunk_over_budget_keeps_its_logits_in_the_weight_gradient(method, hparams, monkeypatch, cpu_gemm):
+    """A first chunk over the budget (one token block, at most H tokens) keeps every tile's logits in the rows of
+    the weight gradient that tile's gradient goes to: no logits recomputed for it, exact gradients."""
+    monkeypatch.setattr(module, "TRAINED_HEAD_CHUNK_BYTES", 4 * 77 * PARTIAL_BUDGET)
+    projected = []
+    logits_tile = module._logits_tile
+
+    def counting_logits_tile(h, weight, bias, v0, tile, buffer):
+        z, w = logits_tile(h, weight, bias, v0, tile, buffer)
+        projected.append(z.numel())
+        return z, w
+
+    monkeypatch.setattr(module, "_logits_tile", counting_logits_tile)
+    lengths = FIRST_IN_GRADIENT_LENGTHS["paired" if method in losses.PAIRED_METHODS else "single"]
+    check(method, hparams, trained=True, batch=len(lengths), seq=24, upstream=2.5, lengths=lengths, width=32)
+    # Every valid token's logits once, plus the 11-token row's dropped ones (17-wide tiles, 3 of 5 kept).
+    assert sum(projected) == sum(lengths) * 77 + (11 * 17 if method == "kto" else 0)
 
 
 @pytest.mark.parametrize("method", ["sft", "dpo"])
