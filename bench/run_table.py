@@ -78,7 +78,7 @@ def max_rss() -> int:
 
 
 def _shape_by_name(name: str, quick: bool) -> V.Shape:
-    for s in V.shapes(quick):
+    for s in V.shapes(quick) + V.on_request_shapes(quick):
         if s.name == name:
             return s
     raise ValueError(f"unknown shape {name!r}")
@@ -328,8 +328,8 @@ def plan_cases(args) -> tuple[list[dict], list[dict]]:
     for op in args.ops:
         # Ops that --all-losses added (not named in --ops) run at V.EXTRA_LOSS_SHAPES only.
         op_shapes = V.op_shapes(op, args.quick) if op in args.extra_ops else V.shapes(args.quick)
-        for shape in op_shapes:
-            if args.shapes and shape.name not in args.shapes:
+        for shape in op_shapes + V.on_request_shapes(args.quick):
+            if shape.name not in (args.shapes or [s.name for s in op_shapes]):
                 continue
             for head in args.heads:
                 for variant in V.OP_VARIANTS[op]:
@@ -566,7 +566,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"default: {' '.join(V.DEFAULT_OPS)} (at every shape); ops named here run at every shape")
     p.add_argument("--variants", nargs="+", choices=V.VARIANTS)
     p.add_argument("--heads", nargs="+", choices=V.HEADS, default=list(V.HEADS))
-    p.add_argument("--shapes", nargs="+", help="shape names: default, qwen")
+    p.add_argument("--shapes", nargs="+",
+                   help="shape names: default, qwen, and qwen-1pair (full size, runs only when named)")
     p.add_argument("--isolation", choices=("process", "fork"), default=None,
                    help="fresh interpreter per case and per group (default) or a fork of one worker per case "
                         "and per group (default with --quick)")
@@ -595,6 +596,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.isolation = "fork" if args.quick else "process"
     if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
         p.error("--warmup, --steps and --rounds must be >= 1")
+    known = [s.name for s in V.shapes(args.quick) + V.on_request_shapes(args.quick)]
+    if args.shapes and set(args.shapes) - set(known):
+        p.error(f"unknown shape(s) {sorted(set(args.shapes) - set(known))}" + (" in --quick mode" if args.quick else "")
+                + f"; known: {', '.join(known)}")
     return args
 
 
@@ -630,7 +635,8 @@ def main(argv=None):
         timed = [r for r in done if r["kind"] == "time"]
     merge_time(rows, timed)
     order = {(c["op"], c["variant"], c["shape"], c["head"]): i for i, c in enumerate(
-        [dict(op=op, variant=v, shape=s.name, head=h) for op in V.OPS for s in V.shapes(args.quick)
+        [dict(op=op, variant=v, shape=s.name, head=h) for op in V.OPS
+         for s in V.shapes(args.quick) + V.on_request_shapes(args.quick)
          for h in V.HEADS for v in V.OP_VARIANTS[op]])}
     rows.sort(key=lambda r: order.get((r["op"], r["variant"], r["shape"], r["head"]), 1 << 30))
     elapsed = time.perf_counter() - t0

@@ -3,6 +3,8 @@ pass into the memory pass's rows (no subprocess, quick shapes)."""
 
 import argparse
 
+import pytest
+
 import run_table as R
 import variants as V
 
@@ -82,6 +84,17 @@ def test_default_plan_is_primitive_and_dpo_at_every_shape():
     _, cases, fixed = _planned([])
     assert {c["op"] for c in cases + fixed} == {"primitive", "dpo-loss"}
     assert {(c["op"], c["shape"]) for c in cases} == {(op, s.name) for op in V.DEFAULT_OPS for s in V.FULL_SHAPES}
+
+
+def test_on_request_shape_runs_only_when_named():
+    _, cases, _ = _planned(["--shapes", "qwen-1pair", "--heads", "trained"])
+    assert {c["shape"] for c in cases} == {"qwen-1pair"}
+    assert R._shape_by_name("qwen-1pair", False).rows == 2
+    _, cases, _ = _planned(["--shapes", "qwen", "qwen-1pair"])
+    assert {c["shape"] for c in cases} == {"qwen", "qwen-1pair"}
+    for argv in (["--quick", "--shapes", "qwen-1pair"], ["--shapes", "qwen2"]):
+        with pytest.raises(SystemExit):
+            R.parse_args(argv)
 
 
 def test_all_losses_adds_the_other_losses_at_the_default_shape_only():

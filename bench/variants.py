@@ -122,8 +122,17 @@ QUICK_SHAPES = (
 )
 
 
+# Full-size shapes that run only when named (`run_table.py --shapes qwen-1pair`): one DPO pair of 256 tokens
+# at the Qwen vocabulary, 222 MiB of completion logits, over the trained head's 64 MiB budget in one chunk.
+ON_REQUEST_SHAPES = (Shape("qwen-1pair", n=512, h=1024, v=151936, rows=2),)
+
+
 def shapes(quick: bool) -> tuple[Shape, ...]:
     return QUICK_SHAPES if quick else FULL_SHAPES
+
+
+def on_request_shapes(quick: bool) -> tuple[Shape, ...]:
+    return () if quick else ON_REQUEST_SHAPES
 
 
 def env_quick() -> bool:
