@@ -19,10 +19,11 @@ Two ways to the gradient:
   the 4 of a recompute, and the peak extra memory stays at the budget plus the weight gradient. The
   walk runs along the vocabulary rather than in token sub-chunks so that every GEMM keeps all the
   group's tokens (up to a token block) as rows: a token sub-chunk would re-read the whole weight for
-  each of its GEMMs at a third of the rows, which costs more than it saves. The first chunk with tokens
-  recomputes nothing when it is one token block of at most H tokens: the weight gradient, not written yet
-  and counted in the memory anyway, holds its logits, each tile in the rows its own gradient goes to (copied
-  out just before those rows are written). A batch of one long pair thus costs 3 GEMMs at any vocabulary.
+  each of its GEMMs at a third of the rows, which costs more than it saves. One over-budget chunk recomputes
+  nothing: the one (of one token block and at most H tokens) that would recompute the most goes first, and
+  the weight gradient, not written yet and counted in the memory anyway, holds its logits, each tile in the
+  rows its own gradient goes to (copied out just before those rows are written). A batch of one long pair
+  thus costs 3 GEMMs at any vocabulary.
 """
 
 from __future__ import annotations
@@ -143,6 +144,18 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
             tokens = tokens[flat_labels.index_select(0, tokens) != ignore_index]
             token_lists.append(tokens)
         plans = [_walk_tiles(t.numel(), vocab) for t in token_lists]
+        if grad_weight is not None:
+            # The first chunk with tokens may keep its logits in the weight gradient (see `keep_in_gradient`): that
+            # place goes to the chunk that would otherwise recompute the most (chunks are independent).
+            def recomputed(i):
+                n, (block, tile, slots) = token_lists[i].numel(), plans[i]
+                tiles = -(-n // block) * -(-vocab // tile)
+                return (tiles - slots) * block * tile if tiles > slots and n <= block and n <= weight.shape[1] else 0
+
+            best = max(range(len(token_lists)), key=recomputed)
+            if recomputed(best) > 0:
+                order = [best] + [i for i in range(len(token_lists)) if i != best]
+                token_lists, plans = [token_lists[i] for i in order], [plans[i] for i in order]
         # One buffer for every chunk, cut into [block, tile] slots: at most the budget (or one tile).
         buffer = torch.empty(
             max(min(slots, -(-t.numel() // block) * -(-vocab // tile)) * block * tile

@@ -130,25 +130,30 @@ def test_trained_head_partial_keep_across_token_blocks(method, hparams, long_gro
 
 
 # Logits the over-budget groups drop and recompute: such a group is walked in tiles of narrowed vocabulary
-# width so that 4 fit in the budget, and the last 4 keep their logits.
+# width so that 4 fit in the budget, and the last 4 keep their logits. One of at most H = 20 tokens goes first
+# and keeps all its logits in the weight gradient instead.
 PARTIAL_DROPPED_LOGITS = {
     "dpo": 41 * 64,  # 41-token pair: 4-wide tiles, 20 of them; kept 4 + 4 + 4 + 1 of the 77 columns
-    "kto": 24 * 48 + 11 * 17,  # 24-token row: 8-wide, kept 8 + 8 + 8 + 5; 11-token row: 17-wide, kept 17 * 3 + 9
+    "kto": 24 * 48,  # 24-token row: 8-wide, kept 8 + 8 + 8 + 5; the 11-token row goes first, kept whole
 }
 
 
 @pytest.mark.parametrize("method", ["dpo", "kto"])
 def test_partial_keep_recomputes_only_the_dropped_logits(method, monkeypatch):
     """Over-budget groups run the partial-keep path, not the recompute fallback: the logits GEMM computes every
-    valid token's logits once plus the dropped ones once more, its buffer stays within the budget, and
-    fused_linear_logprobs' recomputing backward never runs."""
+    valid token's logits once plus the dropped ones once more, its buffer stays within the budget (but for the
+    tiles of the one group kept in the weight gradient's own storage), and fused_linear_logprobs' recomputing
+    backward never runs."""
     monkeypatch.setattr(module, "TRAINED_HEAD_CHUNK_BYTES", 4 * 77 * PARTIAL_BUDGET)
-    projected, buffer_bytes = [], []
+    projected, buffer_bytes, in_gradient = [], [], []
 
     def counting_logits_tile(h, weight, bias, v0, tile, buffer):
         z, w = logits_tile(h, weight, bias, v0, tile, buffer)
         projected.append(z.numel())
-        buffer_bytes.append(buffer.untyped_storage().nbytes())
+        if buffer.untyped_storage().nbytes() == 4 * weight.numel():
+            in_gradient.append(h.shape[0])
+        else:
+            buffer_bytes.append(buffer.untyped_storage().nbytes())
         return z, w
 
     def no_recompute(*args):
@@ -164,19 +169,27 @@ def test_partial_keep_recomputes_only_the_dropped_logits(method, monkeypatch):
     assert weight.grad is not None and bias.grad is not None
     assert sum(projected) == sum(lengths) * 77 + PARTIAL_DROPPED_LOGITS[method]
     assert max(buffer_bytes) <= 4 * 77 * PARTIAL_BUDGET
+    # KTO's 11-token row (at most H = 20 tokens, over the budget) in 17-wide tiles; DPO's 41-token pair is over H.
+    assert in_gradient == ([11] * 5 if method == "kto" else [])
 
 
-# First group over the budget of 10 tokens and at most H = 32 tokens: kept whole in the weight gradient.
+# A group over the budget of 10 tokens and at most H = 32 tokens: kept whole in the weight gradient, as the first
+# chunk, or moved to the front as the one that would recompute the most.
 FIRST_IN_GRADIENT_LENGTHS = {
-    "paired": [12, 3, 2, 4, 11, 5, 1, 2],  # pairs: 23 (over, first), 8, 3 + 6
-    "single": [23, 4, 5, 11, 0, 2],  # rows: 23 (over, first), 4 + 5, 11 (over: partial keep), 0 + 2
+    "paired": [12, 3, 2, 4, 11, 5, 1, 2],  # pairs: 23 (over), 8, 3 + 6
+    "paired-later": [3, 2, 12, 4, 5, 1, 11, 2],  # pairs: 8, 3, 23 (over), 6
+    "single": [23, 4, 5, 11, 0, 2],  # rows: 23 (over), 4 + 5, 11 (over: partial keep), 0 + 2
+    "single-later": [4, 5, 11, 23, 0, 2],  # rows: 4 + 5, 11 (over: partial keep), 23 (over: kept), 0 + 2
 }
 
 
+@pytest.mark.parametrize("later", [False, True], ids=["first", "later"])
 @pytest.mark.parametrize("method,hparams", [CASES[1], CASES[3], CASES[6]], ids=[CASE_IDS[1], CASE_IDS[3], CASE_IDS[6]])
-def test_first_chunk_over_budget_keeps_its_logits_in_the_weight_gradient(method, hparams, monkeypatch, cpu_gemm):
-    """A first chunk over the budget (one token block, at most H tokens) keeps every tile's logits in the rows of
-    the weight gradient that tile's gradient goes to: no logits recomputed for it, exact gradients."""
+def test_first_chunk_over_budget_keeps_its_logits_in_the_weight_gradient(method, hparams, later, monkeypatch,
+                                                                         cpu_gemm):
+    """The chunk over the budget (one token block, at most H tokens) that would recompute the most goes first and
+    keeps every tile's logits in the rows of the weight gradient that tile's gradient goes to: no logits
+    recomputed for it, exact gradients."""
     monkeypatch.setattr(module, "TRAINED_HEAD_CHUNK_BYTES", 4 * 77 * PARTIAL_BUDGET)
     projected = []
     logits_tile = module._logits_tile
@@ -187,7 +200,8 @@ def test_first_chunk_over_budget_keeps_its_logits_in_the_weight_gradient(method,
         return z, w
 
     monkeypatch.setattr(module, "_logits_tile", counting_logits_tile)
-    lengths = FIRST_IN_GRADIENT_LENGTHS["paired" if method in losses.PAIRED_METHODS else "single"]
+    kind = "paired" if method in losses.PAIRED_METHODS else "single"
+    lengths = FIRST_IN_GRADIENT_LENGTHS[kind + ("-later" if later else "")]
     check(method, hparams, trained=True, batch=len(lengths), seq=24, upstream=2.5, lengths=lengths, width=32)
     # Every valid token's logits once, plus the 11-token row's dropped ones (17-wide tiles, 3 of 5 kept).
     assert sum(projected) == sum(lengths) * 77 + (11 * 17 if method == "kto" else 0)
