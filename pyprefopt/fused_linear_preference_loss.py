@@ -115,6 +115,15 @@ def _walk_tiles(n_tokens, vocab):
     return block, tile, max(1, TRAINED_HEAD_CHUNK_BYTES // (4 * block * tile))
 
 
+def _logits_kept_in_gradient(n_tokens, plan, vocab, width):
+    """Logits that a chunk walked by `plan` (`_walk_tiles`) would recompute and can keep in an unwritten [vocab,
+    width] weight gradient instead: those of a chunk over the budget in one token block of at most `width`
+    tokens, else 0."""
+    block, tile, slots = plan
+    tiles = -(-n_tokens // block) * -(-vocab // tile)
+    return (tiles - slots) * block * tile if tiles > slots and n_tokens <= block and n_tokens <= width else 0
+
+
 class _TrainedHeadLossFunction(torch.autograd.Function):
     """Loss and all its gradients in the forward pass; backward scales them by the upstream gradient."""
 
@@ -147,14 +156,11 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
         if grad_weight is not None:
             # The first chunk with tokens may keep its logits in the weight gradient (see `keep_in_gradient`): that
             # place goes to the chunk that would otherwise recompute the most (chunks are independent).
-            def recomputed(i):
-                n, (block, tile, slots) = token_lists[i].numel(), plans[i]
-                tiles = -(-n // block) * -(-vocab // tile)
-                return (tiles - slots) * block * tile if tiles > slots and n <= block and n <= weight.shape[1] else 0
-
-            best = max(range(len(token_lists)), key=recomputed)
-            if recomputed(best) > 0:
-                order = [best] + [i for i in range(len(token_lists)) if i != best]
+            saved = [_logits_kept_in_gradient(t.numel(), plan, vocab, weight.shape[1])
+                     for t, plan in zip(token_lists, plans)]
+            best = max(range(len(saved)), key=saved.__getitem__)
+            if saved[best] > 0:
+                order = [best] + [i for i in range(len(saved)) if i != best]
                 token_lists, plans = [token_lists[i] for i in order], [plans[i] for i in order]
         # One buffer for every chunk, cut into [block, tile] slots: at most the budget (or one tile).
         buffer = torch.empty(
@@ -193,8 +199,8 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
             # log-sum-exp, sharing the first slot, and are recomputed. Except in the first chunk with tokens, if it
             # is over the budget in one token block of at most H tokens: the weight gradient, not yet written and
             # counted in the memory anyway, holds all its logits, each tile in the rows its own gradient goes to.
-            keep_in_gradient = (grad_weight is not None and not weight_grad_written and len(tiles) > slots
-                                and n <= block and n <= grad_weight.shape[1])
+            keep_in_gradient = (grad_weight is not None and not weight_grad_written
+                                and _logits_kept_in_gradient(n, (block, tile, slots), vocab, grad_weight.shape[1]) > 0)
             first_kept = 0 if keep_in_gradient else max(0, len(tiles) - slots)
             running_max = torch.full((n,), float("-inf"), dtype=torch.float32, device=dev)
             running_sum = torch.zeros(n, dtype=torch.float32, device=dev)
