@@ -22,8 +22,9 @@ Two ways to the gradient:
   each of its GEMMs at a third of the rows, which costs more than it saves. One over-budget chunk recomputes
   nothing: the one (of one token block and at most H tokens) that would recompute the most goes first, and
   the weight gradient, not written yet and counted in the memory anyway, holds its logits, each tile in the
-  rows its own gradient goes to (copied out just before those rows are written). A batch of one long pair
-  thus costs 3 GEMMs at any vocabulary.
+  rows its own gradient goes to (copied out just before those rows are written). A batch of at most H
+  projected tokens (in one token block) is a single such chunk, whatever its pairs: 3 GEMMs at any
+  vocabulary, with the whole batch as the weight-gradient GEMMs' depth.
 """
 
 from __future__ import annotations
@@ -154,8 +155,15 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
             token_lists.append(tokens)
         plans = [_walk_tiles(t.numel(), vocab) for t in token_lists]
         if grad_weight is not None:
-            # The first chunk with tokens may keep its logits in the weight gradient (see `keep_in_gradient`): that
-            # place goes to the chunk that would otherwise recompute the most (chunks are independent).
+            # The first chunk with tokens may keep its logits in the weight gradient (see `keep_in_gradient`). If the
+            # whole batch can (at most H tokens in one token block), it is one chunk: nothing recomputed, and the
+            # weight-gradient GEMMs take all its tokens as depth. Otherwise the place goes to the chunk that would
+            # recompute the most (chunks are independent, so their order is free).
+            everything = torch.cat(token_lists)
+            whole_plan = _walk_tiles(everything.numel(), vocab)
+            if len(token_lists) > 1 and _logits_kept_in_gradient(everything.numel(), whole_plan, vocab,
+                                                                 weight.shape[1]):
+                token_lists, plans = [everything], [whole_plan]
             saved = [_logits_kept_in_gradient(t.numel(), plan, vocab, weight.shape[1])
                      for t, plan in zip(token_lists, plans)]
             best = max(range(len(saved)), key=saved.__getitem__)

@@ -207,6 +207,24 @@ def test_first_chunk_over_budget_keeps_its_logits_in_the_weight_gradient(method,
     assert sum(projected) == sum(lengths) * 77 + (11 * 17 if method == "kto" else 0)
 
 
+@pytest.mark.parametrize("method,hparams", [CASES[0], CASES[1], CASES[6]], ids=[CASE_IDS[0], CASE_IDS[1], CASE_IDS[6]])
+def test_batch_of_at_most_h_tokens_is_one_chunk_kept_in_the_weight_gradient(method, hparams, monkeypatch, cpu_gemm):
+    """A batch over the budget with at most H projected tokens is walked as one chunk (every logits GEMM has all
+    its tokens as rows), kept whole in the weight gradient: no logits recomputed, exact gradients."""
+    monkeypatch.setattr(module, "TRAINED_HEAD_CHUNK_BYTES", 4 * 77 * PARTIAL_BUDGET)
+    rows_per_gemm = []
+    logits_tile = module._logits_tile
+
+    def counting_logits_tile(h, weight, bias, v0, tile, buffer):
+        rows_per_gemm.append(h.shape[0])
+        return logits_tile(h, weight, bias, v0, tile, buffer)
+
+    monkeypatch.setattr(module, "_logits_tile", counting_logits_tile)
+    lengths = FIRST_IN_GRADIENT_LENGTHS["paired" if method in losses.PAIRED_METHODS else "single"]
+    check(method, hparams, trained=True, batch=len(lengths), seq=24, upstream=2.5, lengths=lengths, width=64)
+    assert set(rows_per_gemm) == {sum(lengths)}  # 40 (paired) or 45 tokens <= H = 64: one chunk
+
+
 @pytest.mark.parametrize("method", ["sft", "dpo"])
 def test_partial_keep_temperature_and_ignore_index(method, monkeypatch):
     """Recomputed logits take the temperature and the bias as the kept ones do; another ignore_index is honoured."""
