@@ -225,12 +225,14 @@ def test_batch_of_at_most_h_tokens_is_one_chunk_kept_in_the_weight_gradient(meth
     assert set(rows_per_gemm) == {sum(lengths)}  # 40 (paired) or 45 tokens <= H = 64: one chunk
 
 
+@pytest.mark.parametrize("width", [20, 64], ids=["partial-keep", "kept-in-gradient"])
 @pytest.mark.parametrize("method", ["sft", "dpo"])
-def test_partial_keep_temperature_and_ignore_index(method, monkeypatch):
-    """Recomputed logits take the temperature and the bias as the kept ones do; another ignore_index is honoured."""
+def test_partial_keep_temperature_and_ignore_index(method, width, monkeypatch):
+    """Recomputed logits, and logits kept in the weight gradient (at H = 64 the whole batch of 55 / 61 tokens),
+    take the temperature and the bias as the kept ones do; another ignore_index is honoured."""
     monkeypatch.setattr(module, "TRAINED_HEAD_CHUNK_BYTES", 4 * 77 * PARTIAL_BUDGET)
     lengths = _partial_lengths(method)
-    (hidden, weight, labels, bias), _, _ = make_batch(method, len(lengths), 24, trained=True, lengths=lengths)
+    (hidden, weight, labels, bias), _, _ = make_batch(method, len(lengths), 24, width, trained=True, lengths=lengths)
     labels[labels == -100] = 5000  # out of the vocabulary: only ignore_index keeps it out of a matmul
     ours = {"ref_logps": torch.randn(len(lengths)) - 40} if method == "dpo" else {}
     loss, metrics = FusedLinearPreferenceLoss(method, ignore_index=5000, temperature=0.7)(
