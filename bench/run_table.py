@@ -78,7 +78,7 @@ def max_rss() -> int:
 
 
 def _shape_by_name(name: str, quick: bool) -> V.Shape:
-    for s in V.shapes(quick) + V.on_request_shapes(quick):
+    for s in V.named_shapes(quick):
         if s.name == name:
             return s
     raise ValueError(f"unknown shape {name!r}")
@@ -596,7 +596,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.isolation = "fork" if args.quick else "process"
     if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
         p.error("--warmup, --steps and --rounds must be >= 1")
-    known = [s.name for s in V.shapes(args.quick) + V.on_request_shapes(args.quick)]
+    known = [s.name for s in V.named_shapes(args.quick)]
     if args.shapes and set(args.shapes) - set(known):
         p.error(f"unknown shape(s) {sorted(set(args.shapes) - set(known))}" + (" in --quick mode" if args.quick else "")
                 + f"; known: {', '.join(known)}")
@@ -635,8 +635,7 @@ def main(argv=None):
         timed = [r for r in done if r["kind"] == "time"]
     merge_time(rows, timed)
     order = {(c["op"], c["variant"], c["shape"], c["head"]): i for i, c in enumerate(
-        [dict(op=op, variant=v, shape=s.name, head=h) for op in V.OPS
-         for s in V.shapes(args.quick) + V.on_request_shapes(args.quick)
+        [dict(op=op, variant=v, shape=s.name, head=h) for op in V.OPS for s in V.named_shapes(args.quick)
          for h in V.HEADS for v in V.OP_VARIANTS[op]])}
     rows.sort(key=lambda r: order.get((r["op"], r["variant"], r["shape"], r["head"]), 1 << 30))
     elapsed = time.perf_counter() - t0

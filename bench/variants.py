@@ -135,6 +135,11 @@ def on_request_shapes(quick: bool) -> tuple[Shape, ...]:
     return () if quick else ON_REQUEST_SHAPES
 
 
+def named_shapes(quick: bool) -> tuple[Shape, ...]:
+    """Every shape `--shapes` may name: the default ones, then the on-request ones."""
+    return shapes(quick) + on_request_shapes(quick)
+
+
 def env_quick() -> bool:
     """Quick shapes unless PYPREFOPT_BENCH_QUICK is set to 0/false/no (CI sets it to 1)."""
     return os.environ.get("PYPREFOPT_BENCH_QUICK", "1").strip().lower() not in ("0", "false", "no", "off")

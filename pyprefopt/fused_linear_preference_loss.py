@@ -159,17 +159,17 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
             # whole batch can (at most H tokens in one token block), it is one chunk: nothing recomputed, and the
             # weight-gradient GEMMs take all its tokens as depth. Otherwise the place goes to the chunk that would
             # recompute the most (chunks are independent, so their order is free).
-            everything = torch.cat(token_lists)
-            whole_plan = _walk_tiles(everything.numel(), vocab)
-            if len(token_lists) > 1 and _logits_kept_in_gradient(everything.numel(), whole_plan, vocab,
-                                                                 weight.shape[1]):
-                token_lists, plans = [everything], [whole_plan]
-            saved = [_logits_kept_in_gradient(t.numel(), plan, vocab, weight.shape[1])
-                     for t, plan in zip(token_lists, plans)]
-            best = max(range(len(saved)), key=saved.__getitem__)
-            if saved[best] > 0:
-                order = [best] + [i for i in range(len(saved)) if i != best]
-                token_lists, plans = [token_lists[i] for i in order], [plans[i] for i in order]
+            total = sum(t.numel() for t in token_lists)
+            whole_plan = _walk_tiles(total, vocab)
+            if len(token_lists) > 1 and _logits_kept_in_gradient(total, whole_plan, vocab, weight.shape[1]):
+                token_lists, plans = [torch.cat(token_lists)], [whole_plan]
+            else:
+                saved = [_logits_kept_in_gradient(t.numel(), plan, vocab, weight.shape[1])
+                         for t, plan in zip(token_lists, plans)]
+                best = max(range(len(saved)), key=saved.__getitem__)
+                if saved[best] > 0:
+                    order = [best] + [i for i in range(len(saved)) if i != best]
+                    token_lists, plans = [token_lists[i] for i in order], [plans[i] for i in order]
         # One buffer for every chunk, cut into [block, tile] slots: at most the budget (or one tile).
         buffer = torch.empty(
             max(min(slots, -(-t.numel() // block) * -(-vocab // tile)) * block * tile

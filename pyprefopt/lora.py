@@ -148,10 +148,10 @@ def _rank_linear(x, rank_weight, scale):
     scale folded into the small weight (one rounding of `scale * A`, exact for a power-of-two scale): oneDNN
     takes these skinny products at 2x MKL's speed (x [2048, 4096] @ [4096, 16]: 1.1 vs 2.3 ms on a 2-core Zen
     5). Other dtypes keep the scale in the GEMM (alpha), where scaling a 16-bit weight would round it."""
-    if x.dtype == torch.float32:
-        return cpu_linear.linear(x, rank_weight if scale == 1.0 else rank_weight * scale)
     if scale == 1.0:
-        return torch.mm(x, rank_weight.t())
+        return cpu_linear.linear(x, rank_weight)
+    if x.dtype == torch.float32:
+        return cpu_linear.linear(x, rank_weight * scale)
     return torch.addmm(x.new_zeros(()), x, rank_weight.t(), beta=0, alpha=scale)
 
 
