@@ -15,9 +15,12 @@ Two kernels per device:
 
   and the second factor needs no upstream gradient, so the forward pass forms it while each tile's
   probabilities are at hand (one more GEMM, rescaled online like the normaliser) and the backward pass
-  only scales it: two GEMMs in all, no recompute. A trained head or bias recomputes the tiles in
-  backward to form the weight gradient. The GEMMs go through `pyprefopt.cpu_linear` (oneDNN for large
-  fp32 products, where torch's MKL path runs at half speed on AMD CPUs).
+  only scales it: two GEMMs in all, no recompute. A trained head needs the weight gradient, which the
+  forward cannot form without the upstream gradient. Its forward keeps the first H tokens' logits in the
+  buffer the weight gradient will be written to (weight-sized, and counted in the step's memory anyway):
+  up to H tokens cost three GEMMs; tokens beyond them are recomputed in backward (four). The GEMMs go
+  through `pyprefopt.cpu_linear` (oneDNN for large fp32 products, where torch's MKL path runs at half speed
+  on AMD CPUs).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ STATISTICS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 _WEIGHT_GRAD_STORAGE = WeakIdKeyDictionary()
 
 
-def weight_grad_buffer(weight: torch.Tensor) -> torch.Tensor:
+def weight_grad_buffer(weight: torch.Tensor, only_if_free: bool = False) -> torch.Tensor | None:
     """An fp32 tensor of `weight`'s shape and undefined contents, which the caller writes in full as the weight's
     gradient.
 
@@ -53,15 +56,29 @@ def weight_grad_buffer(weight: torch.Tensor) -> torch.Tensor:
     make for their output buffers. A gradient still held (accumulation, a caller's reference) gets a fresh
     tensor. The storage lives as long as the weight: one weight-sized buffer stays allocated between steps.
     Other dtypes (their fp32 gradient is converted, then dropped) and devices get a fresh tensor each time.
+
+    `only_if_free`: None instead of a tensor that would add to the memory a step needs anyway: for a forward
+    pass that wants the buffer early (to keep logits in it until backward), so a second pending forward, an
+    accumulating step or a bf16 head never holds a second weight-sized buffer.
     """
     if weight.dtype != torch.float32 or weight.device.type != "cpu":
-        return torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+        return None if only_if_free else torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
     held = _WEIGHT_GRAD_STORAGE.get(weight)
     if held is not None and held.nbytes() == 4 * weight.numel() and torch._C._storage_Use_Count(held._cdata) == 1:
         return torch.empty(0, dtype=torch.float32).set_(held, 0, weight.shape)
+    if held is not None and only_if_free:
+        return None
     fresh = torch.empty(weight.shape, dtype=torch.float32)
     _WEIGHT_GRAD_STORAGE[weight] = fresh.untyped_storage()
     return fresh
+
+
+def kept_logits_tile(store: torch.Tensor, v0: int, width: int, t0: int, rows: int) -> torch.Tensor:
+    """Where tokens [t0, t0 + rows) keep their logits of vocabulary tile [v0, v0 + width) in an unwritten [V, H]
+    weight gradient `store`: in the rows that tile's own gradient goes to, token after token, so that the tile of
+    tokens [0, n) is one [n, width] matrix (n <= H: it fits in those rows' width * H values). Each tile's logits
+    must be read (or copied out) before its gradient rows are written."""
+    return store[v0 : v0 + width].view(-1)[t0 * width : (t0 + rows) * width].view(rows, width)
 
 
 def _check_inputs(hidden, weight, labels, bias, temperature):
@@ -194,18 +211,25 @@ def _tile_backward(z, scale, g, y, v0, h, w, grad_hidden, grad_weight, grad_bias
             cpu_linear.addmm_(rows, z_t, h.T)
 
 
-def cpu_forward(hidden, weight, bias, labels, inv_t: float, with_hidden_grad_factor: bool, statistics=()):
+def cpu_forward(hidden, weight, bias, labels, inv_t: float, with_hidden_grad_factor: bool, statistics=(),
+                logits_store=None):
     """Blocked forward on [N, H] rows whose labels are all valid.
 
-    Returns `(logp [N] fp32, lse [N] fp32, grad_factor [N, H] fp32 or None, statistics)`, where
+    Returns `(logp [N] fp32, lse [N] fp32, grad_factor [N, H] fp32 or None, statistics, kept_max)`, where
     `grad_factor[t] = (W[y_t] - sum_v p_tv W_v) / T` is `d logp_t / d h_t` and `statistics` maps each
     requested name of STATISTICS to its [N] tensor (see `fused_linear_logprobs`). Plain PyTorch, so it
     also serves CUDA tensors when statistics are asked of the Triton path.
+
+    `logits_store`: an unwritten fp32 [V, H] weight gradient. The token blocks among the first H tokens keep
+    each tile's exp(z / T - m) there (`kept_logits_tile`), m the running max after the tile, given back as
+    `kept_max [tiles, kept tokens]` (None: nothing kept), so that `cpu_backward` need not recompute them.
     """
     n, width = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
     block, tile = _tile_sizes(n, vocab)
+    n_kept = 0 if logits_store is None else (n if n <= width else width // block * block)
+    kept_max = torch.empty(-(-vocab // tile), n_kept, dtype=torch.float32, device=dev) if n_kept else None
     logits = torch.empty(block, tile, dtype=torch.float32, device=dev)
     logp = torch.empty(n, dtype=torch.float32, device=dev)
     lse = torch.empty(n, dtype=torch.float32, device=dev)
@@ -224,7 +248,9 @@ def cpu_forward(hidden, weight, bias, labels, inv_t: float, with_hidden_grad_fac
         square_sum = torch.zeros(rows, dtype=torch.float32, device=dev) if "log_sum_sq_probs" in stats else None
         tile_label_logit = torch.empty(rows, dtype=torch.float32, device=dev) if "is_top1" in stats else None
         for v0 in range(0, vocab, tile):
-            z, w = _logits_tile(h, weight, bias, v0, tile, logits)
+            kept = kept_logits_tile(logits_store, v0, min(tile, vocab - v0), t0, rows) if t0 < n_kept else None
+            # A kept tile's logits go straight to the store, or with the entropy, its exp(z - max) does.
+            z, w = _logits_tile(h, weight, bias, v0, tile, logits if kept is None or exp_buffer is not None else kept)
             if inv_t != 1.0:
                 z.mul_(inv_t)
             if tile_label_logit is not None:
@@ -234,7 +260,11 @@ def cpu_forward(hidden, weight, bias, labels, inv_t: float, with_hidden_grad_fac
             if spread is None:
                 new_max, rescale = _fold_tile(z, running_max, running_sum)
             else:
-                z, new_max, rescale = _fold_tile_with_spread(z, running_max, running_sum, spread, exp_buffer)
+                z, new_max, rescale = _fold_tile_with_spread(
+                    z, running_max, running_sum, spread, exp_buffer if kept is None else kept
+                )
+            if kept is not None:
+                kept_max[v0 // tile, t0 : t0 + rows] = new_max
             if acc is not None:
                 # acc = sum_v exp(z_v - max) W_v, rescaled whenever the max moves (flash-attention style).
                 cpu_linear.addmm_(acc.mul_(rescale[:, None]), z, w.T)
@@ -266,11 +296,13 @@ def cpu_forward(hidden, weight, bias, labels, inv_t: float, with_hidden_grad_fac
         if bias is not None:
             mean_logits += bias.mean(dtype=torch.float32)
         torch.mul(mean_logits, inv_t, out=stats["mean_logits"])
-    return logp, lse, factor, stats
+    return logp, lse, factor, stats, kept_max
 
 
-def cpu_backward(grad_logp, hidden, weight, bias, labels, lse, inv_t, need_hidden, need_weight, need_bias):
-    """Recompute each tile, turn it into the logits gradient in place and run the gradient GEMMs.
+def cpu_backward(grad_logp, hidden, weight, bias, labels, lse, inv_t, need_hidden, need_weight, need_bias, kept=None):
+    """Turn each tile into the logits gradient in place and run the gradient GEMMs: the tiles `cpu_forward` kept
+    (`kept = (logits_store, kept_max)`, the first tokens; their gradient rows are the store) are read back, the
+    others recomputed.
 
     d logp_t / d z_tv = (1[v = y_t] - p_tv) / T for the tile's logits z.
     """
@@ -279,14 +311,30 @@ def cpu_backward(grad_logp, hidden, weight, bias, labels, lse, inv_t, need_hidde
     block, tile = _tile_sizes(n, vocab)
     dev = hidden.device
     grad_hidden = torch.zeros(n, width, dtype=torch.float32, device=dev) if need_hidden else None
-    # The first token block writes every row of the weight gradient (`write_weight_grad`): no zero-fill.
-    grad_weight = weight_grad_buffer(weight) if need_weight else None
+    n_kept = 0 if kept is None else kept[1].shape[1]
+    # The first tokens write every row of the weight gradient (`write_weight_grad`): no zero-fill.
+    if n_kept:
+        grad_weight = kept[0] if need_weight else None
+    else:
+        grad_weight = weight_grad_buffer(weight) if need_weight else None
     if grad_weight is not None and n == 0:
         grad_weight.zero_()
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_bias else None
-    logits = torch.empty(block, tile, dtype=torch.float32, device=dev)
     scale = grad_logp.float() * inv_t
-    for t0 in range(0, n, block):
+    if n_kept:
+        logits_store, kept_max = kept
+        h, y, g = _fp32(hidden[:n_kept]), labels[:n_kept], scale[:n_kept]
+        # A kept tile's rows are also its gradient's: z.T goes to this scratch before they are written.
+        scratch = torch.empty(n_kept * tile, dtype=torch.float32, device=dev) if grad_weight is not None else None
+        for i, v0 in enumerate(range(0, vocab, tile)):
+            w = _fp32(weight[v0 : v0 + tile])
+            z = kept_logits_tile(logits_store, v0, w.shape[0], 0, n_kept)
+            # softmax = exp(z/T - m) * exp(m - lse): the kept tile turns into its gradient without a GEMM.
+            _tile_backward(z, g * (kept_max[i] - lse[:n_kept]).exp_(), g, y, v0, h, w,
+                           None if grad_hidden is None else grad_hidden[:n_kept], grad_weight, grad_bias,
+                           write_weight_grad=True, scratch=scratch)
+    logits = torch.empty(block, tile, dtype=torch.float32, device=dev) if n_kept < n else None
+    for t0 in range(n_kept, n, block):
         h = _fp32(hidden[t0 : t0 + block])
         rows = h.shape[0]
         y = labels[t0 : t0 + rows]
@@ -330,13 +378,23 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
             factor = None
             # The Triton kernels compute log-probs only: statistics cost one more (no-grad) blocked pass.
             stats = cpu_forward(hidden, weight, bias, labels, inv_t, False, statistics)[3] if statistics else {}
+            kept_max = None
         else:
-            logp, lse, factor, stats = cpu_forward(hidden, weight, bias, labels, inv_t, factorised, statistics)
+            # A trained head keeps the first H tokens' logits in its weight gradient's buffer, where backward would
+            # write their gradient anyway: up to H tokens cost 3 GEMMs, not 4. Only a buffer that costs no memory
+            # beyond the backward's own (see `weight_grad_buffer`).
+            store = weight_grad_buffer(weight, only_if_free=True) if grad_enabled and need_weight else None
+            logp, lse, factor, stats, kept_max = cpu_forward(
+                hidden, weight, bias, labels, inv_t, factorised, statistics, logits_store=store
+            )
         if factorised:
             ctx.save_for_backward(factor)
         else:
             ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.factorised = factorised
+        # Held on ctx, not saved for backward: backward hands the store over as the weight gradient, so it must
+        # not stay reachable from the graph afterwards (autograd would copy it rather than take it).
+        ctx.kept = None if kept_max is None else (store, kept_max)
         ctx.hidden_dtype = hidden.dtype
         ctx.inv_t = inv_t
         ctx.use_triton = use_triton
@@ -358,8 +416,10 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
                 grad_logp, hidden, weight, bias, labels, lse, ctx.inv_t, need_hidden, need_weight, need_bias
             )
         else:
+            # Kept logits are consumed: a second backward (retain_graph) recomputes them.
+            kept, ctx.kept = ctx.kept, None
             grads = cpu_backward(
-                grad_logp, hidden, weight, bias, labels, lse, ctx.inv_t, need_hidden, need_weight, need_bias
+                grad_logp, hidden, weight, bias, labels, lse, ctx.inv_t, need_hidden, need_weight, need_bias, kept
             )
         grad_hidden, grad_weight, grad_bias = (None if g is None else g.to(hidden.dtype) for g in grads)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None

@@ -44,6 +44,7 @@ from pyprefopt.fused_linear_logprobs import (
     _tile_backward,
     _tile_sizes,
     fused_linear_logprobs,
+    kept_logits_tile,
     weight_grad_buffer,
 )
 
@@ -189,12 +190,6 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
             """The buffer's slot i of [block, tile]."""
             return buffer[i * block * tile : (i + 1) * block * tile].view(block, tile)
 
-        def in_weight_gradient(v0, n, tile):
-            """Where a first chunk's tile keeps its logits: the first n * width values of the weight gradient's
-            rows [v0, v0 + width), which nothing has written yet (n <= H: they fit)."""
-            width = min(tile, vocab - v0)
-            return grad_weight[v0 : v0 + width].view(-1)[: n * width].view(n, width)
-
         for tokens, (block, tile, slots) in zip(token_lists, plans):
             n = tokens.numel()
             if n == 0:
@@ -216,7 +211,8 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
             kept = []
             for i, (rows_, v0) in enumerate(tiles):
                 y = y_all[rows_]
-                out = in_weight_gradient(v0, n, tile) if keep_in_gradient else slot(max(0, i - first_kept), block, tile)
+                out = (kept_logits_tile(grad_weight, v0, min(tile, vocab - v0), 0, n) if keep_in_gradient
+                       else slot(max(0, i - first_kept), block, tile))
                 z, w_tile = logits(h_all[rows_], v0, tile, out)
                 r = _labels_in_tile(y, v0, w_tile.shape[0])
                 label_logit[rows_][r] = z[r, y[r] - v0]

@@ -65,11 +65,63 @@ def test_cpu_matches_reference_fp32(shape, grads, cpu_gemm):
 
 @pytest.mark.parametrize("grads", GRAD_SETS, ids="+".join)
 def test_cpu_many_token_blocks_and_tiles(grads, monkeypatch):
-    """Token blocks of 8 and vocabulary tiles of 256 (the smallest) on 141 tokens: the trained head's backward
-    writes each weight-gradient tile in the first block (no zero-fill) and adds the other 17 blocks to it."""
+    """Token blocks of 8 and vocabulary tiles of 256 (the smallest) on 71 scored tokens at H = 31: a trained head
+    keeps the first 3 blocks' logits in its weight gradient, whose rows they write in backward (no zero-fill),
+    and the other 6 blocks are recomputed and added."""
     monkeypatch.setattr(sys.modules["pyprefopt.fused_linear_logprobs"], "CPU_TOKEN_BLOCK", 8)
     monkeypatch.setattr(sys.modules["pyprefopt.fused_linear_logprobs"], "CPU_TILE_BYTES", 4096)
     check_against_reference("torch", (3, 47, 31, 1000), grads)
+
+
+def count_recomputed_tiles(monkeypatch):
+    """Logits tiles computed by the CPU path's backward (after `forward_done` is called)."""
+    module = sys.modules["pyprefopt.fused_linear_logprobs"]
+    calls = []
+    real = module._logits_tile
+    monkeypatch.setattr(module, "_logits_tile", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("tokens,recomputed", [(12, 0), (20, 0), (30, 14)], ids=["12<H", "20=H", "30>H"])
+def test_trained_head_keeps_the_first_tokens_logits_for_backward(tokens, recomputed, monkeypatch):
+    """A trained head's forward keeps the logits of the token blocks among the first H tokens in the weight
+    gradient's buffer (where backward writes their gradient): backward recomputes only the tokens after them."""
+    module = sys.modules["pyprefopt.fused_linear_logprobs"]
+    monkeypatch.setattr(module, "CPU_TOKEN_BLOCK", 8)
+    monkeypatch.setattr(module, "CPU_TILE_BYTES", 4096)
+    hidden, weight, bias, labels = make_inputs(1, tokens, 20, 1000, grads=("hidden", "weight", "bias"))
+    labels[:] = torch.randint(0, 1000, labels.shape)
+    calls = count_recomputed_tiles(monkeypatch)
+    out = fused_linear_logprobs(hidden, weight, labels, bias, temperature=0.7)
+    calls.clear()
+    upstream = torch.randn(out.shape)
+    got = torch.autograd.grad(out, [hidden, weight, bias], upstream)
+    assert sum(calls) == recomputed * 4  # 4 vocabulary tiles of 256
+    want = torch.autograd.grad(reference_logprobs(hidden, weight, labels, bias, temperature=0.7),
+                               [hidden, weight, bias], upstream)
+    for name, g, w in zip(("hidden", "weight", "bias"), got, want):
+        assert_close_verbose(g, w, name=f"grad {name}")
+
+
+def test_trained_head_keeps_logits_only_in_a_free_weight_gradient(monkeypatch):
+    """Two forwards pending before one backward: only the first keeps its logits (the weight gradient's buffer is
+    then held), so no second weight-sized buffer is taken; a retained graph's second backward recomputes."""
+    hidden, weight, bias, labels = make_inputs(2, 5, 16, 300, grads=("hidden", "weight"))
+    calls = count_recomputed_tiles(monkeypatch)
+    first = fused_linear_logprobs(hidden, weight, labels, bias)
+    second = fused_linear_logprobs(hidden * 2, weight, labels, bias)
+    calls.clear()
+    (first.sum() + second.sum()).backward(retain_graph=True)
+    assert calls == [8]  # the second call's 8 scored tokens, one tile
+    want = weight.grad.clone()
+    ref = reference_logprobs(hidden, weight, labels, bias).sum() + reference_logprobs(hidden * 2, weight, labels,
+                                                                                      bias).sum()
+    assert_close_verbose(want, torch.autograd.grad(ref, [weight])[0], name="grad weight")
+    weight.grad = None
+    calls.clear()
+    (first.sum() + second.sum()).backward()
+    assert calls == [8, 8]
+    assert_close_verbose(weight.grad, want, name="grad weight of the second backward")
 
 
 @pytest.mark.parametrize("grads", GRAD_SETS, ids="+".join)
@@ -159,7 +211,7 @@ def test_no_grad_forms_no_gradient_factor(monkeypatch):
     module = sys.modules["pyprefopt.fused_linear_logprobs"]
     calls = []
     real = module.cpu_forward
-    monkeypatch.setattr(module, "cpu_forward", lambda *a: calls.append(a[5]) or real(*a))
+    monkeypatch.setattr(module, "cpu_forward", lambda *a, **k: calls.append(a[5]) or real(*a, **k))
     hidden, weight, bias, labels = make_inputs(2, 5, 16, 70, grads=("hidden",))
     with torch.no_grad():
         fused_linear_logprobs(hidden, weight, labels, bias)
