@@ -53,7 +53,7 @@ def test_merge_and_render():
                  first_call_ms={"bare_gemms": 1.0}, errors={"trl": "round 1: RuntimeError: boom"},
                  round_times_ms=[{"bare_gemms": 1.0, "pyprefopt": 1.5, "trl": 4.0},
                                  {"bare_gemms": 2.0, "pyprefopt": 2.0}])
-    rows = [_memory_row("bare_gemms"), _memory_row("pyprefopt"), _memory_row("trl"),
+    rows = [_memory_row("bare_gemms"), _memory_row("pyprefopt", peak_extra_mib=32.5), _memory_row("trl"),
             dict(_memory_row("liger"), status="not installed", error="no liger")]
     R.merge_time(rows, [group])
     bare, ours, trl, liger = rows
@@ -71,6 +71,8 @@ def test_merge_and_render():
     body = [line for line in table if line.startswith("| ") and line is not header]
     assert len(body) == 4 and all(line.count("|") == width for line in body)
     assert "| 1.8 | 1.25 | 1.00 |" in body[1]  # median 1.75 ms, shown to 0.1 ms
+    assert "| 32.5 | 22.5 |" in body[1]  # peak extra, and over bare_gemms' 10 MiB
+    assert "| 10.0 |  |" in body[0]  # the floor has nothing to be over
     assert "time: round 1: RuntimeError: boom" in body[2]
 
 
