@@ -57,9 +57,10 @@ def weight_grad_buffer(weight: torch.Tensor, only_if_free: bool = False) -> torc
     tensor. The storage lives as long as the weight: one weight-sized buffer stays allocated between steps.
     Other dtypes (their fp32 gradient is converted, then dropped) and devices get a fresh tensor each time.
 
-    `only_if_free`: None instead of a tensor that would add to the memory a step needs anyway: for a forward
-    pass that wants the buffer early (to keep logits in it until backward), so a second pending forward, an
-    accumulating step or a bf16 head never holds a second weight-sized buffer.
+    `only_if_free`: None rather than a fresh buffer while the last one is still held (by a pending forward, or
+    as a gradient being accumulated), and for weights that are not fp32 CPU tensors. A forward pass takes the
+    buffer this way to keep logits in it until its backward, so it never holds a weight-sized buffer beyond the
+    one its backward would allocate anyway.
     """
     if weight.dtype != torch.float32 or weight.device.type != "cpu":
         return None if only_if_free else torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
