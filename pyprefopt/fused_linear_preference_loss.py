@@ -146,6 +146,7 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
         grad_bias = (
             torch.zeros(vocab, dtype=torch.float32, device=dev) if bias is not None and bias.requires_grad else None
         )
+        w = _fp32(weight)
         b = None if bias is None else _fp32(bias)
         positions = torch.arange(seq_len, device=dev)
         token_lists = []
@@ -180,7 +181,7 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
         def logits(h, v0, tile, out):
             """Logits / T of rows `h` and vocabulary tile [v0, v0 + tile) in `out`; returns (them, the fp32
             weight tile)."""
-            z, w_tile = _logits_tile(h, weight, b, v0, tile, out)
+            z, w_tile = _logits_tile(h, w, b, v0, tile, out)
             if inv_t != 1.0:
                 z.mul_(inv_t)
             return z, w_tile
@@ -219,7 +220,7 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
                 tile_max, _ = _fold_tile(z, running_max[rows_], running_sum[rows_])
                 running_max[rows_] = tile_max
                 if i >= first_kept:
-                    kept.append((rows_, v0, z, tile_max))
+                    kept.append((rows_, v0, z, w_tile, tile_max))
             lse = running_max.add_(running_sum.log_())
             logps.index_add_(0, tokens // seq_len, (label_logit - lse).double())
             # Separability: the loss's gradient w.r.t. this chunk's rows depends on those rows alone
@@ -239,11 +240,9 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
                 unwritten.discard(v0)
                 return first
 
-            for rows_, v0, z, tile_max in kept:
+            for rows_, v0, z, w_tile, tile_max in kept:
                 # softmax = exp(z - max) * exp(max - lse): a kept tile turns into its gradient directly.
                 scale = g_all[rows_] * (tile_max - lse[rows_]).exp_()
-                # The weight tile again (fp32: a view; bf16: converted tile by tile, never the whole weight at once).
-                w_tile = _fp32(weight[v0 : v0 + tile])
                 _tile_backward(z, scale, g_all[rows_], y_all[rows_], v0, h_all[rows_], w_tile,
                                None if grad_h is None else grad_h[rows_], grad_weight, grad_bias,
                                write_weight_grad=first_visit(v0), scratch=buffer if keep_in_gradient else None)
