@@ -451,7 +451,9 @@ def fused_linear_logprobs(
 
     Returns:
         fp32 tensor of `labels.shape`: the log-probs, 0 at ignored positions. Differentiable w.r.t.
-        hidden, weight and bias; a weight or bias that does not require grad costs no gradient work.
+        hidden, weight and bias; a weight or bias that does not require grad costs no gradient work. A trained
+        fp32 head on CPU takes its weight gradient's buffer in the forward pass when that buffer is free (see
+        `weight_grad_buffer`) and keeps the first H tokens' logits in it until backward.
         Ignored positions are dropped before any matmul. With `statistics`: `(log-probs, {name: tensor
         of labels.shape})`, 0 (False) at ignored positions.
     """
