@@ -1,0 +1,350 @@
+"""Every CUDA path of pyprefopt in one prepared run, for a session that is lent a GPU (15 minutes of device time
+for all tries together: one call of this script, then read its output).
+
+    python bench/gpu_check.py --out "$OUT"                               # on the GPU machine
+    python bench/gpu_check.py --device cpu --quick                       # the same checks here, Triton interpreted
+
+On the GPU machine (its image has torch, triton, transformers, peft, pybind11 and pytest; not bitsandbytes, TRL or
+Liger), first `pip install --no-deps --no-build-isolation -e .`, which builds `pyprefopt._C_cuda` with its nvcc.
+
+Correctness, each against the fp64 reference, within 2x the error of PyTorch's own same-dtype computation (the
+tests' rule, `tests/tensor_asserts.py`), or bit-exact where the maths is exact:
+- `fused_linear_logprobs` through the Triton kernels: log-probs and the hidden, weight and bias gradients, fp32
+  and bf16, frozen and trained head, at a GPT-2 and a Qwen-sized vocabulary;
+- `FusedLinearPreferenceLoss` (DPO, KTO) on CUDA tensors, frozen and trained head;
+- `FusedLoRALinearFunction` through the Triton kernels over a dense base (fp32, bf16) and an NF4 base (plain and
+  double-quantised absmax), output and every gradient;
+- `dequant_merge_nf4` through the CUDA extension: bit-exact against the NF4 reference.
+Timings, median of `triton.testing.do_bench`: the fused head against the materialised-logits
+reference in the same dtype (and its peak memory), the LoRA layer against the frozen base linear and the
+unfused three-op LoRA. `--device cpu` runs the same code on CPU tensors with TRITON_INTERPRET=1 at small shapes
+(what CI does, so the script cannot rot before a GPU is lent); its timings mean nothing there.
+
+Exit status 1 if any check fails; `--out DIR` also writes gpu_check.json there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch  # torch does not import triton; pyprefopt's kernels are imported after TRITON_INTERPRET is set
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--quick", action="store_true", help="small shapes (the CPU dry run; its timings mean nothing)")
+    p.add_argument("--out", default=None, help="folder for gpu_check.json")
+    args = p.parse_args(argv)
+    if args.device == "cpu":
+        args.quick = True
+    return args
+
+
+def _errors(ours, truth, same_dtype):
+    """(our max abs error, torch's same-dtype max abs error) against the fp64 truth."""
+    def err(t):
+        return (t.double() - truth.double()).abs().max().item() if t.numel() else 0.0
+    return err(ours), err(same_dtype)
+
+
+def _row(name, ours, truth, same_dtype):
+    mine, torch_err = _errors(ours, truth, same_dtype)
+    ok = math.isfinite(mine) and mine <= 2.0 * torch_err + 1e-6
+    return {"check": name, "error": mine, "torch_error": torch_err, "ok": ok}
+
+
+def _grads(fn, leaves, upstream):
+    """fn(*leaves) and its gradients w.r.t. the leaves that require grad."""
+    out = fn(*leaves)
+    return out, torch.autograd.grad(out, [t for t in leaves if t.requires_grad], upstream)
+
+
+def check_logprobs(device, quick):
+    from pyprefopt import fused_linear_logprobs
+    from pyprefopt.reference import reference_logprobs
+
+    shapes = [(2, 7, 40, 257), (1, 5, 24, 1000)] if quick else [(4, 256, 1024, 50257), (2, 192, 1024, 151936)]
+    rows = []
+    for batch, seq, width, vocab in shapes:
+        for dtype in (torch.float32, torch.bfloat16):
+            for trained in (False, True):
+                g = torch.Generator().manual_seed(0)
+                hidden = torch.randn(batch, seq, width, generator=g)
+                weight = torch.randn(vocab, width, generator=g) / width**0.5 * 3
+                bias = torch.randn(vocab, generator=g)
+                labels = torch.randint(0, vocab, (batch, seq), generator=g)
+                labels[0, : seq // 2] = -100
+                upstream = torch.randn(batch, seq, generator=g).to(device)
+                base = [t.to(device) for t in (hidden, weight, bias)]
+                flags = (True, trained, trained)
+                y = labels.to(device)
+
+                def leaves(dt):
+                    return [t.to(dt).requires_grad_(f) for t, f in zip(base, flags)]
+
+                def ours_fn(h, w, b):
+                    return fused_linear_logprobs(h, w, y, b, temperature=0.9, backend="triton")
+
+                def reference_fn(dt):
+                    return lambda h, w, b: reference_logprobs(h, w, y, b, temperature=0.9, dtype=dt)
+
+                ours = _grads(ours_fn, leaves(dtype), upstream)
+                same = _grads(reference_fn(dtype), leaves(dtype), upstream)
+                truth = _grads(reference_fn(torch.float64), leaves(torch.float64), upstream)
+                names = ["logp", "grad hidden"] + (["grad weight", "grad bias"] if trained else [])
+                tensors = zip([ours[0], *ours[1]], [truth[0], *truth[1]], [same[0], *same[1]])
+                head = "trained" if trained else "frozen"
+                for name, (o, t, s) in zip(names, tensors):
+                    rows.append(_row(f"fused_linear_logprobs {head} {str(dtype)[6:]} V{vocab}: {name}", o, t, s))
+    return rows
+
+
+def check_losses(device, quick):
+    from pyprefopt import FusedLinearPreferenceLoss
+    from pyprefopt.reference import reference_preference_loss
+
+    batch, seq, width, vocab = (4, 6, 32, 300) if quick else (8, 256, 1024, 32000)
+    rows = []
+    for method in ("dpo", "kto"):
+        for trained in (False, True):
+            g = torch.Generator().manual_seed(1)
+            hidden = torch.randn(batch, seq, width, generator=g).to(device)
+            weight = (torch.randn(vocab, width, generator=g) / width**0.5 * 3).to(device)
+            labels = torch.randint(0, vocab, (batch, seq), generator=g)
+            labels[:, : seq // 4] = -100
+            labels = labels.to(device)
+            ref_logps = (torch.randn(batch, generator=g) - 2.0 * seq).to(device)
+            kwargs = {"ref_logps": ref_logps}
+            if method == "kto":
+                kwargs.update(desirable=torch.arange(batch, device=device) % 2 == 0,
+                              kl=torch.tensor(0.3, device=device))
+
+            def leaves(dt):
+                return [hidden.to(dt).requires_grad_(), weight.to(dt).requires_grad_(trained)]
+
+            def ours_fn(h, w):
+                return FusedLinearPreferenceLoss(method, beta=0.1)(h, w, labels, **kwargs)[0]
+
+            def reference_fn(h, w):
+                kw = {k: (v.to(h.dtype) if v.is_floating_point() else v) for k, v in kwargs.items()}
+                return reference_preference_loss(method, h, w, labels, beta=0.1, **kw)[0]
+
+            ours = _grads(ours_fn, leaves(torch.float32), torch.tensor(1.0, device=device))
+            same = _grads(reference_fn, leaves(torch.float32), torch.tensor(1.0, device=device))
+            truth = _grads(reference_fn, leaves(torch.float64), torch.tensor(1.0, device=device, dtype=torch.float64))
+            names = ["loss", "grad hidden"] + (["grad weight"] if trained else [])
+            head = "trained" if trained else "frozen"
+            for name, o, t, s in zip(names, [ours[0], *ours[1]], [truth[0], *truth[1]], [same[0], *same[1]]):
+                rows.append(_row(f"FusedLinearPreferenceLoss {method} {head} fp32: {name}", o, t, s))
+    return rows
+
+
+def random_nf4(out_features, in_features, nested, device, seed=2):
+    """An NF4Weight of random codes and scales (bitsandbytes' layout, no bitsandbytes needed)."""
+    from pyprefopt.nf4 import NF4Weight
+
+    g = torch.Generator().manual_seed(seed)
+    numel, blocksize = out_features * in_features, 64
+    n_blocks = -(-numel // blocksize)
+    codes = torch.randint(0, 256, (-(-numel // 2),), dtype=torch.uint8, generator=g)
+    if not nested:
+        return NF4Weight(codes.to(device), (torch.rand(n_blocks, generator=g) * 0.1).to(device),
+                         (out_features, in_features), blocksize)
+    n_nested = -(-n_blocks // 256)
+    return NF4Weight(codes.to(device), torch.randint(0, 256, (n_blocks,), dtype=torch.uint8, generator=g).to(device),
+                     (out_features, in_features), blocksize,
+                     nested_absmax=(torch.rand(n_nested, generator=g) * 0.01).to(device),
+                     nested_code=torch.linspace(-1, 1, 256).to(device), nested_offset=0.05)
+
+
+def check_lora(device, quick):
+    from pyprefopt import lora
+    from pyprefopt.reference import dequant_merge_nf4_reference, lora_linear_reference
+
+    tokens, in_features, out_features, r = (37, 50, 70, 8) if quick else (2048, 4096, 4096, 16)
+    rows = []
+    cases = [("dense", torch.float32, None), ("dense", torch.bfloat16, None),
+             ("nf4", torch.bfloat16, False), ("nf4", torch.bfloat16, True)]
+    for kind, dtype, nested in cases:
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(tokens, in_features, generator=g).to(device)
+        lora_a = (torch.randn(r, in_features, generator=g) / in_features**0.5).to(device)
+        lora_b = (torch.randn(out_features, r, generator=g) / r**0.5).to(device)
+        bias = torch.randn(out_features, generator=g).to(device)
+        upstream = torch.randn(tokens, out_features, generator=g).to(device)
+        if kind == "dense":
+            dense = (torch.randn(out_features, in_features, generator=g) / in_features**0.5).to(device)
+            base = dense.to(dtype)
+        else:
+            base = random_nf4(out_features, in_features, nested, device)
+            w = base
+            dense = dequant_merge_nf4_reference(w.codes, w.absmax, w.shape, w.blocksize, w.nested_absmax,
+                                                w.nested_code, w.nested_offset, w.nested_blocksize)
+
+        def leaves(dt):
+            return [t.to(dt).requires_grad_() for t in (x, lora_a, lora_b, bias)]
+
+        def ours_fn(xs, a, b, bs):
+            return lora.FusedLoRALinearFunction.apply(xs, xs, base, bs, a, b, 2.0, True)
+
+        def reference_fn(xs, a, b, bs):
+            return lora_linear_reference(xs, dense.to(xs.dtype), a, b, 2.0, bs)
+
+        ours = _grads(ours_fn, leaves(dtype), upstream.to(dtype))
+        same = _grads(reference_fn, leaves(dtype), upstream.to(dtype))
+        truth = _grads(reference_fn, leaves(torch.float64), upstream.double())
+        label = f"FusedLoRALinearFunction {kind}{' double-quant' if nested else ''} {str(dtype)[6:]}"
+        for name, o, t, s in zip(["y", "grad x", "grad A", "grad B", "grad bias"], [ours[0], *ours[1]],
+                                 [truth[0], *truth[1]], [same[0], *same[1]]):
+            rows.append(_row(f"{label}: {name}", o, t, s))
+    return rows
+
+
+def check_nf4_merge(device, quick):
+    from pyprefopt import nf4
+    from pyprefopt.reference import dequant_merge_nf4_reference
+
+    out_features, in_features, r = (70, 50, 4) if quick else (4096, 11008, 16)
+    rows = []
+    for nested in (False, True):
+        w = random_nf4(out_features, in_features, nested, device)
+        g = torch.Generator().manual_seed(4)
+        lora_a = torch.randn(r, in_features, generator=g).to(device)
+        lora_b = torch.randn(out_features, r, generator=g).to(device)
+        for out_dtype in (torch.float32, torch.bfloat16):
+            ours = nf4.dequant_merge_nf4(w, lora_a, lora_b, 0.5, out_dtype=out_dtype)
+            want = dequant_merge_nf4_reference(w.codes, w.absmax, w.shape, w.blocksize, w.nested_absmax, w.nested_code,
+                                               w.nested_offset, w.nested_blocksize, lora_a, lora_b, 0.5, out_dtype)
+            # The decode is bit-exact; the rank-r sum's order may differ from the reference's matmul, so the merge
+            # is within one rounding (eps of the output dtype) at the size of the terms added.
+            decoded = nf4.dequantize_nf4(w, out_dtype=torch.float32)
+            want_decoded = dequant_merge_nf4_reference(w.codes, w.absmax, w.shape, w.blocksize, w.nested_absmax,
+                                                       w.nested_code, w.nested_offset, w.nested_blocksize)
+            exact = torch.equal(decoded, want_decoded)
+            terms = want_decoded.abs() + 0.5 * (lora_b.abs() @ lora_a.abs())
+            excess = ((ours.float() - want.float()).abs() - torch.finfo(out_dtype).eps * terms).max().item()
+            rows.append({"check": f"dequant_merge_nf4 {'double-quant' if nested else 'absmax'} {str(out_dtype)[6:]}",
+                         "error": (ours.float() - want.float()).abs().max().item(), "ok": exact and excess <= 0,
+                         "decode_bit_exact": exact})
+    return rows
+
+
+def _time_ms(fn, device):
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=5, rep=50, return_mode="median")
+    fn()
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def _peak_mib(fn, device):
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def timings(device, quick):
+    from pyprefopt import fused_linear_logprobs, lora
+    from pyprefopt.reference import lora_linear_reference, reference_logprobs
+
+    rows = []
+    width = 32 if quick else 1024
+    for n, vocab in ((48, 300), (8, 1000)) if quick else ((2048, 32000), (512, 151936)):
+        for dtype in (torch.float32, torch.bfloat16):
+            for trained in (False, True):
+                hidden = torch.randn(n, width, device=device, dtype=dtype, requires_grad=True)
+                weight = (torch.randn(vocab, width, device=device) * 0.03).to(dtype).requires_grad_(trained)
+                labels = torch.randint(0, vocab, (n,), device=device)
+                upstream = torch.randn(n, device=device)
+
+                def step(fn):
+                    def run():
+                        hidden.grad = weight.grad = None
+                        fn(hidden, weight, labels).backward(upstream)
+                    return run
+
+                ours = step(lambda h, w, y: fused_linear_logprobs(h, w, y, backend="triton"))
+                naive = step(lambda h, w, y: reference_logprobs(h, w, y, dtype=dtype))
+                t_ours, t_naive = _time_ms(ours, device), _time_ms(naive, device)
+                rows.append({"timing": f"fused_linear_logprobs fwd+bwd N{n} H{width} V{vocab} {str(dtype)[6:]} "
+                                       f"{'trained' if trained else 'frozen'}",
+                             "ours_ms": t_ours, "naive_ms": t_naive, "x_naive": t_ours / t_naive,
+                             "ours_peak_mib": _peak_mib(ours, device), "naive_peak_mib": _peak_mib(naive, device)})
+    tokens, in_features = (32, 48) if quick else (2048, 4096)
+    for out_features in (40, 72) if quick else (4096, 11008):
+        x = torch.randn(tokens, in_features, device=device, dtype=torch.bfloat16, requires_grad=True)
+        weight = (torch.randn(out_features, in_features, device=device) * 0.02).bfloat16()
+        lora_a = (torch.randn(16, in_features, device=device) * 0.02).bfloat16().requires_grad_()
+        lora_b = (torch.randn(out_features, 16, device=device) * 0.02).bfloat16().requires_grad_()
+        upstream = torch.randn(tokens, out_features, device=device, dtype=torch.bfloat16)
+
+        def step(fn):
+            def run():
+                x.grad = lora_a.grad = lora_b.grad = None
+                fn().backward(upstream)
+            return run
+
+        ours = step(lambda: lora.FusedLoRALinearFunction.apply(x, x, weight, None, lora_a, lora_b, 2.0, True))
+        unfused = step(lambda: lora_linear_reference(x, weight, lora_a, lora_b, 2.0))
+        base = step(lambda: torch.nn.functional.linear(x, weight))
+        t = {name: _time_ms(fn, device) for name, fn in (("ours", ours), ("unfused", unfused), ("base", base))}
+        rows.append({"timing": f"LoRA fwd+bwd {tokens}x{in_features}->{out_features} r16 bf16", "ours_ms": t["ours"],
+                     "unfused_ms": t["unfused"], "base_ms": t["base"], "x_base": t["ours"] / t["base"],
+                     "x_unfused": t["ours"] / t["unfused"]})
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: run with --device cpu for the interpreted dry run", file=sys.stderr)
+        return 2
+    info = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu (Triton interpreted)",
+            "torch": torch.__version__, "quick": args.quick}
+    rows = []
+    for check in (check_logprobs, check_losses, check_lora, check_nf4_merge):
+        t = time.perf_counter()
+        try:
+            found = check(args.device, args.quick)
+        except Exception as err:  # a crash in one family is reported as its failure, and the others still run
+            found = [{"check": check.__name__, "ok": False, "error": f"{type(err).__name__}: {err}"}]
+        rows += found
+        print(f"{check.__name__}: {sum(r['ok'] for r in found)}/{len(found)} ok in {time.perf_counter() - t:.1f} s",
+              file=sys.stderr, flush=True)
+    for r in rows:
+        if not r["ok"]:
+            print(f"FAILED {r['check']}: {r.get('error')} (torch's own error {r.get('torch_error')})", flush=True)
+    timed = timings(args.device, args.quick)
+    for r in timed:
+        print(json.dumps(r), flush=True)
+    failed = sum(not r["ok"] for r in rows)
+    print(f"{len(rows) - failed}/{len(rows)} checks ok on {info['device']}", flush=True)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
+            json.dump({"info": info, "checks": rows, "timings": timed}, f, indent=1)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
