@@ -319,31 +319,46 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: run with --device cpu for the interpreted dry run", file=sys.stderr)
         return 2
+    from pyprefopt import nf4
+
     info = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu (Triton interpreted)",
-            "torch": torch.__version__, "quick": args.quick}
-    rows = []
+            "torch": torch.__version__, "quick": args.quick,
+            # dequant_merge_nf4 on CUDA tensors runs the extension only if `pip install -e .` built it there.
+            "nf4_extension": (nf4._C_cuda if args.device == "cuda" else nf4._C) is not None}
+    report = {"info": info, "checks": [], "timings": []}
+
+    def save():
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
+                json.dump(report, f, indent=1)
+
+    # A crash in one family is reported as that family's failure and the rest still run: one device call has to
+    # bring back everything it can.
     for check in (check_logprobs, check_losses, check_lora, check_nf4_merge):
         t = time.perf_counter()
         try:
             found = check(args.device, args.quick)
-        except Exception as err:  # a crash in one family is reported as its failure, and the others still run
+        except Exception as err:
             found = [{"check": check.__name__, "ok": False, "error": f"{type(err).__name__}: {err}"}]
-        rows += found
+        report["checks"] += found
         print(f"{check.__name__}: {sum(r['ok'] for r in found)}/{len(found)} ok in {time.perf_counter() - t:.1f} s",
               file=sys.stderr, flush=True)
-    for r in rows:
+    save()
+    for r in report["checks"]:
         if not r["ok"]:
             print(f"FAILED {r['check']}: {r.get('error')} (torch's own error {r.get('torch_error')})", flush=True)
-    timed = timings(args.device, args.quick)
-    for r in timed:
+    try:
+        report["timings"] = timings(args.device, args.quick)
+    except Exception as err:
+        report["timings"] = [{"timing": "timings", "error": f"{type(err).__name__}: {err}"}]
+    for r in report["timings"]:
         print(json.dumps(r), flush=True)
-    failed = sum(not r["ok"] for r in rows)
-    print(f"{len(rows) - failed}/{len(rows)} checks ok on {info['device']}", flush=True)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
-            json.dump({"info": info, "checks": rows, "timings": timed}, f, indent=1)
-    return 1 if failed else 0
+    save()
+    failed = sum(not r["ok"] for r in report["checks"]) + sum("error" in r for r in report["timings"])
+    print(f"{len(report['checks']) - failed}/{len(report['checks'])} checks ok on {info['device']} (nf4 extension: "
+          f"{info['nf4_extension']})", flush=True)
+    return 1 if failed or not info["nf4_extension"] else 0
 
 
 if __name__ == "__main__":
