@@ -2,7 +2,7 @@
 for all tries together: one call of this script, then read its output).
 
     python bench/gpu_check.py --out "$OUT"                               # on the GPU machine
-    python bench/gpu_check.py --device cpu --quick                       # the same checks here, Triton interpreted
+    python bench/gpu_check.py --device cpu                               # the same checks here, Triton interpreted
 
 On the GPU machine (its image has torch, triton, transformers, peft, pybind11 and pytest; not bitsandbytes, TRL or
 Liger), first `pip install --no-deps --no-build-isolation -e .`, which builds `pyprefopt._C_cuda` with its nvcc.
@@ -14,13 +14,14 @@ tests' rule, `tests/tensor_asserts.py`), or bit-exact where the maths is exact:
 - `FusedLinearPreferenceLoss` (DPO, KTO) on CUDA tensors, frozen and trained head;
 - `FusedLoRALinearFunction` through the Triton kernels over a dense base (fp32, bf16) and an NF4 base (plain and
   double-quantised absmax), output and every gradient;
-- `dequant_merge_nf4` through the CUDA extension: bit-exact against the NF4 reference.
+- `dequant_merge_nf4` through the CUDA extension: the decode bit-exact against the NF4 reference, the merge
+  within one rounding of the output dtype at the size of its terms.
 Timings, median of `triton.testing.do_bench`: the fused head against the materialised-logits
 reference in the same dtype (and its peak memory), the LoRA layer against the frozen base linear and the
 unfused three-op LoRA. `--device cpu` runs the same code on CPU tensors with TRITON_INTERPRET=1 at small shapes
 (what CI does, so the script cannot rot before a GPU is lent); its timings mean nothing there.
 
-Exit status 1 if any check fails; `--out DIR` also writes gpu_check.json there.
+Exit status 1 if any check fails or the NF4 extension was not built; `--out DIR` also writes gpu_check.json there.
 """
 
 from __future__ import annotations
