@@ -57,17 +57,17 @@ def weight_grad_buffer(weight: torch.Tensor, only_if_free: bool = False) -> torc
     tensor. The storage lives as long as the weight: one weight-sized buffer stays allocated between steps.
     Other dtypes (their fp32 gradient is converted, then dropped) and devices get a fresh tensor each time.
 
-    `only_if_free`: None rather than a fresh buffer while the last one is still held (by a pending forward, or
-    as a gradient being accumulated), and for weights that are not fp32 CPU tensors. A forward pass takes the
-    buffer this way to keep logits in it until its backward, so it never holds a weight-sized buffer beyond the
-    one its backward would allocate anyway.
+    `only_if_free`: the storage handed out last time if it is free, else None (never a fresh tensor): none yet
+    (before the first backward), still held (by a pending forward, or as a gradient being accumulated), or not an
+    fp32 CPU weight. A forward pass takes the buffer this way to keep logits in it until its backward, so it
+    never allocates a weight-sized buffer itself, and a forward that is never differentiated keeps nothing alive.
     """
     if weight.dtype != torch.float32 or weight.device.type != "cpu":
         return None if only_if_free else torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
     held = _WEIGHT_GRAD_STORAGE.get(weight)
     if held is not None and held.nbytes() == 4 * weight.numel() and torch._C._storage_Use_Count(held._cdata) == 1:
         return torch.empty(0, dtype=torch.float32).set_(held, 0, weight.shape)
-    if held is not None and only_if_free:
+    if only_if_free:
         return None
     fresh = torch.empty(weight.shape, dtype=torch.float32)
     _WEIGHT_GRAD_STORAGE[weight] = fresh.untyped_storage()

@@ -74,7 +74,7 @@ def test_cpu_many_token_blocks_and_tiles(grads, monkeypatch):
 
 
 def count_recomputed_tiles(monkeypatch):
-    """Logits tiles computed by the CPU path's backward (after `forward_done` is called)."""
+    """The rows of every logits tile the CPU path computes, forward and backward alike (clear it in between)."""
     module = sys.modules["pyprefopt.fused_linear_logprobs"]
     calls = []
     real = module._logits_tile
@@ -92,6 +92,9 @@ def test_trained_head_keeps_the_first_tokens_logits_for_backward(tokens, recompu
     hidden, weight, bias, labels = make_inputs(1, tokens, 20, 1000, grads=("hidden", "weight", "bias"))
     labels[:] = torch.randint(0, 1000, labels.shape)
     calls = count_recomputed_tiles(monkeypatch)
+    # The first step allocates the weight gradient in backward (and recomputes); the next forward keeps logits in it.
+    fused_linear_logprobs(hidden, weight, labels, bias).sum().backward()
+    weight.grad = None
     out = fused_linear_logprobs(hidden, weight, labels, bias, temperature=0.7)
     calls.clear()
     upstream = torch.randn(out.shape)
@@ -108,6 +111,12 @@ def test_trained_head_keeps_logits_only_in_a_free_weight_gradient(monkeypatch):
     then held), so no second weight-sized buffer is taken; a retained graph's second backward recomputes."""
     hidden, weight, bias, labels = make_inputs(2, 5, 16, 300, grads=("hidden", "weight"))
     calls = count_recomputed_tiles(monkeypatch)
+    # Before any backward there is no buffer to keep logits in: the forward allocates none, backward recomputes.
+    out = fused_linear_logprobs(hidden, weight, labels, bias)
+    calls.clear()
+    out.sum().backward()
+    assert calls == [8] and weight in sys.modules["pyprefopt.fused_linear_logprobs"]._WEIGHT_GRAD_STORAGE
+    weight.grad = None
     first = fused_linear_logprobs(hidden, weight, labels, bias)
     second = fused_linear_logprobs(hidden * 2, weight, labels, bias)
     calls.clear()
