@@ -82,7 +82,8 @@ def check_logprobs(device, quick):
                 labels = torch.randint(0, vocab, (batch, seq), generator=g)
                 labels[0, : seq // 2] = -100
                 upstream = torch.randn(batch, seq, generator=g).to(device)
-                base = [t.to(device) for t in (hidden, weight, bias)]
+                # Rounded to the dtype first: ours, torch's same-dtype run and the fp64 truth see the same values.
+                base = [t.to(device).to(dtype) for t in (hidden, weight, bias)]
                 flags = (True, trained, trained)
                 y = labels.to(device)
 
@@ -174,14 +175,15 @@ def check_lora(device, quick):
              ("nf4", torch.bfloat16, False), ("nf4", torch.bfloat16, True)]
     for kind, dtype, nested in cases:
         g = torch.Generator().manual_seed(3)
-        x = torch.randn(tokens, in_features, generator=g).to(device)
-        lora_a = (torch.randn(r, in_features, generator=g) / in_features**0.5).to(device)
-        lora_b = (torch.randn(out_features, r, generator=g) / r**0.5).to(device)
-        bias = torch.randn(out_features, generator=g).to(device)
-        upstream = torch.randn(tokens, out_features, generator=g).to(device)
+        # Every input rounded to the dtype first: ours, torch's same-dtype run and the fp64 truth see the same values.
+        x = torch.randn(tokens, in_features, generator=g).to(device, dtype)
+        lora_a = (torch.randn(r, in_features, generator=g) / in_features**0.5).to(device, dtype)
+        lora_b = (torch.randn(out_features, r, generator=g) / r**0.5).to(device, dtype)
+        bias = torch.randn(out_features, generator=g).to(device, dtype)
+        upstream = torch.randn(tokens, out_features, generator=g).to(device, dtype)
         if kind == "dense":
-            dense = (torch.randn(out_features, in_features, generator=g) / in_features**0.5).to(device)
-            base = dense.to(dtype)
+            base = (torch.randn(out_features, in_features, generator=g) / in_features**0.5).to(device, dtype)
+            dense = base.float()
         else:
             base = random_nf4(out_features, in_features, nested, device)
             w = base
