@@ -313,11 +313,9 @@ def cpu_backward(grad_logp, hidden, weight, bias, labels, lse, inv_t, need_hidde
     dev = hidden.device
     grad_hidden = torch.zeros(n, width, dtype=torch.float32, device=dev) if need_hidden else None
     n_kept = 0 if kept is None else kept[1].shape[1]
-    # The first tokens write every row of the weight gradient (`write_weight_grad`): no zero-fill.
-    if n_kept:
-        grad_weight = kept[0] if need_weight else None
-    else:
-        grad_weight = weight_grad_buffer(weight) if need_weight else None
+    # The first tokens write every row of the weight gradient (`write_weight_grad`): no zero-fill. Kept logits
+    # already live in its buffer.
+    grad_weight = (kept[0] if n_kept else weight_grad_buffer(weight)) if need_weight else None
     if grad_weight is not None and n == 0:
         grad_weight.zero_()
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_bias else None
@@ -382,8 +380,8 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
             kept_max = None
         else:
             # A trained head keeps the first H tokens' logits in its weight gradient's buffer, where backward would
-            # write their gradient anyway: up to H tokens cost 3 GEMMs, not 4. Only a buffer that costs no memory
-            # beyond the backward's own (see `weight_grad_buffer`).
+            # write their gradient anyway: up to H tokens cost 3 GEMMs, not 4. Only the buffer the last backward
+            # left free: the forward never allocates one (see `weight_grad_buffer`).
             store = weight_grad_buffer(weight, only_if_free=True) if grad_enabled and need_weight else None
             logp, lse, factor, stats, kept_max = cpu_forward(
                 hidden, weight, bias, labels, inv_t, factorised, statistics, logits_store=store
