@@ -68,28 +68,38 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # `kernels/` holds the Triton kernels; it is installed as `pyprefopt.kernels` because a top-level
-    # `kernels` package would clash with an unrelated PyPI project.
+    # `kernels/` holds the Triton kernels and is installed as `pyprefopt.kernels` (through the symlink
+    # pyprefopt/kernels -> ../kernels). It has no __init__.py on purpose: Python run from the repository root
+    # puts the root first on sys.path, and a regular `kernels` package there would shadow Hugging Face's
+    # `kernels`, which transformers imports; a directory without __init__.py is only a namespace portion, which
+    # any installed package of that name takes precedence over. (A package_dir mapping instead of the symlink
+    # would need that __init__.py: setuptools' editable finder requires one for a remapped subpackage.)
     packages=["pyprefopt", "pyprefopt.kernels"],
-    package_dir={"pyprefopt": "pyprefopt", "pyprefopt.kernels": "kernels"},
     # The embedded default data `python -m pyprefopt.train` trains on.
     package_data={"pyprefopt": ["data/*/*.jsonl", "data/README.md"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtWithCuda},
+    # Ranges, not pins (constraints.txt holds the exact versions CI passed with). Upper bounds where our code
+    # reaches past a project's stable API: Triton's language (the kernels), transformers' attention and mask
+    # interfaces (the packed CPU forward), a private bitsandbytes helper (its CPU weight repacking), PEFT's
+    # adapter format (what we write), and TRL's trainer internals (pyprefopt.drop_in replaces functions inside
+    # them: exactly the releases tested; drop_in reads this range from the installed metadata).
     install_requires=[
         "torch>=2.4",
-        "triton>=3.1; platform_system == 'Linux'",
-        "transformers>=5.0",
-        "peft>=0.13",
-        "bitsandbytes>=0.45",
+        "triton>=3.1,<4; platform_system == 'Linux'",
+        "transformers>=5.0,<6",
+        "peft>=0.13,<1",
+        "bitsandbytes>=0.45,<0.51",
         "safetensors>=0.4",
         "tqdm>=4.60",
         "datasets>=2.19",
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4"],
+        # pybind11: tests/test_dequant_merge_nf4.py builds a C++ harness against it. kernels: Hugging Face's
+        # package, which transformers imports and tests/test_readme.py runs the main command beside.
+        "test": ["pytest>=8", "pytest-benchmark>=4", "pybind11>=2.12", "kernels>=0.10"],
         # Peers our tests use as oracles and our benches measure against.
-        "peers": ["trl>=1.16,<2", "liger-kernel>=0.8"],
+        "peers": ["trl>=1.16,<1.17", "liger-kernel>=0.8,<0.9"],
     },
 )

@@ -27,16 +27,17 @@ from __future__ import annotations
 import functools
 import importlib
 import types
+import importlib.metadata
 from dataclasses import dataclass
 
 import torch
 import transformers
+from packaging.requirements import Requirement
 from packaging.version import Version
 from transformers.utils import ModelOutput
 
 from pyprefopt.fused_linear_logprobs import STATISTICS, fused_linear_logprobs
 
-TRL_VERSIONS = (Version("1.16"), Version("2"))  # [min, max)
 TRANSFORMERS_MIN = Version("5.0")
 HEAD_OUTPUTS = ("log_probs", *STATISTICS)
 # The TRL trainer modules whose fused head patch_trl replaces (GRPO/RLOO use the entropy with gradient).
@@ -51,12 +52,22 @@ def _check_transformers():
         raise RuntimeError(f"pyprefopt.drop_in needs transformers >= {TRANSFORMERS_MIN}, found {transformers.__version__}")
 
 
+def supported_trl_versions():
+    """The TRL releases patch_trl supports: those the `peers` extra in setup.py admits, the one place they are
+    written. patch_trl replaces functions inside TRL's trainer modules, which change from release to release."""
+    for line in importlib.metadata.requires("pyprefopt") or ():
+        requirement = Requirement(line)
+        if requirement.name == "trl":
+            return requirement.specifier
+    raise RuntimeError("pyprefopt's installed metadata names no TRL requirement: reinstall pyprefopt")
+
+
 def _check_trl():
     import trl
 
-    low, high = TRL_VERSIONS
-    if not low <= Version(trl.__version__) < high:
-        raise RuntimeError(f"pyprefopt.drop_in.patch_trl supports TRL >= {low}, < {high}; found {trl.__version__}")
+    supported = supported_trl_versions()
+    if not supported.contains(trl.__version__, prereleases=True):
+        raise RuntimeError(f"pyprefopt.drop_in.patch_trl supports TRL {supported}; found {trl.__version__}")
     _check_transformers()
 
 

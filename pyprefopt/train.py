@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import platform
@@ -432,6 +433,17 @@ def evaluate(model, data, reference, args, pad_id, device, rank, world) -> dict:
     return out
 
 
+def eval_summary(evaluations: list[dict]) -> str:
+    """One line for the terminal: the held-out metrics that say whether training worked, first and last."""
+    first, last = evaluations[0], evaluations[-1]
+    names = [n for n in ("loss", "perplexity", "rewards/accuracies", "rewards/margins", "kl") if f"eval_{n}" in last]
+    def fmt(value):
+        return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3f}"
+
+    moves = ", ".join(f"{n} {fmt(first[f'eval_{n}'])} -> {fmt(last[f'eval_{n}'])}" for n in names)
+    return f"held-out eval, step {first['step']} -> {last['step']}: {moves}"
+
+
 def metric_names(method) -> list[str]:
     """The per-step metrics logged for a method, in a fixed order (the all-reduce needs one)."""
     if method == "sft":
@@ -637,7 +649,17 @@ def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict]:
 # ---------------------------------------------------------------------------------------- main
 
 
+def _drop_bitsandbytes_hub_kernel_notice():
+    """bitsandbytes (imported by peft, which transformers' trainer utilities import) tries, on a CPU with
+    AVX512-BF16, to fetch an optional CPU 4-bit GEMM kernel from the Hugging Face hub, and logs a warning when it
+    cannot (offline, or the publisher's trust cannot be verified); it then uses the kernel it ships. Nothing a user
+    can or needs to act on, so that one message is dropped; bitsandbytes' other warnings still show."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community"))
+
+
 def main(argv=None) -> int:
+    _drop_bitsandbytes_hub_kernel_notice()
     args = parse_args(argv)
     rank, world, device = setup_distributed()
     try:
@@ -874,6 +896,7 @@ def train(args, rank, world, device) -> int:
     }
     # Last: a README.md in the output directory means the run completed.
     model_card.write(output_dir, args, summary, all_records)
+    log(rank, eval_summary(summary["evaluations"]))
     log(rank, f"done: {output_dir} ({summary['wall_seconds']:.1f} s, "
         f"{summary['tokens_per_second']:.0f} tokens/s over {total_steps - start_step} steps)")
     return 0

@@ -32,9 +32,9 @@ SHAPES = [(1, 1), (3, 47), (33, 65), (127, 129), (37, 40), (5, 96), (64, 256), (
 @pytest.fixture(scope="module", autouse=True)
 def _eager_bitsandbytes():
     """bitsandbytes wraps its portable kernels in torch.compile; eager gives the same values without a compile
-    per shape."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch._dynamo.config, "disable", True)
+    per shape. torch's own patch, not pytest's monkeypatch: torch keeps its config outside the module __dict__, so
+    pytest (>= 9.1) undoes a setattr there with a delattr, which hides the option from dynamo itself."""
+    with torch._dynamo.config.patch(disable=True):
         yield
 
 

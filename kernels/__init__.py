@@ -1,1 +1,0 @@
-"""Triton kernels of pyprefopt, installed as `pyprefopt.kernels`. Importing this package imports triton."""
