@@ -18,10 +18,11 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from pyprefopt.files import staging_dir
 
 # Bump when the recipe below changes: the cache key includes it, so an old cached model is never reused.
 RECIPE_VERSION = 1
@@ -110,7 +111,7 @@ def default_model_path(texts: list[str]) -> Path:
     if (path / "config.json").exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    staging = staging_dir(path.parent, path.name)
     try:
         tokenizer = build_tokenizer(texts)
         model = build_model(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)

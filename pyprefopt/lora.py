@@ -32,14 +32,15 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
 from pyprefopt import cpu_linear
+from pyprefopt.files import staging_dir
 from pyprefopt.nf4 import lora_scale
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -430,7 +431,7 @@ def save_lora_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     directory = os.path.abspath(os.fspath(directory))
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
+    staging = str(staging_dir(Path(parent), os.path.basename(directory)))
     try:
         save_file(_adapter_state_dict(model, config.bias), os.path.join(staging, ADAPTER_WEIGHTS),
                   metadata={"format": "pt"})
@@ -438,7 +439,7 @@ def save_lora_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
             json.dump(config.to_peft_dict(), f, indent=2, sort_keys=True)
         if os.path.exists(directory):
             # A directory cannot be renamed over a non-empty one: move the old one aside first.
-            retired = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old-", dir=parent)
+            retired = str(staging_dir(Path(parent), "retired"))
             os.rename(directory, os.path.join(retired, "adapter"))
             os.rename(staging, directory)
             shutil.rmtree(retired)

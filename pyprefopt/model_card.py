@@ -7,9 +7,9 @@ the lines of metrics.jsonl. Plots need matplotlib; without it the card says that
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
+
+from pyprefopt.files import atomic_write, atomic_write_text
 
 METHOD_NAMES = {
     "sft": "supervised fine-tuning (SFT)",
@@ -22,18 +22,6 @@ HYPERPARAMETERS = ("method", "max_steps", "epochs", "batch_size", "grad_accum", 
                    "weight_decay", "max_grad_norm", "optim", "beta", "cpo_alpha", "desirable_weight",
                    "undesirable_weight", "max_length", "seed", "lora_r", "lora_alpha", "lora_dropout",
                    "target_modules", "load_in_4bit", "full", "gradient_checkpointing")
-
-
-def _atomic_write(path: Path, write):
-    """Call write(temp_path), then rename the temporary file onto `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _fmt(value) -> str:
@@ -87,7 +75,7 @@ def plot(output_dir: Path, method: str, records: list[dict]) -> list[str]:
 
     for file_name, fig in figures:
         fig.tight_layout()
-        _atomic_write(output_dir / file_name, lambda tmp, fig=fig: fig.savefig(tmp, dpi=100, format="png"))
+        atomic_write(output_dir / file_name, lambda tmp, fig=fig: fig.savefig(tmp, dpi=100, format="png"))
         plt.close(fig)
     return [file_name for file_name, _ in figures]
 
@@ -186,9 +174,4 @@ def write(output_dir: Path, args, summary: dict, records: list[dict]):
     else:
         plots, note = plot(output_dir, summary["method"], records), None
     text = render(args, summary, plots, note)
-
-    def write_text(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    _atomic_write(output_dir / "README.md", write_text)
+    atomic_write_text(output_dir / "README.md", text)

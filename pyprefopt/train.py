@@ -30,6 +30,7 @@ token mean, as TRL's, so it matches only approximately).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import math
@@ -37,8 +38,10 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,6 +51,7 @@ import torch.distributed as dist
 
 from pyprefopt import data as D
 from pyprefopt import losses
+from pyprefopt.files import atomic_write, atomic_write_text, remove_stale_staging, staging_dir
 from pyprefopt.fused_linear_preference_loss import FusedLinearPreferenceLoss
 
 DEFAULT_TARGET_MODULES = "all-linear"
@@ -76,8 +80,20 @@ class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """A bad option is one `error: ...` line and exit status 2 (argparse's own prints the whole usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (`{self.prog} --help` lists every option)\n")
+
+
+class RunError(Exception):
+    """A problem the user can fix (an option, a file, the output directory): main() prints `error: <message>` and
+    exits with status 2, having written nothing that a corrected rerun would trip over."""
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = _ArgumentParser(
         prog="python -m pyprefopt.train",
         description="Fine-tune a causal LM with SFT, DPO, IPO, CPO or KTO (LoRA by default). With no --model "
         "and no --data it trains the embedded default: a tiny Qwen3 built offline and the bundled data.",
@@ -129,9 +145,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--merge", action="store_true",
                    help="also write the base merged with the adapter (bf16) to <output-dir>/merged")
     args = p.parse_args(argv)
-    for name in ("batch_size", "eval_batch_size", "grad_accum", "max_length", "lora_r"):
+    for name in ("batch_size", "eval_batch_size", "grad_accum", "lora_r"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_length < 2:
+        p.error("--max-length must be at least 2 (a prompt token and a completion token)")
+    # Every value is checked here, before anything is read or written, so a typo never leaves a half-made run.
+    if args.method != "sft" and not (args.beta > 0 and math.isfinite(args.beta)):
+        p.error(f"--beta must be a finite number > 0 for {args.method}, got {args.beta}")
+    for name in ("cpo_alpha", "weight_decay", "max_grad_norm"):
+        value = getattr(args, name)
+        if not (value >= 0 and math.isfinite(value)):
+            p.error(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    for name in ("desirable_weight", "undesirable_weight", "lora_alpha"):
+        value = getattr(args, name)
+        if not (value > 0 and math.isfinite(value)):
+            p.error(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
+    if not 0 <= args.lora_dropout < 1:
+        p.error(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
     for name in ("eval_every", "save_every", "save_total_limit"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0")
@@ -139,8 +170,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--max-steps must be at least 1")
     if not args.epochs > 0:
         p.error("--epochs must be > 0")
-    if not args.lr > 0:
-        p.error("--lr must be > 0")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        p.error(f"--lr must be a finite number > 0, got {args.lr}")
     if not 0 <= args.warmup_ratio < 1:
         p.error("--warmup-ratio must be in [0, 1)")
     if args.full and args.load_in_4bit:
@@ -539,69 +570,128 @@ def _unflatten_optimizer_state(tensors, plain):
     return {"state": {int(k): v for k, v in state.get("state", {}).items()}, "param_groups": state["param_groups"]}
 
 
-def _atomic_write_text(path: Path, text: str):
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(output_dir: Path, step, model, optimizer, scheduler, keep: int, data_position: dict):
     """checkpoints/step-<N>/: trainable weights, optimizer state and RNG in safetensors, the rest in JSON (the
-    scheduler, and the data position: the epoch's seeded order is rebuilt from it); written to a temporary
-    directory and renamed into place, then the oldest beyond `keep` removed."""
+    scheduler, and the data position: the epoch's seeded order is rebuilt from it); written to a staging
+    directory and renamed into place, then the oldest beyond `keep` removed. `optimizer=None` for the final
+    step's checkpoint: nothing will step again, and it keeps the trained weights safe while the outputs are
+    written (a resume from it only writes them)."""
     from safetensors.torch import save_file
 
     root = output_dir / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    staging = Path(tempfile.mkdtemp(prefix=".step-tmp-", dir=root))
-    save_file({k: v.detach().cpu().contiguous() for k, v in trainable_parameters(model).items()},
-              staging / "trainable.safetensors")
-    opt_tensors, opt_plain = _flatten_state(optimizer.state_dict())
-    save_file(opt_tensors, staging / "optimizer.safetensors")
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, staging / "rng.safetensors")
-    state = {"step": step, "data_position": data_position, "optimizer": opt_plain, "scheduler": scheduler.state_dict()}
-    (staging / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
-    os.rename(staging, final)
+    staging = staging_dir(root, "step")
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainable_parameters(model).items()},
+                  staging / "trainable.safetensors")
+        opt_plain = None
+        if optimizer is not None:
+            opt_tensors, opt_plain = _flatten_state(optimizer.state_dict())
+            save_file(opt_tensors, staging / "optimizer.safetensors")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_file(rng, staging / "rng.safetensors")
+        state = {"step": step, "data_position": data_position, "optimizer": opt_plain,
+                 "scheduler": scheduler.state_dict()}
+        (staging / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(staging, final)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
     for old in sorted(root.glob("step-*"))[:-keep] if keep else []:
         shutil.rmtree(old)
     return final
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    found = sorted((output_dir / CHECKPOINTS).glob("step-*"))
-    return found[-1] if found else None
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler, device, global_batch) -> int:
-    """Restore a checkpoint written by save_checkpoint; returns its step. Nothing is unpickled."""
+def read_reference(path: Path, device, rank) -> dict | None:
+    """The cached reference log-probs, or None (recomputed then) when the file is missing or damaged."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        saved = load_file(path, device=str(device))
+    except (OSError, SafetensorError) as e:
+        if path.exists():
+            log(rank, f"recomputing the reference log-probs: {path} is damaged ({e})")
+        return None
+    return saved if {"train", "eval"} <= set(saved) else None
+
+
+def checkpoints_newest_first(output_dir: Path) -> list[Path]:
+    return sorted((output_dir / CHECKPOINTS).glob("step-*"), reverse=True)
+
+
+def read_checkpoint(path: Path, device) -> dict:
+    """Every file of a checkpoint read and parsed, nothing applied yet: a damaged one (a truncated file, say) is
+    found before it has changed the model. Raises RunError naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    current = path / "state.json"
+    try:
+        state = json.loads(current.read_text(encoding="utf-8"))
+        current = path / "trainable.safetensors"
+        state["trainable"] = load_file(current)
+        if state["optimizer"] is not None:
+            current = path / "optimizer.safetensors"
+            state["optimizer_tensors"] = load_file(current, device=str(device))
+        current = path / "rng.safetensors"
+        state["rng"] = load_file(current)
+    except (OSError, ValueError, SafetensorError) as e:
+        raise RunError(f"{current} is damaged or missing ({type(e).__name__}: {e})") from e
+    fields = {"step": int, "data_position": dict, "optimizer": (dict, type(None)), "scheduler": dict}
+    if any(not isinstance(state.get(key), kind) for key, kind in fields.items()) or \
+            "examples_per_step" not in state["data_position"]:
+        raise RunError(f"{path / 'state.json'} is damaged: it lacks one of {sorted(fields)}")
+    return state
+
+
+def apply_checkpoint(path: Path, state: dict, model, optimizer, scheduler, global_batch, total_steps) -> int:
+    """Restore what read_checkpoint read; returns the checkpoint's step. Nothing is unpickled."""
     params = trainable_parameters(model)
-    saved = load_file(path / "trainable.safetensors")
+    saved = state["trainable"]
     if set(saved) != set(params):
-        raise ValueError(f"{path}: its trainable tensors do not match this model's "
-                         f"(missing {sorted(set(params) - set(saved))[:3]}, extra {sorted(set(saved) - set(params))[:3]})")
+        raise RunError(f"{path}: its trainable tensors do not match this model's "
+                       f"(missing {sorted(set(params) - set(saved))[:3]}, extra {sorted(set(saved) - set(params))[:3]})")
+    if state["data_position"]["examples_per_step"] != global_batch:
+        raise RunError(f"{path} was written with {state['data_position']['examples_per_step']} examples per step, "
+                       f"this run takes {global_batch} (batch size x accumulation x processes): resume with the "
+                       "same global batch")
+    if state["optimizer"] is None and state["step"] != total_steps:
+        raise RunError(f"{path} is the final checkpoint of a {state['step']}-step run; this run has {total_steps} "
+                       "steps")
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(saved[name])
-    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    if state["data_position"]["examples_per_step"] != global_batch:
-        raise SystemExit(f"{path} was written with {state['data_position']['examples_per_step']} examples per step, "
-                         f"this run takes {global_batch} (batch size x accumulation x processes): resume with the "
-                         "same global batch")
-    optimizer.load_state_dict(_unflatten_optimizer_state(load_file(path / "optimizer.safetensors",
-                                                                   device=str(device)), state["optimizer"]))
+    if state["optimizer"] is not None:
+        optimizer.load_state_dict(_unflatten_optimizer_state(state["optimizer_tensors"], state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
-    rng = load_file(path / "rng.safetensors")
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng:
-        torch.cuda.set_rng_state(rng["cuda"])
+    torch.set_rng_state(state["rng"]["cpu"])
+    if "cuda" in state["rng"]:
+        torch.cuda.set_rng_state(state["rng"]["cuda"])
     return state["step"]
+
+
+def resume_from_checkpoint(output_dir: Path, model, optimizer, scheduler, device, global_batch, total_steps,
+                           rank) -> tuple[int, Path | None]:
+    """(step, checkpoint) of the newest intact checkpoint, (0, None) when there is none; a damaged one is
+    reported and the one before it tried."""
+    damaged = []
+    for path in checkpoints_newest_first(output_dir):
+        try:
+            state = read_checkpoint(path, device)
+        except RunError as e:
+            log(rank, f"skipping checkpoint {path.name}: {e}")
+            damaged.append(str(e))
+            continue
+        return apply_checkpoint(path, state, model, optimizer, scheduler, global_batch, total_steps), path
+    if damaged:
+        raise RunError(f"no intact checkpoint in {output_dir / CHECKPOINTS}: {'; '.join(damaged)}. Delete the "
+                       "damaged ones to restart from step 0, or rerun without --resume in a new --output-dir")
+    return 0, None
 
 
 # --------------------------------------------------------------------------------------- output
@@ -612,7 +702,7 @@ def save_outputs(output_dir: Path, model, tokenizer, full: bool):
     staging directory and renamed into output_dir."""
     from pyprefopt.lora import save_lora_adapter
 
-    staging = Path(tempfile.mkdtemp(prefix=".output-tmp-", dir=output_dir))
+    staging = staging_dir(output_dir, "output")
     try:
         if full:
             model.save_pretrained(staging)
@@ -628,6 +718,35 @@ def save_outputs(output_dir: Path, model, tokenizer, full: bool):
         shutil.rmtree(staging)
 
 
+def check_output_dir(output_dir: Path, args):
+    """Refuse an output directory this run may not write to, before anything is read or written."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise RunError(f"--output-dir {output_dir} is a file, not a directory")
+    has_content = output_dir.is_dir() and any(output_dir.iterdir())
+    if has_content and not args.resume:
+        raise RunError(f"--output-dir {output_dir} is not empty: pass --resume to continue the run there, or "
+                       "name another --output-dir")
+    if has_content and not (output_dir / RUN_ARGS_FILE).is_file():
+        raise RunError(f"--resume: {output_dir} is not a pyprefopt run (it has no {RUN_ARGS_FILE}), so nothing "
+                       "there was touched: name the run's directory, or a new --output-dir")
+    if args.resume and (output_dir / RUN_ARGS_FILE).is_file():
+        check_resume_args(output_dir, args)
+
+
+def make_output_dir(output_dir: Path, rank):
+    """The output directory, created and shown writable, cleared of what a killed earlier run left half-written."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for directory in (output_dir, output_dir / CHECKPOINTS):
+            for path in remove_stale_staging(directory):
+                log(rank, f"removed {path}, left half-written by an interrupted run")
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as e:
+        raise RunError(f"--output-dir {output_dir}: cannot write there ({e.strerror}); name a writable "
+                       "directory") from e
+
+
 def check_resume_args(output_dir: Path, args):
     path = output_dir / RUN_ARGS_FILE
     saved = json.loads(path.read_text(encoding="utf-8"))
@@ -635,7 +754,7 @@ def check_resume_args(output_dir: Path, args):
     changed = {k: (saved.get(k), v) for k, v in current.items()
                if k not in RESUMABLE_CHANGES and saved.get(k) != v}
     if changed:
-        raise SystemExit(f"--resume with different options than the run in {output_dir}: "
+        raise RunError(f"--resume with different options than the run in {output_dir}: "
                          + ", ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}" for k, (a, b) in changed.items()))
 
 
@@ -664,11 +783,50 @@ def main(argv=None) -> int:
     rank, world, device = setup_distributed()
     try:
         return train(args, rank, world, device)
-    except D.DataError as e:
-        raise SystemExit(f"error: {e}") from e
+    except (D.DataError, RunError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print(f"error: interrupted before the first step or while writing the outputs; what was written is "
+              f"complete. `--resume --output-dir {args.output_dir}` continues from the last checkpoint, if any",
+              file=sys.stderr, flush=True)
+        return 130
+    except OSError as e:
+        # Writes stage and rename, so a failed one leaves the files as they were before it.
+        hint = {errno.ENOSPC: "free some space there, then rerun the same command with --resume (the checkpoints "
+                              "already written are intact)",
+                errno.EDQUOT: "free some of your quota, then rerun the same command with --resume",
+                errno.EROFS: "name a writable --output-dir",
+                errno.EACCES: "check the permissions, or name another path"}.get(e.errno, "")
+        print(f"error: {e.strerror}: {e.filename}" + (f"; {hint}" if hint else ""), file=sys.stderr, flush=True)
+        return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+class StopAtStepBoundary:
+    """While training, SIGINT (Ctrl-C) and SIGTERM ask the loop to stop after the current step, which then saves a
+    checkpoint: stopping mid-step would leave the weights half-updated. A second signal stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        # Handlers can only be set from the main thread; elsewhere signals keep their usual effect.
+        on_main_thread = threading.current_thread() is threading.main_thread()
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS} if on_main_thread else {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: stopping after this step to save a checkpoint (a second one stops "
+              "at once, without saving)", file=sys.stderr, flush=True)
+
+    def restore(self):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 def log(rank, message):
@@ -684,12 +842,8 @@ def train(args, rank, world, device) -> int:
     hf_logging.disable_progress_bar()
     started = time.perf_counter()
     output_dir = Path(args.output_dir)
-    checkpoint = latest_checkpoint(output_dir) if args.resume else None
-    if output_dir.exists() and any(output_dir.iterdir()) and not args.resume:
-        raise SystemExit(f"{output_dir} is not empty: pass --resume to continue the run there, or another "
-                         "--output-dir")
-    if args.resume and (output_dir / RUN_ARGS_FILE).exists():
-        check_resume_args(output_dir, args)
+    check_output_dir(output_dir, args)
+    resuming = args.resume and bool(checkpoints_newest_first(output_dir))
     if world > 1:
         # Every process has looked at output_dir before rank 0 may create anything in it.
         dist.barrier()
@@ -698,7 +852,7 @@ def train(args, rank, world, device) -> int:
     # KTO's KL completions rotate within chunks of the global micro-batch (TRL's rule; see pyprefopt.data).
     kl_chunk = args.batch_size * world
     if args.method == "kto" and kl_chunk < 2:
-        raise SystemExit("kto needs a global micro-batch (--batch-size x processes) of at least 2: its KL "
+        raise RunError("kto needs a global micro-batch (--batch-size x processes) of at least 2: its KL "
                          "completions rotate within it, so with one example each would be paired with its own "
                          "completion (TRL's KTOTrainer likewise refuses a batch size of 1)")
     train_rows, eval_rows, data_source = D.load_splits(args.data, args.method, args.eval_data, args.seed)
@@ -714,7 +868,7 @@ def train(args, rank, world, device) -> int:
     global_batch = args.batch_size * args.grad_accum * world
     steps_per_epoch = len(train_data) // global_batch
     if steps_per_epoch == 0:
-        raise SystemExit(f"{len(train_data)} training examples are fewer than one global batch of {global_batch} "
+        raise RunError(f"{len(train_data)} training examples are fewer than one global batch of {global_batch} "
                          f"(--batch-size {args.batch_size} x --grad-accum {args.grad_accum} x {world} processes)")
     total_steps = args.max_steps or max(1, math.floor(args.epochs * steps_per_epoch))
     for name, split in (("train", train_data), ("eval", eval_data)):
@@ -739,16 +893,19 @@ def train(args, rank, world, device) -> int:
     scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=round(args.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
 
+    if rank == 0:
+        make_output_dir(output_dir, rank)
+
     # 4. reference log-probs: once per example, before any update, kept beside the checkpoints
     reference_path = output_dir / CHECKPOINTS / REFERENCE_FILE
     needs_reference = args.method in losses.REFERENCE_METHODS or args.method == "kto"
     reference_seconds = 0.0
-    train_reference = eval_reference = None
+    train_reference = eval_reference = saved = None
     if needs_reference:
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import save_file
 
-        if checkpoint is not None:
-            saved = load_file(reference_path, device=str(device))
+        saved = read_reference(reference_path, device, rank) if resuming else None
+        if saved is not None:
             train_reference, eval_reference = saved["train"], saved["eval"]
         else:
             t0 = time.perf_counter()
@@ -759,24 +916,23 @@ def train(args, rank, world, device) -> int:
                                                        rank, world)
             reference_seconds = time.perf_counter() - t0
     if rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / CHECKPOINTS).mkdir(exist_ok=True)
         if not (output_dir / RUN_ARGS_FILE).exists():
-            _atomic_write_text(output_dir / RUN_ARGS_FILE, json.dumps(vars(args), indent=1))
-        if needs_reference and checkpoint is None:
-            fd, tmp = tempfile.mkstemp(prefix=".ref-tmp-", dir=output_dir / CHECKPOINTS)
-            os.close(fd)
-            save_file({"train": train_reference.cpu(), "eval": eval_reference.cpu()}, tmp)
-            os.replace(tmp, reference_path)
+            atomic_write_text(output_dir / RUN_ARGS_FILE, json.dumps(vars(args), indent=1))
+        if needs_reference and saved is None:
+            atomic_write(reference_path, lambda tmp: save_file({"train": train_reference.cpu(),
+                                                                 "eval": eval_reference.cpu()}, tmp))
 
-    start_step = 0
+    start_step, checkpoint = 0, None
     metrics_path = output_dir / METRICS_FILE
+    if resuming:
+        start_step, checkpoint = resume_from_checkpoint(output_dir, model, optimizer, scheduler, device,
+                                                        global_batch, total_steps, rank)
     if checkpoint is not None:
-        start_step = load_checkpoint(checkpoint, model, optimizer, scheduler, device, global_batch)
         log(rank, f"resuming from {checkpoint} (step {start_step} of {total_steps})")
         if rank == 0:
             kept = read_metrics(metrics_path, start_step)
-            _atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+            atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
     elif rank == 0 and metrics_path.exists():
         metrics_path.unlink()
 
@@ -790,7 +946,8 @@ def train(args, rank, world, device) -> int:
     model.train()
     bar = tqdm(total=total_steps, initial=start_step, disable=rank != 0, desc=f"{args.method}", unit="step")
     train_seconds, train_tokens = 0.0, 0
-    record = {}
+    stopped_at = None
+    stop = StopAtStepBoundary()
     try:
         for step in range(start_step, total_steps):
             t0 = time.perf_counter()
@@ -803,8 +960,8 @@ def train(args, rank, world, device) -> int:
                                   dtype=torch.float64, device=device)
             all_reduce_sum(counts)
             global_items, global_tokens = counts.tolist()
-            # [loss, then per metric: weighted sum and weight]
-            sums = torch.zeros(1 + 2 * len(names), dtype=torch.float64, device=device)
+            # [loss, per metric: weighted sum and weight, then whether any process was asked to stop]
+            sums = torch.zeros(2 + 2 * len(names), dtype=torch.float64, device=device)
             for batch in micro_batches:
                 loss, metrics = micro_batch_loss(model, loss_fn, batch, train_reference, args, device)
                 share = batch["items"] / global_items
@@ -829,6 +986,7 @@ def train(args, rank, world, device) -> int:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            sums[-1] = float(stop.requested)
             all_reduce_sum(sums)
             elapsed = time.perf_counter() - t0
             train_seconds += elapsed
@@ -844,23 +1002,34 @@ def train(args, rank, world, device) -> int:
                           tokens_per_second=global_tokens / elapsed, num_tokens=int(global_tokens),
                           step_seconds=elapsed, peak_memory_mib=peak_memory_mib(device))
             if not math.isfinite(record["loss"]):
-                raise FloatingPointError(f"step {step + 1}: the loss is {record['loss']}; lower --lr or check the data")
+                raise RunError(f"step {step + 1}: the loss is {record['loss']}; lower --lr or check the data")
             done = step + 1
             if (args.eval_every and done % args.eval_every == 0) or done == total_steps:
                 record.update(evaluate(model, eval_data, eval_reference, args, pad_id, device, rank, world))
             if metrics_file:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
-            if args.save_every and done % args.save_every == 0 and done < total_steps and rank == 0:
+            stopping = sums[-1].item() > 0
+            if rank == 0 and (stopping or done == total_steps or (args.save_every and done % args.save_every == 0)):
                 position = {"epoch": done // steps_per_epoch, "batch_in_epoch": done % steps_per_epoch,
                             "examples_per_step": global_batch, "seed": args.seed}
-                save_checkpoint(output_dir, done, model, optimizer, scheduler, args.save_total_limit, position)
+                save_checkpoint(output_dir, done, model, None if done == total_steps else optimizer, scheduler,
+                                args.save_total_limit, position)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_second']:.0f}")
             bar.update(1)
+            if stopping and done < total_steps:
+                stopped_at = done
+                break
     finally:
+        stop.restore()
         bar.close()
         if metrics_file:
             metrics_file.close()
+
+    if stopped_at is not None:
+        log(rank, f"stopped at step {stopped_at} of {total_steps}; its checkpoint is in {output_dir / CHECKPOINTS}: "
+            "rerun the same command with --resume to continue")
+        return 130
 
     # 6. outputs (rank 0 only)
     if rank != 0:
@@ -877,6 +1046,7 @@ def train(args, rank, world, device) -> int:
         # Without checkpoints the directory holds only the reference cache, which nothing reads any more.
         shutil.rmtree(output_dir / CHECKPOINTS)
     all_records = read_metrics(metrics_path)
+    last_train_record = next((r for r in reversed(all_records) if "loss" in r), {})
     summary = {
         "method": args.method, "base_model": base, "data": data_source, "steps": total_steps,
         "resumed_from_step": start_step or None,
@@ -887,7 +1057,8 @@ def train(args, rank, world, device) -> int:
         "reference_seconds": reference_seconds,
         "tokens_per_second": train_tokens / train_seconds if train_seconds else None,
         "peak_memory_mib": peak_memory_mib(device), "hardware": hardware_description(device, world),
-        "processes": world, "final": {k: v for k, v in record.items() if not k.startswith("eval_")},
+        "processes": world,
+        "final": {k: v for k, v in last_train_record.items() if not k.startswith("eval_")},
         "evaluations": [{"step": r["step"], **{k: v for k, v in r.items() if k.startswith("eval_")}}
                         for r in all_records if "eval_loss" in r],
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -897,8 +1068,8 @@ def train(args, rank, world, device) -> int:
     # Last: a README.md in the output directory means the run completed.
     model_card.write(output_dir, args, summary, all_records)
     log(rank, eval_summary(summary["evaluations"]))
-    log(rank, f"done: {output_dir} ({summary['wall_seconds']:.1f} s, "
-        f"{summary['tokens_per_second']:.0f} tokens/s over {total_steps - start_step} steps)")
+    speed = f", {summary['tokens_per_second']:.0f} tokens/s" if summary["tokens_per_second"] else ""
+    log(rank, f"done: {output_dir} ({summary['wall_seconds']:.1f} s{speed} over {total_steps - start_step} steps)")
     return 0
 
 

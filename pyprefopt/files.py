@@ -1,0 +1,60 @@
+"""Writing outputs all-or-nothing: everything is staged under a temporary name beside its destination and renamed
+into place, so a crash, a kill or a full disk never leaves a half-written file where a finished one belongs.
+
+Staged files and directories get the permissions an ordinary `open()` / `mkdir()` would give under the user's
+umask: `tempfile` creates them private (0600 / 0700), which, renamed into place, would make a run's outputs
+unreadable to a colleague or to a serving process under another user.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+# Every staging name starts with this, so a later start can tell our leftovers from anything else.
+STAGING_PREFIX = ".pyprefopt-tmp-"
+
+
+def _umask() -> int:
+    # Reading the umask means setting it; set it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def staging_dir(parent: Path, label: str) -> Path:
+    """A new, empty directory in `parent` (created if missing), with mkdir's permissions under the umask."""
+    parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{label}-", dir=parent))
+    path.chmod(0o777 & ~_umask())
+    return path
+
+
+def atomic_write(path: Path, write):
+    """Call write(temporary path) and rename the file it wrote onto `path`; on any failure nothing is left."""
+    fd, tmp = tempfile.mkstemp(prefix=f"{STAGING_PREFIX}{path.name}-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: Path, text: str):
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def remove_stale_staging(directory: Path) -> list[Path]:
+    """Delete what an earlier process killed mid-write left in `directory` (only our own staging names)."""
+    stale = sorted(directory.glob(f"{STAGING_PREFIX}*")) if directory.is_dir() else []
+    for path in stale:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return stale
