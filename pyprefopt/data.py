@@ -56,6 +56,29 @@ class DataError(ValueError):
     """Bad training data: the message names the file (or dataset), the row and the problem."""
 
 
+class Row(dict):
+    """A data row that remembers where it came from (`file:line` for JSON lines), so an error about it names that
+    place whatever split or shuffle it went through."""
+
+    def __init__(self, fields: dict, where: str):
+        super().__init__(fields)
+        self.where = where
+
+
+def _where(row: dict, source: str, number: int) -> str:
+    return row.where if isinstance(row, Row) else f"{source}: row {number}"
+
+
+def _decode(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {data[e.start:e.start + 1]!r} at offset {e.start}); "
+                        "save the file as UTF-8") from e
+
+
 # ------------------------------------------------------------------------------------------------ loading
 
 
@@ -64,19 +87,18 @@ def default_data_dir(method: str) -> Path:
     return PACKAGE_DATA / FORMATS[method]
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_jsonl(path: Path, text: str) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from e
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{number}: a row must be a JSON object, got {type(row).__name__}")
-            rows.append(row)
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from e
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{number}: a row must be a JSON object, got {type(row).__name__}")
+        rows.append(Row(row, f"{path}:{number}"))
     return rows
 
 
@@ -88,21 +110,24 @@ def read_rows(path: str | Path) -> list[dict]:
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty")
     if path.suffix == ".jsonl":
-        rows = _read_jsonl(path)
+        rows = _read_jsonl(path, _decode(path))
     elif path.suffix == ".json":
-        with open(path, encoding="utf-8") as f:
-            first = f.read(1)
-        if first == "[":
-            with open(path, encoding="utf-8") as f:
-                rows = json.load(f)
-            if not all(isinstance(row, dict) for row in rows):
+        text = _decode(path)
+        if text.lstrip().startswith("["):
+            try:
+                items = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
+            if not all(isinstance(item, dict) for item in items):
                 raise DataError(f"{path}: a .json file must hold a list of JSON objects")
+            rows = [Row(item, f"{path}: item {number}") for number, item in enumerate(items, 1)]
         else:
-            rows = _read_jsonl(path)
+            rows = _read_jsonl(path, text)
     elif path.suffix == ".parquet":
         import datasets
 
-        rows = datasets.Dataset.from_parquet(str(path)).to_list()
+        rows = [Row(item, f"{path}: row {number}")
+                for number, item in enumerate(datasets.Dataset.from_parquet(str(path)).to_list(), 1)]
     else:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; expected one of {DATA_SUFFIXES}")
     if not rows:
@@ -141,11 +166,17 @@ def load_splits(data: str | None, method: str, eval_data: str | None = None, see
     else:
         import datasets
 
-        loaded = datasets.load_dataset(data)
+        try:
+            loaded = datasets.load_dataset(data)
+        except (OSError, ConnectionError, ValueError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(f"--data {data}: no such file or directory here, and not a data set the hub could "
+                            f"give ({reason}); name a local .jsonl/.json/.parquet file or a directory") from e
         if "train" not in loaded:
             raise DataError(f"dataset {data!r} has no 'train' split (it has {sorted(loaded)})")
-        train = loaded["train"].to_list()
-        test = loaded["test"].to_list() if "test" in loaded else None
+        train, test = ([Row(item, f"dataset {data!r} [{split}]: row {number}")
+                        for number, item in enumerate(loaded[split].to_list(), 1)] if split in loaded else None
+                       for split in ("train", "test"))
     if eval_data is not None:
         test = read_rows(eval_data)
     if test is None:
@@ -193,7 +224,7 @@ def normalise_rows(rows: list[dict], method: str, source: str) -> list[dict]:
     fmt = FORMATS[method]
     out = []
     for number, row in enumerate(rows, 1):
-        where = f"{source}: row {number}"
+        where = _where(row, source, number)
         if fmt == "sft":
             if "messages" in row:
                 messages = row["messages"]
@@ -227,6 +258,7 @@ def normalise_rows(rows: list[dict], method: str, source: str) -> list[dict]:
             if not isinstance(row["label"], bool):
                 raise DataError(f"{where}: 'label' must be true or false, got {row['label']!r}")
             out.append({"prompt": row["prompt"], "completion": row["completion"], "label": row["label"]})
+        out[-1] = Row(out[-1], where)
     if fmt == "kto":
         labels = {row["label"] for row in out}
         if len(labels) < 2:
@@ -329,7 +361,7 @@ def tokenize(rows: list[dict], method: str, tokenizer, max_length: int, source: 
     prompts, completions, labels = [], [], [] if fmt == "kto" else None
     dropped = 0
     for number, row in enumerate(rows, 1):
-        where = f"{source}: row {number}"
+        where = _where(row, source, number)
         if fmt == "preference":
             prompt_ids, ids = _prompt_and_completions(tokenizer, row["prompt"], [row["chosen"], row["rejected"]], where)
         else:

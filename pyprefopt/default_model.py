@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from pyprefopt.files import staging_dir
+from pyprefopt.files import publishable, staging_dir
 
 # Bump when the recipe below changes: the cache key includes it, so an old cached model is never reused.
 RECIPE_VERSION = 1
@@ -119,7 +119,7 @@ def default_model_path(texts: list[str]) -> Path:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         try:
-            os.rename(staging, path)
+            os.rename(publishable(staging), path)
         except OSError:
             # Another process renamed its complete copy into place first; keep that one.
             if not (path / "config.json").exists():

@@ -2,8 +2,9 @@
 into place, so a crash, a kill or a full disk never leaves a half-written file where a finished one belongs.
 
 Staged files and directories get the permissions an ordinary `open()` / `mkdir()` would give under the user's
-umask: `tempfile` creates them private (0600 / 0700), which, renamed into place, would make a run's outputs
-unreadable to a colleague or to a serving process under another user.
+umask before they are renamed into place: `tempfile` creates them private (0600 / 0700), and so does safetensors'
+`save_file`, which would make a run's outputs unreadable to a colleague or to a serving process under another
+user.
 """
 
 from __future__ import annotations
@@ -25,10 +26,21 @@ def _umask() -> int:
 
 
 def staging_dir(parent: Path, label: str) -> Path:
-    """A new, empty directory in `parent` (created if missing), with mkdir's permissions under the umask."""
+    """A new, empty directory in `parent` (created if missing); call `publishable` on it before renaming it."""
     parent.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{label}-", dir=parent))
-    path.chmod(0o777 & ~_umask())
+    return Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{label}-", dir=parent))
+
+
+def publishable(path: Path) -> Path:
+    """`path` and everything under it given open()'s and mkdir()'s permissions under the user's umask."""
+    mask = _umask()
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+    if path.is_dir():
+        for root, dirs, files in os.walk(path):
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
     return path
 
 
@@ -37,9 +49,8 @@ def atomic_write(path: Path, write):
     fd, tmp = tempfile.mkstemp(prefix=f"{STAGING_PREFIX}{path.name}-", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())
         write(tmp)
-        os.replace(tmp, path)
+        os.replace(publishable(Path(tmp)), path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -40,7 +40,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from pyprefopt import cpu_linear
-from pyprefopt.files import staging_dir
+from pyprefopt.files import publishable, staging_dir
 from pyprefopt.nf4 import lora_scale
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -441,10 +441,10 @@ def save_lora_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
             # A directory cannot be renamed over a non-empty one: move the old one aside first.
             retired = str(staging_dir(Path(parent), "retired"))
             os.rename(directory, os.path.join(retired, "adapter"))
-            os.rename(staging, directory)
+            os.rename(publishable(Path(staging)), directory)
             shutil.rmtree(retired)
         else:
-            os.rename(staging, directory)
+            os.rename(publishable(Path(staging)), directory)
     finally:
         if os.path.exists(staging):
             shutil.rmtree(staging)

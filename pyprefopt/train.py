@@ -48,10 +48,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 
 from pyprefopt import data as D
 from pyprefopt import losses
-from pyprefopt.files import atomic_write, atomic_write_text, remove_stale_staging, staging_dir
+from pyprefopt.files import atomic_write, atomic_write_text, publishable, remove_stale_staging, staging_dir
 from pyprefopt.fused_linear_preference_loss import FusedLinearPreferenceLoss
 
 DEFAULT_TARGET_MODULES = "all-linear"
@@ -247,7 +248,16 @@ def load_model(args, train_rows, device):
     base = args.model
     if base is None:
         base = str(default_model_path(D.corpus(train_rows)))
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    elif not Path(base).is_dir() and (base.startswith((".", "/", "~")) or base.count("/") > 1):
+        raise RunError(f"--model {base}: no such directory (a hub id has the form name or org/name)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base)
+    except (OSError, ValueError) as e:
+        # transformers and huggingface_hub report a missing local model, an unknown hub id and an unreachable
+        # hub as OSError (or ValueError for a malformed id), with long multi-line texts.
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunError(f"--model {base}: cannot load its tokenizer ({reason}); name a local checkpoint directory, "
+                       "or a hub id reachable from here") from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     kwargs = {"dtype": torch.float32}
@@ -597,7 +607,7 @@ def save_checkpoint(output_dir: Path, step, model, optimizer, scheduler, keep: i
         (staging / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
         if final.exists():
             shutil.rmtree(final)
-        os.rename(staging, final)
+        os.rename(publishable(staging), final)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
@@ -608,7 +618,6 @@ def save_checkpoint(output_dir: Path, step, model, optimizer, scheduler, keep: i
 
 def read_reference(path: Path, device, rank) -> dict | None:
     """The cached reference log-probs, or None (recomputed then) when the file is missing or damaged."""
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
@@ -627,7 +636,6 @@ def checkpoints_newest_first(output_dir: Path) -> list[Path]:
 def read_checkpoint(path: Path, device) -> dict:
     """Every file of a checkpoint read and parsed, nothing applied yet: a damaged one (a truncated file, say) is
     found before it has changed the model. Raises RunError naming the file."""
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     current = path / "state.json"
@@ -712,7 +720,7 @@ def save_outputs(output_dir: Path, model, tokenizer, full: bool):
                 os.rename(f, staging / f.name)
             (staging / "adapter").rmdir()
         tokenizer.save_pretrained(staging)
-        for f in staging.iterdir():
+        for f in publishable(staging).iterdir():
             os.replace(f, output_dir / f.name)
     finally:
         shutil.rmtree(staging)
@@ -768,17 +776,25 @@ def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict]:
 # ---------------------------------------------------------------------------------------- main
 
 
-def _drop_bitsandbytes_hub_kernel_notice():
+# What bitsandbytes' optional hub-kernel fetch logs (see _drop_bitsandbytes_hub_kernel_notices), by logger.
+BITSANDBYTES_HUB_KERNEL_NOTICES = {
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+    "kernels._internals.hf_hub": "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'",
+}
+
+
+def _drop_bitsandbytes_hub_kernel_notices():
     """bitsandbytes (imported by peft, which transformers' trainer utilities import) tries, on a CPU with
-    AVX512-BF16, to fetch an optional CPU 4-bit GEMM kernel from the Hugging Face hub, and logs a warning when it
-    cannot (offline, or the publisher's trust cannot be verified); it then uses the kernel it ships. Nothing a user
-    can or needs to act on, so that one message is dropped; bitsandbytes' other warnings still show."""
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-        lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community"))
+    AVX512-BF16, to fetch an optional CPU 4-bit GEMM kernel from the Hugging Face hub through `kernels`, which logs
+    when it cannot check the publisher offline, and bitsandbytes logs when the fetch fails (offline, or an
+    unverified publisher); it then uses the kernel it ships. Nothing a user can or needs to act on, so exactly
+    those messages are dropped; every other warning of both packages still shows."""
+    for name, prefix in BITSANDBYTES_HUB_KERNEL_NOTICES.items():
+        logging.getLogger(name).addFilter(lambda record, prefix=prefix: not record.getMessage().startswith(prefix))
 
 
 def main(argv=None) -> int:
-    _drop_bitsandbytes_hub_kernel_notice()
+    _drop_bitsandbytes_hub_kernel_notices()
     args = parse_args(argv)
     rank, world, device = setup_distributed()
     try:
@@ -799,6 +815,12 @@ def main(argv=None) -> int:
                 errno.EROFS: "name a writable --output-dir",
                 errno.EACCES: "check the permissions, or name another path"}.get(e.errno, "")
         print(f"error: {e.strerror}: {e.filename}" + (f"; {hint}" if hint else ""), file=sys.stderr, flush=True)
+        return 2
+    except SafetensorError as e:
+        # safetensors reports its I/O errors, a full disk among them, in its own type with the OS error inside.
+        print(f"error: writing a .safetensors file in {args.output_dir} failed ({e}); if the disk is full, free "
+              "some space there, then rerun the same command with --resume (the checkpoints already written are "
+              "intact)", file=sys.stderr, flush=True)
         return 2
     finally:
         if dist.is_initialized():
