@@ -132,7 +132,7 @@ def _wait_for_step(out, step, proc, timeout=300):
         time.sleep(0.01)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_stop_signal_saves_the_step_and_resume_finishes_the_run(sig, data_dir, tmp_path):
     """Ctrl-C (or a scheduler's SIGTERM) without --save-every: the loop stops after the step in progress, saves
     a checkpoint, says how to continue, and --resume ends the run."""
