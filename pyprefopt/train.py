@@ -606,6 +606,7 @@ def save_checkpoint(output_dir: Path, step, model, optimizer, scheduler, keep: i
                  "scheduler": scheduler.state_dict()}
         (staging / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
         if final.exists():
+            # A damaged checkpoint of this step, skipped by the --resume that led here.
             shutil.rmtree(final)
         os.rename(publishable(staging), final)
     finally:
