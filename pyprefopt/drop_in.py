@@ -15,8 +15,9 @@ returns per-token log-probs instead of logits); its CPOTrainer materialises the 
 transformers `Trainer` (`FusedLMHeadTrainer`): causal-LM (SFT) training whose loss comes from the fused
 head; `FusedLMHeadTrainer(model=..., ...)` in place of `Trainer(model=..., ...)`.
 
-Supported: TRL >= 1.16 and < 2, transformers >= 5.0 (the versions tested: TRL 1.16.0, transformers 5.23);
-other versions fail with a clear error. Not supported (a clear error, never a silent difference):
+Supported: the TRL releases setup.py's `peers` extra admits and transformers >= 5.0 (tested: TRL 1.16.0,
+transformers 5.25); other versions fail with a clear error. Under autocast (TRL's configs turn bf16 on by default)
+the head projects in autocast's dtype, as TRL's does, but keeps the logits in fp32 where TRL rounds them. Not supported (a clear error, never a silent difference):
 logit soft-capping or logit scaling in the model config (Gemma 2/3, Cohere, Granite...), MoE router
 auxiliary losses, encoder-decoder models. The head's `entropy` output carries no gradient (TRL's trainers
 above use it for metrics only).
@@ -104,6 +105,20 @@ def _check_plain_logits(config, what):
         raise NotImplementedError(f"{what}: encoder-decoder models are not supported")
 
 
+def _projection_operands(hidden, weight, bias, cast_lm_head_to_fp32=False):
+    """hidden, weight and bias in the dtype the head projects in. Under autocast that is autocast's dtype, as for
+    TRL's head and the model's own lm_head Linear (TRL's configs turn bf16 autocast on by default, CPUs with bf16
+    included); `cast_lm_head_to_fp32` asks for fp32 instead; otherwise the head weight's dtype. Whatever the
+    operands, the kernel accumulates and keeps the logits in fp32, where TRL rounds them to the operands' dtype."""
+    if cast_lm_head_to_fp32:
+        dtype = torch.float32
+    elif torch.is_autocast_enabled(hidden.device.type):
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+    else:
+        dtype = weight.dtype
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
 def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
                       outputs: tuple[str, ...] = ("log_probs",)) -> None:
     """Patch `model` so `model(..., labels=labels, fused_lm_head=True)` returns a `FusedCausalLMOutput` of
@@ -140,12 +155,7 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
         weight, bias = lm_head.weight, lm_head.bias
         labels = labels.to(weight.device)
         hidden = hidden.to(weight.device)
-        if cast_lm_head_to_fp32:
-            hidden, weight = hidden.float(), weight.float()
-            bias = None if bias is None else bias.float()
-        elif hidden.dtype != weight.dtype:
-            # Autocast hands bf16 activations to an fp32 head: project in the head's precision.
-            hidden = hidden.to(weight.dtype)
+        hidden, weight, bias = _projection_operands(hidden, weight, bias, cast_lm_head_to_fp32)
         with torch.autocast(hidden.device.type, enabled=False):
             result = fused_linear_logprobs(hidden, weight, labels, bias, temperature=temperature,
                                            statistics=statistics)
@@ -175,7 +185,9 @@ def _cpo_concatenated_forward(self, model, batch):
                                   use_cache=False).last_hidden_state
     lm_head = causal_lm.get_output_embeddings()
     labels = concatenated["concatenated_labels"][:, 1:]
-    per_token = fused_linear_logprobs(hidden[:, :-1], lm_head.weight, labels, lm_head.bias)
+    head_hidden, weight, bias = _projection_operands(hidden[:, :-1], lm_head.weight, lm_head.bias)
+    with torch.autocast(hidden.device.type, enabled=False):
+        per_token = fused_linear_logprobs(head_hidden, weight, labels, bias)
     mask = labels != -100
     all_logps = per_token.sum(-1)
     if self.loss_type in ("ipo", "simpo"):

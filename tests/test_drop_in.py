@@ -1,5 +1,6 @@
 """pyprefopt inside TRL's own trainers and transformers' Trainer: a few real training steps with and without
-pyprefopt on a tiny Qwen3 (CPU, fp32) log the same losses and metrics."""
+pyprefopt on tiny Qwen3, Qwen2 and Llama models (tied and untied heads; CPU, fp32) log the same losses and metrics;
+under autocast the head projects in autocast's dtype, as TRL's does."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrai
 from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
 
 from pyprefopt import drop_in  # noqa: E402
-from tiny_trl_setup import common_args, model  # noqa: E402
+from tiny_trl_setup import common_args, model, random_state, tiny_config  # noqa: E402
 from tiny_trl_setup import (  # noqa: E402,F401 (pytest fixtures)
     policy_state,
     preference_dataset,
@@ -129,6 +130,70 @@ def test_sft_trainer(tmp_path, head_calls, qwen3_config, policy_state, tokenizer
 
     logs = with_and_without_pyprefopt(build, head_calls)
     assert "mean_token_accuracy" in logs[0]
+
+
+# Each architecture through the three trainers that use the fused head, with a different way of training each:
+# DPO with a LoRA subset and the adapter-disabled reference, KTO fully fine-tuned against a reference model, SFT
+# with LoRA on every linear layer. Rows are padded to the longest in each batch.
+ARCHITECTURE_CASES = [(arch, trainer) for arch in ("llama", "llama_tied", "qwen2") for trainer in ("dpo", "kto", "sft")]
+
+
+@pytest.mark.parametrize(("architecture", "trainer"), ARCHITECTURE_CASES, ids=[f"{a}-{t}" for a, t in ARCHITECTURE_CASES])
+def test_every_architecture_logs_the_same(architecture, trainer, tmp_path, head_calls, tokenizer, preference_dataset,
+                                          unpaired_dataset):
+    config = tiny_config(architecture)
+    policy, reference = random_state(config, 0), random_state(config, 1)
+
+    def build():
+        if trainer == "dpo":
+            return DPOTrainer(model=model(config, policy), args=args(DPOConfig, tmp_path, 2, beta=0.1),
+                              train_dataset=preference_dataset, processing_class=tokenizer,
+                              peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                     init_lora_weights=False))
+        if trainer == "kto":
+            return KTOTrainer(model=model(config, policy), ref_model=model(config, reference),
+                              args=args(KTOConfig, tmp_path, 4), train_dataset=unpaired_dataset,
+                              processing_class=tokenizer)
+        dataset = preference_dataset.rename_column("chosen", "completion").remove_columns("rejected")
+        return SFTTrainer(model=model(config, policy), args=args(SFTConfig, tmp_path, 2), train_dataset=dataset,
+                          processing_class=tokenizer,
+                          peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                 init_lora_weights=False))
+
+    with_and_without_pyprefopt(build, head_calls)
+
+
+def test_under_autocast_the_head_projects_in_autocast_dtype_exactly(qwen3_config, policy_state, monkeypatch):
+    """TRL's configs turn bf16 autocast on by default. Under it TRL's head, like the model's own lm_head, projects
+    bf16 operands and rounds the logits to bf16; ours projects the same bf16 operands (not the fp32 head: that
+    made the two trainers disagree) and keeps the logits in fp32, so it is exact for those operands and no further
+    from the fp32 model's log-probs than TRL's."""
+    from trl.trainer.utils import add_fused_lm_head as trl_add_fused_lm_head
+
+    operand_dtypes = []
+    real = drop_in.fused_linear_logprobs
+    monkeypatch.setattr(drop_in, "fused_linear_logprobs",
+                        lambda h, w, *a, **k: operand_dtypes.append((h.dtype, w.dtype)) or real(h, w, *a, **k))
+    ours, theirs = model(qwen3_config, policy_state), model(qwen3_config, policy_state)
+    drop_in.add_fused_lm_head(ours)
+    trl_add_fused_lm_head(theirs)
+    input_ids = torch.randint(0, qwen3_config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    labels = input_ids.masked_fill(torch.arange(16) < 5, -100)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = ours(input_ids=input_ids, labels=labels, fused_lm_head=True).log_probs.double()
+        b = theirs(input_ids=input_ids, labels=labels, fused_lm_head=True).log_probs.double()
+        hidden = ours.model(input_ids=input_ids).last_hidden_state[:, :-1].double()
+    assert operand_dtypes == [(torch.bfloat16, torch.bfloat16)]
+    weight, targets, scored = ours.lm_head.weight.double(), labels[:, 1:].clamp(min=0)[..., None], labels[:, 1:] != -100
+
+    def truth(h, w):
+        return torch.log_softmax(h @ w.T, -1).gather(-1, targets)[..., 0] * scored
+
+    bf16_operands = truth(hidden.bfloat16().double(), weight.bfloat16().double())
+    assert (a - bf16_operands).abs().max() < 1e-5
+    assert (b - bf16_operands).abs().max() > 1e-4, "TRL's head no longer rounds: tighten this test"
+    fp32_model = truth(hidden, weight)
+    assert (a - fp32_model).abs().max() <= (b - fp32_model).abs().max()
 
 
 def test_hf_trainer_sft(tmp_path, head_calls, qwen3_config, policy_state, tokenizer, preference_dataset):

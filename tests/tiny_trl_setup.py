@@ -5,7 +5,7 @@ import pytest
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
 
 SENTENCES = [
     "what is the capital of france",
@@ -39,9 +39,12 @@ def tokenizer():
     return tok
 
 
-@pytest.fixture(scope="module")
-def qwen3_config():
-    return Qwen3Config(
+# Architectures of the same tiny size; each has its own attention, norm and embedding quirks.
+CONFIG_CLASSES = {"qwen3": Qwen3Config, "qwen2": Qwen2Config, "llama": LlamaConfig, "llama_tied": LlamaConfig}
+
+
+def tiny_config(architecture: str):
+    return CONFIG_CLASSES[architecture](
         vocab_size=320,  # > the tokenizer's ~50 words: the unused rows still enter every softmax
         hidden_size=32,
         num_hidden_layers=2,
@@ -50,7 +53,8 @@ def qwen3_config():
         head_dim=8,
         intermediate_size=64,
         max_position_embeddings=64,
-        tie_word_embeddings=False,  # so lm_head.weight's gradient is the head's alone
+        # Untied (but for llama_tied) so lm_head.weight's gradient is the head's alone.
+        tie_word_embeddings=architecture.endswith("_tied"),
         initializer_range=0.2,  # peakier than the default 0.02, so rewards are not all ~0
         pad_token_id=0,
         eos_token_id=1,
@@ -59,21 +63,29 @@ def qwen3_config():
     )
 
 
+def random_state(config, seed):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).float().state_dict()
+
+
+@pytest.fixture(scope="module")
+def qwen3_config():
+    return tiny_config("qwen3")
+
+
 @pytest.fixture(scope="module")
 def policy_state(qwen3_config):
-    torch.manual_seed(0)
-    return Qwen3ForCausalLM(qwen3_config).float().state_dict()
+    return random_state(qwen3_config, 0)
 
 
 @pytest.fixture(scope="module")
 def ref_state(qwen3_config):
-    torch.manual_seed(1)
-    return Qwen3ForCausalLM(qwen3_config).float().state_dict()
+    return random_state(qwen3_config, 1)
 
 
 def model(config, state):
     """A fresh model per trainer: the trainers patch `forward` (fused LM head) and tag the model."""
-    model = Qwen3ForCausalLM(config).float()
+    model = AutoModelForCausalLM.from_config(config).float()
     model.load_state_dict(state)
     return model
 
