@@ -15,16 +15,21 @@ How it stays exact, bounded and safe:
 - Everything is checked before the first byte is written (every file's header, the adapter's config,
   keys, shapes and finiteness, the quantisation states); the model is written into a temporary
   directory beside OUT and renamed into place only when complete, so OUT never holds a half model.
+- Inputs are untrusted (an adapter is often downloaded): nothing is read outside the BASE and ADAPTER
+  directories, OUT may neither be, hold nor sit inside them, and the adapter's regexes run under a time
+  budget. A bad input is one `error: ...` line and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -34,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pyprefopt import nf4
+from pyprefopt.files import STAGING_PREFIX, publishable
 from pyprefopt.safetensors_io import (
     SafetensorsFormatError,
     StreamingWriter,
@@ -54,6 +60,9 @@ TOKENIZER_FILE = re.compile(
 # fp32 bytes of a 16-bit weight merged per step: the scratch stays small next to the tensor itself.
 MERGE_BLOCK_BYTES = 2**20
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+# Seconds one regex from an adapter's config may take over all the adapter's module names: real patterns
+# take microseconds, a catastrophic one (`(a+)+$`) would take years.
+PATTERN_BUDGET_S = 1.0
 
 
 class MergeError(ValueError):
@@ -79,6 +88,18 @@ class BaseTensor:
         return bool(self.nf4_parts)
 
 
+def _within(path: Path, directory: Path) -> Path:
+    """`path`, a file the user's `directory` names, refused when it or a symlink on the way resolves outside
+    `directory`: a hostile adapter or index must not make the merge read (and copy out) other files. A hub
+    cache snapshot (`.../snapshots/REV/`) links its files to the repository's `blobs/`, which counts as inside."""
+    resolved, root = path.resolve(), directory.resolve()
+    allowed = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+    if not any(resolved.is_relative_to(a) for a in allowed):
+        raise MergeError(f"{path} leads outside {directory} (to {resolved}); only files inside the directories "
+                         "given on the command line are read: copy the file into it or remove the link")
+    return path
+
+
 def _load_json(path: Path, what: str):
     if not path.is_file():
         raise MergeError(f"{what}: {path} does not exist")
@@ -86,6 +107,14 @@ def _load_json(path: Path, what: str):
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise MergeError(f"{what}: {path} is not valid JSON ({err})") from None
+
+
+def _load_json_object(path: Path, what: str) -> dict:
+    loaded = _load_json(path, what)
+    if not isinstance(loaded, dict):
+        raise MergeError(f"{what}: {path} holds a JSON {type(loaded).__name__}, not an object; "
+                         "it is not the file this merge expects, re-save it with transformers/PEFT")
+    return loaded
 
 
 def _read_headers(files: list[Path]) -> dict[str, TensorEntry]:
@@ -106,21 +135,27 @@ def _read_headers(files: list[Path]) -> dict[str, TensorEntry]:
 def _base_weight_files(base: Path) -> list[Path]:
     index = base / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _load_json(index, "base index").get("weight_map")
+        weight_map = _load_json_object(_within(index, base), "base index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise MergeError(f"{index} has no weight_map")
-        return [base / name for name in dict.fromkeys(weight_map.values())]
+        for tensor, file_name in weight_map.items():
+            if not isinstance(file_name, str) or not file_name:
+                raise MergeError(f"{index}: weight_map[{tensor!r}] must be a file name, got {file_name!r}")
+        return [_within(base / name, base) for name in dict.fromkeys(weight_map.values())]
     if (base / "model.safetensors").is_file():
-        return [base / "model.safetensors"]
+        return [_within(base / "model.safetensors", base)]
     if any(base.glob("*.bin")):
         raise MergeError(f"{base} holds only .bin weights; save the base with safe_serialization=True")
     raise MergeError(f"{base} has no model.safetensors or model.safetensors.index.json")
 
 
-def _check_quantization(config: dict):
+def _check_quantization(config: dict, path: Path):
     quant = config.get("quantization_config")
     if quant is None:
         return
+    if not isinstance(quant, dict):
+        raise MergeError(f"{path}: quantization_config must be an object, got {quant!r}; re-save the base with "
+                         "transformers")
     method = quant.get("quant_method")
     if method != "bitsandbytes":
         raise MergeError(f"unsupported quantization method {method!r}: only bitsandbytes 4-bit NF4 bases merge")
@@ -167,6 +202,8 @@ def read_base_tensors(entries: dict[str, TensorEntry]) -> dict[str, BaseTensor]:
             blocksize = int(state["blocksize"])
         except (KeyError, TypeError, ValueError, AttributeError):
             raise MergeError(f"{name}: malformed quant state {state!r}") from None
+        if not isinstance(dtype, torch.dtype) or blocksize <= 0 or any(s < 0 for s in shape):
+            raise MergeError(f"{name}: malformed quant state {state!r}")
         n_blocks = -(-math.prod(shape) // blocksize)
         if parts[f"{name}.absmax"].shape != (n_blocks,) or entry.nbytes != -(-math.prod(shape) // 2):
             raise MergeError(
@@ -200,34 +237,153 @@ class Adapter:
     bias_deltas: dict[str, LoraPair]  # by target bias name, for lora_B.bias
 
 
-def _matches_target(module: str, target_modules) -> bool:
-    """PEFT's rule: a list names module-name suffixes; a string is a regex over the full name."""
-    if target_modules in (None, "all-linear"):
-        return True
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, module) is not None
-    return any(module == t or module.endswith(f".{t}") for t in target_modules)
+# Untrusted regexes. Python's backtracking `re` takes exponential time on patterns such as `(a+)+$` and
+# polynomial time of any degree on `.*.*.*...!`, so no syntactic check makes them safe, and a match cannot be
+# stopped from another thread. The patterns therefore run in a child interpreter, each exactly as PEFT runs
+# it, under a SIGALRM budget (`re` polls for signals while it backtracks); the parent kills the child should
+# the alarm not fire.
+_PATTERN_MATCHER = r"""
+import json, re, signal, sys
+
+class OverBudget(Exception):
+    pass
+
+def over_budget(signum, frame):
+    raise OverBudget
+
+signal.signal(signal.SIGALRM, over_budget)
+job = json.load(sys.stdin)
+matches = []
+for number, (regex, anchored_at_end) in enumerate(job["regexes"]):
+    try:
+        compiled = re.compile(regex)
+        signal.setitimer(signal.ITIMER_REAL, job["budget"])
+        match = compiled.match if anchored_at_end else compiled.fullmatch
+        matches.append([match(name) is not None for name in job["names"]])
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    except re.error as err:
+        print(json.dumps({"invalid": number, "why": err.msg}))
+        sys.exit()
+    except OverBudget:
+        print(json.dumps({"over_budget": number}))
+        sys.exit()
+print(json.dumps({"matches": matches}))
+"""
 
 
-def _pattern_value(patterns: dict, module: str, default):
-    """PEFT's `get_pattern_key`: the first pattern key `k` with `(.*\\.)?(k)$` matching the module name."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+@dataclass
+class _Pattern:
+    field: str  # how the config names it, e.g. "rank_pattern key 'v_proj'"
+    regex: str  # as PEFT compiles it
+    anchored_at_end: bool  # PEFT's `re.match(regex)` with a `$` in it, else `re.fullmatch(regex)`
+
+
+def _run_patterns(patterns: list[_Pattern], names: list[str], config_path: Path) -> list[list[bool]]:
+    """Whether each pattern matches each name, PEFT's way, each pattern within PATTERN_BUDGET_S."""
+    if not patterns:
+        return []
+    job = {"regexes": [(p.regex, p.anchored_at_end) for p in patterns], "names": names, "budget": PATTERN_BUDGET_S}
+    # The backstop allows for the child's start on a loaded machine; the alarm ends a slow pattern far sooner.
+    backstop_s = 30 + PATTERN_BUDGET_S * len(patterns)
+    try:
+        done = subprocess.run([sys.executable, "-I", "-S", "-c", _PATTERN_MATCHER], input=json.dumps(job),
+                              capture_output=True, text=True, timeout=backstop_s)
+    except subprocess.TimeoutExpired:
+        raise MergeError(f"{config_path}: its regular expressions did not finish matching in {backstop_s:.0f} s; "
+                         "replace them by plain module names") from None
+    try:
+        answer = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        raise MergeError(f"matching the regular expressions of {config_path} failed in a child Python "
+                         f"(exit status {done.returncode}): {done.stderr.strip()[-300:]}") from None
+    if "invalid" in answer:
+        pattern = patterns[answer["invalid"]]
+        raise MergeError(f"{config_path}: {pattern.field} is not a valid regular expression ({answer['why']}); "
+                         "fix or remove it")
+    if "over_budget" in answer:
+        pattern = patterns[answer["over_budget"]]
+        raise MergeError(f"{config_path}: {pattern.field} takes over {PATTERN_BUDGET_S:g} s to match the adapter's "
+                         f"{len(names)} module names (a regex like (a+)+ or .*.*.*.* backtracks for ages); "
+                         "the adapter is broken or hostile: write its patterns as plain module names")
+    return answer["matches"]
+
+
+@dataclass
+class ModuleSettings:
+    """What an adapter's config says of one module: whether it targets it, and its rank and alpha."""
+
+    targeted: bool
+    r: int | float
+    lora_alpha: int | float
+
+
+def module_settings(config: dict, modules: list[str], config_path: Path) -> dict[str, ModuleSettings]:
+    r"""PEFT's reading of `config` for each module name: `check_target_module_exists` (a list names module-name
+    suffixes, a string is a regex over the full name) and `get_pattern_key` (the first rank_pattern /
+    alpha_pattern key `k` with `(.*\.)?(k)$` matching the name), its regexes run under a budget."""
+    target_modules = config.get("target_modules")
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    patterns = [_Pattern(f"{field} key {key!r}", rf"(.*\.)?({key})$", True)
+                for field, keys in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)) for key in keys]
+    regex_target = isinstance(target_modules, str) and target_modules != "all-linear"
+    if regex_target:
+        patterns.append(_Pattern(f"target_modules {target_modules!r}", target_modules, False))
+    matches = _run_patterns(patterns, modules, config_path)
+    rank_matches, alpha_matches = matches[: len(rank_pattern)], matches[len(rank_pattern) : len(patterns) - regex_target]
+    settings = {}
+    for i, module in enumerate(modules):
+        if target_modules is None or target_modules == "all-linear":
+            targeted = True
+        elif regex_target:
+            targeted = matches[-1][i]
+        else:
+            targeted = any(module == t or module.endswith(f".{t}") for t in target_modules)
+        r = next((rank_pattern[k] for k, m in zip(rank_pattern, rank_matches) if m[i]), config["r"])
+        alpha = next((alpha_pattern[k] for k, m in zip(alpha_pattern, alpha_matches) if m[i]), config["lora_alpha"])
+        settings[module] = ModuleSettings(targeted, r, alpha)
+    return settings
+
+
+def _is_positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _check_adapter_config(config: dict, path: Path):
+    """Each field the merge reads has PEFT's type: a wrong one is named here rather than failing later."""
+    def bad(field, wanted):
+        return MergeError(f"{path}: {field} must be {wanted}, got {config[field]!r}; fix the field or re-save "
+                          "the adapter with PEFT")
+
+    for field in ("r", "lora_alpha"):
+        if field not in config:
+            raise MergeError(f"{path}: required field {field!r} is missing; re-save the adapter with PEFT")
+        if not _is_positive_number(config[field]):
+            raise bad(field, "a positive number")
+    target_modules = config.get("target_modules")
+    if not (target_modules is None or isinstance(target_modules, str)
+            or (isinstance(target_modules, list) and all(isinstance(t, str) for t in target_modules))):
+        raise bad("target_modules", "a list of module names or one regular expression")
+    for field in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(field)
+        if patterns is not None and not (isinstance(patterns, dict) and all(map(_is_positive_number, patterns.values()))):
+            raise bad(field, "an object mapping module-name patterns to positive numbers")
+    for field in ("use_rslora", "use_dora", "fan_in_fan_out"):
+        if config.get(field) is not None and not isinstance(config[field], bool):
+            raise bad(field, "true or false")
 
 
 def read_adapter(adapter_dir: Path) -> Adapter:
-    config = _load_json(adapter_dir / "adapter_config.json", "adapter config")
+    config_path = _within(adapter_dir / "adapter_config.json", adapter_dir)
+    config = _load_json_object(config_path, "adapter config")
     if config.get("peft_type", "LORA") != "LORA":
         raise MergeError(f"adapter is {config.get('peft_type')!r}, not a LoRA adapter")
+    _check_adapter_config(config, config_path)
     if config.get("use_dora"):
         raise MergeError("DoRA adapters (use_dora=True) are not supported: their merge needs the weight norms")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
-            raise MergeError(f"adapter config: {key} must be a positive number, got {config.get(key)!r}")
     weights = adapter_dir / "adapter_model.safetensors"
-    if not weights.is_file():
+    if weights.is_file():
+        _within(weights, adapter_dir)
+    else:
         hint = " (only adapter_model.bin: re-save with safe_serialization=True)" if (adapter_dir / "adapter_model.bin").is_file() else ""
         raise MergeError(f"adapter: {weights} does not exist{hint}")
     entries = _read_headers([weights])
@@ -246,18 +402,20 @@ def read_adapter(adapter_dir: Path) -> Adapter:
         module, part = match.groups()
         pair = pairs.setdefault(module, LoraPair(module))
         setattr(pair, {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_B.bias": "lora_B_bias"}[part], entry)
-    targets = {}
     for module, pair in pairs.items():
         if pair.lora_A is None or pair.lora_B is None:
             raise MergeError(f"adapter: {module} has {'lora_B' if pair.lora_A is None else 'lora_A'} but not the other")
-        if not _matches_target(module, config.get("target_modules")):
+        if len(pair.lora_A.shape) != 2:
+            raise MergeError(f"adapter: {module}.lora_A is {list(pair.lora_A.shape)}, not a [r, in_features] matrix")
+    settings = module_settings(config, list(pairs), config_path)
+    targets = {}
+    for module, pair in pairs.items():
+        if not settings[module].targeted:
             raise MergeError(f"adapter has weights for {module}, which its target_modules {config.get('target_modules')!r} does not name")
         r = pair.lora_A.shape[0]
-        expected_r = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
-        if r != expected_r:
-            raise MergeError(f"adapter: {module} has rank {r} but its config says r={expected_r}")
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
-        pair.scale = nf4.lora_scale(alpha, r, bool(config.get("use_rslora")))
+        if r != settings[module].r:
+            raise MergeError(f"adapter: {module} has rank {r} but its config says r={settings[module].r}")
+        pair.scale = nf4.lora_scale(settings[module].lora_alpha, r, bool(config.get("use_rslora")))
         targets[f"{module}.weight"] = pair
     bias_deltas = {f"{p.module}.bias": p for p in pairs.values() if p.lora_B_bias is not None}
     return Adapter(config, targets, replacements, bias_deltas)
@@ -406,16 +564,56 @@ def _output_config(config: dict, dtype: torch.dtype) -> dict:
     return config
 
 
-def _copy_side_files(base: Path, adapter_dir: Path, out: Path):
-    """Everything of the base but its weights and config (tokenizer, generation config, ...), then the
-    adapter's tokenizer files over the base's: the adapter was trained with those."""
+def _side_files(base: Path, adapter_dir: Path) -> dict[str, Path]:
+    """By output name: everything of the base but its weights and config (tokenizer, generation config, ...),
+    then the adapter's tokenizer files over the base's: the adapter was trained with those."""
     skip = re.compile(r".*\.(safetensors|bin|pt|pth)$|.*\.index\.json$|config\.json$")
-    for path in sorted(base.iterdir()):
-        if path.is_file() and not skip.fullmatch(path.name):
-            shutil.copy2(path, out / path.name)
-    for path in sorted(adapter_dir.iterdir()):
-        if path.is_file() and TOKENIZER_FILE.fullmatch(path.name):
-            shutil.copy2(path, out / path.name)
+    side = {}
+    for directory, wanted in ((base, lambda name: not skip.fullmatch(name)), (adapter_dir, TOKENIZER_FILE.fullmatch)):
+        for path in sorted(directory.iterdir()):
+            if path.is_file() and wanted(path.name):
+                side[path.name] = _within(path, directory)
+    return side
+
+
+def _check_out(out: Path, inputs: dict[str, Path], overwrite: bool):
+    """--overwrite deletes OUT: it must not be, hold or sit inside an input (after following symlinks)."""
+    if out.name in ("", ".", ".."):
+        raise MergeError(f"--out {out} must name the directory to create, e.g. --out ./merged")
+    if out.exists() and not overwrite:
+        raise MergeError(f"{out} exists; pass --overwrite to replace it")
+    resolved = out.resolve()
+    for label, path in inputs.items():
+        if resolved.is_relative_to(path.resolve()) or path.resolve().is_relative_to(resolved):
+            raise MergeError(f"--out {out} must not be, contain or lie inside the {label} directory {path}; "
+                             "choose an --out outside it")
+
+
+def _staging_name(out: Path) -> re.Pattern:
+    """Our staging directories for `out`: the prefix given to mkdtemp, then its 8 random characters, so that
+    no other name (another OUT's staging among them) matches."""
+    return re.compile(rf"{re.escape(_staging_prefix(out))}[a-z0-9_]{{8}}")
+
+
+def _staging_prefix(out: Path) -> str:
+    return f"{STAGING_PREFIX}merge-{out.name}-"
+
+
+def _moved_aside_prefix(out: Path) -> str:
+    return f".pyprefopt-old-merge-{out.name}-"
+
+
+def _remove_stale_staging(out: Path):
+    """What a merge into `out` killed mid-write left beside it: its staging directories, and the old model
+    --overwrite moved aside once `out` holds the new one (until then it is the only copy: kept)."""
+    if not out.parent.is_dir():
+        return
+    staging = _staging_name(out)
+    moved_aside = re.compile(rf"{re.escape(_moved_aside_prefix(out))}[a-z0-9_]{{8}}")
+    for path in out.parent.iterdir():
+        stale = staging.fullmatch(path.name) or (moved_aside.fullmatch(path.name) and out.exists())
+        if stale and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
 
 
 def _replace_dir(tmp: Path, out: Path, overwrite: bool):
@@ -424,7 +622,7 @@ def _replace_dir(tmp: Path, out: Path, overwrite: bool):
         return
     if not overwrite:
         raise MergeError(f"{out} exists; pass --overwrite to replace it")
-    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=_moved_aside_prefix(out)))
     os.rename(out, old / out.name)
     try:
         os.rename(tmp, out)
@@ -446,27 +644,29 @@ def merge_adapter(
     """Merge the LoRA adapter at `adapter` into the model at `base`; write a standalone model to `out`.
     `progress`: a progress bar on a terminal's stderr.
 
-    Raises MergeError, before anything is written, on any bad input. Returns `out`.
+    Raises MergeError, before anything is written, on any bad input; OSError if writing fails (then nothing
+    is left at `out`, or its old content when `overwrite`). Returns `out`.
     """
     base, adapter_dir, out = Path(base), Path(adapter), Path(out)
     if dtype not in OUT_DTYPES.values():
         raise MergeError(f"dtype must be one of {list(OUT_DTYPES.values())}, got {dtype}")
     for label, path in (("base", base), ("adapter", adapter_dir)):
         if not path.is_dir():
-            raise MergeError(f"{label} {path} is not a directory")
-    if out.exists() and not overwrite:
-        raise MergeError(f"{out} exists; pass --overwrite to replace it")
-    if out.resolve() in (base.resolve(), adapter_dir.resolve()):
-        raise MergeError(f"out {out} must not be the base or the adapter directory")
-    config = _load_json(base / "config.json", "base config")
-    _check_quantization(config)
-    base_tensors = read_base_tensors(_read_headers(_base_weight_files(base)))
-    quantized = any(t.is_nf4 for t in base_tensors.values())
-    if quantized and "quantization_config" not in config:
-        raise MergeError(f"{base} stores 4-bit weights but its config.json has no quantization_config")
-    lora = read_adapter(adapter_dir)
-    _check_against_base(lora, base_tensors)
-    _check_adapter_values(lora)
+            raise MergeError(f"--{label} {path} is not a directory" + ("" if path.exists() else " (it does not exist)"))
+    _check_out(out, {"base": base, "adapter": adapter_dir}, overwrite)
+    try:
+        config = _load_json_object(_within(base / "config.json", base), "base config")
+        _check_quantization(config, base / "config.json")
+        base_tensors = read_base_tensors(_read_headers(_base_weight_files(base)))
+        quantized = any(t.is_nf4 for t in base_tensors.values())
+        if quantized and "quantization_config" not in config:
+            raise MergeError(f"{base} stores 4-bit weights but its config.json has no quantization_config")
+        lora = read_adapter(adapter_dir)
+        _check_against_base(lora, base_tensors)
+        _check_adapter_values(lora)
+        side_files = _side_files(base, adapter_dir)
+    except OSError as err:
+        raise MergeError(f"cannot read {err.filename}: {err.strerror}; check that it exists and is readable") from None
 
     layout = [(t.name, _output_dtype(t, dtype), t.shape) for t in base_tensors.values()]
     shards = _shards(layout, max_shard_bytes)
@@ -474,7 +674,8 @@ def merge_adapter(
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     total = sum(math.prod(shape) * dt.itemsize for _, dt, shape in layout)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    _remove_stale_staging(out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=_staging_prefix(out)))
     try:
         buffers = _Buffers()
         with tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=None if progress else True) as bar:
@@ -492,8 +693,9 @@ def merge_adapter(
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(_output_config(config, dtype), indent=2) + "\n")
-        _copy_side_files(base, adapter_dir, tmp)
-        _replace_dir(tmp, out, overwrite)
+        for name, path in side_files.items():
+            shutil.copy2(path, tmp / name)
+        _replace_dir(publishable(tmp), out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -523,8 +725,16 @@ def main(argv=None) -> int:
     try:
         out = merge_adapter(args.base, args.adapter, args.out, OUT_DTYPES[args.dtype], args.overwrite,
                             args.max_shard_size)
-    except MergeError as err:
+    except (MergeError, SafetensorsFormatError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        # Reading errors became MergeError: this is writing --out, and the staging directory is gone again.
+        hint = {errno.ENOSPC: "free some space there or choose another --out",
+                errno.EDQUOT: "free some of your quota or choose another --out",
+                errno.EROFS: "choose a writable --out",
+                errno.EACCES: "check its permissions or choose another --out"}.get(err.errno, "choose another --out")
+        print(f"error: cannot write --out {args.out}: {err.strerror}: {err.filename}; {hint}", file=sys.stderr)
         return 2
     print(out)
     return 0

@@ -62,6 +62,10 @@ class TensorEntry:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
+def _is_size(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     """The tensors of a safetensors file (by name, in file order) and its `__metadata__`, checked
     against the file's size: a truncated or corrupt file fails here, before any tensor is read."""
@@ -81,6 +85,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorEntry], dict[s
     if not isinstance(header, dict):
         raise SafetensorsFormatError(f"{path}: header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise SafetensorsFormatError(f"{path}: __metadata__ is not a JSON object")
     data_start = 8 + header_len
     entries = []
     for name, info in header.items():
@@ -88,6 +94,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorEntry], dict[s
             dtype_name, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
         except (TypeError, KeyError, ValueError):
             raise SafetensorsFormatError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
+        if not all(_is_size(n) for n in (*shape, begin, end)) or not isinstance(dtype_name, str):
+            raise SafetensorsFormatError(f"{path}: tensor {name!r} has a malformed header entry {info!r}")
         if dtype_name not in DTYPES:
             raise SafetensorsFormatError(f"{path}: tensor {name!r} has unsupported dtype {dtype_name!r}")
         entry = TensorEntry(name, path, data_start + begin, DTYPES[dtype_name], shape)

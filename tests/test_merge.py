@@ -9,11 +9,15 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import bitsandbytes.functional as bnbf
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import check_target_module_exists
+from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -112,9 +116,9 @@ def our_logits(out_dir, input_ids):
         return model(input_ids).logits
 
 
-def run_cli(*args):
+def run_cli(*args, timeout=None):
     return subprocess.run([sys.executable, "-m", "pyprefopt.merge", *map(str, args)],
-                          capture_output=True, text=True, cwd=os.path.dirname(__file__))
+                          capture_output=True, text=True, cwd=os.path.dirname(__file__), timeout=timeout)
 
 
 INPUT_IDS = torch.tensor([[5, 17, 99, 3, 150, 42, 7, 201], [0, 1, 2, 3, 4, 5, 6, 7]])
@@ -291,6 +295,109 @@ def test_bad_inputs_get_a_clear_error_and_write_nothing(checkpoints, tmp_path):
         assert "Traceback" not in result.stderr, name
         assert not out.exists(), name
     assert leftovers(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------------------------------
+# Untrusted inputs: the adapter's regexes, symlinks, permissions and leftovers of a killed merge
+
+PEFT_STYLE_CONFIGS = [
+    dict(target_modules=["q_proj", "v_proj"]),
+    dict(target_modules=["self_attn.q_proj", "mlp.down_proj", "lm_head", "layers.1.mlp.up_proj"]),
+    dict(target_modules="q_proj"),
+    dict(target_modules=r".*\.q_proj"),
+    dict(target_modules=r"model\.layers\.\d+\.self_attn\.(q|v)_proj"),
+    dict(target_modules=r".*\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj"),
+    dict(target_modules=r".*layers\.1\..*"),
+    dict(target_modules=TARGETS, rank_pattern={"v_proj": 4, r"layers\.1\.mlp\..*": 2, "^model.layers.0.self_attn.q_proj": 3},
+         alpha_pattern={r"self_attn\.(q|k)_proj": 7, "mlp.down_proj": 9, "gate_proj|up_proj": 5}),
+    # The first matching key wins, even where a later one is more specific.
+    dict(target_modules=TARGETS, rank_pattern={"gate_proj": 6, "model.layers.0.mlp.gate_proj": 2},
+         alpha_pattern={r".*": 3, "q_proj": 11}),
+]
+
+
+@pytest.mark.parametrize("fields", PEFT_STYLE_CONFIGS, ids=lambda fields: json.dumps(fields))
+def test_module_settings_match_peft(fields):
+    names = [name for name, _ in Qwen3ForCausalLM(tiny_config()).named_modules() if name]
+    peft_config = LoraConfig(r=8, lora_alpha=16, **fields)
+    settings = merge.module_settings({"r": 8, "lora_alpha": 16, **fields}, names, Path("adapter_config.json"))
+    for name in names:
+        assert settings[name].targeted == bool(check_target_module_exists(peft_config, name)), name
+        rank_key = get_pattern_key(peft_config.rank_pattern.keys(), name)
+        alpha_key = get_pattern_key(peft_config.alpha_pattern.keys(), name)
+        assert settings[name].r == peft_config.rank_pattern.get(rank_key, 8), name
+        assert settings[name].lora_alpha == peft_config.alpha_pattern.get(alpha_key, 16), name
+
+
+@pytest.mark.parametrize(("fields", "names"), [
+    (dict(target_modules="([a-z_.0-9]+)+!"), ["model.layers.0.self_attn.q_proj"]),
+    (dict(rank_pattern={"(a+)+$": 8}), [f"model.layers.0.{'a' * 40}!"]),
+    (dict(alpha_pattern={".*" * 13 + "!": 8}), ["model.layers.0.self_attn.q_proj"]),
+], ids=["nested", "exponential in the name", "polynomial"])
+def test_hostile_patterns_fail_within_seconds(fields, names):
+    start = time.monotonic()
+    with pytest.raises(merge.MergeError, match="takes over 1 s to match"):
+        merge.module_settings({"r": 8, "lora_alpha": 16, "target_modules": None, **fields}, names,
+                              Path("adapter_config.json"))
+    assert time.monotonic() - start < 10
+
+
+def hub_cache_snapshot(src, repo):
+    """`src` laid out like the Hugging Face hub cache: snapshots/REV/NAME -> ../../blobs/HASH."""
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    for i, path in enumerate(sorted(src.iterdir())):
+        (repo / "blobs" / f"blob{i}").write_bytes(path.read_bytes())
+        (snapshot / path.name).symlink_to(Path("..", "..", "blobs", f"blob{i}"))
+    return snapshot
+
+
+def test_links_that_stay_inside_an_input_are_followed(checkpoints, tmp_path):
+    plain = tmp_path / "plain"
+    merge.merge_adapter(checkpoints["base16"], checkpoints["adapter"], plain, progress=False)
+    base = hub_cache_snapshot(checkpoints["base16"], tmp_path / "hub" / "models--tiny--base")
+    adapter = hub_cache_snapshot(checkpoints["adapter"], tmp_path / "hub" / "models--tiny--adapter")
+    adapter_with_vocab = copy_dir(checkpoints["adapter"], tmp_path / "adapter")
+    (adapter_with_vocab / "vocab.txt").symlink_to("README.md")
+    linked = merge.merge_adapter(base, adapter, tmp_path / "linked", progress=False)
+    assert (linked / "model.safetensors").read_bytes() == (plain / "model.safetensors").read_bytes()
+    with_vocab = merge.merge_adapter(base, adapter_with_vocab, tmp_path / "with_vocab", progress=False)
+    assert (with_vocab / "vocab.txt").read_bytes() == (adapter_with_vocab / "README.md").read_bytes()
+
+
+def test_outputs_get_the_users_umask(checkpoints, tmp_path):
+    previous = os.umask(0o027)
+    try:
+        out = merge.merge_adapter(checkpoints["base16"], checkpoints["adapter"], tmp_path / "merged", progress=False)
+    finally:
+        os.umask(previous)
+    assert out.stat().st_mode & 0o777 == 0o750
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {p.name: 0o640 for p in out.iterdir()}
+
+
+def test_a_killed_merges_staging_is_removed_on_the_next_start(checkpoints, tmp_path):
+    out = tmp_path / "merged"
+    # What a merge into `out` killed mid-write leaves: its staging directory; and, killed while --overwrite
+    # deleted the old model it had moved aside, that directory.
+    stale = [tmp_path / ".pyprefopt-tmp-merge-merged-k3j9x_2a", tmp_path / ".pyprefopt-old-merge-merged-0a1b2c3d"]
+    # Not ours to delete: another OUT's staging, a look-alike in another directory, a user's hidden directory.
+    kept = [tmp_path / ".pyprefopt-tmp-merge-merged-2-k3j9x_2a", tmp_path / ".pyprefopt-tmp-merge-other-k3j9x_2a",
+            tmp_path / "sub" / ".pyprefopt-tmp-merge-merged-k3j9x_2a", tmp_path / ".merged"]
+    for path in stale + kept:
+        path.mkdir(parents=True)
+        (path / "model.safetensors").write_bytes(b"half written")
+    out.mkdir()
+    merge.merge_adapter(checkpoints["base16"], checkpoints["adapter"], out, overwrite=True, progress=False)
+    assert [p for p in stale if p.exists()] == [] and all(p.exists() for p in kept)
+
+
+def test_a_moved_aside_model_is_kept_while_it_is_the_only_copy(checkpoints, tmp_path):
+    """A kill between --overwrite's two renames leaves OUT missing and its old model moved aside."""
+    moved_aside = tmp_path / ".pyprefopt-old-merge-merged-0a1b2c3d"
+    (moved_aside / "merged").mkdir(parents=True)
+    merge.merge_adapter(checkpoints["base16"], checkpoints["adapter"], tmp_path / "merged", progress=False)
+    assert (moved_aside / "merged").is_dir()
 
 
 # ----------------------------------------------------------------------------------------------------
