@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import functools
 import importlib
-import types
 import importlib.metadata
+import types
 from dataclasses import dataclass
 
 import torch
@@ -92,7 +92,9 @@ class FusedCausalLMOutput(ModelOutput):
     aux_loss: torch.Tensor | None = None
 
 
-def _check_plain_logits(config, what):
+def check_plain_logits(config, what):
+    """Refuse (NotImplementedError naming `what` and the config field) a model whose logits are more than
+    `hidden @ W.T + b`, whose router losses or encoder-decoder shape the fused head does not compute."""
     text_config = config.get_text_config()
     for name in LOGIT_TRANSFORMS:
         value = getattr(text_config, name, None)
@@ -131,7 +133,7 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
     "is_top1", computed in the same pass.
     """
     _check_transformers()
-    _check_plain_logits(model.config, "add_fused_lm_head")
+    check_plain_logits(model.config, "add_fused_lm_head")
     unknown = set(outputs) - set(HEAD_OUTPUTS)
     if unknown:
         raise ValueError(f"outputs must be among {HEAD_OUTPUTS}, got {sorted(unknown)}")
@@ -175,7 +177,7 @@ def _cpo_concatenated_forward(self, model, batch):
 
     if self.is_encoder_decoder:
         raise NotImplementedError("pyprefopt's CPO forward supports decoder-only models")
-    _check_plain_logits(model.config, "CPOTrainer")
+    check_plain_logits(model.config, "CPOTrainer")
     concatenated = self.concatenated_inputs(batch, is_encoder_decoder=False, padding_value=self.pad_token_id,
                                             device=self.accelerator.device)
     len_chosen = batch["chosen_labels"].shape[0]

@@ -383,6 +383,12 @@ def inject_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float 
                             "bitsandbytes Linear4bit only")
     for param in model.parameters():
         param.requires_grad_(False)
+    for module in model.modules():
+        if _is_linear4bit(module):
+            # bitsandbytes repacks a CPU Linear4bit's codes into an inference layout the first time it runs in
+            # eval mode without grad (an evaluation, a reference pass), and from then on runs it, in training too,
+            # through a kernel without a backward: gradients through the frozen layer would be silently wrong.
+            module.support_avx512bf16_for_cpu = False
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -240,7 +240,9 @@ def hardware_description(device, world) -> str:
 
 def load_model(args, train_rows, device):
     """(model, tokenizer, base path or hub id). LoRA layers are injected unless --full."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from pyprefopt.drop_in import check_plain_logits
 
     from pyprefopt.default_model import default_model_path
     from pyprefopt.lora import inject_lora
@@ -260,10 +262,19 @@ def load_model(args, train_rows, device):
                        "or a hub id reachable from here") from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    config = AutoConfig.from_pretrained(base)
+    try:
+        check_plain_logits(config, f"--model {base}")
+    except NotImplementedError as e:
+        raise RunError(str(e)) from e
     kwargs = {"dtype": torch.float32}
     if args.load_in_4bit:
+        kept = linear_layers_kept_16bit(config)
+        if kept:
+            log(0, f"--load-in-4bit: {len(kept)} linear layers stay 16-bit (fewer than {NF4_MIN_WEIGHTS} weights, "
+                f"or outputs not a multiple of {NF4_CPU_ROW_BLOCK}): {', '.join(kept)}")
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4",
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=kept + output_layer_names(config),
             bnb_4bit_compute_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
         kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
@@ -284,6 +295,34 @@ def load_model(args, train_rows, device):
     inject_lora(model, targets, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
     model.pyprefopt_lora_config.base_model_name_or_path = base
     return model, tokenizer, base
+
+
+# --load-in-4bit leaves a linear layer in 16-bit when 4-bit would save next to nothing (its weights at 4 bits
+# save under 96 KiB, while it still pays a dequantise per call) or when bitsandbytes' CPU kernel cannot run it
+# (it packs output rows in blocks of 32): routers and gates such as Gemma-3n's AltUp `Linear(hidden, 4)`.
+NF4_MIN_WEIGHTS = 2**16
+NF4_CPU_ROW_BLOCK = 32
+
+
+def _skeleton(config):
+    """The model built on the meta device: its module tree, no memory."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def linear_layers_kept_16bit(config) -> list[str]:
+    return [name for name, module in _skeleton(config).named_modules()
+            if isinstance(module, torch.nn.Linear)
+            and (module.weight.numel() < NF4_MIN_WEIGHTS or module.out_features % NF4_CPU_ROW_BLOCK)]
+
+
+def output_layer_names(config) -> list[str]:
+    """The LM head's module name: bitsandbytes' skip list replaces transformers' default one, which holds it."""
+    skeleton = _skeleton(config)
+    head = skeleton.get_output_embeddings()
+    return [name for name, module in skeleton.named_modules() if module is head]
 
 
 def decoder_and_head(model):

@@ -246,3 +246,70 @@ def test_stale_staging_is_removed_and_outputs_get_the_umask(data_dir, tmp_path, 
     assert not list(out.rglob(".pyprefopt-tmp-*"))
     for path in [out, *out.rglob("*")]:
         assert path.stat().st_mode & 0o777 == (0o775 if path.is_dir() else 0o664), path
+
+
+# ------------------------------------------------------------------------------------------- architectures
+
+
+def _gemma3n_config(vocab_size, softcap=30.0, **ids):
+    """A tiny Gemma-3n text config: AltUp (its modality router is Linear(hidden, 4)), LAuReL, per-layer inputs."""
+    from transformers import Gemma3nTextConfig
+
+    return Gemma3nTextConfig(
+        vocab_size=vocab_size, vocab_size_per_layer_input=vocab_size, hidden_size=64, hidden_size_per_layer_input=16,
+        intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+        laurel_rank=8, altup_num_inputs=4, num_kv_shared_layers=0, layer_types=["sliding_attention", "full_attention"],
+        sliding_window=32, activation_sparsity_pattern=[0.0, 0.0], max_position_embeddings=256,
+        final_logit_softcapping=softcap, bos_token_id=None, **ids)
+
+
+def _save_tiny_model(directory, data_dir, make_config):
+    """A tiny random model of `make_config(vocab_size, pad_token_id=..., eos_token_id=...)` with the default
+    tokenizer of the test data, saved to `directory`."""
+    from transformers import AutoModelForCausalLM
+
+    from pyprefopt import data as D
+    from pyprefopt.default_model import build_tokenizer
+
+    rows = D.normalise_rows(D.read_rows(data_dir / "sft" / "train.jsonl"), "sft", "train")
+    tokenizer = build_tokenizer(D.corpus(rows))
+    config = make_config(len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_qlora_keeps_linear_layers_4bit_cannot_serve_in_16bit(data_dir, tmp_path, capsys):
+    """bitsandbytes' CPU 4-bit kernel cannot run a Linear whose outputs are not a multiple of 32 (Gemma-3n's AltUp
+    router is Linear(hidden, 4)): such layers, and ones too small to gain from 4 bits, stay 16-bit, said once.
+    Here a Qwen3 whose MLP is 72 wide, its MLP not a LoRA target, so bitsandbytes' own forward would run it."""
+    from transformers import Qwen3Config
+
+    assert "model.layers.0.altup.modality_router" in train.linear_layers_kept_16bit(_gemma3n_config(512))
+
+    def odd_mlp_qwen3(vocab_size, **ids):
+        return Qwen3Config(vocab_size=vocab_size, hidden_size=256, intermediate_size=72, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=64, bos_token_id=None, **ids)
+
+    model_dir = _save_tiny_model(tmp_path / "qwen3", data_dir, odd_mlp_qwen3)
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert train.main(["--method", "sft", "--model", str(model_dir), "--data", str(data_dir / "sft"),
+                       "--output-dir", str(out), "--max-steps", "2", "--batch-size", "4", "--load-in-4bit",
+                       "--target-modules", "q_proj,v_proj"]) == 0
+    err = capsys.readouterr().err
+    assert "--load-in-4bit: " in err and "model.layers.0.mlp.gate_proj" in err, err
+    assert "model.layers.0.self_attn.q_proj" not in err.split("--load-in-4bit: ")[1].splitlines()[0]
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_a_soft_capped_model_is_refused_before_anything_is_written(data_dir, tmp_path, capsys):
+    """Until the fused head applies soft-capping, training such a model would silently optimise another loss."""
+    model_dir = _save_tiny_model(tmp_path / "gemma3n", data_dir, _gemma3n_config)
+    capsys.readouterr()
+    assert train.main(["--method", "sft", "--model", str(model_dir), "--data", str(data_dir / "sft"),
+                       "--output-dir", str(tmp_path / "run"), "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "final_logit_softcapping=30.0" in err[0], err
+    assert not (tmp_path / "run").exists()

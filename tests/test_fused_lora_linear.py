@@ -373,6 +373,33 @@ def test_qlora_model_gradients_match_peft(tmp_path):
                                  rtol=1e-4, atol=1e-6, name=f"{name}.{part}")
 
 
+def test_an_evaluation_leaves_frozen_4bit_layers_differentiable():
+    """bitsandbytes repacks a CPU Linear4bit into an inference layout on its first eval-mode call without grad (on
+    CPUs with AVX512-BF16), and from then on runs it, in training too, through a kernel without a backward.
+    inject_lora keeps the standard layout, so the adapters' gradients through the frozen 4-bit layers (every
+    layer but q_proj here; widths multiples of 32, which that layout needs) are the same after an evaluation."""
+    torch.manual_seed(7)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=1, vocab_size=101)
+    model = lora.inject_lora(_quantise_linears(transformers.AutoModelForCausalLM.from_config(config)), ["q_proj"],
+                             r=4, lora_alpha=8)
+    _randomise_adapters(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ids = torch.randint(0, 101, (2, 8))
+
+    def adapter_gradients():
+        model.train()(input_ids=ids).logits.square().mean().backward()
+        grads = [p.grad.clone() for p in trainable]
+        model.zero_grad(set_to_none=True)
+        return grads
+
+    before = adapter_gradients()
+    with torch.no_grad():
+        model.eval()(input_ids=ids)
+    for after, want in zip(adapter_gradients(), before):
+        assert_close_verbose(after, want, rtol=1e-5, atol=1e-7, name="adapter gradient after an evaluation")
+
+
 def test_save_overwrites_atomically_and_reloads(tmp_path):
     model = lora.inject_lora(_tiny_llama(), ["q_proj", "v_proj"], r=4, lora_alpha=8)
     _randomise_adapters(model)
