@@ -30,6 +30,8 @@ Two ways to the gradient:
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 
 import torch
 
@@ -124,6 +126,79 @@ def _logits_kept_in_gradient(n_tokens, plan, vocab, width):
     block, tile, slots = plan
     tiles = -(-n_tokens // block) * -(-vocab // tile)
     return (tiles - slots) * block * tile if tiles > slots and n_tokens <= block and n_tokens <= width else 0
+
+
+def _tensor_description(value):
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
+def _check_labels(name, labels, device=None):
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"{name} must be an integer tensor [batch, seq_len], got {_tensor_description(labels)}")
+    if labels.dim() != 2:
+        raise ValueError(f"{name} must be [batch, seq_len], got shape {tuple(labels.shape)}")
+    if device is not None and labels.device != device:
+        raise ValueError(f"{name} must be on hidden's device {device}, got {labels.device}")
+
+
+def _given_sequence_logps(name, given, labels, labels_name, ignore_index, device):
+    """Frozen log-probs `given` per sequence [B], or per token shaped as `labels`, as detached fp32 sums [B]."""
+    if not isinstance(given, torch.Tensor) or not given.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {_tensor_description(given)}")
+    if given.device != device:
+        raise ValueError(f"{name} must be on hidden's device {device}, got {given.device}")
+    if labels is None:
+        if given.dim() != 1:
+            raise ValueError(f"{name} has shape {tuple(given.shape)}, expected [batch] per sequence (per token "
+                             f"[batch, seq_len] needs {labels_name})")
+        return given.detach().float()
+    rows = labels.shape[0]
+    if given.shape == (rows,):
+        return given.detach().float()
+    if given.shape != labels.shape:
+        raise ValueError(f"{name} has shape {tuple(given.shape)}, expected ({rows},) per sequence or "
+                         f"{tuple(labels.shape)} per token (the shape of {labels_name})")
+    # A sequence's log-prob sums its completion tokens only, the same ones as the policy's: TRL masks the policy's and
+    # the reference's per-token log-probs with one completion mask. Selected, not multiplied: a non-finite value at
+    # an ignored position must not leak in.
+    return torch.where(labels != ignore_index, given.detach().float(), 0.0).sum(-1)
+
+
+def _check_frozen_hidden(name, hidden, labels, labels_name, weight, weight_name):
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {_tensor_description(hidden)}")
+    if tuple(hidden.shape[:-1]) != tuple(labels.shape):
+        raise ValueError(f"{name} must be [batch, seq_len, hidden] with [batch, seq_len] = {tuple(labels.shape)} (the "
+                         f"shape of {labels_name}), got shape {tuple(hidden.shape)}")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{name}'s hidden size ({hidden.shape[-1]}) must equal {weight_name}'s ({weight.shape[1]}): "
+                         f"{name} {tuple(hidden.shape)}, {weight_name} {tuple(weight.shape)}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"{name} ({hidden.dtype}) and {weight_name} ({weight.dtype}) must share a dtype")
+    if hidden.device != weight.device:
+        raise ValueError(f"{name} must be on {weight_name}'s device {weight.device}, got {hidden.device}")
+
+
+def _check_reference_head(ref_weight, ref_bias, weight, device):
+    """The reference head: `ref_weight` [vocab, hidden] (default: the policy's `weight`) and `ref_bias` [vocab]."""
+    if ref_weight is not None:
+        if not isinstance(ref_weight, torch.Tensor) or not ref_weight.is_floating_point() or ref_weight.dim() != 2:
+            raise ValueError(f"ref_weight must be a floating-point tensor [vocab, hidden], got "
+                             f"{_tensor_description(ref_weight)}")
+        if ref_weight.device != device:
+            raise ValueError(f"ref_weight must be on hidden's device {device}, got {ref_weight.device}")
+    head, head_name = (weight, "weight") if ref_weight is None else (ref_weight, "ref_weight")
+    if ref_bias is None:
+        return
+    if not isinstance(ref_bias, torch.Tensor) or ref_bias.shape != (head.shape[0],):
+        raise ValueError(f"ref_bias must be [vocab]=({head.shape[0]},) as {head_name}, got "
+                         f"{_tensor_description(ref_bias)}")
+    if ref_bias.dtype != head.dtype:
+        raise TypeError(f"ref_bias ({ref_bias.dtype}) must have {head_name}'s dtype ({head.dtype})")
+    if ref_bias.device != device:
+        raise ValueError(f"ref_bias must be on hidden's device {device}, got {ref_bias.device}")
 
 
 class _TrainedHeadLossFunction(torch.autograd.Function):
@@ -310,8 +385,23 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             raise TypeError(
                 f"{method} takes hyper-parameters {sorted(_hyperparameters(method))}, not {sorted(unknown)}"
             )
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+            raise TypeError(f"ignore_index must be an integer label value, got {ignore_index!r}")
+        for name, value in {"temperature": temperature, **hparams}.items():
+            if name == "simpo_gamma" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be a real number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
         if "beta" in hparams and not hparams["beta"] > 0:
             raise ValueError(f"beta must be > 0, got {hparams['beta']}")
+        # The probability that a preference label is flipped (conservative DPO, Mitchell 2023), which TRL documents as
+        # lying in [0, 0.5): above one half the loss prefers the rejected answers, below 0 it is unbounded below.
+        if "label_smoothing" in hparams and not 0 <= hparams["label_smoothing"] <= 0.5:
+            raise ValueError(f"label_smoothing must lie in [0, 0.5], got {hparams['label_smoothing']}")
         self.method = method
         self.ignore_index = ignore_index
         self.temperature = temperature
@@ -327,14 +417,20 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         token_logps = fused_linear_logprobs(hidden, weight, labels, bias, self.ignore_index, self.temperature)
         return token_logps.sum(-1), (labels != self.ignore_index).sum(-1)
 
-    def _frozen_sequence_logps(self, given, hidden, weight, bias, labels, name):
-        """Per-sequence log-probs under no grad: given directly ([B] or per-token [B, T]), or from hidden states."""
+    def _frozen_sequence_logps(self, name, given, hidden, head, labels, labels_name, device):
+        """Per-sequence log-probs `name` under no grad: given directly as `{name}_logps` (per sequence, or per token
+        shaped as `labels`), or from hidden states `{name}_hidden` through `head` = (weight, bias, weight's name)."""
+        logps_name, hidden_name = f"{name}_logps", f"{name}_hidden"
+        if given is not None and hidden is not None:
+            raise ValueError(f"give {logps_name} or {hidden_name}, not both")
         if given is not None:
-            return given.detach().float().sum(-1) if given.dim() == 2 else given.detach().float()
+            return _given_sequence_logps(logps_name, given, labels, labels_name, self.ignore_index, device)
         if hidden is None:
             return None
-        if weight is None:
-            raise ValueError(f"{name}_hidden needs a weight ({name}_weight or the policy's lm_head weight)")
+        if labels is None:
+            raise ValueError(f"{hidden_name} needs {labels_name}")
+        weight, bias, weight_name = head
+        _check_frozen_hidden(hidden_name, hidden, labels, labels_name, weight, weight_name)
         with torch.no_grad():
             return self.sequence_logps(hidden, weight, labels, bias)[0]
 
@@ -359,10 +455,12 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
     ):
         """Returns `(loss, metrics)`.
 
-        Reference inputs (dpo/ipo/kto): `ref_logps` per sequence [B] or per token [B, T], or
-        `ref_hidden` [B, T, H] with `ref_weight`/`ref_bias` (default: the policy's head) computed under no grad.
-        KTO: `desirable` [B] bool, and the KL reference point as `kl`, or from the mismatched pairs:
-        `kl_hidden` with `kl_labels` (or `kl_logps`) and `ref_kl_hidden` (or `ref_kl_logps`).
+        Reference inputs (dpo/ipo/kto): `ref_logps` per sequence [B] or per token [B, T] (shaped as `labels`; only
+        positions whose label is not ignore_index count), or `ref_hidden` [B, T, H] with `ref_weight`/`ref_bias`
+        (default: the policy's head) computed under no grad.
+        KTO: `desirable` [B] bool (or 0/1 integers, or a sequence of bools), and the KL reference point as `kl` (a
+        number or one-element tensor), or from the mismatched pairs: `kl_hidden` with `kl_labels` (or `kl_logps`,
+        [B_kl], or [B_kl, T_kl] with `kl_labels`) and `ref_kl_hidden` (or `ref_kl_logps`, shaped as `kl_logps`).
         """
         given = {name for name, value in (
             ("ref_logps", ref_logps), ("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias),
@@ -375,18 +473,32 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             raise ValueError(f"{self.method} does not use {sorted(unused)}")
         if kl is not None and given & {"kl_hidden", "kl_labels", "kl_logps", "ref_kl_hidden", "ref_kl_logps"}:
             raise ValueError("give kto either `kl` or the mismatched-pair inputs it is estimated from, not both")
+        head_inputs = given & {"ref_weight", "ref_bias"}
+        if head_inputs and not given & {"ref_hidden", "ref_kl_hidden"}:
+            raise ValueError(f"{sorted(head_inputs)} project ref_hidden or ref_kl_hidden, and neither is given")
+        _check_labels("labels", labels)
+        _check_inputs(hidden, weight, labels, bias, self.temperature)
+        device = hidden.device
+        if head_inputs:
+            _check_reference_head(ref_weight, ref_bias, weight, device)
+        ref_weight_name = "weight" if ref_weight is None else "ref_weight"
         ref_weight = weight if ref_weight is None else ref_weight
         ref_bias = bias if ref_bias is None and ref_weight is weight else ref_bias
-        ref = self._frozen_sequence_logps(ref_logps, ref_hidden, ref_weight, ref_bias, labels, "ref")
+        ref_head = (ref_weight, ref_bias, ref_weight_name)
+        ref = self._frozen_sequence_logps("ref", ref_logps, ref_hidden, ref_head, labels, "labels", device)
         extra = {}
         if self.method == "kto":
             if kl_hidden is not None and kl_labels is None:
                 raise ValueError("kl_hidden needs kl_labels")
-            extra["desirable"] = desirable
-            extra["kl"] = kl
-            extra["kl_logps"] = self._frozen_sequence_logps(kl_logps, kl_hidden, weight, bias, kl_labels, "kl")
+            if kl_labels is not None:
+                _check_labels("kl_labels", kl_labels, device)
+            extra["desirable"] = None if desirable is None else losses.desirable_mask(desirable, labels.shape[0], device)
+            extra["kl"] = None if kl is None else losses.kl_point(kl, device)
+            extra["kl_logps"] = self._frozen_sequence_logps(
+                "kl", kl_logps, kl_hidden, (weight, bias, "weight"), kl_labels, "kl_labels", device
+            )
             extra["ref_kl_logps"] = self._frozen_sequence_logps(
-                ref_kl_logps, ref_kl_hidden, ref_weight, ref_bias, kl_labels, "ref_kl"
+                "ref_kl", ref_kl_logps, ref_kl_hidden, ref_head, kl_labels, "kl_labels", device
             )
         lengths = (labels != self.ignore_index).sum(-1)
 
@@ -408,9 +520,6 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         trained = weight.requires_grad or (bias is not None and bias.requires_grad)
         if not (trained and torch.is_grad_enabled() and hidden.device.type == "cpu"):
             return None
-        _check_inputs(hidden, weight, labels, bias, self.temperature)
-        if labels.dim() != 2:
-            raise ValueError(f"labels must be [batch, seq_len], got shape {tuple(labels.shape)}")
         if self.method in losses.PAIRED_METHODS and labels.shape[0] % 2:
             return None  # from_sequence_stats names the error
         _check_label_range(labels[labels != self.ignore_index].long(), weight.shape[0])

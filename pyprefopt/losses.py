@@ -14,6 +14,8 @@ losses combined with weights `2(1-e)` and `-(1-2e)` (its "sigmoid" alone ignores
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 
@@ -117,6 +119,45 @@ def cpo_loss(
     return loss, metrics
 
 
+def desirable_mask(desirable, rows, device):
+    """KTO's `desirable` as a [rows] bool tensor on `device`: given as a bool tensor, a tensor of 0/1 integers or a
+    sequence of Python bools."""
+    if isinstance(desirable, (list, tuple)):
+        not_bools = sorted({type(v).__name__ for v in desirable if not isinstance(v, bool)})
+        if not_bools:
+            raise TypeError(f"desirable must be a [batch] bool tensor or a sequence of bools, got a "
+                            f"{type(desirable).__name__} holding {', '.join(not_bools)}")
+        desirable = torch.tensor(desirable, dtype=torch.bool, device=device)
+    if not isinstance(desirable, torch.Tensor):
+        raise TypeError(f"desirable must be a [batch] bool tensor or a sequence of bools, got {type(desirable).__name__}")
+    if desirable.shape != (rows,):
+        raise ValueError(f"desirable has shape {tuple(desirable.shape)}, expected ({rows},): one flag per row")
+    if desirable.device != device:
+        raise ValueError(f"desirable must be on the log-probs' device {device}, got {desirable.device}")
+    if desirable.dtype == torch.bool:
+        return desirable
+    if desirable.is_floating_point() or desirable.is_complex():
+        raise TypeError(f"desirable must be a bool tensor (or 0/1 integers), got {desirable.dtype}")
+    # Any non-zero integer would read as desirable: only 0 and 1 say which class a row is.
+    others = desirable[(desirable != 0) & (desirable != 1)]
+    if others.numel():
+        raise ValueError(f"desirable must hold only 0/1 (or bools), got {others[0].item()}")
+    return desirable.bool()
+
+
+def kl_point(kl, device):
+    """KTO's given reference point z0 as a 0-d tensor: a real number, or a one-element floating-point tensor."""
+    if isinstance(kl, numbers.Real) and not isinstance(kl, bool):
+        return torch.tensor(float(kl), device=device)
+    if not isinstance(kl, torch.Tensor) or not kl.is_floating_point():
+        raise TypeError(f"kl must be a number or a one-element floating-point tensor (the batch's KL estimate), got "
+                        f"{kl.dtype if isinstance(kl, torch.Tensor) else type(kl).__name__}")
+    # One estimate for the whole batch (Ethayarajh et al. 2024, Eq. 7): a [batch] tensor would broadcast row-wise.
+    if kl.numel() != 1:
+        raise ValueError(f"kl must be a single value (the batch's KL estimate), got shape {tuple(kl.shape)}")
+    return kl.reshape(())
+
+
 def kto_kl(kl_logps, ref_kl_logps):
     """KTO's reference point z0 (Ethayarajh et al. 2024, Eq. 7): the batch estimate of
     KL(pi || ref) from mismatched prompt/completion pairs, detached and clamped at 0."""
@@ -130,11 +171,12 @@ def kto_loss(logps, ref_logps, desirable, kl, beta=0.1, desirable_weight=1.0, un
         undesirable: w_U * (1 - sigma(beta * (z0 - r)))
 
     with `r = pi - ref` (summed log-probs) and `z0 = kl` from `kto_kl`. The loss is the mean over all
-    rows; `desirable_weight` and `undesirable_weight` are honoured.
+    rows; `desirable_weight` and `undesirable_weight` are honoured. `desirable` as `desirable_mask` takes it, `kl` as
+    `kl_point` does.
     """
-    desirable = desirable.bool()
+    desirable = desirable_mask(desirable, logps.shape[0], logps.device)
     logratios = logps - ref_logps
-    kl = kl.detach()
+    kl = kl_point(kl, logps.device).detach()
     losses = torch.where(
         desirable,
         desirable_weight * (1 - torch.sigmoid(beta * (logratios - kl))),
@@ -175,6 +217,9 @@ def from_sequence_stats(
     if method in REFERENCE_METHODS:
         if ref_logps is None:
             raise ValueError(f"{method} needs reference log-probs (ref_logps, or ref_hidden with ref_weight)")
+        if not isinstance(ref_logps, torch.Tensor) or not ref_logps.is_floating_point():
+            raise TypeError(f"ref_logps must be a floating-point tensor [batch], got "
+                            f"{ref_logps.dtype if isinstance(ref_logps, torch.Tensor) else type(ref_logps).__name__}")
         if ref_logps.shape != logps.shape:
             raise ValueError(f"ref_logps has shape {tuple(ref_logps.shape)}, expected {tuple(logps.shape)}")
     if method == "sft":
@@ -182,14 +227,16 @@ def from_sequence_stats(
     if method == "kto":
         if desirable is None:
             raise ValueError("kto needs `desirable`, a [batch] bool tensor marking desirable rows")
-        if desirable.shape != logps.shape:
-            raise ValueError(f"desirable has shape {tuple(desirable.shape)}, expected {tuple(logps.shape)}")
         if kl is None:
             if kl_logps is None or ref_kl_logps is None:
                 raise ValueError(
                     "kto needs its KL reference point: pass `kl`, or the mismatched-pair log-probs "
                     "(kl_hidden/kl_labels or kl_logps, and their reference)"
                 )
+            # One log-prob per mismatched pair on each side: other shapes would broadcast into a wrong mean.
+            if kl_logps.dim() != 1 or ref_kl_logps.shape != kl_logps.shape:
+                raise ValueError(f"kl_logps {tuple(kl_logps.shape)} and ref_kl_logps {tuple(ref_kl_logps.shape)} "
+                                 "must both be [kl_batch], one log-prob per mismatched pair")
             kl = kto_kl(kl_logps, ref_kl_logps)
         return kto_loss(logps, ref_logps, desirable, kl, **hparams)
     if logps.shape[0] % 2:
