@@ -260,6 +260,56 @@ def test_reference_inputs_are_interchangeable():
     assert_close_verbose(from_hidden, from_sums)
 
 
+@pytest.mark.parametrize("trained", [False, True], ids=["frozen-head", "trained-head"])
+@pytest.mark.parametrize("method", ["dpo", "ipo", "kto"])
+def test_per_token_reference_counts_only_completion_tokens(method, trained):
+    """Per-token reference log-probs count the positions the policy's count (labels != ignore_index), as TRL masks
+    both with one completion mask: garbage at prompt and padding positions changes nothing, and the loss is that of
+    the per-sequence sums. KTO's mismatched pairs are masked by kl_labels alike."""
+    (hidden, weight, labels, bias), ours, _ = make_batch(method, trained=trained)
+    per_token = reference_logprobs(ours.pop("ref_hidden"), weight, labels, bias).detach()
+    garbage = per_token + torch.randn(labels.shape).masked_fill(labels != -100, 0) * 50
+    assert not torch.equal(garbage, per_token)
+    inputs = {"clean": {"ref_logps": per_token}, "garbage": {"ref_logps": garbage},
+              "sums": {"ref_logps": per_token.sum(-1)}}
+    if method == "kto":
+        kl_labels = ours.pop("kl_labels")
+        kl_per_token = reference_logprobs(ours.pop("kl_hidden"), weight, kl_labels, bias).detach()
+        kl_garbage = kl_per_token + torch.randn(kl_labels.shape).masked_fill(kl_labels != -100, 0) * 50
+        ours["ref_kl_logps"] = kl_per_token.sum(-1) - 1  # KL point 1, not clamped to 0: the garbage would show
+        inputs["clean"].update(kl_logps=kl_per_token, kl_labels=kl_labels)
+        inputs["garbage"].update(kl_logps=kl_garbage, kl_labels=kl_labels)
+        inputs["sums"].update(kl_logps=kl_per_token.sum(-1))
+    loss_fn = FusedLinearPreferenceLoss(method)
+    results = {name: loss_fn(hidden, weight, labels, bias, **ours, **given) for name, given in inputs.items()}
+    for name in ("garbage", "sums"):
+        assert_close_verbose(results[name][0], results["clean"][0], name=f"{name} loss")
+        for key, value in results["clean"][1].items():
+            assert_close_verbose(results[name][1][key], value, name=f"{name} {key}")
+
+
+def test_kto_desirable_and_kl_forms_give_one_loss():
+    """`desirable` as a bool tensor, 0/1 integers or a list of bools, and `kl` as a 0-d tensor, a one-element tensor
+    or a number: one loss, bit for bit."""
+    (hidden, weight, labels, bias), ours, _ = make_batch("kto")
+    desirable = ours.pop("desirable")
+    for name in ("kl_hidden", "kl_labels", "ref_kl_logps"):
+        ours.pop(name)
+    loss_fn = FusedLinearPreferenceLoss("kto", beta=0.1)
+    want, _ = loss_fn(hidden, weight, labels, bias, desirable=desirable, kl=torch.tensor(0.25), **ours)
+    for form in (desirable.long(), desirable.tolist()):
+        for kl in (torch.tensor([0.25]), 0.25):
+            got, _ = loss_fn(hidden, weight, labels, bias, desirable=form, kl=kl, **ours)
+            assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kwargs", [{"method": "dpo", "label_smoothing": 0.5}, {"method": "cpo", "label_smoothing": 0},
+                                    {"method": "cpo", "simpo_gamma": None}, {"method": "sft", "ignore_index": -1},
+                                    {"method": "kto", "beta": 2, "desirable_weight": 0.0}])
+def test_hyperparameters_at_their_bounds_are_accepted(kwargs):
+    FusedLinearPreferenceLoss(**kwargs)
+
+
 def test_dpo_by_hand():
     loss, m = losses.dpo_loss(torch.tensor([-10.0]), torch.tensor([-14.0]), torch.tensor([-11.0]),
                               torch.tensor([-12.0]), beta=0.5)
