@@ -254,11 +254,11 @@ def over_budget(signum, frame):
 signal.signal(signal.SIGALRM, over_budget)
 job = json.load(sys.stdin)
 matches = []
-for number, (regex, anchored_at_end) in enumerate(job["regexes"]):
+for number, (regex, whole_name) in enumerate(job["regexes"]):
     try:
         compiled = re.compile(regex)
         signal.setitimer(signal.ITIMER_REAL, job["budget"])
-        match = compiled.match if anchored_at_end else compiled.fullmatch
+        match = compiled.fullmatch if whole_name else compiled.match
         matches.append([match(name) is not None for name in job["names"]])
         signal.setitimer(signal.ITIMER_REAL, 0)
     except re.error as err:
@@ -275,14 +275,14 @@ print(json.dumps({"matches": matches}))
 class _Pattern:
     field: str  # how the config names it, e.g. "rank_pattern key 'v_proj'"
     regex: str  # as PEFT compiles it
-    anchored_at_end: bool  # PEFT's `re.match(regex)` with a `$` in it, else `re.fullmatch(regex)`
+    whole_name: bool  # PEFT's `re.fullmatch(regex, name)`, else its `re.match(regex, name)`
 
 
 def _run_patterns(patterns: list[_Pattern], names: list[str], config_path: Path) -> list[list[bool]]:
     """Whether each pattern matches each name, PEFT's way, each pattern within PATTERN_BUDGET_S."""
     if not patterns:
         return []
-    job = {"regexes": [(p.regex, p.anchored_at_end) for p in patterns], "names": names, "budget": PATTERN_BUDGET_S}
+    job = {"regexes": [(p.regex, p.whole_name) for p in patterns], "names": names, "budget": PATTERN_BUDGET_S}
     # The backstop allows for the child's start on a loaded machine; the alarm ends a slow pattern far sooner.
     backstop_s = 30 + PATTERN_BUDGET_S * len(patterns)
     try:
@@ -295,7 +295,7 @@ def _run_patterns(patterns: list[_Pattern], names: list[str], config_path: Path)
         answer = json.loads(done.stdout)
     except json.JSONDecodeError:
         raise MergeError(f"matching the regular expressions of {config_path} failed in a child Python "
-                         f"(exit status {done.returncode}): {done.stderr.strip()[-300:]}") from None
+                         f"(exit status {done.returncode}): {' '.join(done.stderr.split())[-300:]}") from None
     if "invalid" in answer:
         pattern = patterns[answer["invalid"]]
         raise MergeError(f"{config_path}: {pattern.field} is not a valid regular expression ({answer['why']}); "
@@ -323,11 +323,11 @@ def module_settings(config: dict, modules: list[str], config_path: Path) -> dict
     alpha_pattern key `k` with `(.*\.)?(k)$` matching the name), its regexes run under a budget."""
     target_modules = config.get("target_modules")
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    patterns = [_Pattern(f"{field} key {key!r}", rf"(.*\.)?({key})$", True)
+    patterns = [_Pattern(f"{field} key {key!r}", rf"(.*\.)?({key})$", False)
                 for field, keys in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)) for key in keys]
     regex_target = isinstance(target_modules, str) and target_modules != "all-linear"
     if regex_target:
-        patterns.append(_Pattern(f"target_modules {target_modules!r}", target_modules, False))
+        patterns.append(_Pattern(f"target_modules {target_modules!r}", target_modules, True))
     matches = _run_patterns(patterns, modules, config_path)
     rank_matches, alpha_matches = matches[: len(rank_pattern)], matches[len(rank_pattern) : len(patterns) - regex_target]
     settings = {}
