@@ -184,9 +184,10 @@ def _check_frozen_hidden(name, hidden, labels, labels_name, weight, weight_name)
 def _check_reference_head(ref_weight, ref_bias, weight, device):
     """The reference head: `ref_weight` [vocab, hidden] (default: the policy's `weight`) and `ref_bias` [vocab]."""
     if ref_weight is not None:
-        if not isinstance(ref_weight, torch.Tensor) or not ref_weight.is_floating_point() or ref_weight.dim() != 2:
-            raise ValueError(f"ref_weight must be a floating-point tensor [vocab, hidden], got "
-                             f"{_tensor_description(ref_weight)}")
+        if not isinstance(ref_weight, torch.Tensor) or not ref_weight.is_floating_point():
+            raise TypeError(f"ref_weight must be a floating-point tensor, got {_tensor_description(ref_weight)}")
+        if ref_weight.dim() != 2:
+            raise ValueError(f"ref_weight must be [vocab, hidden], got shape {tuple(ref_weight.shape)}")
         if ref_weight.device != device:
             raise ValueError(f"ref_weight must be on hidden's device {device}, got {ref_weight.device}")
     head, head_name = (weight, "weight") if ref_weight is None else (ref_weight, "ref_weight")
@@ -492,7 +493,8 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
                 raise ValueError("kl_hidden needs kl_labels")
             if kl_labels is not None:
                 _check_labels("kl_labels", kl_labels, device)
-            extra["desirable"] = None if desirable is None else losses.desirable_mask(desirable, labels.shape[0], device)
+            if desirable is not None:
+                extra["desirable"] = losses.desirable_mask(desirable, labels.shape[0], device)
             extra["kl"] = None if kl is None else losses.kl_point(kl, device)
             extra["kl_logps"] = self._frozen_sequence_logps(
                 "kl", kl_logps, kl_hidden, (weight, bias, "weight"), kl_labels, "kl_labels", device

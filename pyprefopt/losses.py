@@ -129,7 +129,9 @@ def desirable_mask(desirable, rows, device):
                             f"{type(desirable).__name__} holding {', '.join(not_bools)}")
         desirable = torch.tensor(desirable, dtype=torch.bool, device=device)
     if not isinstance(desirable, torch.Tensor):
-        raise TypeError(f"desirable must be a [batch] bool tensor or a sequence of bools, got {type(desirable).__name__}")
+        raise TypeError(
+            f"desirable must be a [batch] bool tensor or a sequence of bools, got {type(desirable).__name__}"
+        )
     if desirable.shape != (rows,):
         raise ValueError(f"desirable has shape {tuple(desirable.shape)}, expected ({rows},): one flag per row")
     if desirable.device != device:

@@ -99,7 +99,11 @@ BAD_INPUTS = [
     Case("ref_weight of one dimension",
          lambda s: s.loss("dpo", ref_logps=None, ref_hidden=torch.randn(BATCH, SEQ, WIDTH),
                           ref_weight=torch.randn(VOCAB)),
-         ValueError, "ref_weight must be a floating-point tensor [vocab, hidden], got a torch.float32 tensor of shape"),
+         ValueError, "ref_weight must be [vocab, hidden], got shape (77,)"),
+    Case("ref_weight of integers",
+         lambda s: s.loss("dpo", ref_logps=None, ref_hidden=torch.randn(BATCH, SEQ, WIDTH),
+                          ref_weight=torch.zeros(VOCAB, WIDTH, dtype=torch.long)),
+         TypeError, "ref_weight must be a floating-point tensor, got a torch.int64 tensor of shape (77, 20)"),
     Case("ref_bias of another vocabulary",
          lambda s: s.loss("dpo", ref_logps=None, ref_hidden=torch.randn(BATCH, SEQ, WIDTH),
                           ref_bias=torch.randn(VOCAB + 1)),
@@ -107,7 +111,8 @@ BAD_INPUTS = [
     # KTO's mismatched pairs: shapes pair with kl_labels, and kl_logps with ref_kl_logps.
     Case("kl_logps per token too long",
          lambda s: s.loss("kto", kl_logps=torch.randn(BATCH, SEQ + 2), kl_labels=s.labels),
-         ValueError, "kl_logps has shape (4, 11), expected (4,) per sequence or (4, 9) per token (the shape of kl_labels)"),
+         ValueError, "kl_logps has shape (4, 11), expected (4,) per sequence or (4, 9) per token (the shape of "
+                     "kl_labels)"),
     Case("ref_kl_logps per token without kl_labels", lambda s: s.loss("kto", ref_kl_logps=torch.randn(BATCH, SEQ)),
          ValueError, "ref_kl_logps has shape (4, 9), expected [batch] per sequence (per token [batch, seq_len] needs "
                      "kl_labels)"),
