@@ -577,16 +577,17 @@ def _side_files(base: Path, adapter_dir: Path) -> dict[str, Path]:
 
 
 def _check_out(out: Path, inputs: dict[str, Path], overwrite: bool):
-    """--overwrite deletes OUT: it must not be, hold or sit inside an input (after following symlinks)."""
+    """--overwrite deletes OUT: it must not be or hold an input (after following symlinks). Inside an input is
+    allowed: only OUT itself is written or deleted there (train --merge writes <run>/merged beside the adapter)."""
     if out.name in ("", ".", ".."):
         raise MergeError(f"--out {out} must name the directory to create, e.g. --out ./merged")
     if out.exists() and not overwrite:
         raise MergeError(f"{out} exists; pass --overwrite to replace it")
     resolved = out.resolve()
     for label, path in inputs.items():
-        if resolved.is_relative_to(path.resolve()) or path.resolve().is_relative_to(resolved):
-            raise MergeError(f"--out {out} must not be, contain or lie inside the {label} directory {path}; "
-                             "choose an --out outside it")
+        if path.resolve().is_relative_to(resolved):
+            raise MergeError(f"--out {out} must not be or contain the {label} directory {path}: --overwrite would "
+                             "delete it; choose another --out")
 
 
 def _staging_name(out: Path) -> re.Pattern:
