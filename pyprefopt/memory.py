@@ -76,3 +76,9 @@ def release_cpu_memory(step: int | None = None) -> bool:
         return False
     _LIBC.malloc_trim(0)
     return True
+
+
+def bound_cpu_memory_growth() -> dict[str, str]:
+    """Once, at the start of a CPU run, before its first oneDNN GEMM: bounded oneDNN caches (what importing
+    pyprefopt.cpu_linear already did, unless oneDNN ran first). Returns the settings in force."""
+    return bound_onednn_caches()
