@@ -12,13 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from pyprefopt.memory import bound_onednn_caches
-
-# oneDNN keeps every shape's kernel in two caches of 1024 entries each by default; the token counts of packed
-# batches make a new shape nearly every step, so a long run would fill them with dead kernels. Bounded here,
-# before this module sends its first GEMM to oneDNN (see pyprefopt.memory); a value the user set wins.
-bound_onednn_caches()
-
 # Multiply-adds from which a GEMM takes oneDNN: at 2^27 (e.g. 512 x 512 x 512) a GEMM takes ~1 ms on two
 # cores, the order of oneDNN's cost for a shape it has not seen.
 ONEDNN_MIN_MACS = 1 << 27

@@ -54,6 +54,7 @@ from pyprefopt import data as D
 from pyprefopt import losses
 from pyprefopt.files import atomic_write, atomic_write_text, publishable, remove_stale_staging, staging_dir
 from pyprefopt.fused_linear_preference_loss import FusedLinearPreferenceLoss
+from pyprefopt.memory import bound_onednn_caches
 
 DEFAULT_TARGET_MODULES = "all-linear"
 CHECKPOINTS = "checkpoints"
@@ -834,6 +835,8 @@ def _drop_bitsandbytes_hub_kernel_notices():
 
 
 def main(argv=None) -> int:
+    # Before any GEMM: packed batches make new shapes every step (pyprefopt.memory).
+    bound_onednn_caches()
     _drop_bitsandbytes_hub_kernel_notices()
     args = parse_args(argv)
     rank, world, device = setup_distributed()
