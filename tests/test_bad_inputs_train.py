@@ -167,7 +167,8 @@ def small_filesystem(tmp_path):
     if made.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
     yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    # Lazy: tensors safetensors loaded from files there may still map them until they are collected.
+    subprocess.run(["umount", "--lazy", str(mount)], check=True)
 
 
 def test_a_full_disk_at_the_final_save_loses_nothing(data_dir, small_filesystem, capsys):
@@ -206,7 +207,7 @@ def test_an_unwritable_output_dir_fails_before_the_reference_pass(data_dir, tmp_
         err = capsys.readouterr().err.strip().splitlines()
     finally:
         if made.returncode == 0:
-            subprocess.run(["umount", str(target)], check=True)
+            subprocess.run(["umount", "--lazy", str(target)], check=True)
     assert status == 2 and len(err) == 1 and "cannot write there" in err[0] and "writable" in err[0], err
 
 
