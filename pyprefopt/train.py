@@ -270,12 +270,12 @@ def load_model(args, train_rows, device):
         raise RunError(str(e)) from e
     kwargs = {"dtype": torch.float32}
     if args.load_in_4bit:
-        kept = linear_layers_kept_16bit(config)
+        kept, head = layers_left_16bit(config)
         if kept:
             log(0, f"--load-in-4bit: {len(kept)} linear layers stay 16-bit (fewer than {NF4_MIN_WEIGHTS} weights, "
                 f"or outputs not a multiple of {NF4_CPU_ROW_BLOCK}): {', '.join(kept)}")
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=kept + output_layer_names(config),
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=kept + head,
             bnb_4bit_compute_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
         kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
@@ -305,25 +305,18 @@ NF4_MIN_WEIGHTS = 2**16
 NF4_CPU_ROW_BLOCK = 32
 
 
-def _skeleton(config):
-    """The model built on the meta device: its module tree, no memory."""
+def layers_left_16bit(config) -> tuple[list[str], list[str]]:
+    """(the linear layers --load-in-4bit leaves 16-bit, the LM head's name), read off the model built on the meta
+    device. The head is named because bitsandbytes' skip list replaces transformers' default one, which holds it."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
-
-
-def linear_layers_kept_16bit(config) -> list[str]:
-    return [name for name, module in _skeleton(config).named_modules()
-            if isinstance(module, torch.nn.Linear)
-            and (module.weight.numel() < NF4_MIN_WEIGHTS or module.out_features % NF4_CPU_ROW_BLOCK)]
-
-
-def output_layer_names(config) -> list[str]:
-    """The LM head's module name: bitsandbytes' skip list replaces transformers' default one, which holds it."""
-    skeleton = _skeleton(config)
+        skeleton = AutoModelForCausalLM.from_config(config)
     head = skeleton.get_output_embeddings()
-    return [name for name, module in skeleton.named_modules() if module is head]
+    kept = [name for name, module in skeleton.named_modules()
+            if isinstance(module, torch.nn.Linear) and module is not head
+            and (module.weight.numel() < NF4_MIN_WEIGHTS or module.out_features % NF4_CPU_ROW_BLOCK)]
+    return kept, [name for name, module in skeleton.named_modules() if module is head]
 
 
 def decoder_and_head(model):

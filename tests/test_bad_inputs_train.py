@@ -287,7 +287,8 @@ def test_qlora_keeps_linear_layers_4bit_cannot_serve_in_16bit(data_dir, tmp_path
     Here a Qwen3 whose MLP is 72 wide, its MLP not a LoRA target, so bitsandbytes' own forward would run it."""
     from transformers import Qwen3Config
 
-    assert "model.layers.0.altup.modality_router" in train.linear_layers_kept_16bit(_gemma3n_config(512))
+    kept, head = train.layers_left_16bit(_gemma3n_config(512))
+    assert "model.layers.0.altup.modality_router" in kept and head == ["lm_head"] and "lm_head" not in kept
 
     def odd_mlp_qwen3(vocab_size, **ids):
         return Qwen3Config(vocab_size=vocab_size, hidden_size=256, intermediate_size=72, num_hidden_layers=2,
