@@ -839,8 +839,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
-        print(f"error: interrupted before the first step or while writing the outputs; what was written is "
-              f"complete. `--resume --output-dir {args.output_dir}` continues from the last checkpoint, if any",
+        print(f"error: interrupted; every file already written is complete (writes are staged and renamed). "
+              f"`--resume --output-dir {args.output_dir}` continues from the last checkpoint, if any",
               file=sys.stderr, flush=True)
         return 130
     except OSError as e:
@@ -854,9 +854,9 @@ def main(argv=None) -> int:
         return 2
     except SafetensorError as e:
         # safetensors reports its I/O errors, a full disk among them, in its own type with the OS error inside.
-        print(f"error: writing a .safetensors file in {args.output_dir} failed ({e}); if the disk is full, free "
-              "some space there, then rerun the same command with --resume (the checkpoints already written are "
-              "intact)", file=sys.stderr, flush=True)
+        print(f"error: a .safetensors file could not be read or written ({e}); if a disk is full, free some space "
+              "there, then rerun the same command with --resume (the checkpoints already written are intact)",
+              file=sys.stderr, flush=True)
         return 2
     finally:
         if dist.is_initialized():
