@@ -16,6 +16,9 @@ from pathlib import Path
 
 # Every staging name starts with this, so a later start can tell our leftovers from anything else.
 STAGING_PREFIX = ".pyprefopt-tmp-"
+# An existing directory moved aside while its replacement is renamed in. Not a staging name: until the
+# replacement is in place it is the only copy, so no cleanup of staging leftovers may take it.
+MOVED_ASIDE_PREFIX = ".pyprefopt-old-"
 
 
 def _umask() -> int:
@@ -42,6 +45,24 @@ def publishable(path: Path) -> Path:
             for name in files:
                 os.chmod(os.path.join(root, name), 0o666 & ~mask)
     return path
+
+
+def replace_dir(staged: Path, dest: Path, label: str):
+    """Rename the finished directory `staged` (made publishable) onto `dest`. A directory cannot be renamed over
+    a non-empty one, so an existing `dest` is moved aside first (`MOVED_ASIDE_PREFIX` + `label`), put back if the
+    rename fails, and deleted once `staged` is in place."""
+    publishable(staged)
+    if not dest.exists():
+        os.rename(staged, dest)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f"{MOVED_ASIDE_PREFIX}{label}-", dir=dest.parent))
+    os.rename(dest, old / dest.name)
+    try:
+        os.rename(staged, dest)
+    except OSError:
+        os.rename(old / dest.name, dest)
+        raise
+    shutil.rmtree(old)
 
 
 def atomic_write(path: Path, write):

@@ -40,7 +40,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from pyprefopt import cpu_linear
-from pyprefopt.files import publishable, staging_dir
+from pyprefopt.files import replace_dir, staging_dir
 from pyprefopt.nf4 import lora_scale
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -443,14 +443,7 @@ def save_lora_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
                   metadata={"format": "pt"})
         with open(os.path.join(staging, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
             json.dump(config.to_peft_dict(), f, indent=2, sort_keys=True)
-        if os.path.exists(directory):
-            # A directory cannot be renamed over a non-empty one: move the old one aside first.
-            retired = str(staging_dir(Path(parent), "retired"))
-            os.rename(directory, os.path.join(retired, "adapter"))
-            os.rename(publishable(Path(staging)), directory)
-            shutil.rmtree(retired)
-        else:
-            os.rename(publishable(Path(staging)), directory)
+        replace_dir(Path(staging), Path(directory), os.path.basename(directory))
     finally:
         if os.path.exists(staging):
             shutil.rmtree(staging)

@@ -16,7 +16,7 @@ How it stays exact, bounded and safe:
   keys, shapes and finiteness, the quantisation states); the model is written into a temporary
   directory beside OUT and renamed into place only when complete, so OUT never holds a half model.
 - Inputs are untrusted (an adapter is often downloaded): nothing is read outside the BASE and ADAPTER
-  directories, OUT may neither be, hold nor sit inside them, and the adapter's regexes run under a time
+  directories, OUT may neither be nor hold them, and the adapter's regexes run under a time
   budget. A bad input is one `error: ...` line and exit status 2.
 """
 
@@ -31,7 +31,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pyprefopt import nf4
-from pyprefopt.files import STAGING_PREFIX, publishable
+from pyprefopt.files import MOVED_ASIDE_PREFIX, STAGING_PREFIX, replace_dir, staging_dir
 from pyprefopt.safetensors_io import (
     SafetensorsFormatError,
     StreamingWriter,
@@ -354,22 +353,22 @@ def _check_adapter_config(config: dict, path: Path):
         return MergeError(f"{path}: {field} must be {wanted}, got {config[field]!r}; fix the field or re-save "
                           "the adapter with PEFT")
 
-    for field in ("r", "lora_alpha"):
-        if field not in config:
-            raise MergeError(f"{path}: required field {field!r} is missing; re-save the adapter with PEFT")
-        if not _is_positive_number(config[field]):
-            raise bad(field, "a positive number")
+    for name in ("r", "lora_alpha"):
+        if name not in config:
+            raise MergeError(f"{path}: required field {name!r} is missing; re-save the adapter with PEFT")
+        if not _is_positive_number(config[name]):
+            raise bad(name, "a positive number")
     target_modules = config.get("target_modules")
     if not (target_modules is None or isinstance(target_modules, str)
             or (isinstance(target_modules, list) and all(isinstance(t, str) for t in target_modules))):
         raise bad("target_modules", "a list of module names or one regular expression")
-    for field in ("rank_pattern", "alpha_pattern"):
-        patterns = config.get(field)
+    for name in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(name)
         if patterns is not None and not (isinstance(patterns, dict) and all(map(_is_positive_number, patterns.values()))):
-            raise bad(field, "an object mapping module-name patterns to positive numbers")
-    for field in ("use_rslora", "use_dora", "fan_in_fan_out"):
-        if config.get(field) is not None and not isinstance(config[field], bool):
-            raise bad(field, "true or false")
+            raise bad(name, "an object mapping module-name patterns to positive numbers")
+    for name in ("use_rslora", "use_dora", "fan_in_fan_out"):
+        if config.get(name) is not None and not isinstance(config[name], bool):
+            raise bad(name, "true or false")
 
 
 def read_adapter(adapter_dir: Path) -> Adapter:
@@ -601,7 +600,7 @@ def _staging_prefix(out: Path) -> str:
 
 
 def _moved_aside_prefix(out: Path) -> str:
-    return f".pyprefopt-old-merge-{out.name}-"
+    return f"{MOVED_ASIDE_PREFIX}merge-{out.name}-"
 
 
 def _remove_stale_staging(out: Path):
@@ -618,19 +617,9 @@ def _remove_stale_staging(out: Path):
 
 
 def _replace_dir(tmp: Path, out: Path, overwrite: bool):
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    if not overwrite:
+    if out.exists() and not overwrite:
         raise MergeError(f"{out} exists; pass --overwrite to replace it")
-    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=_moved_aside_prefix(out)))
-    os.rename(out, old / out.name)
-    try:
-        os.rename(tmp, out)
-    except OSError:
-        os.rename(old / out.name, out)
-        raise
-    shutil.rmtree(old)
+    replace_dir(tmp, out, f"merge-{out.name}")
 
 
 def merge_adapter(
@@ -676,7 +665,7 @@ def merge_adapter(
     total = sum(math.prod(shape) * dt.itemsize for _, dt, shape in layout)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(out)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=_staging_prefix(out)))
+    tmp = staging_dir(out.parent, f"merge-{out.name}")
     try:
         buffers = _Buffers()
         with tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=None if progress else True) as bar:
@@ -696,7 +685,7 @@ def merge_adapter(
         (tmp / "config.json").write_text(json.dumps(_output_config(config, dtype), indent=2) + "\n")
         for name, path in side_files.items():
             shutil.copy2(path, tmp / name)
-        _replace_dir(publishable(tmp), out, overwrite)
+        _replace_dir(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
