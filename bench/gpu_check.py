@@ -4,8 +4,16 @@ for all tries together: one call of this script, then read its output).
     python bench/gpu_check.py --out "$OUT"                               # on the GPU machine
     python bench/gpu_check.py --device cpu                               # the same checks here, Triton interpreted
 
-On the GPU machine (its image has torch, triton, transformers, peft, pybind11 and pytest; not bitsandbytes, TRL or
-Liger), first `pip install --no-deps --no-build-isolation -e .`, which builds `pyprefopt._C_cuda` with its nvcc.
+The GPU machine's image has its own torch and triton (not our pins), transformers, peft and pytest, but
+neither pybind11 (which `setup.py` needs) nor bitsandbytes, TRL or Liger. So, here, once per session:
+
+    mkdir -p .gpu_carry && cp -r "$(python -c 'import pybind11, os; print(os.path.dirname(pybind11.__file__))')" \
+        .gpu_carry/ && echo /.gpu_carry/ >> .git/info/exclude
+
+and on the device, with `.gpu_carry` carried (this builds `pyprefopt._C_cuda` with its nvcc):
+
+    export PYTHONPATH=$PWD/.gpu_carry; python -m pip install --no-deps --no-build-isolation -e . | tail -1 &&
+        PYTHONUNBUFFERED=1 python bench/gpu_check.py --out $OUT
 
 Correctness, each against the fp64 reference, within 2x the error of PyTorch's own same-dtype computation (the
 tests' rule, `tests/tensor_asserts.py`), or bit-exact where the maths is exact:
@@ -249,9 +257,12 @@ def _time_ms(fn, device):
     return (time.perf_counter() - t) * 1e3
 
 
-def _peak_mib(fn, device):
+def _peak_mib(fn, device, leaves):
+    """CUDA memory one call of `fn` allocates above its inputs, from a state with no gradients held."""
     if device != "cuda":
         return None
+    for t in leaves:
+        t.grad = None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
@@ -286,7 +297,8 @@ def timings(device, quick):
                 rows.append({"timing": f"fused_linear_logprobs fwd+bwd N{n} H{width} V{vocab} {str(dtype)[6:]} "
                                        f"{'trained' if trained else 'frozen'}",
                              "ours_ms": t_ours, "naive_ms": t_naive, "x_naive": t_ours / t_naive,
-                             "ours_peak_mib": _peak_mib(ours, device), "naive_peak_mib": _peak_mib(naive, device)})
+                             "ours_peak_mib": _peak_mib(ours, device, (hidden, weight)),
+                             "naive_peak_mib": _peak_mib(naive, device, (hidden, weight))})
     tokens, in_features = (32, 48) if quick else (2048, 4096)
     for out_features in (40, 72) if quick else (4096, 11008):
         x = torch.randn(tokens, in_features, device=device, dtype=torch.bfloat16, requires_grad=True)

@@ -160,7 +160,8 @@ def kept_configs(configs, element_size: int):
 
 
 def _prune(configs, named_args, **kwargs):
-    return kept_configs(configs, named_args["h_ptr"].element_size())
+    # Triton hands the launch's positional arguments in `named_args` and its keyword ones in `kwargs`.
+    return kept_configs(configs, {**named_args, **kwargs}["h_ptr"].element_size())
 
 
 def _tuned(kernel, configs, reset_to_zero=None):

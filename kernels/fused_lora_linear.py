@@ -263,8 +263,10 @@ _STREAMED = ("x_ptr", "p_ptr", "dy_ptr")
 
 def _tuned(kernel, configs, family, key, reset_to_zero=None):
     def prune(configs, named_args, **kwargs):
-        streamed = next(named_args[name] for name in _STREAMED if name in named_args)
-        return kept_configs(family, configs, streamed.element_size(), kwargs["BLOCK_R"])
+        # Triton hands the launch's positional arguments in `named_args` and its keyword ones in `kwargs`.
+        launch_args = {**named_args, **kwargs}
+        streamed = next(launch_args[name] for name in _STREAMED if name in launch_args)
+        return kept_configs(family, configs, streamed.element_size(), launch_args["BLOCK_R"])
 
     return triton.autotune(configs, key=key, reset_to_zero=reset_to_zero,
                            prune_configs_by={"early_config_prune": prune})(kernel)

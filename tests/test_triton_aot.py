@@ -144,3 +144,52 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills():
 
 if __name__ == "__main__":
     compile_all()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_autotuners_prune_with_the_arguments_our_launchers_pass(monkeypatch, dtype):
+    """On a GPU every launch goes through `triton.autotune`, which the interpreter bypasses: run the
+    launchers as on a GPU, with Triton's own `Autotuner.run` prologue (positional arguments in
+    `nargs`, keyword ones passed to the pruning) and the kernel launch itself left out, and check that
+    each autotuner keeps exactly the configs its filter allows for that launch's dtype."""
+    import torch
+    import triton.runtime.autotuner as autotuner
+
+    from pyprefopt import fused_linear_logprobs
+    from pyprefopt.kernels import fused_linear_logprobs as k
+    from pyprefopt.kernels import fused_lora_linear as lora
+    from pyprefopt.lora import FusedLoRALinearFunction
+
+    dtype = getattr(torch, dtype)
+    launched = []
+
+    def pruning_only_run(self, *args, **kwargs):
+        self.nargs = dict(zip(self.arg_names, args))
+        launched.append((self.fn.__name__, {**self.nargs, **kwargs}, self.prune_configs(kwargs)))
+        self.nargs = None
+
+    monkeypatch.setattr(autotuner.Autotuner, "run", pruning_only_run)
+    monkeypatch.setattr(k, "_interpreting", lambda: False)
+    monkeypatch.setattr(lora, "_interpreting", lambda: False)
+
+    hidden = torch.randn(6, 32, dtype=dtype, requires_grad=True)
+    weight = torch.randn(300, 32, dtype=dtype, requires_grad=True)
+    fused_linear_logprobs(hidden, weight, torch.randint(0, 300, (6,)), backend="triton").sum().backward()
+    x = torch.randn(8, 32, dtype=dtype, requires_grad=True)
+    base_weight = torch.randn(40, 32, dtype=dtype)
+    lora_a = torch.randn(4, 32, dtype=dtype, requires_grad=True)
+    lora_b = torch.randn(40, 4, dtype=dtype, requires_grad=True)
+    FusedLoRALinearFunction.apply(x, x, base_weight, None, lora_a, lora_b, 2.0, True).sum().backward()
+
+    element_size = torch.empty(0, dtype=dtype).element_size()
+    expected = {
+        "fused_linear_logprobs_fwd_kernel": lambda _: k.kept_configs(k.FORWARD_CONFIGS, element_size),
+        "fused_linear_logprobs_bwd_kernel": lambda _: k.kept_configs(k.BACKWARD_CONFIGS, element_size),
+        "lora_main_kernel": lambda r: lora.kept_configs("main", lora.MAIN_CONFIGS, element_size, r),
+        "lora_down_kernel": lambda r: lora.kept_configs("skinny", lora.DOWN_CONFIGS, element_size, r),
+        "lora_dy_kernel": lambda r: lora.kept_configs("skinny", lora.DY_CONFIGS, element_size, r),
+        "lora_grad_kernel": lambda r: lora.kept_configs("skinny", lora.GRAD_CONFIGS, element_size, r),
+    }
+    assert {name for name, _, _ in launched} == set(expected)
+    for name, args, kept in launched:
+        assert kept == expected[name](args.get("BLOCK_R")), name
