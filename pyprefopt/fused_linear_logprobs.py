@@ -4,6 +4,7 @@
 `log_softmax((hidden @ weight.T + bias) / temperature).gather(-1, labels)` but never holds the
 `[tokens, vocab]` logits: tokens are cut into blocks, the vocabulary into tiles, and each tile is folded
 into an online log-sum-exp (Milakov & Gimelshein 2018, "Online normalizer calculation for softmax").
+The logits may first be scaled and soft-capped as the model's own head does (`LogitTransform`).
 
 Two kernels per device:
 - CUDA: Triton kernels in `pyprefopt.kernels.fused_linear_logprobs` (matmul and reduction fused in
@@ -11,7 +12,7 @@ Two kernels per device:
 - CPU: the blocked PyTorch code below. For a frozen head (the LoRA case) the gradient w.r.t. the hidden
   state factorises,
 
-      d logp_t / d h_t = (W[y_t] - sum_v p_tv W_v) / T,
+      d logp_t / d h_t = s_ty W[y_t] - sum_v p_tv s_tv W_v    (s = d logits / d z: 1 / T for a plain head),
 
   and the second factor needs no upstream gradient, so the forward pass forms it while each tile's
   probabilities are at hand (one more GEMM, rescaled online like the normaliser) and the backward pass
@@ -24,6 +25,9 @@ Two kernels per device:
 """
 
 from __future__ import annotations
+
+import math
+import numbers
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -38,6 +42,60 @@ CPU_TILE_BYTES = 4 * 2**20
 CPU_TOKEN_BLOCK = 1024
 # Per-token statistics `fused_linear_logprobs(..., statistics=...)` computes beside the log-probs.
 STATISTICS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
+
+class LogitTransform:
+    """What a model does to its head's output `z = hidden @ W.T + b` before the softmax, in transformers' order:
+    multiply by `logit_scale` (Cohere's `logit_scale`, Granite's 1 / `logits_scaling`, ...), soft-cap to
+    `softcap * tanh(. / softcap)` (Gemma 2, 3 and 3n's `final_logit_softcapping`), then divide by the sampling
+    `temperature` (TRL's, applied to the model's logits). In two constants:
+
+        logits = out_scale * tanh(in_scale * z)   with in_scale = logit_scale / softcap, out_scale = softcap / T
+        logits = out_scale * z                    uncapped, out_scale = logit_scale / T
+
+    so an uncapped head is the plain head with a rescaled temperature, and a capped one has the derivative
+    d logits / d z = slope * (1 - tanh(in_scale * z)^2) with slope = out_scale * in_scale = logit_scale / T.
+    """
+
+    def __init__(self, temperature: float = 1.0, softcap: float | None = None, logit_scale: float = 1.0):
+        for name, value in (("temperature", temperature), ("softcap", softcap), ("logit_scale", logit_scale)):
+            if value is None and name == "softcap":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise TypeError(f"{name} must be a finite real number, got {value!r}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if softcap is not None and not softcap > 0:
+            raise ValueError(f"softcap must be > 0 (or None for no soft-capping), got {softcap}")
+        if logit_scale == 0:
+            raise ValueError("logit_scale must not be 0: every logit would be 0 and the softmax uniform")
+        self.capped = softcap is not None
+        self.out_scale = float(softcap / temperature if self.capped else logit_scale / temperature)
+        self.in_scale = float(logit_scale / softcap) if self.capped else None
+        self.slope = float(logit_scale / temperature)
+
+    def __repr__(self):
+        return f"LogitTransform(out_scale={self.out_scale}, in_scale={self.in_scale})"
+
+    @property
+    def grad_factor(self) -> float:
+        """The constant part of d logits / d z, folded into the upstream gradient: out_scale for an uncapped head;
+        1 for a capped one, whose per-logit slope multiplies each tile's gradient instead."""
+        return 1.0 if self.capped else self.out_scale
+
+    def apply_(self, z: torch.Tensor, slope_out: torch.Tensor | None = None) -> torch.Tensor:
+        """z <- logits(z) in place; with `slope_out` (capped only), d logits / d z is written there too."""
+        if not self.capped:
+            return z if self.out_scale == 1.0 else z.mul_(self.out_scale)
+        z.mul_(self.in_scale).tanh_()
+        if slope_out is not None:
+            torch.mul(z, z, out=slope_out).sub_(1.0).mul_(-self.slope)
+        return z.mul_(self.out_scale)
+
+    def slope_from_logits_(self, logits: torch.Tensor) -> torch.Tensor:
+        """d logits / d z from the transformed logits themselves, in place (capped only): tanh = logits /
+        out_scale, so the backward pass of a kept tile needs no raw logits."""
+        return logits.div_(self.out_scale).square_().sub_(1.0).mul_(-self.slope)
 
 
 # Per trained fp32 CPU weight, the storage of the last weight gradient handed out for it (`weight_grad_buffer`).
@@ -82,7 +140,7 @@ def kept_logits_tile(store: torch.Tensor, v0: int, width: int, t0: int, rows: in
     return store[v0 : v0 + width].view(-1)[t0 * width : (t0 + rows) * width].view(rows, width)
 
 
-def _check_inputs(hidden, weight, labels, bias, temperature):
+def _check_inputs(hidden, weight, labels, bias):
     if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError("hidden and weight must be tensors")
     if not hidden.is_floating_point():
@@ -115,8 +173,6 @@ def _check_inputs(hidden, weight, labels, bias, temperature):
         devices.add(bias.device)
     if len(devices) > 1:
         raise ValueError(f"hidden, weight, labels and bias must be on one device, got {sorted(map(str, devices))}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
 def _check_label_range(valid_labels: torch.Tensor, vocab: int):
@@ -188,17 +244,24 @@ def _fold_tile_with_spread(z, running_max, running_sum, spread, out):
 
 
 def _tile_backward(z, scale, g, y, v0, h, w, grad_hidden, grad_weight, grad_bias, write_weight_grad=False,
-                   scratch=None):
-    """Gradients of one tile for rows whose upstream gradient times 1/T is `g`, where z holds the tile's
-    softmax up to a per-row factor, `scale * z = g * softmax`: z becomes d / dz = g * (onehot(y) - softmax)
-    in place, then the GEMMs add into grad_hidden (these rows' slice), grad_weight and grad_bias (full;
-    None: not wanted). `write_weight_grad`: the tile's weight-gradient rows are written, not added to (the
-    first token block to reach them: the buffer needs no zero-fill pass). `scratch`: z lives in those very
-    rows (`FusedLinearPreferenceLoss` keeps a first chunk's logits in the unwritten weight gradient), so z.T is
-    copied to this flat fp32 buffer before the rows are written."""
+                   scratch=None, slope=None, label_slope=None):
+    """Gradients of one tile for rows whose upstream gradient times `LogitTransform.grad_factor` is `g`, where z
+    holds the tile's softmax up to a per-row factor, `scale * z = g * softmax`: z becomes d / dz = g * (onehot(y) -
+    softmax) in place (times the capped transform's per-logit `slope`, and `label_slope` [rows] at the labels),
+    then the GEMMs add into grad_hidden (these rows' slice), grad_weight and grad_bias (full; None: not wanted).
+    `write_weight_grad`: the tile's weight-gradient rows are written, not added to (the first token block to reach
+    them: the buffer needs no zero-fill pass). `scratch`: z lives in those very rows (`FusedLinearPreferenceLoss`
+    keeps a first chunk's logits in the unwritten weight gradient), so z.T is copied to this flat fp32 buffer
+    before the rows are written."""
     z.mul_(scale.neg()[:, None])
     r = _labels_in_tile(y, v0, w.shape[0])
-    z[r, y[r] - v0] += g[r]
+    if slope is None:
+        z[r, y[r] - v0] += g[r]
+    else:
+        # The label's slope comes from its own logit, not from the tile: a kept tile recovers its slopes from
+        # exp(logits - max), which underflows where the softmax does, and the label term must not vanish with it.
+        z.mul_(slope)
+        z[r, y[r] - v0] += g[r] * label_slope[r]
     if grad_hidden is not None:
         cpu_linear.addmm_(grad_hidden, z, w.T)
     if grad_bias is not None:
@@ -212,29 +275,34 @@ def _tile_backward(z, scale, g, y, v0, h, w, grad_hidden, grad_weight, grad_bias
             cpu_linear.addmm_(rows, z_t, h.T)
 
 
-def cpu_forward(hidden, weight, bias, labels, inv_t: float, with_hidden_grad_factor: bool, statistics=(),
+def cpu_forward(hidden, weight, bias, labels, transform, with_hidden_grad_factor: bool, statistics=(),
                 logits_store=None):
-    """Blocked forward on [N, H] rows whose labels are all valid.
+    """Blocked forward on [N, H] rows whose labels are all valid, logits `transform`ed (a `LogitTransform`).
 
-    Returns `(logp [N] fp32, lse [N] fp32, grad_factor [N, H] fp32 or None, statistics, kept_max)`, where
-    `grad_factor[t] = (W[y_t] - sum_v p_tv W_v) / T` is `d logp_t / d h_t` and `statistics` maps each
-    requested name of STATISTICS to its [N] tensor (see `fused_linear_logprobs`). Plain PyTorch, so it
-    also serves CUDA tensors when statistics are asked of the Triton path.
+    Returns `(logp [N] fp32, lse [N] fp32, grad_factor [N, H] fp32 or None, statistics, kept_max, label_slope)`,
+    where `grad_factor[t] = d logp_t / d h_t = s_ty W[y_t] - sum_v p_tv s_tv W_v` (s the transform's
+    d logits / d z: the constant out_scale uncapped), `statistics` maps each requested name of STATISTICS to its
+    [N] tensor (see `fused_linear_logprobs`) and `label_slope` is s at each label (None uncapped). Plain PyTorch,
+    so it also serves CUDA tensors when statistics are asked of the Triton path.
 
     `logits_store`: an unwritten fp32 [V, H] weight gradient. The token blocks among the first H tokens keep
-    each tile's exp(z / T - m) there (`kept_logits_tile`), m the running max after the tile, given back as
+    each tile's exp(logits - m) there (`kept_logits_tile`), m the running max after the tile, given back as
     `kept_max [tiles, kept tokens]` (None: nothing kept), so that `cpu_backward` need not recompute them.
     """
     n, width = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
+    capped = transform.capped
     block, tile = _tile_sizes(n, vocab)
     n_kept = 0 if logits_store is None else (n if n <= width else width // block * block)
     kept_max = torch.empty(-(-vocab // tile), n_kept, dtype=torch.float32, device=dev) if n_kept else None
     logits = torch.empty(block, tile, dtype=torch.float32, device=dev)
     logp = torch.empty(n, dtype=torch.float32, device=dev)
     lse = torch.empty(n, dtype=torch.float32, device=dev)
+    label_slope = torch.empty(n, dtype=torch.float32, device=dev) if capped else None
     factor = torch.empty(n, width, dtype=torch.float32, device=dev) if with_hidden_grad_factor else None
+    # A capped head's gradient factor weighs each W_v by p_v times its own slope: one more tile buffer.
+    slopes = torch.empty(block, tile, dtype=torch.float32, device=dev) if capped and factor is not None else None
     stats = {name: torch.empty(n, dtype=torch.bool if name == "is_top1" else torch.float32, device=dev)
              for name in statistics}
     exp_buffer = torch.empty(block, tile, dtype=torch.float32, device=dev) if "entropy" in stats else None
@@ -248,12 +316,16 @@ def cpu_forward(hidden, weight, bias, labels, inv_t: float, with_hidden_grad_fac
         spread = torch.zeros(rows, dtype=torch.float32, device=dev) if exp_buffer is not None else None
         square_sum = torch.zeros(rows, dtype=torch.float32, device=dev) if "log_sum_sq_probs" in stats else None
         tile_label_logit = torch.empty(rows, dtype=torch.float32, device=dev) if "is_top1" in stats else None
+        # The mean logit of a capped head is not linear in h: it is summed tile by tile.
+        logit_sum = torch.zeros(rows, dtype=torch.float32, device=dev) if capped and "mean_logits" in stats else None
         for v0 in range(0, vocab, tile):
             kept = kept_logits_tile(logits_store, v0, min(tile, vocab - v0), t0, rows) if t0 < n_kept else None
             # A kept tile's logits go straight to the store, or with the entropy, its exp(z - max) does.
             z, w = _logits_tile(h, weight, bias, v0, tile, logits if kept is None or exp_buffer is not None else kept)
-            if inv_t != 1.0:
-                z.mul_(inv_t)
+            slope = None if slopes is None else slopes[:rows, : w.shape[0]]
+            transform.apply_(z, slope)
+            if logit_sum is not None:
+                logit_sum.add_(z.sum(dim=1))
             if tile_label_logit is not None:
                 # Read from the tile itself, so the comparison with the max is exact.
                 r = _labels_in_tile(y, v0, w.shape[0])
@@ -267,8 +339,8 @@ def cpu_forward(hidden, weight, bias, labels, inv_t: float, with_hidden_grad_fac
             if kept is not None:
                 kept_max[v0 // tile, t0 : t0 + rows] = new_max
             if acc is not None:
-                # acc = sum_v exp(z_v - max) W_v, rescaled whenever the max moves (flash-attention style).
-                cpu_linear.addmm_(acc.mul_(rescale[:, None]), z, w.T)
+                # acc = sum_v exp(z_v - max) s_v W_v, rescaled whenever the max moves (flash-attention style).
+                cpu_linear.addmm_(acc.mul_(rescale[:, None]), z if slope is None else slope.mul_(z), w.T)
             if square_sum is not None:
                 square_sum.mul_(rescale.square()).add_(torch.linalg.vector_norm(z, dim=1).square_())
             running_max = new_max
@@ -279,10 +351,15 @@ def cpu_forward(hidden, weight, bias, labels, inv_t: float, with_hidden_grad_fac
         label_logit = torch.einsum("nh,nh->n", h, w_label)
         if bias is not None:
             label_logit += _fp32(bias.index_select(0, y))
-        torch.sub(label_logit.mul_(inv_t), block_lse, out=logp[t0 : t0 + rows])
+        block_label_slope = None if label_slope is None else label_slope[t0 : t0 + rows]
+        torch.sub(transform.apply_(label_logit, block_label_slope), block_lse, out=logp[t0 : t0 + rows])
         if factor is not None:
-            # (W[y] - sum_v p_v W_v) / T, in place in acc.
-            acc.div_(running_sum[:, None]).neg_().add_(w_label).mul_(inv_t)
+            # s_y W[y] - sum_v p_v s_v W_v, in place in acc.
+            acc.div_(running_sum[:, None]).neg_()
+            if capped:
+                acc.addcmul_(block_label_slope[:, None], w_label)
+            else:
+                acc.add_(w_label).mul_(transform.out_scale)
         if spread is not None:
             torch.sub(running_sum.log(), spread / running_sum, out=stats["entropy"][t0 : t0 + rows])
         if square_sum is not None:
@@ -290,22 +367,25 @@ def cpu_forward(hidden, weight, bias, labels, inv_t: float, with_hidden_grad_fac
             torch.sub(square_sum.log_(), running_sum.log().mul_(2), out=stats["log_sum_sq_probs"][t0 : t0 + rows])
         if tile_label_logit is not None:
             torch.ge(tile_label_logit, running_max, out=stats["is_top1"][t0 : t0 + rows])
-    if "mean_logits" in stats:
-        # The mean over the vocabulary is linear: mean_v z_v = (h . mean_v W_v + mean_v b_v) / T.
+        if logit_sum is not None:
+            torch.div(logit_sum, vocab, out=stats["mean_logits"][t0 : t0 + rows])
+    if "mean_logits" in stats and not capped:
+        # The mean over the vocabulary is linear: mean_v z_v = (h . mean_v W_v + mean_v b_v) * out_scale.
         mean_w = weight.mean(0, dtype=torch.float32)
         mean_logits = _fp32(hidden) @ mean_w
         if bias is not None:
             mean_logits += bias.mean(dtype=torch.float32)
-        torch.mul(mean_logits, inv_t, out=stats["mean_logits"])
-    return logp, lse, factor, stats, kept_max
+        torch.mul(mean_logits, transform.out_scale, out=stats["mean_logits"])
+    return logp, lse, factor, stats, kept_max, label_slope
 
 
-def cpu_backward(grad_logp, hidden, weight, bias, labels, lse, inv_t, need_hidden, need_weight, need_bias, kept=None):
+def cpu_backward(grad_logp, hidden, weight, bias, labels, lse, transform, need_hidden, need_weight, need_bias,
+                 kept=None, label_slope=None):
     """Turn each tile into the logits gradient in place and run the gradient GEMMs: the tiles `cpu_forward` kept
     (`kept = (logits_store, kept_max)`, the first tokens; their gradient rows are the store) are read back, the
-    others recomputed.
+    others recomputed. `label_slope`: `cpu_forward`'s, for a capped `transform`.
 
-    d logp_t / d z_tv = (1[v = y_t] - p_tv) / T for the tile's logits z.
+    d logp_t / d z_tv = (1[v = y_t] - p_tv) s_tv, s the transform's d logits / d z.
     """
     n, width = hidden.shape
     vocab = weight.shape[0]
@@ -319,7 +399,8 @@ def cpu_backward(grad_logp, hidden, weight, bias, labels, lse, inv_t, need_hidde
     if grad_weight is not None and n == 0:
         grad_weight.zero_()
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_bias else None
-    scale = grad_logp.float() * inv_t
+    scale = grad_logp.float() * transform.grad_factor
+    slopes = torch.empty(max(block, n_kept), tile, dtype=torch.float32, device=dev) if transform.capped else None
     if n_kept:
         logits_store, kept_max = kept
         h, y, g = _fp32(hidden[:n_kept]), labels[:n_kept], scale[:n_kept]
@@ -328,10 +409,12 @@ def cpu_backward(grad_logp, hidden, weight, bias, labels, lse, inv_t, need_hidde
         for i, v0 in enumerate(range(0, vocab, tile)):
             w = _fp32(weight[v0 : v0 + tile])
             z = kept_logits_tile(logits_store, v0, w.shape[0], 0, n_kept)
+            slope = None if slopes is None else _slopes_of_kept_tile(transform, z, kept_max[i], slopes)
             # softmax = exp(z/T - m) * exp(m - lse): the kept tile turns into its gradient without a GEMM.
             _tile_backward(z, g * (kept_max[i] - lse[:n_kept]).exp_(), g, y, v0, h, w,
                            None if grad_hidden is None else grad_hidden[:n_kept], grad_weight, grad_bias,
-                           write_weight_grad=True, scratch=scratch)
+                           write_weight_grad=True, scratch=scratch, slope=slope,
+                           label_slope=None if label_slope is None else label_slope[:n_kept])
     logits = torch.empty(block, tile, dtype=torch.float32, device=dev) if n_kept < n else None
     for t0 in range(n_kept, n, block):
         h = _fp32(hidden[t0 : t0 + block])
@@ -340,11 +423,22 @@ def cpu_backward(grad_logp, hidden, weight, bias, labels, lse, inv_t, need_hidde
         g = scale[t0 : t0 + rows]
         for v0 in range(0, vocab, tile):
             z, w = _logits_tile(h, weight, bias, v0, tile, logits)
-            # z <- softmax = exp(z/T - lse), then -(g/T) * softmax + g/T at each label in this tile.
-            z.mul_(inv_t).sub_(lse[t0 : t0 + rows, None]).exp_()
+            slope = None if slopes is None else slopes[:rows, : w.shape[0]]
+            # z <- softmax = exp(logits - lse), then -g * softmax (* slope) + g (* the label's slope) at each label.
+            transform.apply_(z, slope).sub_(lse[t0 : t0 + rows, None]).exp_()
             _tile_backward(z, g, g, y, v0, h, w, None if grad_hidden is None else grad_hidden[t0 : t0 + rows],
-                           grad_weight, grad_bias, write_weight_grad=t0 == 0)
+                           grad_weight, grad_bias, write_weight_grad=t0 == 0, slope=slope,
+                           label_slope=None if label_slope is None else label_slope[t0 : t0 + rows])
     return grad_hidden, grad_weight, grad_bias
+
+
+def _slopes_of_kept_tile(transform, kept, tile_max, buffer):
+    """A capped transform's d logits / d z over a kept tile of exp(logits - tile_max), recovered from it: logits =
+    tile_max + log(kept). Where the exponential underflowed the softmax is 0 and so is the slope's use; the
+    logits are clamped into the transform's range there so that the slope stays finite."""
+    logits = torch.log(kept, out=buffer[: kept.shape[0], : kept.shape[1]])
+    logits.add_(tile_max[:, None]).clamp_(-transform.out_scale, transform.out_scale)
+    return transform.slope_from_logits_(logits)
 
 
 def _use_triton(device: torch.device, backend: str) -> bool:
@@ -362,7 +456,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
     Outputs: logp, lse, then the requested statistics in `statistics` order (no gradient)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, inv_t, use_triton, grad_enabled, statistics):
+    def forward(ctx, hidden, weight, bias, labels, transform, use_triton, grad_enabled, statistics):
         # `requires_grad` still reads True in here under an outer torch.no_grad(); `grad_enabled` is the
         # caller's grad mode, so evaluation never pays for a gradient factor nobody will use.
         need_hidden = grad_enabled and hidden.requires_grad
@@ -373,29 +467,28 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         if use_triton:
             from pyprefopt.kernels import fused_linear_logprobs as triton_kernels
 
-            logp, lse = triton_kernels.forward(hidden, weight, bias, labels, inv_t)
-            factor = None
+            logp, lse = triton_kernels.forward(hidden, weight, bias, labels, transform)
+            factor = kept_max = label_slope = None
             # The Triton kernels compute log-probs only: statistics cost one more (no-grad) blocked pass.
-            stats = cpu_forward(hidden, weight, bias, labels, inv_t, False, statistics)[3] if statistics else {}
-            kept_max = None
+            stats = cpu_forward(hidden, weight, bias, labels, transform, False, statistics)[3] if statistics else {}
         else:
             # A trained head keeps the first H tokens' logits in its weight gradient's buffer, where backward would
             # write their gradient anyway: up to H tokens cost 3 GEMMs, not 4. Only the buffer the last backward
             # left free: the forward never allocates one (see `weight_grad_buffer`).
             store = weight_grad_buffer(weight, only_if_free=True) if grad_enabled and need_weight else None
-            logp, lse, factor, stats, kept_max = cpu_forward(
-                hidden, weight, bias, labels, inv_t, factorised, statistics, logits_store=store
+            logp, lse, factor, stats, kept_max, label_slope = cpu_forward(
+                hidden, weight, bias, labels, transform, factorised, statistics, logits_store=store
             )
         if factorised:
             ctx.save_for_backward(factor)
         else:
-            ctx.save_for_backward(hidden, weight, bias, labels, lse)
+            ctx.save_for_backward(hidden, weight, bias, labels, lse, label_slope)
         ctx.factorised = factorised
         # Held on ctx, not saved for backward: backward hands the store over as the weight gradient, so it must
         # not stay reachable from the graph afterwards (autograd would copy it rather than take it).
         ctx.kept = None if kept_max is None else (store, kept_max)
         ctx.hidden_dtype = hidden.dtype
-        ctx.inv_t = inv_t
+        ctx.transform = transform
         ctx.use_triton = use_triton
         extra = tuple(stats[name] for name in statistics)
         ctx.mark_non_differentiable(lse, *extra)
@@ -406,20 +499,19 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         if ctx.factorised:
             (factor,) = ctx.saved_tensors
             return (factor * grad_logp[:, None]).to(ctx.hidden_dtype), None, None, None, None, None, None, None
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        hidden, weight, bias, labels, lse, label_slope = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         if ctx.use_triton:
             from pyprefopt.kernels import fused_linear_logprobs as triton_kernels
 
             grads = triton_kernels.backward(
-                grad_logp, hidden, weight, bias, labels, lse, ctx.inv_t, need_hidden, need_weight, need_bias
+                grad_logp, hidden, weight, bias, labels, lse, ctx.transform, need_hidden, need_weight, need_bias
             )
         else:
             # Kept logits are consumed: a second backward (retain_graph) recomputes them.
             kept, ctx.kept = ctx.kept, None
-            grads = cpu_backward(
-                grad_logp, hidden, weight, bias, labels, lse, ctx.inv_t, need_hidden, need_weight, need_bias, kept
-            )
+            grads = cpu_backward(grad_logp, hidden, weight, bias, labels, lse, ctx.transform, need_hidden, need_weight,
+                                 need_bias, kept, label_slope)
         grad_hidden, grad_weight, grad_bias = (None if g is None else g.to(hidden.dtype) for g in grads)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
@@ -433,8 +525,12 @@ def fused_linear_logprobs(
     temperature: float = 1.0,
     backend: str = "auto",
     statistics: tuple[str, ...] = (),
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
 ):
-    """Log-prob of each label under `softmax((hidden @ weight.T + bias) / temperature)`.
+    """Log-prob of each label under `softmax(softcap(logit_scale * (hidden @ weight.T + bias)) / temperature)`,
+    with `softcap(x) = softcap * tanh(x / softcap)` when `softcap` is given (transformers' order; see
+    `LogitTransform`).
 
     Args:
         hidden: `[..., H]` hidden states (fp32, bf16 or fp16).
@@ -445,7 +541,10 @@ def fused_linear_logprobs(
         backend: "auto" (Triton on CUDA, blocked PyTorch on CPU), "triton" or "torch".
         statistics: names from STATISTICS to compute in the same pass, without gradient (metrics):
             "entropy" (of the softmax), "log_sum_sq_probs" (`log sum_v p_v^2`), "mean_logits" (over the
-            vocabulary, after the temperature) and "is_top1" (the label's logit is the largest; ties count).
+            vocabulary, after every transform) and "is_top1" (the label's logit is the largest; ties count).
+        softcap: Gemma 2/3/3n's `final_logit_softcapping`; None for none.
+        logit_scale: the multiplier a model applies to its head's output (Cohere's `logit_scale`, Granite's
+            `1 / logits_scaling`).
 
     Returns:
         fp32 tensor of `labels.shape`: the log-probs, 0 at ignored positions. Differentiable w.r.t.
@@ -455,7 +554,8 @@ def fused_linear_logprobs(
         Ignored positions are dropped before any matmul. With `statistics`: `(log-probs, {name: tensor
         of labels.shape})`, 0 (False) at ignored positions.
     """
-    _check_inputs(hidden, weight, labels, bias, temperature)
+    _check_inputs(hidden, weight, labels, bias)
+    transform = LogitTransform(temperature, softcap, logit_scale)
     statistics = tuple(statistics)
     unknown = [name for name in statistics if name not in STATISTICS]
     if unknown or len(set(statistics)) != len(statistics):
@@ -473,7 +573,7 @@ def fused_linear_logprobs(
     # Nothing to score still goes through the Function (on the CPU path, which handles 0 rows), so the
     # result stays in the autograd graph and backward gives zero gradients instead of an error.
     valid_logp, _, *valid_stats = FusedLinearLogprobsFunction.apply(
-        rows, weight, bias, valid_labels, 1.0 / temperature, use_triton and keep.numel() > 0, torch.is_grad_enabled(),
+        rows, weight, bias, valid_labels, transform, use_triton and keep.numel() > 0, torch.is_grad_enabled(),
         statistics,
     )
     outputs = [valid_logp, *valid_stats]

@@ -37,12 +37,14 @@ import torch
 
 from pyprefopt import losses
 from pyprefopt.fused_linear_logprobs import (
+    LogitTransform,
     _check_inputs,
     _check_label_range,
     _fold_tile,
     _fp32,
     _labels_in_tile,
     _logits_tile,
+    _slopes_of_kept_tile,
     _tile_backward,
     _tile_sizes,
     fused_linear_logprobs,
@@ -206,7 +208,7 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
     """Loss and all its gradients in the forward pass; backward scales them by the upstream gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, inv_t, ignore_index, chunks, loss_of_logps):
+    def forward(ctx, hidden, weight, bias, labels, transform, ignore_index, chunks, loss_of_logps):
         rows, seq_len = labels.shape
         vocab = weight.shape[0]
         flat_hidden = hidden.reshape(rows * seq_len, -1)
@@ -253,13 +255,15 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
                 for t, (block, tile, slots) in zip(token_lists, plans)),
             dtype=torch.float32, device=dev,
         )
+        # A capped transform's per-logit slopes, one tile at a time.
+        slopes = (torch.empty(max(block for block, _, _ in plans), max(tile for _, tile, _ in plans),
+                              dtype=torch.float32, device=dev) if transform.capped else None)
 
-        def logits(h, v0, tile, out):
-            """Logits / T of rows `h` and vocabulary tile [v0, v0 + tile) in `out`; returns (them, the fp32
-            weight tile)."""
+        def logits(h, v0, tile, out, slope=None):
+            """Transformed logits of rows `h` and vocabulary tile [v0, v0 + tile) in `out` (a capped transform's
+            slopes in `slope`); returns (them, the fp32 weight tile)."""
             z, w_tile = _logits_tile(h, w, b, v0, tile, out)
-            if inv_t != 1.0:
-                z.mul_(inv_t)
+            transform.apply_(z, None if slope is None else slope[: z.shape[0], : z.shape[1]])
             return z, w_tile
 
         def slot(i, block, tile):
@@ -298,13 +302,14 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
                 if i >= first_kept:
                     kept.append((rows_, v0, z, w_tile, tile_max))
             lse = running_max.add_(running_sum.log_())
+            label_slope = transform.slope_from_logits_(label_logit.clone()) if transform.capped else None
             logps.index_add_(0, tokens // seq_len, (label_logit - lse).double())
             # Separability: the loss's gradient w.r.t. this chunk's rows depends on those rows alone
             # (plus batch constants), so evaluating it now on the partly filled vector is exact for them.
             with torch.enable_grad():
                 probe = logps.float().requires_grad_()
                 (grad_logps,) = torch.autograd.grad(loss_of_logps(probe), probe)
-            g_all = grad_logps.index_select(0, tokens // seq_len).mul_(inv_t)
+            g_all = grad_logps.index_select(0, tokens // seq_len).mul_(transform.grad_factor)
             grad_h = None if grad_hidden is None else torch.zeros(n, h_all.shape[1], dtype=torch.float32, device=dev)
             # The first chunk with tokens writes the weight gradient's rows (no zero-fill): each vocabulary tile's
             # first visit writes, the later ones add. Kept tiles (of the last token blocks) come before the
@@ -319,16 +324,20 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
             for rows_, v0, z, w_tile, tile_max in kept:
                 # softmax = exp(z - max) * exp(max - lse): a kept tile turns into its gradient directly.
                 scale = g_all[rows_] * (tile_max - lse[rows_]).exp_()
+                slope = None if slopes is None else _slopes_of_kept_tile(transform, z, tile_max, slopes)
                 _tile_backward(z, scale, g_all[rows_], y_all[rows_], v0, h_all[rows_], w_tile,
                                None if grad_h is None else grad_h[rows_], grad_weight, grad_bias,
-                               write_weight_grad=first_visit(v0), scratch=buffer if keep_in_gradient else None)
+                               write_weight_grad=first_visit(v0), scratch=buffer if keep_in_gradient else None,
+                               slope=slope, label_slope=None if label_slope is None else label_slope[rows_])
             for rows_, v0 in tiles[:first_kept]:
                 # A dropped tile: recompute its logits (one more GEMM); exp(z - lse) is the softmax itself.
-                z, w_tile = logits(h_all[rows_], v0, tile, slot(0, block, tile))
+                z, w_tile = logits(h_all[rows_], v0, tile, slot(0, block, tile), slopes)
                 z.sub_(lse[rows_, None]).exp_()
                 _tile_backward(z, g_all[rows_], g_all[rows_], y_all[rows_], v0, h_all[rows_], w_tile,
                                None if grad_h is None else grad_h[rows_], grad_weight, grad_bias,
-                               write_weight_grad=first_visit(v0))
+                               write_weight_grad=first_visit(v0),
+                               slope=None if slopes is None else slopes[: z.shape[0], : z.shape[1]],
+                               label_slope=None if label_slope is None else label_slope[rows_])
             weight_grad_written = True
             if grad_h is not None:
                 grad_hidden.index_copy_(0, tokens, grad_h)
@@ -369,6 +378,9 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         method: "sft", "dpo", "ipo", "cpo" or "kto".
         ignore_index: label value of positions that carry no loss (prompt, padding).
         temperature: logits are divided by it before the softmax.
+        softcap, logit_scale: the model's own logit transform (Gemma's `final_logit_softcapping`, Cohere's
+            `logit_scale`, ...), as in `fused_linear_logprobs`; `pyprefopt.drop_in.head_logit_transform(config)`
+            reads both from a transformers config.
         **hparams: the method's hyper-parameters, as in `pyprefopt.losses`: `beta` (dpo/ipo/cpo/kto),
             `label_smoothing` (dpo/cpo), `alpha` and `simpo_gamma` (cpo), `desirable_weight` and
             `undesirable_weight` (kto).
@@ -377,7 +389,8 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
     and for dpo/ipo/cpo the chosen rows first, the rejected rows second.
     """
 
-    def __init__(self, method: str, ignore_index: int = -100, temperature: float = 1.0, **hparams):
+    def __init__(self, method: str, ignore_index: int = -100, temperature: float = 1.0, softcap: float | None = None,
+                 logit_scale: float = 1.0, **hparams):
         super().__init__()
         if method not in losses.METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {losses.METHODS}")
@@ -395,8 +408,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
                 raise TypeError(f"{name} must be a real number, got {value!r}")
             if not math.isfinite(value):
                 raise ValueError(f"{name} must be finite, got {value}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.transform = LogitTransform(temperature, softcap, logit_scale)
         if "beta" in hparams and not hparams["beta"] > 0:
             raise ValueError(f"beta must be > 0, got {hparams['beta']}")
         # The probability that a preference label is flipped (conservative DPO, Mitchell 2023), which TRL documents as
@@ -406,6 +418,8 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         self.method = method
         self.ignore_index = ignore_index
         self.temperature = temperature
+        self.softcap = softcap
+        self.logit_scale = logit_scale
         self.hparams = hparams
 
     def extra_repr(self):
@@ -415,7 +429,8 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         """Summed log-probs [B] and completion lengths [B] of each row."""
         if labels.dim() != 2:
             raise ValueError(f"labels must be [batch, seq_len], got shape {tuple(labels.shape)}")
-        token_logps = fused_linear_logprobs(hidden, weight, labels, bias, self.ignore_index, self.temperature)
+        token_logps = fused_linear_logprobs(hidden, weight, labels, bias, self.ignore_index, self.temperature,
+                                            softcap=self.softcap, logit_scale=self.logit_scale)
         return token_logps.sum(-1), (labels != self.ignore_index).sum(-1)
 
     def _frozen_sequence_logps(self, name, given, hidden, head, labels, labels_name, device):
@@ -478,7 +493,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         if head_inputs and not given & {"ref_hidden", "ref_kl_hidden"}:
             raise ValueError(f"{sorted(head_inputs)} project ref_hidden or ref_kl_hidden, and neither is given")
         _check_labels("labels", labels)
-        _check_inputs(hidden, weight, labels, bias, self.temperature)
+        _check_inputs(hidden, weight, labels, bias)
         device = hidden.device
         if head_inputs:
             _check_reference_head(ref_weight, ref_bias, weight, device)
@@ -512,7 +527,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             logps, _ = self.sequence_logps(hidden, weight, labels, bias)
             return loss_and_metrics(logps)
         loss, logps = _TrainedHeadLossFunction.apply(
-            hidden, weight, bias, labels, 1.0 / self.temperature, self.ignore_index, chunks,
+            hidden, weight, bias, labels, self.transform, self.ignore_index, chunks,
             lambda logps: loss_and_metrics(logps)[0],
         )
         return loss, loss_and_metrics(logps)[1]

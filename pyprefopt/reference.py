@@ -12,10 +12,21 @@ import torch
 from pyprefopt import losses
 
 
-def reference_logprobs(hidden, weight, labels, bias=None, ignore_index=-100, temperature=1.0, dtype=torch.float32):
+def reference_logits(hidden, weight, bias=None, temperature=1.0, softcap=None, logit_scale=1.0, dtype=torch.float32):
+    """The full `[..., V]` logits in `dtype` as a transformers head gives them (scale, then soft-cap), divided by
+    the temperature: `softcap * tanh(logit_scale * z / softcap) / T`, z = hidden @ W.T + b."""
+    logits = torch.nn.functional.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    logits = logits * logit_scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits / temperature
+
+
+def reference_logprobs(hidden, weight, labels, bias=None, ignore_index=-100, temperature=1.0, dtype=torch.float32,
+                       softcap=None, logit_scale=1.0):
     """Per-token log-probs through the full `[..., V]` logits, computed in `dtype` (the softmax in fp32 at
     least, as TRL does; float64 gives the tests their truth)."""
-    logits = torch.nn.functional.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    logits = reference_logits(hidden, weight, bias, 1.0, softcap, logit_scale, dtype)
     logprobs = torch.log_softmax(logits.to(torch.promote_types(dtype, torch.float32)) / temperature, dim=-1)
     mask = labels != ignore_index
     safe = torch.where(mask, labels, torch.zeros_like(labels)).long()
@@ -24,11 +35,10 @@ def reference_logprobs(hidden, weight, labels, bias=None, ignore_index=-100, tem
 
 
 def reference_token_statistics(hidden, weight, labels, bias=None, ignore_index=-100, temperature=1.0,
-                               dtype=torch.float32):
+                               dtype=torch.float32, softcap=None, logit_scale=1.0):
     """`fused_linear_logprobs`'s statistics through the full logits in `dtype`: entropy, log sum p^2, mean
     logit, and whether the label's logit is the largest; 0 (False) at ignored positions."""
-    logits = torch.nn.functional.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
-    logits = logits / temperature
+    logits = reference_logits(hidden, weight, bias, temperature, softcap, logit_scale, dtype)
     logprobs = torch.log_softmax(logits, dim=-1)
     mask = labels != ignore_index
     safe = torch.where(mask, labels, torch.zeros_like(labels)).long()
@@ -41,13 +51,15 @@ def reference_token_statistics(hidden, weight, labels, bias=None, ignore_index=-
     return {name: torch.where(mask, value, torch.zeros_like(value)) for name, value in stats.items()}
 
 
-def reference_preference_loss(method, hidden, weight, labels, bias=None, ignore_index=-100, **kwargs):
+def reference_preference_loss(method, hidden, weight, labels, bias=None, ignore_index=-100, temperature=1.0,
+                              softcap=None, logit_scale=1.0, **kwargs):
     """The same loss as `FusedLinearPreferenceLoss(method, ...)` computed through materialised logits.
 
     kwargs: the loss hyper-parameters plus, as the method needs, `ref_logps` (per-sequence),
     `desirable` (KTO) and `kl_logps`/`ref_kl_logps` (KTO, per-sequence).
     """
-    logps = reference_logprobs(hidden, weight, labels, bias, ignore_index)
+    logps = reference_logprobs(hidden, weight, labels, bias, ignore_index, temperature, softcap=softcap,
+                               logit_scale=logit_scale)
     mask = labels != ignore_index
     seq_logps = logps.sum(-1)
     lengths = mask.sum(-1)

@@ -40,16 +40,19 @@ def float64_copies(*tensors):
     return [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in tensors]
 
 
-def check_against_reference(backend, shape, grads, temperature=1.0):
+def check_against_reference(backend, shape, grads, **transform):
     """fp32 results within 2x the error of PyTorch's own fp32 materialised-logits path, both against an fp64
     truth: a fixed atol would pass or fail with the BLAS's summation order over the vocabulary (MKL on AMD
-    Zen 5 sums a 151936-long row far less accurately than on Intel)."""
+    Zen 5 sums a 151936-long row far less accurately than on Intel). `transform`: temperature, softcap,
+    logit_scale."""
     hidden, weight, bias, labels = make_inputs(*shape, grads=grads)
+    # A first step leaves a trained fp32 CPU head the weight-gradient buffer the next forward keeps logits in.
+    value_and_grads(fused_linear_logprobs, hidden, weight, bias, labels, grads, backend=backend, **transform)
     out, got = value_and_grads(fused_linear_logprobs, hidden, weight, bias, labels, grads, backend=backend,
-                               temperature=temperature)
-    ref, want = value_and_grads(reference_logprobs, hidden, weight, bias, labels, grads, temperature=temperature)
+                               **transform)
+    ref, want = value_and_grads(reference_logprobs, hidden, weight, bias, labels, grads, **transform)
     truth, true_grads = value_and_grads(reference_logprobs, *float64_copies(hidden, weight, bias), labels, grads,
-                                        temperature=temperature, dtype=torch.float64)
+                                        dtype=torch.float64, **transform)
     assert out.dtype == torch.float32 and out.shape == labels.shape
     assert (out[labels == -100] == 0).all()
     assert_within_torch_error(out, truth, ref, name="logp")
@@ -144,6 +147,40 @@ def test_temperature(backend):
     check_against_reference(backend, (2, 5, 24, 300), ("hidden", "weight", "bias"), temperature=0.7)
 
 
+# Model heads' own logit transforms (transformers' order: scale, soft-cap, then the temperature). The logits of
+# `make_inputs` have a standard deviation of about 3; a logit scale of 8 takes them deep into a cap of 20, and a
+# temperature of 0.25 then spreads them over +-80, where exp(logit - max) underflows in fp32 (kept tiles must
+# not lose the label's gradient there).
+TRANSFORMS = {
+    "gemma-softcap30": dict(softcap=30.0),
+    "capped-saturated": dict(softcap=20.0, logit_scale=8.0),
+    "capped-underflow": dict(softcap=20.0, logit_scale=8.0, temperature=0.25),
+    "granite-scale": dict(logit_scale=0.125),
+}
+
+
+@pytest.mark.parametrize("grads", GRAD_SETS, ids="+".join)
+@pytest.mark.parametrize("transform", TRANSFORMS.values(), ids=TRANSFORMS.keys())
+@pytest.mark.parametrize("backend,shape", [("torch", (3, 47, 31, 1000)), ("triton", (3, 7, 31, 300))], ids=str)
+def test_logit_transforms(backend, shape, transform, grads, monkeypatch):
+    """Soft-capped and scaled heads against the fp64 materialised reference, gradients included; on CPU with
+    token blocks of 8 and small tiles, so a trained head keeps some blocks' tiles for backward and recomputes
+    the others."""
+    monkeypatch.setattr(sys.modules["pyprefopt.fused_linear_logprobs"], "CPU_TOKEN_BLOCK", 8)
+    monkeypatch.setattr(sys.modules["pyprefopt.fused_linear_logprobs"], "CPU_TILE_BYTES", 4096)
+    check_against_reference(backend, shape, grads, **transform)
+
+
+@pytest.mark.parametrize("transform", [dict(softcap=0.0), dict(softcap=-1.0), dict(softcap=True),
+                                       dict(logit_scale=0.0), dict(logit_scale=float("nan")),
+                                       dict(temperature=float("inf")), dict(softcap="30")], ids=str)
+def test_bad_logit_transform_is_a_clear_error(transform):
+    hidden, weight, bias, labels = make_inputs(2, 3, 8, 20)
+    name = next(iter(transform))
+    with pytest.raises((TypeError, ValueError), match=name):
+        fused_linear_logprobs(hidden, weight, labels, bias, **transform)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_low_precision_within_twice_torch_error(backend, dtype):
@@ -228,10 +265,12 @@ def test_no_grad_forms_no_gradient_factor(monkeypatch):
     assert calls == [False, True]
 
 
+@pytest.mark.parametrize("transform", [dict(temperature=0.7), dict(temperature=0.7, **TRANSFORMS["capped-saturated"])],
+                         ids=["plain", "capped"])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("grads", [("hidden",), ("hidden", "weight"), ()], ids=["frozen", "trained", "no-grad"])
 @pytest.mark.parametrize("backend,shape", [("torch", s) for s in SHAPES] + [("triton", s) for s in SMALL_SHAPES], ids=str)
-def test_statistics_match_reference(backend, shape, grads, with_bias, monkeypatch):
+def test_statistics_match_reference(backend, shape, grads, with_bias, transform, monkeypatch):
     """Entropy, log sum p^2, mean logit and is-top-1 beside the log-probs, on every path (frozen head, trained
     head, no grad), with tiles small enough that the online rescaling runs; each within 2x the error of
     PyTorch's fp32 materialised logits against an fp64 truth."""
@@ -242,14 +281,14 @@ def test_statistics_match_reference(backend, shape, grads, with_bias, monkeypatc
         logits = torch.nn.functional.linear(hidden, weight, bias)
         labels[:, ::2] = torch.where(labels[:, ::2] == -100, labels[:, ::2], logits.argmax(-1)[:, ::2])
     statistics = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
-    logp, stats = fused_linear_logprobs(hidden, weight, labels, bias, temperature=0.7, backend=backend,
-                                        statistics=statistics)
-    want = reference_token_statistics(hidden, weight, labels, bias, temperature=0.7)
+    logp, stats = fused_linear_logprobs(hidden, weight, labels, bias, backend=backend, statistics=statistics,
+                                        **transform)
+    want = reference_token_statistics(hidden, weight, labels, bias, **transform)
     as_float64 = float64_copies(hidden, weight, bias)
-    truth = reference_token_statistics(*as_float64[:2], labels, as_float64[2], temperature=0.7, dtype=torch.float64)
-    assert_within_torch_error(logp, reference_logprobs(*as_float64[:2], labels, as_float64[2], temperature=0.7,
-                                                       dtype=torch.float64),
-                              reference_logprobs(hidden, weight, labels, bias, temperature=0.7), name="logp")
+    truth = reference_token_statistics(*as_float64[:2], labels, as_float64[2], dtype=torch.float64, **transform)
+    assert_within_torch_error(logp, reference_logprobs(*as_float64[:2], labels, as_float64[2], dtype=torch.float64,
+                                                       **transform),
+                              reference_logprobs(hidden, weight, labels, bias, **transform), name="logp")
     assert list(stats) == list(statistics)
     for name in statistics:
         assert stats[name].shape == labels.shape and not stats[name].requires_grad
@@ -262,8 +301,8 @@ def test_statistics_match_reference(backend, shape, grads, with_bias, monkeypatc
         upstream = torch.randn(logp.shape)
         tensors = [{"hidden": hidden, "weight": weight}[g] for g in grads]
         got = torch.autograd.grad(logp, tensors, upstream)
-        want_grads = torch.autograd.grad(fused_linear_logprobs(hidden, weight, labels, bias, temperature=0.7,
-                                                               backend=backend), tensors, upstream)
+        want_grads = torch.autograd.grad(fused_linear_logprobs(hidden, weight, labels, bias, backend=backend,
+                                                               **transform), tensors, upstream)
         for g, w in zip(got, want_grads):
             assert_close_verbose(g, w, name="grad")
 

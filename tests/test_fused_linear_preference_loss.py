@@ -24,9 +24,11 @@ CASES = [
 CASE_IDS = [f"{m}-" + "-".join(f"{k}={v}" for k, v in h.items()) for m, h in CASES]
 
 
-def make_batch(method, batch=4, seq=9, width=20, vocab=77, trained=False, lengths=None):
+def make_batch(method, batch=4, seq=9, width=20, vocab=77, trained=False, lengths=None, transform=None):
     """`lengths`: each row's count of valid labels (a prompt before them, padding after); default: a
-    3-token prompt in every row and 2 tokens of padding in the last."""
+    3-token prompt in every row and 2 tokens of padding in the last. `transform`: the head's temperature,
+    softcap and logit_scale, for the reference log-probs."""
+    transform = transform or {}
     hidden = torch.randn(batch, seq, width, requires_grad=True)
     weight = (torch.randn(vocab, width) * 0.3).requires_grad_(trained)
     bias = torch.randn(vocab).requires_grad_(trained)
@@ -43,22 +45,24 @@ def make_batch(method, batch=4, seq=9, width=20, vocab=77, trained=False, length
     if method in losses.REFERENCE_METHODS:
         ref_hidden = torch.randn(batch, seq, width)
         ours["ref_hidden"] = ref_hidden
-        theirs["ref_logps"] = reference_logprobs(ref_hidden, weight, labels, bias).sum(-1).detach()
+        theirs["ref_logps"] = reference_logprobs(ref_hidden, weight, labels, bias, **transform).sum(-1).detach()
     if method == "kto":
         desirable = torch.arange(batch) % 3 != 1
         kl_hidden, ref_kl = torch.randn(batch, seq, width), torch.randn(batch) - 20
         kl_labels = labels.roll(1, 0)
         ours.update(desirable=desirable, kl_hidden=kl_hidden, kl_labels=kl_labels, ref_kl_logps=ref_kl)
         theirs.update(desirable=desirable, ref_kl_logps=ref_kl,
-                      kl_logps=reference_logprobs(kl_hidden, weight, kl_labels, bias).sum(-1).detach())
+                      kl_logps=reference_logprobs(kl_hidden, weight, kl_labels, bias, **transform).sum(-1).detach())
     return (hidden, weight, labels, bias), ours, theirs
 
 
-def check(method, hparams, trained, batch=4, seq=9, upstream=1.0, lengths=None, width=20):
+def check(method, hparams, trained, batch=4, seq=9, upstream=1.0, lengths=None, width=20, transform=None):
+    transform = transform or {}
     (hidden, weight, labels, bias), ours, theirs = make_batch(method, batch, seq, width, trained=trained,
-                                                              lengths=lengths)
-    loss, metrics = FusedLinearPreferenceLoss(method, **hparams)(hidden, weight, labels, bias, **ours)
-    ref_loss, ref_metrics = reference_preference_loss(method, hidden, weight, labels, bias, **theirs, **hparams)
+                                                              lengths=lengths, transform=transform)
+    loss, metrics = FusedLinearPreferenceLoss(method, **transform, **hparams)(hidden, weight, labels, bias, **ours)
+    ref_loss, ref_metrics = reference_preference_loss(method, hidden, weight, labels, bias, **transform, **theirs,
+                                                      **hparams)
     assert_close_verbose(loss, ref_loss, name="loss")
     assert metrics.keys() == ref_metrics.keys()
     for key in metrics:
@@ -510,3 +514,38 @@ def test_bf16_within_twice_torch_error(trained):
     for name, g, t, tg in zip(("hidden", "weight"), got, torch_grads, true_grads):
         assert g.dtype == torch.bfloat16
         assert_within_torch_error(g, tg, t, name=f"grad {name}")
+
+
+# Model heads' own logit transforms. make_batch's logits have a standard deviation of about 1.3: a scale of 8 takes
+# them into a cap of 20, and a temperature of 0.25 then spreads them over +-80, where exp(logit - max) underflows.
+TRANSFORMS = {
+    "capped": dict(softcap=20.0, logit_scale=8.0),
+    "capped-underflow": dict(softcap=20.0, logit_scale=8.0, temperature=0.25),
+    "scaled": dict(logit_scale=0.125),
+}
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS.values(), ids=TRANSFORMS.keys())
+@pytest.mark.parametrize("path", ["frozen-head", "one-chunk", "many-chunks", "partial-keep", "kept-in-gradient"])
+@pytest.mark.parametrize("method,hparams", [CASES[0], CASES[1], CASES[6]], ids=[CASE_IDS[0], CASE_IDS[1], CASE_IDS[6]])
+def test_logit_transforms_on_every_path(method, hparams, path, transform, monkeypatch):
+    """Soft-capped and scaled heads: the loss, its metrics and gradients match the materialised reference on the
+    frozen-head path and on every form of the trained head's one pass (kept, partly kept and recomputed tiles,
+    tiles kept in the weight gradient)."""
+    kind = "paired" if method in losses.PAIRED_METHODS else "single"
+    if path == "frozen-head":
+        check(method, hparams, trained=False, upstream=2.5, transform=transform)
+    elif path == "one-chunk":
+        check(method, hparams, trained=True, upstream=2.5, transform=transform)
+    elif path == "many-chunks":
+        monkeypatch.setattr(module, "TRAINED_HEAD_CHUNK_BYTES", 4 * 77 * 18)
+        check(method, hparams, trained=True, batch=6, transform=transform)
+    elif path == "partial-keep":
+        monkeypatch.setattr(module, "TRAINED_HEAD_CHUNK_BYTES", 4 * 77 * PARTIAL_BUDGET)
+        lengths = _partial_lengths(method)
+        check(method, hparams, trained=True, batch=len(lengths), seq=24, lengths=lengths, transform=transform)
+    else:
+        monkeypatch.setattr(module, "TRAINED_HEAD_CHUNK_BYTES", 4 * 77 * PARTIAL_BUDGET)
+        lengths = FIRST_IN_GRADIENT_LENGTHS[kind]
+        check(method, hparams, trained=True, batch=len(lengths), seq=24, lengths=lengths, width=64,
+              transform=transform)
