@@ -17,10 +17,11 @@ head; `FusedLMHeadTrainer(model=..., ...)` in place of `Trainer(model=..., ...)`
 
 Supported: the TRL releases setup.py's `peers` extra admits and transformers >= 5.0 (tested: TRL 1.16.0,
 transformers 5.25); other versions fail with a clear error. Under autocast (TRL's configs turn bf16 on by default)
-the head projects in autocast's dtype, as TRL's does, but keeps the logits in fp32 where TRL rounds them. Not supported (a clear error, never a silent difference):
-logit soft-capping or logit scaling in the model config (Gemma 2/3, Cohere, Granite...), MoE router
-auxiliary losses, encoder-decoder models. The head's `entropy` output carries no gradient (TRL's trainers
-above use it for metrics only).
+the head projects in autocast's dtype, as TRL's does, but keeps the logits in fp32 where TRL rounds them. The
+model's own logit transform is applied as its forward applies it (`head_logit_transform`: Gemma 2/3/3n's
+soft-capping, Cohere's, Granite's, Falcon-H1's... logit scales). Not supported (a clear error, never a silent
+difference): MoE router auxiliary losses, encoder-decoder models. The head's `entropy` output carries no gradient
+(TRL's trainers above use it for metrics only).
 """
 
 from __future__ import annotations
@@ -38,15 +39,12 @@ from packaging.version import Version
 from transformers.utils import ModelOutput
 
 from pyprefopt.fused_linear_logprobs import STATISTICS, fused_linear_logprobs
+from pyprefopt.head_config import check_fused_head_support, head_logit_transform
 
 TRANSFORMERS_MIN = Version("5.0")
 HEAD_OUTPUTS = ("log_probs", *STATISTICS)
 # The TRL trainer modules whose fused head patch_trl replaces (GRPO/RLOO use the entropy with gradient).
 TRL_HEAD_MODULES = ("trl.trainer.dpo_trainer", "trl.trainer.kto_trainer", "trl.trainer.sft_trainer")
-# Config fields that change the logits beyond `hidden @ W.T + b` (TRL's head applies them; ours refuses).
-LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                    "logits_scaling")
-
 
 def _check_transformers():
     if Version(transformers.__version__) < TRANSFORMERS_MIN:
@@ -92,21 +90,6 @@ class FusedCausalLMOutput(ModelOutput):
     aux_loss: torch.Tensor | None = None
 
 
-def check_plain_logits(config, what):
-    """Refuse (NotImplementedError naming `what` and the config field) a model whose logits are more than
-    `hidden @ W.T + b`, whose router losses or encoder-decoder shape the fused head does not compute."""
-    text_config = config.get_text_config()
-    for name in LOGIT_TRANSFORMS:
-        value = getattr(text_config, name, None)
-        if value is not None and value != 1:
-            raise NotImplementedError(f"{what}: the model config sets {name}={value}; pyprefopt's fused head "
-                                      "computes plain `hidden @ W.T + b` logits only")
-    if getattr(text_config, "output_router_logits", False):
-        raise NotImplementedError(f"{what}: MoE router auxiliary losses (output_router_logits) are not supported")
-    if getattr(config, "is_encoder_decoder", False):
-        raise NotImplementedError(f"{what}: encoder-decoder models are not supported")
-
-
 def _projection_operands(hidden, weight, bias, cast_lm_head_to_fp32=False):
     """hidden, weight and bias in the dtype the head projects in. Under autocast that is autocast's dtype, as for
     TRL's head and the model's own lm_head Linear (TRL's configs turn bf16 autocast on by default, CPUs with bf16
@@ -133,7 +116,8 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
     "is_top1", computed in the same pass.
     """
     _check_transformers()
-    check_plain_logits(model.config, "add_fused_lm_head")
+    check_fused_head_support(model.config, "add_fused_lm_head")
+    transform = head_logit_transform(model.config)
     unknown = set(outputs) - set(HEAD_OUTPUTS)
     if unknown:
         raise ValueError(f"outputs must be among {HEAD_OUTPUTS}, got {sorted(unknown)}")
@@ -160,7 +144,7 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
         hidden, weight, bias = _projection_operands(hidden, weight, bias, cast_lm_head_to_fp32)
         with torch.autocast(hidden.device.type, enabled=False):
             result = fused_linear_logprobs(hidden, weight, labels, bias, temperature=temperature,
-                                           statistics=statistics)
+                                           statistics=statistics, **transform)
         log_probs, stats = result if statistics else (result, {})
         mask = labels != -100
         loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
@@ -177,7 +161,8 @@ def _cpo_concatenated_forward(self, model, batch):
 
     if self.is_encoder_decoder:
         raise NotImplementedError("pyprefopt's CPO forward supports decoder-only models")
-    check_plain_logits(model.config, "CPOTrainer")
+    check_fused_head_support(model.config, "CPOTrainer")
+    transform = head_logit_transform(model.config)
     concatenated = self.concatenated_inputs(batch, is_encoder_decoder=False, padding_value=self.pad_token_id,
                                             device=self.accelerator.device)
     len_chosen = batch["chosen_labels"].shape[0]
@@ -189,7 +174,7 @@ def _cpo_concatenated_forward(self, model, batch):
     labels = concatenated["concatenated_labels"][:, 1:]
     head_hidden, weight, bias = _projection_operands(hidden[:, :-1], lm_head.weight, lm_head.bias)
     with torch.autocast(hidden.device.type, enabled=False):
-        per_token = fused_linear_logprobs(head_hidden, weight, labels, bias)
+        per_token = fused_linear_logprobs(head_hidden, weight, labels, bias, **transform)
     mask = labels != -100
     all_logps = per_token.sum(-1)
     if self.loss_type in ("ipo", "simpo"):
@@ -200,9 +185,19 @@ def _cpo_concatenated_forward(self, model, batch):
         # TRL: mean cross-entropy over the chosen rows' scored tokens.
         nll_loss = -per_token[:len_chosen].sum() / mask[:len_chosen].sum()
     with torch.no_grad():
-        mean_logits = hidden @ lm_head.weight.mean(0)
-        if lm_head.bias is not None:
-            mean_logits += lm_head.bias.mean()
+        if transform["softcap"] is None:
+            # Linear in the logits: mean_v z_v = h . mean_v W_v + mean_v b_v, times the scale.
+            mean_logits = hidden @ lm_head.weight.mean(0)
+            if lm_head.bias is not None:
+                mean_logits += lm_head.bias.mean()
+            mean_logits *= transform["logit_scale"]
+        else:
+            # A capped mean is not: one more pass over the vocabulary, at every position as TRL's mean takes it.
+            every_position = torch.zeros(hidden.shape[:-1], dtype=torch.long, device=hidden.device)
+            all_hidden, weight, bias = _projection_operands(hidden, lm_head.weight, lm_head.bias)
+            with torch.autocast(hidden.device.type, enabled=False):
+                mean_logits = fused_linear_logprobs(all_hidden, weight, every_position, bias, statistics=("mean_logits",),
+                                                    **transform)[1]["mean_logits"]
     return all_logps[:len_chosen], all_logps[len_chosen:], mean_logits[:len_chosen], mean_logits[len_chosen:], nll_loss
 
 

@@ -379,7 +379,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         ignore_index: label value of positions that carry no loss (prompt, padding).
         temperature: logits are divided by it before the softmax.
         softcap, logit_scale: the model's own logit transform (Gemma's `final_logit_softcapping`, Cohere's
-            `logit_scale`, ...), as in `fused_linear_logprobs`; `pyprefopt.drop_in.head_logit_transform(config)`
+            `logit_scale`, ...), as in `fused_linear_logprobs`; `pyprefopt.head_config.head_logit_transform(config)`
             reads both from a transformers config.
         **hparams: the method's hyper-parameters, as in `pyprefopt.losses`: `beta` (dpo/ipo/cpo/kto),
             `label_smoothing` (dpo/cpo), `alpha` and `simpo_gamma` (cpo), `desirable_weight` and

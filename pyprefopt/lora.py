@@ -192,7 +192,10 @@ class FusedLoRALinearFunction(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.save_for_backward(lora_x2, low, lora_a, lora_b, base_weight if isinstance(base_weight, torch.Tensor)
                               else None)
-        return y.view(*lead_shape, y.shape[-1])
+        # The output as a tensor of its own over y's storage, not a view of y: autograd forbids modifying a view
+        # that a custom Function made in place, and models do modify projections in place (Gemma-3n scales its
+        # per-layer projection by `*=`).
+        return y.new_empty(0).set_(y.untyped_storage(), y.storage_offset(), (*lead_shape, y.shape[-1]))
 
     @staticmethod
     @once_differentiable  # its CPU GEMMs read a shared decode buffer that a double backward could not keep
@@ -274,6 +277,16 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=weight.device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    # The base layer's parameters under the names a Linear has, as PEFT's LoRA layers give them: model code reads
+    # them from the module it owns (Gemma-3n's AltUp clamps `prediction_coefs.weight` in place while training).
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        return self.base_layer.bias
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "

@@ -54,6 +54,7 @@ from pyprefopt import data as D
 from pyprefopt import losses
 from pyprefopt.files import atomic_write, atomic_write_text, publishable, remove_stale_staging, staging_dir
 from pyprefopt.fused_linear_preference_loss import FusedLinearPreferenceLoss
+from pyprefopt.head_config import check_fused_head_support, head_logit_transform
 from pyprefopt.memory import bound_onednn_caches
 
 DEFAULT_TARGET_MODULES = "all-linear"
@@ -243,7 +244,6 @@ def load_model(args, train_rows, device):
     """(model, tokenizer, base path or hub id). LoRA layers are injected unless --full."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from pyprefopt.drop_in import check_plain_logits
 
     from pyprefopt.default_model import default_model_path
     from pyprefopt.lora import inject_lora
@@ -265,7 +265,7 @@ def load_model(args, train_rows, device):
         tokenizer.pad_token = tokenizer.eos_token
     config = AutoConfig.from_pretrained(base)
     try:
-        check_plain_logits(config, f"--model {base}")
+        check_fused_head_support(config, f"--model {base}")
     except NotImplementedError as e:
         raise RunError(str(e)) from e
     kwargs = {"dtype": torch.float32}
@@ -451,7 +451,7 @@ def sequence_logps_all(model, data, pad_id, batch_size, device, rank, world):
     example (k = data.rows_per_example), computed in eval mode; each process takes every world-th batch
     and the results are summed over processes."""
     decoder, head = decoder_and_head(model)
-    loss_fn = FusedLinearPreferenceLoss("sft")
+    loss_fn = FusedLinearPreferenceLoss("sft", **head_logit_transform(model.config))
     n, k = len(data), data.rows_per_example
     logps = torch.zeros(n, k, dtype=torch.float64, device=device)
     lengths = torch.zeros(n, k, dtype=torch.float64, device=device)
@@ -995,7 +995,7 @@ def train(args, rank, world, device) -> int:
         metrics_path.unlink()
 
     # 5. steps
-    loss_fn = FusedLinearPreferenceLoss(args.method, **loss_hparams(args))
+    loss_fn = FusedLinearPreferenceLoss(args.method, **loss_hparams(args), **head_logit_transform(model.config))
     names = metric_names(args.method)
     initial = evaluate(model, eval_data, eval_reference, args, pad_id, device, rank, world) if start_step == 0 else None
     metrics_file = open(metrics_path, "a", encoding="utf-8") if rank == 0 else None

@@ -306,12 +306,34 @@ def test_qlora_keeps_linear_layers_4bit_cannot_serve_in_16bit(data_dir, tmp_path
     assert (out / "adapter_model.safetensors").is_file()
 
 
-def test_a_soft_capped_model_is_refused_before_anything_is_written(data_dir, tmp_path, capsys):
-    """Until the fused head applies soft-capping, training such a model would silently optimise another loss."""
+def test_a_soft_capped_gemma3n_trains_on_the_models_own_loss(data_dir, tmp_path, capsys):
+    """Gemma-3n soft-caps its logits (`final_logit_softcapping`): the CLI's loss is the model's own, gradients
+    included, with the head weight scaled so that the cap bends the logits hard; and the CLI trains it."""
+    from transformers import AutoModelForCausalLM
+
+    from pyprefopt import FusedLinearPreferenceLoss
+    from pyprefopt.head_config import head_logit_transform
+
     model_dir = _save_tiny_model(tmp_path / "gemma3n", data_dir, _gemma3n_config)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    decoder, head = train.decoder_and_head(model)
+    with torch.no_grad():
+        head.weight.mul_(40.0)
+    input_ids = torch.randint(2, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
+    labels = input_ids.masked_fill(torch.arange(12) < 5, -100)
+    own = model(input_ids=input_ids, labels=labels)
+    assert own.logits.abs().max() > 0.8 * model.config.final_logit_softcapping  # far into the cap's bend
+    hidden = decoder(input_ids=input_ids).last_hidden_state[:, :-1]
+    loss, _ = FusedLinearPreferenceLoss("sft", **head_logit_transform(model.config))(hidden, head.weight, labels[:, 1:])
+    torch.testing.assert_close(loss, own.loss, rtol=1e-6, atol=1e-6)
+    weight = dict(model.named_parameters())["model.layers.1.mlp.down_proj.weight"]
+    torch.testing.assert_close(torch.autograd.grad(loss, weight)[0], torch.autograd.grad(own.loss, weight)[0],
+                               rtol=1e-4, atol=1e-7)
+
+    # QLoRA too: the AltUp router (Linear(hidden, 4)) stays 16-bit, the rest is NF4.
     capsys.readouterr()
     assert train.main(["--method", "sft", "--model", str(model_dir), "--data", str(data_dir / "sft"),
-                       "--output-dir", str(tmp_path / "run"), "--max-steps", "1"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "final_logit_softcapping=30.0" in err[0], err
-    assert not (tmp_path / "run").exists()
+                       "--output-dir", str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "4",
+                       "--load-in-4bit"]) == 0
+    assert "altup.modality_router" in capsys.readouterr().err
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()

@@ -100,10 +100,17 @@ def test_dpo_trainer(tmp_path, head_calls, qwen3_config, policy_state, ref_state
     assert "rewards/margins" in logs[0] and "entropy" in logs[0]
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "simpo"])
-def test_cpo_trainer(tmp_path, head_calls, qwen3_config, policy_state, tokenizer, preference_dataset, loss_type):
+@pytest.mark.parametrize(("architecture", "loss_type"),
+                         [("qwen3", "sigmoid"), ("qwen3", "ipo"), ("qwen3", "simpo"), ("gemma2", "sigmoid"),
+                          ("granite", "sigmoid")])
+def test_cpo_trainer(tmp_path, head_calls, tokenizer, preference_dataset, architecture, loss_type):
+    """Also with Gemma 2's soft-capped head, whose mean logit (logged) is not linear in the hidden states, and
+    Granite's scaled one, whose is."""
+    config = tiny_config(architecture)
+    state = random_state(config, 0)
+
     def build():
-        return CPOTrainer(model=model(qwen3_config, policy_state),
+        return CPOTrainer(model=model(config, state),
                           args=args(CPOConfig, tmp_path, 2, loss_type=loss_type, max_length=64),
                           train_dataset=preference_dataset, processing_class=tokenizer)
 
@@ -135,7 +142,9 @@ def test_sft_trainer(tmp_path, head_calls, qwen3_config, policy_state, tokenizer
 # Each architecture through the three trainers that use the fused head, with a different way of training each:
 # DPO with a LoRA subset and the adapter-disabled reference, KTO fully fine-tuned against a reference model, SFT
 # with LoRA on every linear layer. Rows are padded to the longest in each batch.
-ARCHITECTURE_CASES = [(arch, trainer) for arch in ("llama", "llama_tied", "qwen2") for trainer in ("dpo", "kto", "sft")]
+# Gemma 2's soft-capped head, Cohere's and Granite's scaled ones go through the same trainers.
+ARCHITECTURE_CASES = [(arch, trainer) for arch in ("llama", "llama_tied", "qwen2", "gemma2") for trainer in ("dpo", "kto", "sft")]
+ARCHITECTURE_CASES += [("cohere", "dpo"), ("granite", "kto")]
 
 
 @pytest.mark.parametrize(("architecture", "trainer"), ARCHITECTURE_CASES, ids=[f"{a}-{t}" for a, t in ARCHITECTURE_CASES])
@@ -214,13 +223,43 @@ def test_hf_trainer_sft(tmp_path, head_calls, qwen3_config, policy_state, tokeni
 
 
 def test_unsupported_models_are_refused(qwen3_config, policy_state):
-    capped = model(qwen3_config, policy_state)
-    capped.config = copy.deepcopy(qwen3_config)  # the fixture's config is shared
-    capped.config.final_logit_softcapping = 30.0
-    with pytest.raises(NotImplementedError, match="final_logit_softcapping=30.0"):
-        drop_in.add_fused_lm_head(capped)
+    moe = model(qwen3_config, policy_state)
+    moe.config = copy.deepcopy(qwen3_config)  # the fixture's config is shared
+    moe.config.output_router_logits = True
+    with pytest.raises(NotImplementedError, match="output_router_logits"):
+        drop_in.add_fused_lm_head(moe)
     with pytest.raises(ValueError, match="outputs must be among"):
         drop_in.add_fused_lm_head(model(qwen3_config, policy_state), outputs=("log_probs", "perplexity"))
+
+
+@pytest.mark.parametrize("architecture", ["gemma2", "cohere", "granite", "qwen3"])
+def test_head_applies_the_models_own_logit_transform(architecture):
+    """The fused head's loss, log-probs and gradients are the model's own (its forward's logits, soft-capped or
+    scaled as its config says, through transformers' cross-entropy) and TRL's head's."""
+    from trl.trainer.utils import add_fused_lm_head as trl_add_fused_lm_head
+
+    config = tiny_config(architecture)
+    state = random_state(config, 0)
+    ours, theirs, plain = model(config, state), model(config, state), model(config, state)
+    drop_in.add_fused_lm_head(ours)
+    trl_add_fused_lm_head(theirs)
+    input_ids = torch.randint(0, config.vocab_size, (3, 11), generator=torch.Generator().manual_seed(0))
+    labels = input_ids.masked_fill(torch.arange(11) < 4, -100)
+    a = ours(input_ids=input_ids, labels=labels, fused_lm_head=True)
+    b = theirs(input_ids=input_ids, labels=labels, fused_lm_head=True)
+    own = plain(input_ids=input_ids, labels=labels)
+    own_logps = torch.log_softmax(own.logits[:, :-1].double(), -1).gather(-1, labels[:, 1:].clamp(min=0)[..., None])
+    own_logps = own_logps[..., 0] * (labels[:, 1:] != -100)
+    torch.testing.assert_close(a.log_probs.double(), own_logps, rtol=0, atol=2e-6)
+    torch.testing.assert_close(a.log_probs, b.log_probs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.loss, own.loss, rtol=1e-6, atol=1e-6)
+    params = [dict(m.named_parameters()) for m in (ours, plain)]
+    names = ["lm_head.weight" if "lm_head.weight" in params[0] else "model.embed_tokens.weight",
+             "model.layers.1.mlp.down_proj.weight"]
+    got = torch.autograd.grad(a.loss, [params[0][n] for n in names])
+    want = torch.autograd.grad(own.loss, [params[1][n] for n in names])
+    for name, g, w in zip(names, got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6, msg=lambda m: f"grad {name}: {m}")
 
 
 def test_head_outputs_match_trl_head(qwen3_config, policy_state):

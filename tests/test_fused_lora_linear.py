@@ -473,3 +473,21 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     config_path.write_text(json.dumps(dict(config, r=3)))
     with pytest.raises(ValueError, match="adapter r=3 does not match"):
         lora.load_lora_adapter(model, tmp_path / "dora")
+
+
+@pytest.mark.parametrize("use_triton", [False, True], ids=["cpu", "triton"])
+def test_output_may_be_modified_in_place(use_triton):
+    """Models scale projections in place (Gemma-3n's `per_layer_projection *= ...` on a [B, T, H] input):
+    autograd must allow it on the fused layer's output, and the gradients must be those of the out-of-place
+    product."""
+    weight, lora_a, lora_b, bias = _factors(8, 6, 2)
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    a, b = lora_a.clone().requires_grad_(), lora_b.clone().requires_grad_()
+    y = lora.FusedLoRALinearFunction.apply(x, x, weight, bias, a, b, 2.0, use_triton)
+    y *= 3.0
+    got = torch.autograd.grad(y.square().sum(), [x, a, b])
+    want_y = lora_linear_reference(x, weight, a, b, 2.0, bias) * 3.0
+    want = torch.autograd.grad(want_y.square().sum(), [x, a, b])
+    assert y.shape == (2, 3, 6)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)

@@ -5,7 +5,16 @@ import pytest
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    CohereConfig,
+    Gemma2Config,
+    GraniteConfig,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 SENTENCES = [
     "what is the capital of france",
@@ -39,8 +48,13 @@ def tokenizer():
     return tok
 
 
-# Architectures of the same tiny size; each has its own attention, norm and embedding quirks.
-CONFIG_CLASSES = {"qwen3": Qwen3Config, "qwen2": Qwen2Config, "llama": LlamaConfig, "llama_tied": LlamaConfig}
+# Architectures of the same tiny size; each has its own attention, norm and embedding quirks, and the last three
+# their own transform of the head's output: Gemma 2 soft-caps it (a cap of 5 over logits reaching about 4 bends
+# every one), Cohere multiplies it by `logit_scale`, Granite divides it by `logits_scaling`.
+CONFIG_CLASSES = {"qwen3": Qwen3Config, "qwen2": Qwen2Config, "llama": LlamaConfig, "llama_tied": LlamaConfig,
+                  "gemma2": Gemma2Config, "cohere": CohereConfig, "granite": GraniteConfig}
+HEAD_TRANSFORMS = {"gemma2": {"final_logit_softcapping": 5.0}, "cohere": {"logit_scale": 0.25},
+                   "granite": {"logits_scaling": 4.0}}
 
 
 def tiny_config(architecture: str):
@@ -54,12 +68,13 @@ def tiny_config(architecture: str):
         intermediate_size=64,
         max_position_embeddings=64,
         # Untied (but for llama_tied) so lm_head.weight's gradient is the head's alone.
-        tie_word_embeddings=architecture.endswith("_tied"),
+        tie_word_embeddings=architecture.endswith("_tied") or architecture == "cohere",
         initializer_range=0.2,  # peakier than the default 0.02, so rewards are not all ~0
         pad_token_id=0,
         eos_token_id=1,
         bos_token_id=None,
         dtype="float32",
+        **HEAD_TRANSFORMS.get(architecture, {}),
     )
 
 
