@@ -172,6 +172,36 @@ def test_every_architecture_logs_the_same(architecture, trainer, tmp_path, head_
     with_and_without_pyprefopt(build, head_calls)
 
 
+# Rows of one length (4-word prompts, 3-word completions; the tokenizer has a token per word): batches with no
+# padding at all, where the matrix above pads every batch.
+EQUAL_LENGTH_ROWS = Dataset.from_dict({
+    "prompt": ["what is the capital", "tell me a joke", "what color is the", "where did the dog"],
+    "chosen": [" paris is big", " the cat sat", " sky is blue", " ran in park"],
+    "rejected": [" london is big", " i do not", " grass is green", " did not run"],
+})
+
+
+@pytest.mark.parametrize("trainer", ["dpo", "sft"])
+def test_unpadded_batches_log_the_same(trainer, tmp_path, head_calls, tokenizer):
+    config = tiny_config("qwen3")
+    policy = random_state(config, 0)
+    lengths = {len(tokenizer(text)["input_ids"]) for column in ("chosen", "rejected")
+               for text in EQUAL_LENGTH_ROWS[column]}
+    assert len(lengths) == 1
+
+    def build():
+        if trainer == "dpo":
+            return DPOTrainer(model=model(config, policy), args=args(DPOConfig, tmp_path, 2, beta=0.1),
+                              train_dataset=EQUAL_LENGTH_ROWS, processing_class=tokenizer,
+                              peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                     init_lora_weights=False))
+        dataset = EQUAL_LENGTH_ROWS.rename_column("chosen", "completion").remove_columns("rejected")
+        return SFTTrainer(model=model(config, policy), args=args(SFTConfig, tmp_path, 2), train_dataset=dataset,
+                          processing_class=tokenizer)
+
+    with_and_without_pyprefopt(build, head_calls)
+
+
 def test_under_autocast_the_head_projects_in_autocast_dtype_exactly(qwen3_config, policy_state, monkeypatch):
     """TRL's configs turn bf16 autocast on by default. Under it TRL's head, like the model's own lm_head, projects
     bf16 operands and rounds the logits to bf16; ours projects the same bf16 operands (not the fp32 head: that
