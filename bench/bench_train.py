@@ -4,7 +4,13 @@ DPOTrainer for dpo and ipo, CPOTrainer, KTOTrainer) on the same tiny Qwen3, data
     python bench/bench_train.py                          # every method, the embedded data, the table
     python bench/bench_train.py --synthetic 256          # on a synthetic Arabic/Persian set of 256 rows per split
     python bench/bench_train.py --methods dpo --steps 10 --json bench/results/train.json
+    python bench/bench_train.py --real-shapes /tmp/real --threads 2 --steps 2 --warmup 1   # the reference cards
     PYPREFOPT_BENCH_QUICK=0 pytest bench/bench_train.py -m heavy   # the pytest version at full size
+
+`--real-shapes DIR` runs the reference model cards' recipes (`REAL_CARDS`) on their base architectures at the
+real configs (Qwen3-1.7B and Qwen2.5-1.5B at V=151936, Gemma-3n-E4B's text model at V=262400) with random
+weights, built once into DIR, the tokenizer the default model's (its ids index the real vocabulary; every
+logit of it is still computed), on synthetic rows (4 held out), 2 examples a micro-batch as the cards train.
 
 Each (method, trainer) case runs in a fresh interpreter with OMP_NUM_THREADS=--threads, so memory is a per-process
 high-water mark and no case inherits another's allocator or thread pool. A case imports everything it will use,
@@ -50,8 +56,10 @@ from synthetic_data import write_data  # noqa: E402
 METHODS = ("sft", "dpo", "ipo", "cpo", "kto")
 IMPLS = ("pyprefopt", "trl")
 FORMAT_OF = {"sft": "sft", "dpo": "preference", "ipo": "preference", "cpo": "preference", "kto": "kto"}
-LORA = dict(r=16, alpha=32.0)
-LR, BETA, MAX_LENGTH, WARMUP_RATIO = 1e-3, 0.1, 512, 0.1
+BETA, MAX_LENGTH, WARMUP_RATIO = 0.1, 512, 0.1
+# The settings both trainers get: the tiny default model's (`base` None) unless a card says otherwise.
+DEFAULT_RECIPE = dict(base=None, lora_r=16, lora_alpha=32.0, lora_dropout=0.0, targets="all-linear",
+                      load_in_4bit=False, optim="adamw", lr=1e-3, weight_decay=0.0, grad_accum=1, seed=0)
 # --synthetic's word counts (fewest, most) per prompt and answer: varied, so batches carry padding as real data does.
 SYNTHETIC_WORDS = dict(prompt_words=(8, 40), answer_words=(10, 60))
 
@@ -73,16 +81,16 @@ def _peak_rss_mib() -> float:
 # ------------------------------------------------------------------------------------------------ workers
 
 
-def _base_model_and_rows(method, data_dir):
+def _base_model_and_rows(method, data_dir, base=None):
     from pyprefopt import data as D
     from pyprefopt.default_model import default_model_path
 
     train_rows, _, _ = D.load_splits(str(data_dir / FORMAT_OF[method]), method)
     rows = D.normalise_rows(train_rows, method, "train")
-    return default_model_path(D.corpus(rows)), rows
+    return base or default_model_path(D.corpus(rows)), rows
 
 
-def run_pyprefopt(method, data_dir, steps, warmup, batch_size, checkpointing):
+def run_pyprefopt(method, data_dir, steps, warmup, batch_size, checkpointing, recipe):
     # Everything the run imports, imported before the baseline (TRL's worker likewise imports before its own).
     import matplotlib.pyplot  # noqa: F401
     import safetensors.torch  # noqa: F401
@@ -91,13 +99,18 @@ def run_pyprefopt(method, data_dir, steps, warmup, batch_size, checkpointing):
 
     from pyprefopt import lora, model_card, train  # noqa: F401
 
-    _base_model_and_rows(method, data_dir)  # builds the cached base outside the measurement
+    base, _ = _base_model_and_rows(method, data_dir, recipe["base"])  # builds the cached base beforehand
     baseline = _rss_mib()
     with tempfile.TemporaryDirectory() as out:
-        argv = ["--method", method, "--data", str(data_dir / FORMAT_OF[method]), "--output-dir", f"{out}/run",
-                "--max-steps", str(warmup + steps), "--batch-size", str(batch_size), "--lr", str(LR),
-                "--beta", str(BETA), "--max-length", str(MAX_LENGTH), "--warmup-ratio", str(WARMUP_RATIO),
-                "--lora-r", str(LORA["r"]), "--lora-alpha", str(LORA["alpha"])]
+        argv = ["--method", method, "--model", str(base), "--data", str(data_dir / FORMAT_OF[method]),
+                "--output-dir", f"{out}/run", "--max-steps", str(warmup + steps), "--batch-size", str(batch_size),
+                "--grad-accum", str(recipe["grad_accum"]), "--lr", str(recipe["lr"]), "--beta", str(BETA),
+                "--max-length", str(MAX_LENGTH), "--warmup-ratio", str(WARMUP_RATIO),
+                "--weight-decay", str(recipe["weight_decay"]), "--optim", recipe["optim"], "--seed", str(recipe["seed"]),
+                "--lora-r", str(recipe["lora_r"]), "--lora-alpha", str(recipe["lora_alpha"]),
+                "--lora-dropout", str(recipe["lora_dropout"]), "--target-modules", recipe["targets"]]
+        if recipe["load_in_4bit"]:
+            argv.append("--load-in-4bit")
         if checkpointing:
             argv.append("--gradient-checkpointing")
         train.main(argv)
@@ -108,27 +121,40 @@ def run_pyprefopt(method, data_dir, steps, warmup, batch_size, checkpointing):
             "final_loss": timed[-1]["loss"]}
 
 
-def run_trl(method, data_dir, steps, warmup, batch_size, checkpointing):
+def run_trl(method, data_dir, steps, warmup, batch_size, checkpointing, recipe):
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
     from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
-    base, rows = _base_model_and_rows(method, data_dir)
+    base, rows = _base_model_and_rows(method, data_dir, recipe["base"])
     baseline = _rss_mib()
     dataset = Dataset.from_list(rows)
     tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules="all-linear",
-                             task_type="CAUSAL_LM")
-    common = dict(per_device_train_batch_size=batch_size, gradient_accumulation_steps=1, learning_rate=LR,
-                  lr_scheduler_type="cosine", warmup_steps=round(WARMUP_RATIO * (warmup + steps)),
-                  max_steps=warmup + steps, weight_decay=0.0,
-                  max_grad_norm=1.0, logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
-                  use_cpu=True, bf16=False, gradient_checkpointing=checkpointing, max_length=MAX_LENGTH, seed=0,
-                  dataloader_num_workers=0, disable_tqdm=True)
+    quantization = None
+    if recipe["load_in_4bit"]:
+        from transformers import AutoConfig
+
+        from pyprefopt.train import layers_left_16bit
+
+        # As pyprefopt's --load-in-4bit: NF4, fp32 compute on CPU, and the same layers left 16-bit (bitsandbytes'
+        # CPU kernel cannot run Gemma-3n's Linear(hidden, 4) router at all).
+        kept, head = layers_left_16bit(AutoConfig.from_pretrained(base))
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=kept + head,
+                                          bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, quantization_config=quantization)
+    targets = recipe["targets"] if recipe["targets"] == "all-linear" else recipe["targets"].split(",")
+    peft_config = LoraConfig(r=recipe["lora_r"], lora_alpha=recipe["lora_alpha"], lora_dropout=recipe["lora_dropout"],
+                             target_modules=targets, task_type="CAUSAL_LM")
+    common = dict(per_device_train_batch_size=batch_size, gradient_accumulation_steps=recipe["grad_accum"],
+                  learning_rate=recipe["lr"], lr_scheduler_type="cosine",
+                  warmup_steps=round(WARMUP_RATIO * (warmup + steps)), max_steps=warmup + steps,
+                  weight_decay=recipe["weight_decay"], optim="adamw_bnb_8bit" if recipe["optim"] == "adamw_8bit"
+                  else "adamw_torch_fused", max_grad_norm=1.0, logging_steps=1, save_strategy="no", eval_strategy="no",
+                  report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=checkpointing,
+                  max_length=MAX_LENGTH, seed=recipe["seed"], dataloader_num_workers=0, disable_tqdm=True)
     with tempfile.TemporaryDirectory() as out:
         if method == "sft":
             trainer_cls, args = SFTTrainer, SFTConfig(output_dir=out, **common)
@@ -180,25 +206,102 @@ def worker(argv):
     p.add_argument("--batch-size", type=int, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--recipe", type=json.loads, required=True)
     a = p.parse_args(argv)
     run = run_pyprefopt if a.impl == "pyprefopt" else run_trl
-    result = run(a.method, a.data, a.steps, a.warmup, a.batch_size, a.gradient_checkpointing)
+    result = run(a.method, a.data, a.steps, a.warmup, a.batch_size, a.gradient_checkpointing, a.recipe)
     result.update(impl=a.impl, method=a.method, tokens_per_second=result["tokens"] / result["seconds"])
     with open(a.out, "w", encoding="utf-8") as f:
         json.dump(result, f)
 
 
+# ------------------------------------------------------------------------------------------ real shapes
+
+
+def real_configs(pad_token_id, eos_token_id):
+    """The reference cards' base architectures at their real sizes (the published configs' shapes)."""
+    from transformers import Gemma3nTextConfig, Qwen2Config, Qwen3Config
+
+    ids = dict(pad_token_id=pad_token_id, eos_token_id=eos_token_id, bos_token_id=None)
+    return {
+        "Qwen3-1.7B": Qwen3Config(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                                  num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                                  max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=True, **ids),
+        "Qwen2.5-1.5B": Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                    num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+                                    rms_norm_eps=1e-6, tie_word_embeddings=True, **ids),
+        # transformers' defaults are Gemma-3n-E4B's text model (V=262400, per-layer inputs, AltUp, LAuReL, soft-cap).
+        "Gemma-3n-E4B": Gemma3nTextConfig(**ids),
+    }
+
+
+# (base, method, recipe): Qwen3-1.7B with IPO, CPO and KTO (LoRA on every linear layer); Qwen2.5-1.5B LoRA SFT then
+# DPO (r=16, alpha=32, dropout 0.05, q_proj/v_proj); Gemma-3n-E4B QLoRA SFT (r=8, alpha=16, the MLP, 8-bit AdamW,
+# lr 2e-5, weight decay 0.01, seed 3407, batch 2 x accumulation 4).
+QWEN25_LORA = dict(lora_dropout=0.05, targets="q_proj,v_proj")
+REAL_CARDS = [
+    ("Qwen3-1.7B", "ipo", {}), ("Qwen3-1.7B", "cpo", {}), ("Qwen3-1.7B", "kto", {}),
+    ("Qwen2.5-1.5B", "sft", QWEN25_LORA), ("Qwen2.5-1.5B", "dpo", QWEN25_LORA),
+    ("Gemma-3n-E4B", "sft", dict(load_in_4bit=True, lora_r=8, lora_alpha=16.0, targets="gate_proj,up_proj,down_proj",
+                                 optim="adamw_8bit", lr=2e-5, weight_decay=0.01, grad_accum=4, seed=3407)),
+]
+
+
+def build_real_model(name: str, directory: Path, tokenizer_dir: Path) -> Path:
+    """`name`'s architecture with random weights and the tokenizer of `tokenizer_dir`, saved to directory/name
+    once (fp32; Gemma-3n-E4B in bf16, whose 7.8 B parameters do not fit this machine's memory in fp32)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = directory / name
+    if (out / "config.json").is_file():
+        return out
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = real_configs(tokenizer.pad_token_id, tokenizer.eos_token_id)[name]
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if name.startswith("Gemma") else torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    staging = directory / f".{name}.partial"
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    del model
+    staging.rename(out)
+    return out
+
+
+def run_real_shapes(directory: Path, data: Path, steps, warmup, batch_size, threads, cache, checkpointing):
+    from pyprefopt import data as D
+    from pyprefopt.default_model import default_model_path
+
+    rows = D.normalise_rows(D.read_rows(data / "sft" / "train.jsonl"), "sft", "train")
+    tokenizer_dir = default_model_path(D.corpus(rows))
+    results = []
+    for name, method, recipe in REAL_CARDS:
+        base = build_real_model(name, directory, tokenizer_dir)
+        # The cards' batches: 2 examples (Gemma-3n's card accumulates 4 of them).
+        for impl in IMPLS:
+            result = run_case(impl, method, data, steps, warmup, batch_size, threads, cache, checkpointing,
+                              recipe | {"base": str(base)})
+            result["model"] = name
+            print(f"{name} {method} {impl}: {result['tokens_per_second']:.1f} tokens/s, peak extra "
+                  f"{result['peak_extra_mib']:.0f} MiB", file=sys.stderr, flush=True)
+            results.append(result)
+    return results
+
+
 # --------------------------------------------------------------------------------------------- driver
 
 
-def run_case(impl, method, data, steps, warmup, batch_size, threads, cache, checkpointing=False) -> dict:
-    """One case in a fresh interpreter; its result dict."""
+def run_case(impl, method, data, steps, warmup, batch_size, threads, cache, checkpointing=False,
+             recipe=None) -> dict:
+    """One case in a fresh interpreter; its result dict. `recipe`: DEFAULT_RECIPE's keys to override."""
+    recipe = DEFAULT_RECIPE | (recipe or {})
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYPREFOPT_CACHE=str(cache), TRL_EXPERIMENTAL_SILENCE="1",
                TOKENIZERS_PARALLELISM="false")
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--impl", impl, "--method", method, "--data",
                str(data), "--steps", str(steps), "--warmup", str(warmup), "--batch-size", str(batch_size),
-               "--out", out.name] + (["--gradient-checkpointing"] if checkpointing else [])
+               "--out", out.name, "--recipe", json.dumps(recipe)] + (["--gradient-checkpointing"] if checkpointing else [])
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{impl} {method} failed:\n{proc.stderr[-4000:]}")
@@ -206,15 +309,16 @@ def run_case(impl, method, data, steps, warmup, batch_size, threads, cache, chec
 
 
 def table(results: list[dict]) -> str:
-    by = {(r["method"], r["impl"]): r for r in results}
-    lines = ["| method | pyprefopt tokens/s | TRL tokens/s | speed-up | pyprefopt peak extra MiB | TRL peak extra MiB "
-             "| memory ratio | median step ms (ours / TRL) |", "|---|---|---|---|---|---|---|---|"]
-    for method in METHODS:
-        if (method, "pyprefopt") not in by or (method, "trl") not in by:
+    by = {(r.get("model", ""), r["method"], r["impl"]): r for r in results}
+    cases = list(dict.fromkeys((r.get("model", ""), r["method"]) for r in results))
+    lines = ["| model | method | pyprefopt tokens/s | TRL tokens/s | speed-up | pyprefopt peak extra MiB | TRL peak extra MiB "
+             "| memory ratio | median step ms (ours / TRL) |", "|---|---|---|---|---|---|---|---|---|"]
+    for model, method in cases:
+        if (model, method, "pyprefopt") not in by or (model, method, "trl") not in by:
             continue
-        ours, theirs = by[(method, "pyprefopt")], by[(method, "trl")]
+        ours, theirs = by[(model, method, "pyprefopt")], by[(model, method, "trl")]
         lines.append(
-            f"| {method} | {ours['tokens_per_second']:.0f} | {theirs['tokens_per_second']:.0f} | "
+            f"| {model or 'tiny default'} | {method} | {ours['tokens_per_second']:.1f} | {theirs['tokens_per_second']:.1f} | "
             f"{ours['tokens_per_second'] / theirs['tokens_per_second']:.2f}x | {ours['peak_extra_mib']:.0f} | "
             f"{theirs['peak_extra_mib']:.0f} | {ours['peak_extra_mib'] / theirs['peak_extra_mib']:.2f}x | "
             f"{statistics.median(ours['step_ms']):.0f} / {statistics.median(theirs['step_ms']):.0f} |")
@@ -229,16 +333,25 @@ def main(argv=None):
     p.add_argument("--synthetic", type=int, default=None, help="use a synthetic set of N rows per split instead")
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=None, help="examples per micro-batch (default: 8; 2, the cards', "
+                   "with --real-shapes)")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every case")
     p.add_argument("--gradient-checkpointing", action="store_true", help="both trainers recompute activations "
                    "(TRL's default; off by default here, as in pyprefopt)")
     p.add_argument("--json", type=Path, default=None, help="also write the raw results here")
+    p.add_argument("--real-shapes", type=Path, default=None, metavar="DIR",
+                   help="run the reference cards at their real shapes (random weights built into DIR once)")
     a = p.parse_args(argv)
+    if a.batch_size is None:
+        a.batch_size = 2 if a.real_shapes else 8
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = a.data
-        if a.synthetic:
+        if a.real_shapes and not (a.data or a.synthetic):
+            # Enough rows for the timed steps; a small held-out split, whose evaluation is not timed.
+            data = tmp / "data"
+            write_data(data, max(16, a.batch_size * 4 * (a.steps + a.warmup)), 4, **SYNTHETIC_WORDS)
+        elif a.synthetic:
             data = tmp / "data"
             write_data(data, a.synthetic, a.synthetic, **SYNTHETIC_WORDS)
         elif data is None:
@@ -247,6 +360,11 @@ def main(argv=None):
             data = PACKAGE_DATA
         cache = Path(os.environ.get("PYPREFOPT_CACHE") or tmp / "cache")
         results = []
+        if a.real_shapes:
+            a.real_shapes.mkdir(parents=True, exist_ok=True)
+            results = run_real_shapes(a.real_shapes, data, a.steps, a.warmup, a.batch_size, a.threads, cache,
+                                      a.gradient_checkpointing)
+            a.methods = []
         for method in a.methods:
             for impl in IMPLS:
                 result = run_case(impl, method, data, a.steps, a.warmup, a.batch_size, a.threads, cache,
