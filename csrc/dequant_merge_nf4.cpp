@@ -43,8 +43,7 @@ enum class Isa { kScalar, kAvx2, kAvx512, kAvx512Bf16 };
 constexpr Isa kAllIsas[] = {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16};
 
 // Outputs at least this large are written with non-temporal stores: they outgrow a core's caches anyway, and a
-// plain store first reads each line it writes (measured on a 2-core Xeon: 6.6 GB/s plain vs 15.8 GB/s
-// non-temporal for one thread filling 32 MiB).
+// plain store first reads each line it writes, so streaming stores roughly double the fill bandwidth.
 constexpr int64_t kStreamMinBytes = 8 << 20;
 
 int64_t out_element_bytes(const nf4::Problem& p) { return p.out_dtype == nf4::kFloat32 ? 4 : 2; }
@@ -370,7 +369,7 @@ FmaChainsFn fma_chains_fn(Isa isa) {
 }
 
 // fp32 FMAs per second that `num_threads` threads sustain from registers on instruction set `isa`: the compute
-// ceiling of the benchmark's FMA floor (a torch GEMM's rate understates it: 108 vs 256 GFMA/s on 2 Zen 5 cores).
+// ceiling of the benchmark's FMA floor (a torch GEMM's rate understates it, by about half on AMD CPUs).
 double peak_fma_rate(const std::string& isa, int num_threads) {
     nf4::require(num_threads >= 1, "num_threads must be positive");
     const Isa chosen = isa == "auto" ? pick_isa(Isa::kAvx512Bf16, 0) : parse_isa(isa);

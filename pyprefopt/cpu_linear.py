@@ -1,30 +1,26 @@
 """`x @ weight.T (+ bias)` on CPU through the faster of PyTorch's two CPU GEMM libraries.
 
 PyTorch sends fp32 `torch.mm` / `F.linear` to MKL's sgemm, and bf16 / fp16 to oneDNN. On AMD CPUs MKL's
-sgemm runs far below the FMA peak: on a 2-core EPYC Zen 5, 2048x4096 @ 4096x4096 took 332 ms in MKL and
-156 ms in oneDNN (`torch.ops.mkldnn._linear_pointwise`, the op Inductor's CPU backend uses), with the same
-fp32 accuracy class (max error against fp64 3.7e-4 vs 1.1e-4 over 4096-long dot products of N(0, 1)
-values). So large fp32 GEMMs go through oneDNN here. oneDNN builds a kernel per new shape (about 1 ms),
-so small GEMMs, which change shape from batch to batch in training, stay on `torch.mm`.
+sgemm runs far below the FMA peak, while oneDNN (`torch.ops.mkldnn._linear_pointwise`, the op Inductor's CPU
+backend uses) reaches it with the same fp32 accuracy class; so large fp32 GEMMs go through oneDNN here. oneDNN builds a kernel per new shape, so
+small GEMMs, which change shape from batch to batch in training, stay on `torch.mm`.
 """
 
 from __future__ import annotations
 
 import torch
 
-# Multiply-adds from which a GEMM takes oneDNN: at 2^27 (e.g. 512 x 512 x 512) a GEMM takes ~1 ms on two
-# cores, the order of oneDNN's cost for a shape it has not seen.
+# Multiply-adds from which a GEMM takes oneDNN: from about 2^27 (e.g. 512 x 512 x 512) the GEMM itself costs
+# as much as oneDNN's kernel build for a shape it has not seen.
 ONEDNN_MIN_MACS = 1 << 27
 # oneDNN writes a new tensor (no in-place accumulation), so `addmm_` adds each product in a separate pass over
-# an output block small enough to still be in cache; that pays from a depth of about 64. Measured on a 2-core
-# Zen 5, the weight gradient [32000, 1024] += z.T @ h, MKL addmm_ vs oneDNN in 1024-row blocks + add: depth 32
-# 10.3 vs 10.7 ms, 64 19.2 vs 14.4, 128 37.3 vs 24.4, 384 113 vs 65 (one unblocked oneDNN product + add over
-# the whole 125 MiB output: 122 ms, no better than MKL).
+# an output block small enough to still be in cache. That extra pass costs as much as the product's own
+# arithmetic at small depths: oneDNN pays from a depth of about 64 (an unblocked product plus one add over the
+# whole output loses the cache and with it the gain).
 ONEDNN_MIN_ACCUMULATE_DEPTH = 64
 # oneDNN returns a new tensor and lays each weight out anew for its kernel. Where the result goes into a
 # caller's buffer, the product is made in blocks whose output and weight block are each at most this many
-# bytes, so the transient stays small whatever the sizes (a whole [384, 32000] pair of logits at once added
-# 47 MiB to the trained head's peak) and each block is copied or added while it is in cache: both block the
+# bytes, so the transient stays small whatever the sizes and each block is copied or added while it is in cache: both block the
 # output rows and columns (`addmm_` blocks the depth in place of the columns).
 ONEDNN_TRANSIENT_BYTES = 4 * 2**20
 

@@ -34,10 +34,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from pyprefopt import cpu_linear
 
-# Bytes of fp32 logits one CPU tile may hold. 4 MiB: oneDNN (pyprefopt.cpu_linear) writes each tile's GEMM
-# to a fresh tensor and reorders the weight tile internally, so its transient memory grows with the tile,
-# not its speed (DPO loss, frozen head, N2048 V32000 on a 2-core Zen 5: 16 MiB tiles 508 ms / 88 MiB peak
-# extra, 4 MiB tiles 494 ms / 34 MiB; through MKL's torch.mm with 16 MiB tiles, 988 ms / 45 MiB).
+# Bytes of fp32 logits one CPU tile may hold. oneDNN (pyprefopt.cpu_linear) writes each tile's GEMM to a fresh
+# tensor and reorders the weight tile internally, so its transient memory grows with the tile while its speed
+# stops growing well before: a few MiB is the knee.
 CPU_TILE_BYTES = 4 * 2**20
 CPU_TOKEN_BLOCK = 1024
 # Per-token statistics `fused_linear_logprobs(..., statistics=...)` computes beside the log-probs.
@@ -107,8 +106,7 @@ def weight_grad_buffer(weight: torch.Tensor, only_if_free: bool = False) -> torc
     gradient.
 
     A fresh [V, H] fp32 tensor costs a page fault per 4 KiB page on its first write (glibc maps large
-    allocations anew each time): zero-filling a fresh 151936 x 1024 one took 151 ms on a 2-core Zen 5, about a
-    tenth of a DPO step. So for an fp32 CPU weight, whose gradient is this very tensor, the storage handed out
+    allocations anew each time), a sizeable share of a step at a real vocabulary. So for an fp32 CPU weight, whose gradient is this very tensor, the storage handed out
     last time for the same weight is reused once nobody else holds it (the usual case once the optimizer has
     stepped and `zero_grad()` set the gradient to None): a reference-count check, as PyTorch's CUDA-graph trees
     make for their output buffers. A gradient still held (accumulation, a caller's reference) gets a fresh
@@ -237,7 +235,7 @@ def _fold_tile_with_spread(z, running_max, running_sum, spread, out):
     spread.add_(moved).mul_(rescale)
     z.sub_(new_max[:, None])
     e = torch.exp(z, out=out[: z.shape[0], : z.shape[1]])
-    # torch's own sum (cascaded): a BLAS dot over the vocabulary lost 3 digits here (MKL, AMD Zen 5).
+    # torch's own sum (cascaded): a BLAS dot over the vocabulary sums serially in some libraries, losing digits.
     spread.add_(z.mul_(e).sum(dim=1))
     running_sum.mul_(rescale).add_(e.sum(dim=1))
     return e, new_max, rescale

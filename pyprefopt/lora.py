@@ -69,8 +69,8 @@ def _dense_weight(base_weight, dtype):
 
 # FusedLoRALinearFunction's CPU path decodes an NF4 base into one reused buffer per (shape, dtype): there the
 # decoded weight lives for one GEMM and is never saved for backward, and a fresh [out, in] tensor per call
-# pays a page fault per 4 KiB (for 4096x4096 bf16: 22.7 ms decoding into a fresh tensor vs 6.4 ms into a
-# reused one, bench_dequant_merge_nf4's table). Only for that Function: elsewhere autograd may keep the weight.
+# pays a page fault per 4 KiB, which costs more than the decode itself (bench_dequant_merge_nf4 times both).
+# Only for that Function: elsewhere autograd may keep the weight.
 _decode_buffers: dict[tuple, torch.Tensor] = {}
 
 
@@ -146,9 +146,8 @@ def _check_function_inputs(x, lora_x, base_weight, bias, lora_a, lora_b, scale, 
 
 def _rank_linear(x, rank_weight, scale):
     """`scale * x @ rank_weight.T` for a rank-wide `rank_weight` [r, k]. fp32 goes through `cpu_linear` with the
-    scale folded into the small weight (one rounding of `scale * A`, exact for a power-of-two scale): oneDNN
-    takes these skinny products at 2x MKL's speed (x [2048, 4096] @ [4096, 16]: 1.1 vs 2.3 ms on a 2-core Zen
-    5). Other dtypes keep the scale in the GEMM (alpha), where scaling a 16-bit weight would round it."""
+    scale folded into the small weight (one rounding of `scale * A`, exact for a power-of-two scale), as oneDNN
+    takes these skinny products much faster than MKL's sgemm does. Other dtypes keep the scale in the GEMM (alpha), where scaling a 16-bit weight would round it."""
     if scale == 1.0:
         return cpu_linear.linear(x, rank_weight)
     if x.dtype == torch.float32:

@@ -20,7 +20,7 @@ Public API (the merge CLI and in-memory trainers code against this):
         `alpha / r`, or `alpha / sqrt(r)` for rsLoRA
 
 Backends: the CUDA kernel (`pyprefopt._C_cuda`) for CUDA tensors when it was built, the C++ kernel
-(`pyprefopt._C`) for CPU tensors, and `pyprefopt.reference.dequant_merge_nf4_reference` (plain PyTorch,
+(`pyprefopt._C`) for CPU tensors, and `dequant_merge_nf4_torch` (plain PyTorch,
 with a one-time warning) when the needed extension is missing. All of them decode bit for bit like
 `bitsandbytes.functional.dequantize_4bit`; merged outputs agree within one output ulp.
 """
@@ -35,7 +35,6 @@ from dataclasses import dataclass
 
 import torch
 
-from pyprefopt import reference
 
 try:
     from pyprefopt import _C
@@ -167,6 +166,36 @@ def dequant_merge_nf4(weight: NF4Weight, lora_A: torch.Tensor | None = None, lor
     return _run(weight, lora_A, lora_B, scale, out_dtype, out)
 
 
+def dequant_merge_nf4_torch(codes, absmax, shape, blocksize, nested_absmax=None, nested_code=None,
+                                nested_offset=None, nested_blocksize=256, lora_A=None, lora_B=None, scale=1.0,
+                                out_dtype=torch.float32):
+    """bitsandbytes NF4 dequantisation plus the LoRA delta `scale * B @ A`, in fp32, cast once to `out_dtype`: the
+    plain-PyTorch kernel, for devices with no extension built, and the reference of the others.
+
+    codes: packed uint8, ceil(numel / 2) bytes, high nibble first, flat over the row-major weight.
+    absmax: fp32 per block of `blocksize` elements; or, nested (double quantisation), uint8 indices into
+    `nested_code` scaled by `nested_absmax[block // nested_blocksize]`, plus `nested_offset`.
+    Every step is one fp32 rounding, in the order bitsandbytes takes them (no fused multiply-add), so
+    the decoded weight equals `bitsandbytes.functional.dequantize_4bit` bit for bit.
+    """
+    numel = math.prod(shape)
+    n_blocks = -(-numel // blocksize)
+    if nested_absmax is not None:
+        group = torch.arange(n_blocks, device=absmax.device) // nested_blocksize
+        scales = nested_code.float()[absmax.long()] * nested_absmax.float()[group]
+        scales = scales + torch.tensor(nested_offset, dtype=torch.float32, device=scales.device)
+    else:
+        scales = absmax.float()
+    packed = codes.reshape(-1).view(torch.uint8)
+    nibbles = torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(-1)[:numel]
+    values = NF4_CODE.to(packed.device)[nibbles.long()]
+    weight = values * scales.repeat_interleave(blocksize)[:numel]
+    weight = weight.reshape(shape)
+    if lora_A is not None:
+        weight = weight + scale * (lora_B.float() @ lora_A.float())
+    return weight.to(out_dtype)
+
+
 def _run(weight, lora_A, lora_B, scale, out_dtype, out):
     if not isinstance(weight, NF4Weight):
         raise TypeError(f"weight must be an NF4Weight, got {type(weight).__name__}")
@@ -179,7 +208,7 @@ def _run(weight, lora_A, lora_B, scale, out_dtype, out):
     backend = _C_cuda if weight.device.type == "cuda" else _C if weight.device.type == "cpu" else None
     if backend is None:
         _warn_fallback(weight.device)
-        result = reference.dequant_merge_nf4_reference(
+        result = dequant_merge_nf4_torch(
             weight.codes, weight.absmax, weight.shape, weight.blocksize, weight.nested_absmax, weight.nested_code,
             weight.nested_offset, weight.nested_blocksize, lora_A, lora_B, scale, out_dtype)
         return result if out is None else out.copy_(result)
@@ -234,7 +263,7 @@ def _warn_fallback(device):
         _warned_fallback = True
         missing = "pyprefopt._C_cuda" if device.type == "cuda" else "pyprefopt._C"
         warnings.warn(f"{missing} is not built: NF4 dequant-merge on {device.type} falls back to the slow "
-                      "PyTorch reference (pyprefopt.reference.dequant_merge_nf4_reference)", RuntimeWarning,
+                      "PyTorch kernel (pyprefopt.nf4.dequant_merge_nf4_torch)", RuntimeWarning,
                       stacklevel=3)
 
 

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from pyprefopt import losses
+from pyprefopt import losses, nf4
 
 
 def reference_logits(hidden, weight, bias=None, temperature=1.0, softcap=None, logit_scale=1.0, dtype=torch.float32):
@@ -66,35 +66,9 @@ def reference_preference_loss(method, hidden, weight, labels, bias=None, ignore_
     return losses.from_sequence_stats(method, seq_logps, lengths, **kwargs)
 
 
-def dequant_merge_nf4_reference(codes, absmax, shape, blocksize, nested_absmax=None, nested_code=None,
-                                nested_offset=None, nested_blocksize=256, lora_A=None, lora_B=None, scale=1.0,
-                                out_dtype=torch.float32):
-    """bitsandbytes NF4 dequantisation plus the LoRA delta `scale * B @ A`, in fp32, cast once to `out_dtype`.
-
-    codes: packed uint8, ceil(numel / 2) bytes, high nibble first, flat over the row-major weight.
-    absmax: fp32 per block of `blocksize` elements; or, nested (double quantisation), uint8 indices into
-    `nested_code` scaled by `nested_absmax[block // nested_blocksize]`, plus `nested_offset`.
-    Every step is one fp32 rounding, in the order bitsandbytes takes them (no fused multiply-add), so
-    the decoded weight equals `bitsandbytes.functional.dequantize_4bit` bit for bit.
-    """
-    from pyprefopt.nf4 import NF4_CODE
-
-    numel = math.prod(shape)
-    n_blocks = -(-numel // blocksize)
-    if nested_absmax is not None:
-        group = torch.arange(n_blocks, device=absmax.device) // nested_blocksize
-        scales = nested_code.float()[absmax.long()] * nested_absmax.float()[group]
-        scales = scales + torch.tensor(nested_offset, dtype=torch.float32, device=scales.device)
-    else:
-        scales = absmax.float()
-    packed = codes.reshape(-1).view(torch.uint8)
-    nibbles = torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(-1)[:numel]
-    values = NF4_CODE.to(packed.device)[nibbles.long()]
-    weight = values * scales.repeat_interleave(blocksize)[:numel]
-    weight = weight.reshape(shape)
-    if lora_A is not None:
-        weight = weight + scale * (lora_B.float() @ lora_A.float())
-    return weight.to(out_dtype)
+# The NF4 decode's pure-PyTorch kernel is the reference the C++ and CUDA kernels are tested against, as in
+# bitsandbytes; it lives with the other NF4 kernels, where it also serves devices with no extension built.
+dequant_merge_nf4_reference = nf4.dequant_merge_nf4_torch
 
 
 def lora_linear_reference(x, weight, lora_a, lora_b, scale, bias=None, lora_x=None):

@@ -4,6 +4,8 @@ Python run from the repository root (`python -m pyprefopt.train`, `python -m pyt
 root first on sys.path, and pytest puts tests/ and bench/ there for their modules. A regular package or module of
 ours under a name some distribution also installs would then be imported in its place: our top-level `kernels/`
 once did that to Hugging Face's `kernels`, which transformers imports, and broke the README's main command.
+
+Also: pyprefopt's modules import one another without cycles.
 """
 
 from __future__ import annotations
@@ -46,3 +48,43 @@ def test_no_module_that_tests_or_benches_put_on_sys_path_shadows_an_installed_di
     installed = importlib.metadata.packages_distributions()
     clashes = {name: installed[name] for name in sorted(ours) if name in installed}
     assert not clashes, f"modules of ours named like installed distributions' modules: {clashes}"
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """Each pyprefopt module and the pyprefopt modules it imports anywhere in its source (deferred imports
+    inside functions included: a cycle through them is a cycle of the design all the same)."""
+    import ast
+
+    files = {path: f"pyprefopt.{path.stem}" for path in (ROOT / "pyprefopt").glob("*.py") if path.stem != "__init__"}
+    files |= {path: f"pyprefopt.kernels.{path.stem}" for path in (ROOT / "kernels").glob("*.py")}
+    modules = set(files.values())
+    graph = {}
+    for path, name in files.items():
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pyprefopt"):
+                imported |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+            elif isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+        graph[name] = (imported & modules) - {name}
+    return graph
+
+
+def test_no_import_cycles():
+    graph = _package_imports()
+    assert "pyprefopt.nf4" in graph and graph["pyprefopt.train"], "the import scan found nothing"
+    done, path = set(), []
+
+    def visit(module):
+        if module in path:
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(module):] + [module]))
+        if module in done:
+            return
+        path.append(module)
+        for imported in sorted(graph[module]):
+            visit(imported)
+        path.pop()
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module)
