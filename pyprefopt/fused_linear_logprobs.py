@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch.utils.weak import WeakIdKeyDictionary
 
 from pyprefopt import cpu_linear
@@ -106,10 +108,10 @@ def weight_grad_buffer(weight: torch.Tensor, only_if_free: bool = False) -> torc
     gradient.
 
     A fresh [V, H] fp32 tensor costs a page fault per 4 KiB page on its first write (glibc maps large
-    allocations anew each time), a sizeable share of a step at a real vocabulary. So for an fp32 CPU weight, whose gradient is this very tensor, the storage handed out
-    last time for the same weight is reused once nobody else holds it (the usual case once the optimizer has
-    stepped and `zero_grad()` set the gradient to None): a reference-count check, as PyTorch's CUDA-graph trees
-    make for their output buffers. A gradient still held (accumulation, a caller's reference) gets a fresh
+    allocations anew each time), a sizeable share of a step at a real vocabulary. So for an fp32 CPU weight,
+    whose gradient is this very tensor, the storage handed out last time for the same weight is reused once
+    nobody else holds it (the usual case once the optimizer has stepped and `zero_grad()` set the gradient to
+    None): a reference-count check, as PyTorch's CUDA-graph trees make for their output buffers. A gradient still held (accumulation, a caller's reference) gets a fresh
     tensor. The storage lives as long as the weight: one weight-sized buffer stays allocated between steps.
     Other dtypes (their fp32 gradient is converted, then dropped) and devices get a fresh tensor each time.
 
@@ -274,7 +276,7 @@ def _tile_backward(z, scale, g, y, v0, h, w, grad_hidden, grad_weight, grad_bias
 
 
 def cpu_forward(hidden, weight, bias, labels, transform, with_hidden_grad_factor: bool, statistics=(),
-                logits_store=None):
+                logits_store=None, lse_dtype=torch.float32):
     """Blocked forward on [N, H] rows whose labels are all valid, logits `transform`ed (a `LogitTransform`).
 
     Returns `(logp [N] fp32, lse [N] fp32, grad_factor [N, H] fp32 or None, statistics, kept_max, label_slope)`,
@@ -282,6 +284,9 @@ def cpu_forward(hidden, weight, bias, labels, transform, with_hidden_grad_factor
     d logits / d z: the constant out_scale uncapped), `statistics` maps each requested name of STATISTICS to its
     [N] tensor (see `fused_linear_logprobs`) and `label_slope` is s at each label (None uncapped). Plain PyTorch,
     so it also serves CUDA tensors when statistics are asked of the Triton path.
+
+    `lse_dtype`: float64 keeps the log-sum-exp of a vocabulary shard from rounding before it is combined with the
+    other shards' (`VocabParallelLogprobsFunction`).
 
     `logits_store`: an unwritten fp32 [V, H] weight gradient. The token blocks among the first H tokens keep
     each tile's exp(logits - m) there (`kept_logits_tile`), m the running max after the tile, given back as
@@ -296,7 +301,7 @@ def cpu_forward(hidden, weight, bias, labels, transform, with_hidden_grad_factor
     kept_max = torch.empty(-(-vocab // tile), n_kept, dtype=torch.float32, device=dev) if n_kept else None
     logits = torch.empty(block, tile, dtype=torch.float32, device=dev)
     logp = torch.empty(n, dtype=torch.float32, device=dev)
-    lse = torch.empty(n, dtype=torch.float32, device=dev)
+    lse = torch.empty(n, dtype=lse_dtype, device=dev)
     label_slope = torch.empty(n, dtype=torch.float32, device=dev) if capped else None
     factor = torch.empty(n, width, dtype=torch.float32, device=dev) if with_hidden_grad_factor else None
     # A capped head's gradient factor weighs each W_v by p_v times its own slope: one more tile buffer.
@@ -343,14 +348,14 @@ def cpu_forward(hidden, weight, bias, labels, transform, with_hidden_grad_factor
                 square_sum.mul_(rescale.square()).add_(torch.linalg.vector_norm(z, dim=1).square_())
             running_max = new_max
         block_lse = lse[t0 : t0 + rows]
-        torch.add(running_max, running_sum.log(), out=block_lse)
+        torch.add(running_max.to(lse_dtype), running_sum.to(lse_dtype).log(), out=block_lse)
         # The label's logit as a row-wise dot product: cheaper than picking it out of each tile.
         w_label = _fp32(weight.index_select(0, y))
         label_logit = torch.einsum("nh,nh->n", h, w_label)
         if bias is not None:
             label_logit += _fp32(bias.index_select(0, y))
         block_label_slope = None if label_slope is None else label_slope[t0 : t0 + rows]
-        torch.sub(transform.apply_(label_logit, block_label_slope), block_lse, out=logp[t0 : t0 + rows])
+        torch.sub(transform.apply_(label_logit, block_label_slope), block_lse.float(), out=logp[t0 : t0 + rows])
         if factor is not None:
             # s_y W[y] - sum_v p_v s_v W_v, in place in acc.
             acc.div_(running_sum[:, None]).neg_()
@@ -514,6 +519,99 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
+class VocabShard(NamedTuple):
+    """Where this process's rows of a vocabulary-sharded head sit: rows [start, start + local) of `vocab`."""
+
+    group: object
+    start: int
+    vocab: int
+
+
+def vocab_shard(weight: torch.Tensor, process_group=None) -> tuple[torch.Tensor, VocabShard | None]:
+    """(this process's head rows, their place) for a head sharded along the vocabulary: a DTensor placed
+    `Shard(0)` on a 1-D mesh (tensor parallelism's `ColwiseParallel` head, a loss-parallel head), or this
+    process's contiguous rows with `process_group` (rank order is vocabulary order). (weight, None) unsharded."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if isinstance(weight, DTensor):
+        if process_group is not None:
+            raise ValueError("give a DTensor head or a process_group with a local shard, not both")
+        if weight.device_mesh.ndim != 1 or weight.placements != (Shard(0),):
+            raise ValueError(f"a DTensor head must be sharded along the vocabulary (placements (Shard(0),) on a 1-D "
+                             f"mesh), got {weight.placements} on a {weight.device_mesh.ndim}-D mesh")
+        process_group = weight.device_mesh.get_group()
+        weight = weight.to_local()  # differentiable: the shard's gradient becomes the DTensor's
+    if process_group is None:
+        return weight, None
+    sizes = torch.empty(dist.get_world_size(process_group), dtype=torch.int64)
+    dist.all_gather_into_tensor(sizes, torch.tensor([weight.shape[0]], dtype=torch.int64), group=process_group)
+    rank = dist.get_rank(process_group)
+    return weight, VocabShard(process_group, int(sizes[:rank].sum()), int(sizes.sum()))
+
+
+class VocabParallelLogprobsFunction(torch.autograd.Function):
+    """Log-probs over a vocabulary sharded across `shard.group` (Megatron's vocabulary-parallel cross-entropy,
+    Shoeybi et al. 2019, over fused tiles): each process folds its slice into a log-sum-exp and the label's logit
+    where it owns the label; one gather of [world, N] log-sum-exps and one all-reduce of [N] label logits combine
+    them. Backward turns each process's tiles into its slice's weight gradient with the global log-sum-exp, and
+    sums the hidden gradient over processes. Every process holds the same hidden states and labels."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, transform, use_triton, shard):
+        group = shard.group
+        local = labels - shard.start
+        owned = (local >= 0) & (local < weight.shape[0])
+        in_slice = torch.where(owned, local, 0)
+        if use_triton:
+            from pyprefopt.kernels import fused_linear_logprobs as triton_kernels
+
+            local_lse = triton_kernels.forward(hidden, weight, bias, in_slice, transform)[1].double()
+        else:
+            local_lse = cpu_forward(hidden, weight, bias, in_slice, transform, False, lse_dtype=torch.float64)[1]
+        # Each label's logit, computed where its row of the head lives, zero elsewhere, summed over processes.
+        rows = owned.nonzero().squeeze(1)
+        label_logit = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device)
+        owned_logit = torch.einsum("nh,nh->n", _fp32(hidden.index_select(0, rows)),
+                                   _fp32(weight.index_select(0, in_slice.index_select(0, rows))))
+        if bias is not None:
+            owned_logit += _fp32(bias.index_select(0, in_slice.index_select(0, rows)))
+        label_slope = torch.zeros_like(label_logit) if transform.capped else None
+        owned_slope = torch.empty_like(owned_logit) if transform.capped else None
+        label_logit.index_copy_(0, rows, transform.apply_(owned_logit, owned_slope))
+        if label_slope is not None:
+            label_slope.index_copy_(0, rows, owned_slope)
+        dist.all_reduce(label_logit, group=group)
+        # In fp64 until the one rounding of the global log-sum-exp, as the unsharded op rounds it once.
+        every_lse = torch.empty(dist.get_world_size(group) * labels.shape[0], dtype=torch.float64,
+                                device=hidden.device)
+        dist.all_gather_into_tensor(every_lse, local_lse, group=group)
+        lse = torch.logsumexp(every_lse.view(dist.get_world_size(group), labels.shape[0]), dim=0).float()
+        # Backward finds each label in the tiles of its owner only.
+        ctx.save_for_backward(hidden, weight, bias, torch.where(owned, local, -1), lse, label_slope)
+        ctx.transform, ctx.use_triton, ctx.group = transform, use_triton, group
+        ctx.mark_non_differentiable(lse)
+        return label_logit - lse, lse
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_lse):
+        hidden, weight, bias, local_labels, lse, label_slope = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        if ctx.use_triton:
+            from pyprefopt.kernels import fused_linear_logprobs as triton_kernels
+
+            grads = triton_kernels.backward(grad_logp, hidden, weight, bias, local_labels, lse, ctx.transform,
+                                            need_hidden, need_weight, need_bias)
+        else:
+            grads = cpu_backward(grad_logp, hidden, weight, bias, local_labels, lse, ctx.transform, need_hidden,
+                                 need_weight, need_bias, label_slope=label_slope)
+        grad_hidden, grad_weight, grad_bias = grads
+        if grad_hidden is not None:
+            dist.all_reduce(grad_hidden, group=ctx.group)
+        grad_hidden, grad_weight, grad_bias = (None if g is None else g.to(hidden.dtype) for g in
+                                               (grad_hidden, grad_weight, grad_bias))
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
 def fused_linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -525,6 +623,7 @@ def fused_linear_logprobs(
     statistics: tuple[str, ...] = (),
     softcap: float | None = None,
     logit_scale: float = 1.0,
+    process_group=None,
 ):
     """Log-prob of each label under `softmax(softcap(logit_scale * (hidden @ weight.T + bias)) / temperature)`,
     with `softcap(x) = softcap * tanh(x / softcap)` when `softcap` is given (transformers' order; see
@@ -543,6 +642,10 @@ def fused_linear_logprobs(
         softcap: Gemma 2/3/3n's `final_logit_softcapping`; None for none.
         logit_scale: the multiplier a model applies to its head's output (Cohere's `logit_scale`, Granite's
             `1 / logits_scaling`).
+        process_group: with `weight` this process's rows of a head sharded along the vocabulary across the group
+            (in rank order); a DTensor `weight` placed `Shard(0)` needs none. Every process passes the same
+            hidden states and labels (global ids); each holds and differentiates only its shard, and the hidden
+            gradient is summed over the group (`VocabParallelLogprobsFunction`). `bias`: this process's rows too.
 
     Returns:
         fp32 tensor of `labels.shape`: the log-probs, 0 at ignored positions. Differentiable w.r.t.
@@ -552,6 +655,9 @@ def fused_linear_logprobs(
         Ignored positions are dropped before any matmul. With `statistics`: `(log-probs, {name: tensor
         of labels.shape})`, 0 (False) at ignored positions.
     """
+    weight, shard = vocab_shard(weight, process_group)
+    if shard is not None and statistics:
+        raise NotImplementedError("statistics of a vocabulary-sharded head are not supported")
     _check_inputs(hidden, weight, labels, bias)
     transform = LogitTransform(temperature, softcap, logit_scale)
     statistics = tuple(statistics)
@@ -563,17 +669,22 @@ def fused_linear_logprobs(
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     keep = (flat_labels != ignore_index).nonzero().squeeze(1)
     valid_labels = flat_labels.index_select(0, keep).long()
-    _check_label_range(valid_labels, weight.shape[0])
+    _check_label_range(valid_labels, weight.shape[0] if shard is None else shard.vocab)
     if keep.numel() == flat_labels.numel():
         rows = flat_hidden
     else:
         rows = flat_hidden.index_select(0, keep)
     # Nothing to score still goes through the Function (on the CPU path, which handles 0 rows), so the
     # result stays in the autograd graph and backward gives zero gradients instead of an error.
-    valid_logp, _, *valid_stats = FusedLinearLogprobsFunction.apply(
-        rows, weight, bias, valid_labels, transform, use_triton and keep.numel() > 0, torch.is_grad_enabled(),
-        statistics,
-    )
+    if shard is not None:
+        valid_logp, _ = VocabParallelLogprobsFunction.apply(rows, weight, bias, valid_labels, transform,
+                                                           use_triton and keep.numel() > 0, shard)
+        valid_stats = []
+    else:
+        valid_logp, _, *valid_stats = FusedLinearLogprobsFunction.apply(
+            rows, weight, bias, valid_labels, transform, use_triton and keep.numel() > 0, torch.is_grad_enabled(),
+            statistics,
+        )
     outputs = [valid_logp, *valid_stats]
     if keep.numel() != flat_labels.numel():
         outputs = [torch.zeros(flat_labels.shape[0], dtype=t.dtype, device=hidden.device).index_copy(0, keep, t)

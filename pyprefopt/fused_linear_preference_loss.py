@@ -386,7 +386,8 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             `undesirable_weight` (kto).
 
     Batches follow TRL: `hidden [B, T, H]` and `labels [B, T]` aligned (position t scores labels[t]),
-    and for dpo/ipo/cpo the chosen rows first, the rejected rows second.
+    and for dpo/ipo/cpo the chosen rows first, the rejected rows second. The head may be a DTensor sharded along
+    the vocabulary (see `fused_linear_logprobs`).
     """
 
     def __init__(self, method: str, ignore_index: int = -100, temperature: float = 1.0, softcap: float | None = None,
@@ -534,8 +535,11 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
 
     def _trained_head_chunks(self, hidden, weight, labels, bias):
         """Chunks for the one-pass path, or None where it does not apply (see the module docstring)."""
+        from torch.distributed.tensor import DTensor
+
         trained = weight.requires_grad or (bias is not None and bias.requires_grad)
-        if not (trained and torch.is_grad_enabled() and hidden.device.type == "cpu"):
+        # A vocabulary-sharded (DTensor) head goes through fused_linear_logprobs, which combines the shards.
+        if not (trained and torch.is_grad_enabled() and hidden.device.type == "cpu") or isinstance(weight, DTensor):
             return None
         if self.method in losses.PAIRED_METHODS and labels.shape[0] % 2:
             return None  # from_sequence_stats names the error

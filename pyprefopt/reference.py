@@ -5,8 +5,6 @@ They are what every fused path must equal; they are deliberately the plainest Py
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from pyprefopt import losses, nf4
