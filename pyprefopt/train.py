@@ -5,7 +5,7 @@ any local checkpoint and data set. `--help` lists every option with its default.
 One flat loop, in order:
 1. data: load, check, tokenise (pyprefopt.data);
 2. model: `--model` or the cached default (pyprefopt.default_model), LoRA layers injected
-   (pyprefopt.lora), NF4 base with --load-in-4bit;
+   (pyprefopt.lora) or loaded from --adapter, NF4 base with --load-in-4bit;
 3. reference log-probs (dpo, ipo, kto): every example's, once, from the same model with its adapters
    disabled (for --full: before the first update), cached in the run's directory;
 4. steps: each micro-batch runs the decoder to its last hidden state and `FusedLinearPreferenceLoss` on
@@ -57,7 +57,9 @@ from pyprefopt.fused_linear_preference_loss import FusedLinearPreferenceLoss
 from pyprefopt.head_config import check_fused_head_support, head_logit_transform
 from pyprefopt.memory import bound_onednn_caches
 
-DEFAULT_TARGET_MODULES = "all-linear"
+# The LoRA options' defaults; with --adapter they come from the adapter's adapter_config.json instead.
+LORA_DEFAULTS = {"lora_r": 16, "lora_alpha": 32.0, "lora_dropout": 0.0, "target_modules": "all-linear"}
+DEFAULT_WARMUP_RATIO = 0.1
 CHECKPOINTS = "checkpoints"
 REFERENCE_FILE = "reference_logps.safetensors"
 METRICS_FILE = "metrics.jsonl"
@@ -122,7 +124,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--lr-scheduler", default="cosine", choices=("linear", "cosine", "constant_with_warmup"),
                    help="decay after warmup (transformers' schedulers)")
-    p.add_argument("--warmup-ratio", type=float, default=0.1, help="share of the steps spent warming up")
+    p.add_argument("--warmup-ratio", type=float, default=None,
+                   help=f"share of the steps spent warming up; default: {DEFAULT_WARMUP_RATIO} unless --warmup-steps")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="optimizer steps spent warming up (a count, instead of --warmup-ratio); default: none")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: none)")
     p.add_argument("--optim", default="adamw", choices=("adamw", "adamw_8bit"),
@@ -137,19 +142,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: before and after only)")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: none)")
     p.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept")
-    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
-    p.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (scale alpha / r)")
-    p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA branch's input")
-    p.add_argument("--target-modules", default=DEFAULT_TARGET_MODULES,
-                   help="'all-linear', a regex, or comma-separated module names (PEFT's rules)")
+    from_adapter = ", or the --adapter's"
+    p.add_argument("--lora-r", type=int, default=None,
+                   help=f"LoRA rank; default: {LORA_DEFAULTS['lora_r']}{from_adapter}")
+    p.add_argument("--lora-alpha", type=float, default=None,
+                   help=f"LoRA alpha (scale alpha / r); default: {LORA_DEFAULTS['lora_alpha']}{from_adapter}")
+    p.add_argument("--lora-dropout", type=float, default=None,
+                   help=f"dropout on the LoRA branch's input; default: {LORA_DEFAULTS['lora_dropout']}{from_adapter}")
+    p.add_argument("--target-modules", default=None,
+                   help="'all-linear', a regex, or comma-separated module names (PEFT's rules); default: "
+                   f"{LORA_DEFAULTS['target_modules']}{from_adapter}")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="start from this PEFT LoRA adapter (e.g. an SFT run's --output-dir) instead of a fresh one: "
+                   "its rank, alpha, dropout and target modules are kept, and a new run starts (--resume continues "
+                   "a run). The reference model of dpo/ipo/kto stays the base with the adapter disabled, as in TRL "
+                   "with a PEFT model; default: none")
     p.add_argument("--load-in-4bit", action="store_true", help="QLoRA: the base in bitsandbytes NF4")
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument("--merge", action="store_true",
                    help="also write the base merged with the adapter (bf16) to <output-dir>/merged")
     args = p.parse_args(argv)
+    if args.adapter is None:
+        for name, value in LORA_DEFAULTS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
     for name in ("batch_size", "eval_batch_size", "grad_accum", "lora_r"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_length < 2:
         p.error("--max-length must be at least 2 (a prompt token and a completion token)")
@@ -162,9 +181,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
     for name in ("desirable_weight", "undesirable_weight", "lora_alpha"):
         value = getattr(args, name)
-        if not (value > 0 and math.isfinite(value)):
+        if value is not None and not (value > 0 and math.isfinite(value)):
             p.error(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
-    if not 0 <= args.lora_dropout < 1:
+    if args.lora_dropout is not None and not 0 <= args.lora_dropout < 1:
         p.error(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
     for name in ("eval_every", "save_every", "save_total_limit"):
         if getattr(args, name) < 0:
@@ -175,10 +194,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--epochs must be > 0")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         p.error(f"--lr must be a finite number > 0, got {args.lr}")
-    if not 0 <= args.warmup_ratio < 1:
+    if args.warmup_steps is not None and args.warmup_ratio is not None:
+        p.error("--warmup-steps and --warmup-ratio both set the warmup: give one of them")
+    if args.warmup_steps is None and args.warmup_ratio is None:
+        args.warmup_ratio = DEFAULT_WARMUP_RATIO
+    if args.warmup_ratio is not None and not 0 <= args.warmup_ratio < 1:
         p.error("--warmup-ratio must be in [0, 1)")
+    if args.warmup_steps is not None and args.warmup_steps < 0:
+        p.error(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
     if args.full and args.load_in_4bit:
         p.error("--full trains every weight: it cannot train an NF4 (--load-in-4bit) base")
+    if args.full and args.adapter is not None:
+        p.error("--adapter continues a LoRA adapter; --full trains every weight instead")
     if args.full and args.merge:
         p.error("--merge merges an adapter; --full writes the full model already")
     if args.output_dir is None:
@@ -240,19 +267,89 @@ def hardware_description(device, world) -> str:
 # ------------------------------------------------------------------------------------------ model
 
 
-def load_model(args, train_rows, device):
-    """(model, tokenizer, base path or hub id). LoRA layers are injected unless --full."""
+def target_spec(targets: str):
+    """--target-modules as inject_lora takes it: 'all-linear', a regex, or the list of comma-separated names."""
+    if targets != "all-linear" and "," in targets:
+        return [t.strip() for t in targets.split(",") if t.strip()]
+    return targets
+
+
+def read_adapter_options(args):
+    """With --adapter: the adapter's config (pyprefopt.lora.LoRAConfig), its rank, alpha, dropout and targets put
+    into args, which then say what the run trains (the run's arguments, a --resume's comparison, the card). An
+    explicitly given LoRA option that differs is refused: the adapter's weights fix them. Raises RunError when the
+    directory holds no adapter."""
+    from pyprefopt.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, _read_peft_config
+
+    directory = Path(args.adapter)
+    if not directory.is_dir():
+        raise RunError(f"--adapter {directory}: no such directory")
+    missing = [name for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (directory / name).is_file()]
+    if missing:
+        raise RunError(f"--adapter {directory} holds no LoRA adapter (no {' and no '.join(missing)}); name a PEFT "
+                       "adapter directory, such as a LoRA run's --output-dir")
+    try:
+        config = _read_peft_config(str(directory))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RunError(f"--adapter {directory}: cannot read its {ADAPTER_CONFIG} as a PEFT LoRA config "
+                       f"({type(e).__name__}: {e})") from e
+    targets = config.target_modules
+    adapter_options = {"lora_r": config.r, "lora_alpha": float(config.lora_alpha), "lora_dropout": config.lora_dropout,
+                       "target_modules": targets if isinstance(targets, str) else ",".join(sorted(targets))}
+
+    def comparable(name, value):  # a list of target names in any order, or the value itself
+        spec = target_spec(value) if name == "target_modules" else value
+        return sorted(spec) if isinstance(spec, list) else spec
+
+    for name, value in adapter_options.items():
+        given = getattr(args, name)
+        if given is not None and comparable(name, given) != comparable(name, value):
+            option = f"--{name.replace('_', '-')}"
+            raise RunError(f"{option} {given} differs from the --adapter's {value} ({directory / ADAPTER_CONFIG}): "
+                           f"the adapter sets it; drop {option}")
+        setattr(args, name, value)
+    return config
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name`, not a local directory, has the form of a hub id (name or org/name) rather than of a path."""
+    return not name.startswith((".", "/", "~")) and name.count("/") <= 1
+
+
+def check_adapter_base(adapter_dir, trained_on, base):
+    """Refuse an adapter trained on another model than `base` where the names tell (two local checkpoints, or two hub
+    ids); where they cannot (a hub id and a path, or a path not on this machine), say which was which. Whether its
+    weights fit the model's layers is checked when they are loaded."""
+    if trained_on is None or trained_on == base:
+        return
+    local = Path(trained_on).is_dir(), Path(base).is_dir()
+    if local == (True, True):
+        different = not Path(trained_on).samefile(base)
+    elif local == (False, False) and is_hub_id(trained_on) and is_hub_id(base):
+        different = trained_on.casefold() != base.casefold()  # the hub's names ignore case
+    else:
+        log(0, f"--adapter {adapter_dir} was trained on {trained_on}; this run continues it on --model {base}")
+        return
+    if different:
+        raise RunError(f"--adapter {adapter_dir} was trained on {trained_on}, not on --model {base}: pass --model "
+                       f"{trained_on}")
+
+
+def load_model(args, train_rows, device, adapter=None):
+    """(model, tokenizer, base path or hub id). LoRA layers are injected unless --full: fresh ones, or with
+    `adapter` (read_adapter_options' config) those of --adapter with its weights."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-
     from pyprefopt.default_model import default_model_path
-    from pyprefopt.lora import inject_lora
+    from pyprefopt.lora import inject_lora, load_lora_adapter
 
     base = args.model
     if base is None:
         base = str(default_model_path(D.corpus(train_rows)))
-    elif not Path(base).is_dir() and (base.startswith((".", "/", "~")) or base.count("/") > 1):
+    elif not Path(base).is_dir() and not is_hub_id(base):
         raise RunError(f"--model {base}: no such directory (a hub id has the form name or org/name)")
+    if adapter is not None:
+        check_adapter_base(args.adapter, adapter.base_model_name_or_path, base)
     try:
         tokenizer = AutoTokenizer.from_pretrained(base)
     except (OSError, ValueError) as e:
@@ -290,10 +387,14 @@ def load_model(args, train_rows, device):
         for param in model.parameters():
             param.requires_grad_(True)
         return model, tokenizer, base
-    targets = args.target_modules
-    if targets != "all-linear" and "," in targets:
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    inject_lora(model, targets, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
+    if adapter is None:
+        inject_lora(model, target_spec(args.target_modules), r=args.lora_r, lora_alpha=args.lora_alpha,
+                    lora_dropout=args.lora_dropout)
+    else:
+        try:
+            load_lora_adapter(model, args.adapter)
+        except (ValueError, TypeError, OSError, SafetensorError) as e:
+            raise RunError(f"--adapter {args.adapter} does not fit --model {base}: {e}") from e
     model.pyprefopt_lora_config.base_model_name_or_path = base
     return model, tokenizer, base
 
@@ -900,6 +1001,8 @@ def train(args, rank, world, device) -> int:
     hf_logging.disable_progress_bar()
     started = time.perf_counter()
     output_dir = Path(args.output_dir)
+    # Before the output directory's check: a --resume compares the LoRA options the adapter sets.
+    adapter = read_adapter_options(args) if args.adapter is not None else None
     check_output_dir(output_dir, args)
     resuming = args.resume and bool(checkpoints_newest_first(output_dir))
     if world > 1:
@@ -919,7 +1022,7 @@ def train(args, rank, world, device) -> int:
 
     # 2. model: seeded first, so the adapter's init depends on --seed alone
     torch.manual_seed(args.seed)
-    model, tokenizer, base = load_model(args, train_rows, device)
+    model, tokenizer, base = load_model(args, train_rows, device, adapter)
     pad_id = tokenizer.pad_token_id
     train_data = D.tokenize(train_rows, args.method, tokenizer, args.max_length, f"{data_source} (train)", kl_chunk)
     eval_data = D.tokenize(eval_rows, args.method, tokenizer, args.max_length, f"{data_source} (eval)", kl_chunk)
@@ -948,7 +1051,14 @@ def train(args, rank, world, device) -> int:
         # The fused kernel: what the HF Trainer (and so TRL) uses by default, one pass over all the adapters.
         optimizer = torch.optim.AdamW(trainable.values(), lr=args.lr, weight_decay=args.weight_decay,
                                       fused=device.type in ("cpu", "cuda") or None)
-    scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=round(args.warmup_ratio * total_steps),
+    if args.warmup_steps is None:
+        warmup_steps = round(args.warmup_ratio * total_steps)
+    else:
+        warmup_steps = args.warmup_steps
+        if warmup_steps >= total_steps:
+            log(rank, f"--warmup-steps {warmup_steps} is not less than the run's {total_steps} steps: the learning "
+                f"rate never reaches --lr {args.lr}")
+    scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=warmup_steps,
                               num_training_steps=total_steps)
 
     if rank == 0:

@@ -20,6 +20,7 @@ import torch
 
 from pyprefopt import train
 from synthetic_data import write_data
+from tiny_models import gemma3n_config, save_tiny_model
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -252,49 +253,20 @@ def test_stale_staging_is_removed_and_outputs_get_the_umask(data_dir, tmp_path, 
 # ------------------------------------------------------------------------------------------- architectures
 
 
-def _gemma3n_config(vocab_size, softcap=30.0, **ids):
-    """A tiny Gemma-3n text config: AltUp (its modality router is Linear(hidden, 4)), LAuReL, per-layer inputs."""
-    from transformers import Gemma3nTextConfig
-
-    return Gemma3nTextConfig(
-        vocab_size=vocab_size, vocab_size_per_layer_input=vocab_size, hidden_size=64, hidden_size_per_layer_input=16,
-        intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-        laurel_rank=8, altup_num_inputs=4, num_kv_shared_layers=0, layer_types=["sliding_attention", "full_attention"],
-        sliding_window=32, activation_sparsity_pattern=[0.0, 0.0], max_position_embeddings=256,
-        final_logit_softcapping=softcap, bos_token_id=None, **ids)
-
-
-def _save_tiny_model(directory, data_dir, make_config):
-    """A tiny random model of `make_config(vocab_size, pad_token_id=..., eos_token_id=...)` with the default
-    tokenizer of the test data, saved to `directory`."""
-    from transformers import AutoModelForCausalLM
-
-    from pyprefopt import data as D
-    from pyprefopt.default_model import build_tokenizer
-
-    rows = D.normalise_rows(D.read_rows(data_dir / "sft" / "train.jsonl"), "sft", "train")
-    tokenizer = build_tokenizer(D.corpus(rows))
-    config = make_config(len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
 def test_qlora_keeps_linear_layers_4bit_cannot_serve_in_16bit(data_dir, tmp_path, capsys):
     """bitsandbytes' CPU 4-bit kernel cannot run a Linear whose outputs are not a multiple of 32 (Gemma-3n's AltUp
     router is Linear(hidden, 4)): such layers, and ones too small to gain from 4 bits, stay 16-bit, said once.
     Here a Qwen3 whose MLP is 72 wide, its MLP not a LoRA target, so bitsandbytes' own forward would run it."""
     from transformers import Qwen3Config
 
-    kept, head = train.layers_left_16bit(_gemma3n_config(512))
+    kept, head = train.layers_left_16bit(gemma3n_config(512))
     assert "model.layers.0.altup.modality_router" in kept and head == ["lm_head"] and "lm_head" not in kept
 
     def odd_mlp_qwen3(vocab_size, **ids):
         return Qwen3Config(vocab_size=vocab_size, hidden_size=256, intermediate_size=72, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, head_dim=64, bos_token_id=None, **ids)
 
-    model_dir = _save_tiny_model(tmp_path / "qwen3", data_dir, odd_mlp_qwen3)
+    model_dir = save_tiny_model(tmp_path / "qwen3", data_dir, odd_mlp_qwen3)
     out = tmp_path / "run"
     capsys.readouterr()
     assert train.main(["--method", "sft", "--model", str(model_dir), "--data", str(data_dir / "sft"),
@@ -314,7 +286,7 @@ def test_a_soft_capped_gemma3n_trains_on_the_models_own_loss(data_dir, tmp_path,
     from pyprefopt import FusedLinearPreferenceLoss
     from pyprefopt.head_config import head_logit_transform
 
-    model_dir = _save_tiny_model(tmp_path / "gemma3n", data_dir, _gemma3n_config)
+    model_dir = save_tiny_model(tmp_path / "gemma3n", data_dir, gemma3n_config)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     decoder, head = train.decoder_and_head(model)
     with torch.no_grad():

@@ -290,9 +290,14 @@ def test_help_documents_every_option_with_its_default(capsys):
     text = capsys.readouterr().out
     for option in ("--output-dir", "--max-steps", "--epochs", "--batch-size", "--grad-accum", "--lr", "--beta",
                    "--max-length", "--seed", "--eval-every", "--save-every", "--lora-r", "--lora-alpha",
-                   "--target-modules", "--load-in-4bit", "--full", "--resume", "--merge"):
+                   "--target-modules", "--load-in-4bit", "--full", "--resume", "--merge", "--warmup-ratio",
+                   "--warmup-steps", "--adapter"):
         assert option in text, option
     assert "(default: 0.001)" in text and "(default: 512)" in text and "default: runs/<method>-<UTC time>" in text
+    # Options whose default gives way to another option say so (the words as one line: argparse wraps the help).
+    words = " ".join(text.split())
+    assert "default: 0.1 unless --warmup-steps" in words and "default: 16, or the --adapter's" in words
+    assert "the base with the adapter disabled, as in TRL with a PEFT model" in words  # --adapter's reference model
 
 
 # ------------------------------------------------------------------------------------------ bad data
