@@ -90,6 +90,28 @@ class FusedCausalLMOutput(ModelOutput):
     aux_loss: torch.Tensor | None = None
 
 
+def _run_head(lm_head, compute, *inputs):
+    """`compute(weight, bias, *inputs)` with the head's parameters as the fused op needs them.
+
+    Under FSDP2 a head sharded in an FSDP group of its own holds only its shard until its own forward runs, and its
+    gradient reaches the shards only through that forward's hooks (gathering the shard by hand with `full_tensor()`
+    takes each process's gradient for all of them: its backward assumes every process computed the same one). So
+    `compute` runs as an FSDP forward method of the head (`register_fsdp_forward_method`): unsharded for it,
+    resharded after, unsharded again for backward, the gradient reduce-scattered and averaged like any FSDP
+    module's. A head in the root's group is unsharded already, since the fused head runs inside the model's
+    forward. A head sharded along the vocabulary by tensor parallelism (a `Shard(0)` DTensor over processes that
+    share the batch) reaches `fused_linear_logprobs` as it is, which computes over the shards."""
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+    if isinstance(lm_head, FSDPModule):
+        if not hasattr(lm_head, "pyprefopt_fused_head"):
+            lm_head.pyprefopt_fused_head = types.MethodType(
+                lambda self, run, *args: run(self.weight, self.bias, *args), lm_head)
+            register_fsdp_forward_method(lm_head, "pyprefopt_fused_head")
+        return lm_head.pyprefopt_fused_head(compute, *inputs)
+    return compute(lm_head.weight, lm_head.bias, *inputs)
+
+
 def _projection_operands(hidden, weight, bias, cast_lm_head_to_fp32=False):
     """hidden, weight and bias in the dtype the head projects in. Under autocast that is autocast's dtype, as for
     TRL's head and the model's own lm_head Linear (TRL's configs turn bf16 autocast on by default, CPUs with bf16
@@ -137,15 +159,16 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
             hidden, labels = hidden[:, :-1], labels[:, 1:]
         else:
             labels = shift_labels
-        lm_head = self.get_output_embeddings()
-        weight, bias = lm_head.weight, lm_head.bias
-        labels = labels.to(weight.device)
-        hidden = hidden.to(weight.device)
-        hidden, weight, bias = _projection_operands(hidden, weight, bias, cast_lm_head_to_fp32)
-        with torch.autocast(hidden.device.type, enabled=False):
-            result = fused_linear_logprobs(hidden, weight, labels, bias, temperature=temperature,
-                                           statistics=statistics, **transform)
+
+        def head(weight, bias, hidden, labels):
+            hidden, weight, bias = _projection_operands(hidden.to(weight.device), weight, bias, cast_lm_head_to_fp32)
+            with torch.autocast(hidden.device.type, enabled=False):
+                return fused_linear_logprobs(hidden, weight, labels.to(weight.device), bias, temperature=temperature,
+                                             statistics=statistics, **transform)
+
+        result = _run_head(self.get_output_embeddings(), head, hidden, labels)
         log_probs, stats = result if statistics else (result, {})
+        labels = labels.to(log_probs.device)
         mask = labels != -100
         loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
         return FusedCausalLMOutput(loss=loss, log_probs=log_probs, label_mask=mask, **stats)
@@ -172,9 +195,13 @@ def _cpo_concatenated_forward(self, model, batch):
                                   use_cache=False).last_hidden_state
     lm_head = causal_lm.get_output_embeddings()
     labels = concatenated["concatenated_labels"][:, 1:]
-    head_hidden, weight, bias = _projection_operands(hidden[:, :-1], lm_head.weight, lm_head.bias)
-    with torch.autocast(hidden.device.type, enabled=False):
-        per_token = fused_linear_logprobs(head_hidden, weight, labels, bias, **transform)
+
+    def head(weight, bias, hidden, labels):
+        hidden, weight, bias = _projection_operands(hidden, weight, bias)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return fused_linear_logprobs(hidden, weight, labels, bias, **transform)
+
+    per_token = _run_head(lm_head, head, hidden[:, :-1], labels)
     mask = labels != -100
     all_logps = per_token.sum(-1)
     if self.loss_type in ("ipo", "simpo"):
@@ -184,20 +211,20 @@ def _cpo_concatenated_forward(self, model, batch):
     else:
         # TRL: mean cross-entropy over the chosen rows' scored tokens.
         nll_loss = -per_token[:len_chosen].sum() / mask[:len_chosen].sum()
-    with torch.no_grad():
+    def mean_logits_of(weight, bias, hidden):
         if transform["softcap"] is None:
-            # Linear in the logits: mean_v z_v = h . mean_v W_v + mean_v b_v, times the scale.
-            mean_logits = hidden @ lm_head.weight.mean(0)
-            if lm_head.bias is not None:
-                mean_logits += lm_head.bias.mean()
-            mean_logits *= transform["logit_scale"]
-        else:
-            # A capped mean is not: one more pass over the vocabulary, at every position as TRL's mean takes it.
-            every_position = torch.zeros(hidden.shape[:-1], dtype=torch.long, device=hidden.device)
-            all_hidden, weight, bias = _projection_operands(hidden, lm_head.weight, lm_head.bias)
-            with torch.autocast(hidden.device.type, enabled=False):
-                mean_logits = fused_linear_logprobs(all_hidden, weight, every_position, bias, statistics=("mean_logits",),
-                                                    **transform)[1]["mean_logits"]
+            # Linear in the logits: mean_v z_v = (h . mean_v W_v + mean_v b_v) * scale.
+            mean = hidden @ weight.mean(0) + (0.0 if bias is None else bias.mean())
+            return mean * transform["logit_scale"]
+        # A capped mean is not: one more pass over the vocabulary, at every position as TRL's mean takes it.
+        every_position = torch.zeros(hidden.shape[:-1], dtype=torch.long, device=hidden.device)
+        hidden, weight, bias = _projection_operands(hidden, weight, bias)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return fused_linear_logprobs(hidden, weight, every_position, bias, statistics=("mean_logits",),
+                                         **transform)[1]["mean_logits"]
+
+    with torch.no_grad():
+        mean_logits = _run_head(lm_head, mean_logits_of, hidden)
     return all_logps[:len_chosen], all_logps[len_chosen:], mean_logits[:len_chosen], mean_logits[len_chosen:], nll_loss
 
 

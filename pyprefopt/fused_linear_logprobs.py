@@ -549,6 +549,20 @@ def vocab_shard(weight: torch.Tensor, process_group=None) -> tuple[torch.Tensor,
     return weight, VocabShard(process_group, int(sizes[:rank].sum()), int(sizes.sum()))
 
 
+def _check_same_batch_everywhere(hidden, labels, group):
+    """Refuse processes that pass different batches: a head sharded along dim 0 over a data-parallel mesh (FSDP2
+    shards every parameter so) is not a vocabulary-parallel head, and folding it would silently mix batches."""
+    fingerprint = torch.stack([hidden.double().sum(), labels.double().sum(), torch.tensor(float(labels.numel()),
+                                                                                        dtype=torch.float64)])
+    low, high = fingerprint.clone(), fingerprint.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+    if not torch.equal(low, high):
+        raise ValueError("a vocabulary-sharded head needs the same hidden states and labels on every process of its "
+                         "group, and these differ; for data parallelism (FSDP2 shards the head along dim 0 too) "
+                         "pass the whole head, e.g. `weight.full_tensor()`")
+
+
 class VocabParallelLogprobsFunction(torch.autograd.Function):
     """Log-probs over a vocabulary sharded across `shard.group` (Megatron's vocabulary-parallel cross-entropy,
     Shoeybi et al. 2019, over fused tiles): each process folds its slice into a log-sum-exp and the label's logit
@@ -559,6 +573,7 @@ class VocabParallelLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, transform, use_triton, shard):
         group = shard.group
+        _check_same_batch_everywhere(hidden, labels, group)
         local = labels - shard.start
         owned = (local >= 0) & (local < weight.shape[0])
         in_slice = torch.where(owned, local, 0)

@@ -121,6 +121,9 @@ def _check_errors(rank):
         fused_linear_logprobs(hidden, sharded, labels, statistics=("entropy",))
     with pytest.raises(ValueError, match=f"out of range for a vocabulary of {VOCAB}"):
         fused_linear_logprobs(hidden, sharded, labels.clamp(max=0) + VOCAB)
+    # Data parallelism's batches (each process its own) with an FSDP2-like dim-0 shard of the head.
+    with pytest.raises(ValueError, match="same hidden states and labels on every process"):
+        fused_linear_logprobs(hidden + rank, sharded, labels)
 
 
 def _worker(rank, init_file, backend):

@@ -1,0 +1,67 @@
+"""The drop-in fused head under FSDP2 (`fully_shard`, 2 gloo CPU processes, each its own batch): the same losses
+and gradients as the unsharded model with the gradients averaged over the processes, whether the head is in the
+root's FSDP group (unsharded during the root's forward) or sharded in a group of its own (a DTensor when read)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+
+pytest.importorskip("trl")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from pyprefopt import drop_in  # noqa: E402
+from tiny_trl_setup import model, random_state, tiny_config  # noqa: E402
+
+WORLD = 2
+CHECKED = ("lm_head.weight", "model.layers.1.mlp.down_proj.weight")
+
+
+def _batch(rank):
+    g = torch.Generator().manual_seed(rank)
+    input_ids = torch.randint(2, 300, (3, 10), generator=g)
+    return input_ids, input_ids.masked_fill(torch.arange(10) < 3, -100)
+
+
+def _worker(rank, init_file, head_group):
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        config = tiny_config("qwen3")
+        state = random_state(config, 0)
+        plain, sharded = model(config, state), model(config, state)
+        for m in (plain, sharded):
+            drop_in.add_fused_lm_head(m)
+        for layer in sharded.model.layers:
+            fully_shard(layer)
+        if head_group:
+            fully_shard(sharded.lm_head)
+        fully_shard(sharded)
+        input_ids, labels = _batch(rank)
+        loss = sharded(input_ids=input_ids, labels=labels, fused_lm_head=True).loss
+        loss.backward()
+        want = plain(input_ids=input_ids, labels=labels, fused_lm_head=True).loss
+        want.backward()
+        torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-6)
+        got_grads = dict(sharded.named_parameters())
+        want_grads = dict(plain.named_parameters())
+        for name in CHECKED:
+            expected = want_grads[name].grad.clone()
+            dist.all_reduce(expected)
+            expected /= WORLD  # FSDP2 averages gradients over the data-parallel processes
+            torch.testing.assert_close(got_grads[name].grad.full_tensor(), expected, rtol=1e-5, atol=1e-7,
+                                       msg=lambda m, name=name: f"rank {rank} grad {name}: {m}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("head_group", [False, True], ids=["head-in-root-group", "head-in-own-group"])
+def test_fused_head_under_fsdp2_matches_the_unsharded_model(head_group):
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(_worker, args=(os.path.join(tmp, "init"), head_group), nprocs=WORLD, start_method="spawn")
