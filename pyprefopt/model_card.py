@@ -19,9 +19,9 @@ METHOD_NAMES = {
     "kto": "Kahneman-Tversky Optimization (KTO; Ethayarajh et al. 2024)",
 }
 HYPERPARAMETERS = ("method", "max_steps", "epochs", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_ratio",
-                   "weight_decay", "max_grad_norm", "optim", "beta", "cpo_alpha", "desirable_weight",
+                   "warmup_steps", "weight_decay", "max_grad_norm", "optim", "beta", "cpo_alpha", "desirable_weight",
                    "undesirable_weight", "max_length", "seed", "lora_r", "lora_alpha", "lora_dropout",
-                   "target_modules", "load_in_4bit", "full", "gradient_checkpointing")
+                   "target_modules", "adapter", "load_in_4bit", "full", "gradient_checkpointing")
 
 
 def _fmt(value) -> str:
