@@ -18,16 +18,18 @@ and on the device, with `.gpu_carry` carried (this builds `pyprefopt._C_cuda` wi
 Correctness, each against the fp64 reference, within 2x the error of PyTorch's own same-dtype computation (the
 tests' rule, `tests/tensor_asserts.py`), or bit-exact where the maths is exact:
 - `fused_linear_logprobs` through the Triton kernels: log-probs and the hidden, weight and bias gradients, fp32
-  and bf16, frozen and trained head, at a GPT-2 and a Qwen-sized vocabulary;
+  and bf16, frozen and trained head, at a GPT-2 and a Qwen-sized vocabulary, plain and soft-capped (Gemma 2's cap
+  of 30, with weights scaled so that |z| reaches ~100 and most logits sit where the cap bends them);
 - `FusedLinearPreferenceLoss` (DPO, KTO) on CUDA tensors, frozen and trained head;
 - `FusedLoRALinearFunction` through the Triton kernels over a dense base (fp32, bf16) and an NF4 base (plain and
   double-quantised absmax), output and every gradient;
 - `dequant_merge_nf4` through the CUDA extension: the decode bit-exact against the NF4 reference, the merge
   within one rounding of the output dtype at the size of its terms.
 Timings, median of `triton.testing.do_bench`: the fused head against the materialised-logits
-reference in the same dtype (and its peak memory), the LoRA layer against the frozen base linear and the
-unfused three-op LoRA. `--device cpu` runs the same code on CPU tensors with TRITON_INTERPRET=1 at small shapes
-(what CI does, so the script cannot rot before a GPU is lent); its timings mean nothing there.
+reference in the same dtype (and its peak memory), and soft-capped beside plain (`x_uncapped`, to be within 1.10);
+the LoRA layer against the frozen base linear and the unfused three-op LoRA. `--device cpu` runs the same code
+on CPU tensors with TRITON_INTERPRET=1 at small shapes (what CI does, so the script cannot rot before a GPU is
+lent); its timings mean nothing there.
 
 Exit status 1 if any check fails or the NF4 extension was not built; `--out DIR` also writes gpu_check.json there.
 """
@@ -35,6 +37,7 @@ Exit status 1 if any check fails or the NF4 extension was not built; `--out DIR`
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -79,13 +82,16 @@ def check_logprobs(device, quick):
     from pyprefopt.reference import reference_logprobs
 
     shapes = [(2, 7, 40, 257), (1, 5, 24, 1000)] if quick else [(4, 256, 1024, 50257), (2, 192, 1024, 151936)]
+    # (row suffix, head transform, weight scale): the plain head with logits of std ~3; soft-capped at 30 with
+    # weights scaled to logits of std ~40 before the cap, most of them where the tanh bends.
+    heads = (("", {}, 3.0), (" softcap30", {"softcap": 30.0}, 40.0))
     rows = []
-    for batch, seq, width, vocab in shapes:
+    for (batch, seq, width, vocab), (cap, transform, weight_scale) in itertools.product(shapes, heads):
         for dtype in (torch.float32, torch.bfloat16):
             for trained in (False, True):
                 g = torch.Generator().manual_seed(0)
                 hidden = torch.randn(batch, seq, width, generator=g)
-                weight = torch.randn(vocab, width, generator=g) / width**0.5 * 3
+                weight = torch.randn(vocab, width, generator=g) / width**0.5 * weight_scale
                 bias = torch.randn(vocab, generator=g)
                 labels = torch.randint(0, vocab, (batch, seq), generator=g)
                 labels[0, : seq // 2] = -100
@@ -99,10 +105,10 @@ def check_logprobs(device, quick):
                     return [t.to(dt).requires_grad_(f) for t, f in zip(base, flags)]
 
                 def ours_fn(h, w, b):
-                    return fused_linear_logprobs(h, w, y, b, temperature=0.9, backend="triton")
+                    return fused_linear_logprobs(h, w, y, b, temperature=0.9, backend="triton", **transform)
 
                 def reference_fn(dt):
-                    return lambda h, w, b: reference_logprobs(h, w, y, b, temperature=0.9, dtype=dt)
+                    return lambda h, w, b: reference_logprobs(h, w, y, b, temperature=0.9, dtype=dt, **transform)
 
                 ours = _grads(ours_fn, leaves(dtype), upstream)
                 same = _grads(reference_fn(dtype), leaves(dtype), upstream)
@@ -111,7 +117,7 @@ def check_logprobs(device, quick):
                 tensors = zip([ours[0], *ours[1]], [truth[0], *truth[1]], [same[0], *same[1]])
                 head = "trained" if trained else "frozen"
                 for name, (o, t, s) in zip(names, tensors):
-                    rows.append(_row(f"fused_linear_logprobs {head} {str(dtype)[6:]} V{vocab}: {name}", o, t, s))
+                    rows.append(_row(f"fused_linear_logprobs {head} {str(dtype)[6:]} V{vocab}{cap}: {name}", o, t, s))
     return rows
 
 
@@ -292,11 +298,13 @@ def timings(device, quick):
                     return run
 
                 ours = step(lambda h, w, y: fused_linear_logprobs(h, w, y, backend="triton"))
+                capped = step(lambda h, w, y: fused_linear_logprobs(h, w, y, backend="triton", softcap=30.0))
                 naive = step(lambda h, w, y: reference_logprobs(h, w, y, dtype=dtype))
-                t_ours, t_naive = _time_ms(ours, device), _time_ms(naive, device)
+                t_ours, t_capped, t_naive = (_time_ms(fn, device) for fn in (ours, capped, naive))
                 rows.append({"timing": f"fused_linear_logprobs fwd+bwd N{n} H{width} V{vocab} {str(dtype)[6:]} "
                                        f"{'trained' if trained else 'frozen'}",
                              "ours_ms": t_ours, "naive_ms": t_naive, "x_naive": t_ours / t_naive,
+                             "softcap30_ms": t_capped, "x_uncapped": t_capped / t_ours,
                              "ours_peak_mib": _peak_mib(ours, device, (hidden, weight)),
                              "naive_peak_mib": _peak_mib(naive, device, (hidden, weight))})
     tokens, in_features = (32, 48) if quick else (2048, 4096)

@@ -1,12 +1,17 @@
 """Triton kernels for `pyprefopt.fused_linear_logprobs` (GPU path).
 
+The logits are `out_scale * z`, or with soft-capping (`SOFTCAP`, Gemma's final logit softcapping)
+`out_scale * tanh(in_scale * z)`, of `z = h @ W.T + b`: the two constants of a
+`pyprefopt.fused_linear_logprobs.LogitTransform`, which folds the logit scale, the cap and the temperature.
+
 Forward: each program owns a block of tokens and a slice of the vocabulary; it computes logits tiles
 `h @ W.T` in registers (fp32 accumulation), folds them into an online log-sum-exp and picks the label's
 logit. No logits tile ever reaches global memory (Cut Cross-Entropy, Wijmans et al. 2024). The partial
 (max-shifted sum, max) pairs of the vocabulary slices are combined by a log-sum-exp over slices.
 
-Backward: each program recomputes one `[BLOCK_N, BLOCK_V]` logits tile, turns it into the logits
-gradient `g/T * (onehot(y) - p)` in registers and accumulates `dH += dZ @ W_tile` and
+Backward: each program recomputes one `[BLOCK_N, BLOCK_V]` logits tile, turns it into the gradient
+`g * (onehot(y) - p) * d logits / d z` in registers (the constant `out_scale` uncapped,
+`out_scale * in_scale * (1 - tanh^2)` capped) and accumulates `dH += dZ @ W_tile` and
 `dW_tile += dZ.T @ H` into fp32 buffers with atomics; flags skip the weight/bias terms of a frozen head.
 
 Under `TRITON_INTERPRET=1` the kernels run on CPU tensors; the interpreter's `tl.dot` is wrong on bf16
@@ -33,12 +38,34 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _tanh(x):
+    """fp32 tanh within about an ulp: Triton has no tanh, and `2 * sigmoid(2x) - 1` loses all relative accuracy
+    as x -> 0. Both branches are `m - m * r` with one division:
+    |x| < 1: m = x, r = 1 - tanh(x) / x = x^2 N(x^2) / D(x^2) from the [7/6] Pade approximant of tanh (Lambert's
+      continued fraction), whose own relative error there is below 1e-11;
+    |x| >= 1: m = sign(x), r = 2e / (1 + e) with e = exp(-2|x|) <= 0.14, which cannot overflow and leaves the
+      result near 1 a single rounding from exact."""
+    x2 = x * x
+    e = tl.exp(-2.0 * tl.abs(x))
+    pade = x2 < 1.0
+    num = tl.where(pade, x2 * (45045.0 + x2 * (2772.0 + x2 * 27.0)), 2.0 * e)
+    den = tl.where(pade, 135135.0 + x2 * (62370.0 + x2 * (3150.0 + x2 * 28.0)), 1.0 + e)
+    m = tl.where(pade, x, tl.where(x < 0.0, -1.0, 1.0))
+    return tl.fma(-m, num / den, m)
+
+
+@triton.jit
 def _logits_tile(
-    h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, n_hidden, stride_h, stride_w, inv_t,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, n_hidden, stride_h, stride_w, out_scale, in_scale,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, PER_ELEMENT_TANH: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """fp32 `(h[offs_n] @ w[offs_v].T + b[offs_v]) / T`, -inf outside the vocabulary."""
+    """fp32 logits `out_scale * z` (SOFTCAP: `out_scale * tanh(in_scale * z)`) of `z = h[offs_n] @ w[offs_v].T
+    + b[offs_v]`, -inf outside the vocabulary.
+
+    PER_ELEMENT_TANH evaluates the tanh element by element (`tl.map_elementwise`): taken over the whole tile, each of
+    its temporaries is a tile's worth of registers (32 per thread at 64x128), and the capped kernels fit fewer
+    programs per SM. The interpreter has no map_elementwise and runs the same function on the tile."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for d0 in range(0, n_hidden, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
@@ -51,16 +78,21 @@ def _logits_tile(
         acc = _dot(h, tl.trans(w), acc, IEEE)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
-    acc = acc * inv_t
+    if SOFTCAP:
+        if PER_ELEMENT_TANH:
+            acc = tl.map_elementwise(_tanh, acc * in_scale)
+        else:
+            acc = _tanh(acc * in_scale)
+    acc = acc * out_scale
     return tl.where(mask_v[None, :], acc, float("-inf"))
 
 
 @triton.jit
 def fused_linear_logprobs_fwd_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, part_max_ptr, part_sum_ptr, label_logit_ptr,
-    n_tokens, n_vocab, n_hidden, stride_h, stride_w, vocab_per_split, inv_t,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    n_tokens, n_vocab, n_hidden, stride_h, stride_w, vocab_per_split, out_scale, in_scale,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, PER_ELEMENT_TANH: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -75,8 +107,9 @@ def fused_linear_logprobs_fwd_kernel(
     for v0 in range(v_start, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < v_end
-        z = _logits_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, n_hidden, stride_h, stride_w, inv_t,
-                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, IEEE)
+        z = _logits_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, n_hidden, stride_h, stride_w,
+                         out_scale, in_scale, HAS_BIAS, SOFTCAP, PER_ELEMENT_TANH, BLOCK_N, BLOCK_V, BLOCK_D,
+                         DOT_FP32, IEEE)
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
         run_max = new_max
@@ -90,10 +123,10 @@ def fused_linear_logprobs_fwd_kernel(
 @triton.jit
 def fused_linear_logprobs_bwd_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr,
-    n_tokens, n_vocab, n_hidden, stride_h, stride_w, inv_t,
-    HAS_BIAS: tl.constexpr, HIDDEN_GRAD: tl.constexpr, WEIGHT_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
-    IEEE: tl.constexpr,
+    n_tokens, n_vocab, n_hidden, stride_h, stride_w, out_scale, in_scale,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, PER_ELEMENT_TANH: tl.constexpr, HIDDEN_GRAD: tl.constexpr,
+    WEIGHT_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -101,14 +134,26 @@ def fused_linear_logprobs_bwd_kernel(
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_n = offs_n < n_tokens
     mask_v = offs_v < n_vocab
-    z = _logits_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, n_hidden, stride_h, stride_w, inv_t,
-                     HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, IEEE)
+    # Capped, the tile is kept as t = tanh(in_scale * z) (an out_scale of 1): d logits / d z = out_scale *
+    # in_scale * (1 - t^2) is formed from t itself, not from the logits divided by out_scale (a rounding more),
+    # and the logits out_scale * t enter p through an fma, rounded once with the subtraction of lse.
+    z = _logits_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, n_hidden, stride_h, stride_w,
+                     1.0 if SOFTCAP else out_scale, in_scale, HAS_BIAS, SOFTCAP, PER_ELEMENT_TANH, BLOCK_N, BLOCK_V,
+                     BLOCK_D, DOT_FP32, IEEE)
     lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
     y = tl.load(y_ptr + offs_n, mask=mask_n, other=-1)
-    g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0) * inv_t
-    p = tl.exp(z - lse[:, None])
-    # d logp_t / d z_tv = (1[v == y_t] - p_tv) / T, scaled by the upstream gradient g_t.
+    g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0) * out_scale
+    if SOFTCAP:
+        p = tl.exp(tl.fma(z, out_scale, -lse[:, None]))
+        g = g * in_scale
+    else:
+        p = tl.exp(z - lse[:, None])
+    # d logp_t / d z_tv = (1[v == y_t] - p_tv) * d logits_tv / d z_tv, scaled by the upstream gradient g_t.
     dz = g[:, None] * (tl.where(offs_v[None, :] == y[:, None], 1.0, 0.0) - p)
+    if SOFTCAP:
+        # 1 - t^2 in one rounding (t near 1 would cancel). |t| <= 1, so the clamp at 0 only turns the -inf
+        # outside the vocabulary into 0 (not 0 * -inf = NaN ahead of the mask).
+        dz = dz * tl.maximum(tl.fma(-z, z, 1.0), 0.0)
     dz = tl.where(mask_n[:, None] & mask_v[None, :], dz, 0.0)
     if BIAS_GRAD:
         tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=mask_v)
@@ -143,7 +188,8 @@ def _dot_flags(dtype: torch.dtype) -> dict:
 
 # Tile configs for the GPU autotuner. Every kept one is compiled ahead of time for sm_80 and sm_90 in
 # tests/test_triton_aot.py, which reports registers and asserts zero spills: 64-wide reduction steps
-# at 4 warps spill (255 registers); 32-wide steps at 8 warps use 122-188 with 16-bit inputs.
+# at 4 warps spill (255 registers); 32-wide steps at 8 warps use 122-222 with 16-bit inputs, up to 247
+# soft-capped.
 FORWARD_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": 32}, num_warps=8)
     for bn, bv in ((64, 64), (128, 64), (64, 128))
@@ -165,8 +211,10 @@ def _prune(configs, named_args, **kwargs):
 
 
 def _tuned(kernel, configs, reset_to_zero=None):
+    # A capped head is tuned apart: its tile epilogue (the tanh) changes the best config.
     return triton.autotune(
-        configs, key=["n_vocab", "n_hidden"], reset_to_zero=reset_to_zero, prune_configs_by={"early_config_prune": _prune}
+        configs, key=["n_vocab", "n_hidden", "SOFTCAP"], reset_to_zero=reset_to_zero,
+        prune_configs_by={"early_config_prune": _prune},
     )(kernel)
 
 
@@ -186,8 +234,17 @@ def _kernel(tuned, plain):
 VOCAB_SLICE_ALIGN = 128
 
 
-def forward(hidden, weight, bias, labels, inv_t):
-    """`(logp [N], lse [N])` fp32 for rows whose labels are all valid."""
+def _transform_args(transform) -> dict:
+    """The kernels' arguments for a `LogitTransform` (its attributes only: this module never imports it).
+    `in_scale` is unused uncapped, where the transform has none. A Triton without map_elementwise (older releases)
+    takes the tanh over the tile."""
+    return {"out_scale": transform.out_scale, "in_scale": transform.in_scale if transform.capped else 1.0,
+            "SOFTCAP": transform.capped,
+            "PER_ELEMENT_TANH": transform.capped and hasattr(tl, "map_elementwise") and not _interpreting()}
+
+
+def forward(hidden, weight, bias, labels, transform):
+    """`(logp [N], lse [N])` fp32 for rows whose labels are all valid; `transform` a `LogitTransform`."""
     hidden = hidden.contiguous()
     weight = weight.contiguous()
     n_tokens, n_hidden = hidden.shape
@@ -202,15 +259,15 @@ def forward(hidden, weight, bias, labels, inv_t):
         h_ptr=hidden, w_ptr=weight, b_ptr=bias if bias is not None else hidden, y_ptr=labels,
         part_max_ptr=part[0], part_sum_ptr=part[1], label_logit_ptr=part[2],
         n_tokens=n_tokens, n_vocab=n_vocab, n_hidden=n_hidden, stride_h=hidden.stride(0),
-        stride_w=weight.stride(0), vocab_per_split=vocab_per_split, inv_t=inv_t,
-        HAS_BIAS=bias is not None, **_dot_flags(hidden.dtype),
+        stride_w=weight.stride(0), vocab_per_split=vocab_per_split,
+        HAS_BIAS=bias is not None, **_transform_args(transform), **_dot_flags(hidden.dtype),
     )
     part_max, part_sum, label_logit = part
     lse = torch.logsumexp(part_max + part_sum.log(), dim=0)
     return label_logit.sum(0) - lse, lse
 
 
-def backward(grad_logp, hidden, weight, bias, labels, lse, inv_t, need_hidden, need_weight, need_bias):
+def backward(grad_logp, hidden, weight, bias, labels, lse, transform, need_hidden, need_weight, need_bias):
     """fp32 `(grad_hidden, grad_weight, grad_bias)`, None where not needed."""
     hidden = hidden.contiguous()
     weight = weight.contiguous()
@@ -230,7 +287,7 @@ def backward(grad_logp, hidden, weight, bias, labels, lse, inv_t, need_hidden, n
         dh_ptr=grad_hidden if need_hidden else unused, dw_ptr=grad_weight if need_weight else unused,
         db_ptr=grad_bias if need_bias else unused,
         n_tokens=n_tokens, n_vocab=n_vocab, n_hidden=n_hidden, stride_h=hidden.stride(0),
-        stride_w=weight.stride(0), inv_t=inv_t,
+        stride_w=weight.stride(0), **_transform_args(transform),
         HAS_BIAS=bias is not None, HIDDEN_GRAD=need_hidden, WEIGHT_GRAD=need_weight, BIAS_GRAD=need_bias,
         **_dot_flags(hidden.dtype),
     )

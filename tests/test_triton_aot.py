@@ -16,7 +16,7 @@ import pytest
 
 TARGETS = {80: "sm_80", 90: "sm_90a"}
 DTYPES = {"bf16": ("*bf16", 2), "fp32": ("*fp32", 4)}
-FLOAT_SCALARS = {"inv_t", "scale", "nested_offset"}
+FLOAT_SCALARS = {"out_scale", "in_scale", "scale", "nested_offset"}
 
 
 def _signature(kernel, pointer_type, input_pointers, other_types):
@@ -52,14 +52,18 @@ def cases():
     from pyprefopt.kernels import fused_linear_logprobs as k
     from pyprefopt.kernels import fused_lora_linear as lora
 
+    # The log-prob kernels plain and soft-capped (the tanh in the tile epilogue takes registers of its own).
     logprobs_inputs = {"h_ptr", "w_ptr", "b_ptr"}
-    logprobs = [
-        Case("fused_linear_logprobs_fwd", k.fused_linear_logprobs_fwd_kernel, k.FORWARD_CONFIGS, k.kept_configs,
-             {"HAS_BIAS": True}, logprobs_inputs, {"y_ptr": "*i64"}),
-        Case("fused_linear_logprobs_bwd", k.fused_linear_logprobs_bwd_kernel, k.BACKWARD_CONFIGS, k.kept_configs,
-             {"HAS_BIAS": True, "HIDDEN_GRAD": True, "WEIGHT_GRAD": True, "BIAS_GRAD": True}, logprobs_inputs,
-             {"y_ptr": "*i64"}),
-    ]
+    logprobs = []
+    for softcap, suffix in ((False, ""), (True, "_softcap")):
+        head = {"HAS_BIAS": True, "SOFTCAP": softcap, "PER_ELEMENT_TANH": softcap}
+        logprobs += [
+            Case(f"fused_linear_logprobs_fwd{suffix}", k.fused_linear_logprobs_fwd_kernel, k.FORWARD_CONFIGS,
+                 k.kept_configs, head, logprobs_inputs, {"y_ptr": "*i64"}),
+            Case(f"fused_linear_logprobs_bwd{suffix}", k.fused_linear_logprobs_bwd_kernel, k.BACKWARD_CONFIGS,
+                 k.kept_configs, dict(head, HIDDEN_GRAD=True, WEIGHT_GRAD=True, BIAS_GRAD=True), logprobs_inputs,
+                 {"y_ptr": "*i64"}),
+        ]
     # LoRA: every kernel at the rank blocks 16 (r <= 16) and 64 (the largest); the NF4 main kernel with
     # double-quantised absmax (the heavier decode) for 16-bit activations, as QLoRA runs.
     main_inputs = {"x_ptr", "w_ptr", "bias_ptr", "l_ptr", "y_ptr"}
