@@ -19,25 +19,8 @@ import pytest
 import torch
 
 from pyprefopt import train
-from synthetic_data import write_data
+from cli_fixtures import data_dir, one_thread_and_private_cache  # noqa: F401 (pytest fixtures)
 from tiny_models import gemma3n_config, save_tiny_model
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_and_private_cache(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PYPREFOPT_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_data(root, n_train=32, n_test=8)
-    return root
 
 
 def _rows(data_dir, kind="preference"):

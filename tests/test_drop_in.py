@@ -139,6 +139,15 @@ def test_sft_trainer(tmp_path, head_calls, qwen3_config, policy_state, tokenizer
     assert "mean_token_accuracy" in logs[0]
 
 
+def dpo_with_lora_subset(config, state, dataset, tokenizer, tmp_path):
+    """DPOTrainer with LoRA on q_proj/v_proj (non-zero B, so the adapter matters from the first step) and the
+    adapter-disabled reference."""
+    return DPOTrainer(model=model(config, state), args=args(DPOConfig, tmp_path, 2, beta=0.1), train_dataset=dataset,
+                      processing_class=tokenizer,
+                      peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                             init_lora_weights=False))
+
+
 # Each architecture through the three trainers that use the fused head, with a different way of training each:
 # DPO with a LoRA subset and the adapter-disabled reference, KTO fully fine-tuned against a reference model, SFT
 # with LoRA on every linear layer. Rows are padded to the longest in each batch.
@@ -155,10 +164,7 @@ def test_every_architecture_logs_the_same(architecture, trainer, tmp_path, head_
 
     def build():
         if trainer == "dpo":
-            return DPOTrainer(model=model(config, policy), args=args(DPOConfig, tmp_path, 2, beta=0.1),
-                              train_dataset=preference_dataset, processing_class=tokenizer,
-                              peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                     init_lora_weights=False))
+            return dpo_with_lora_subset(config, policy, preference_dataset, tokenizer, tmp_path)
         if trainer == "kto":
             return KTOTrainer(model=model(config, policy), ref_model=model(config, reference),
                               args=args(KTOConfig, tmp_path, 4), train_dataset=unpaired_dataset,
@@ -191,10 +197,7 @@ def test_unpadded_batches_log_the_same(trainer, tmp_path, head_calls, tokenizer)
 
     def build():
         if trainer == "dpo":
-            return DPOTrainer(model=model(config, policy), args=args(DPOConfig, tmp_path, 2, beta=0.1),
-                              train_dataset=EQUAL_LENGTH_ROWS, processing_class=tokenizer,
-                              peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                     init_lora_weights=False))
+            return dpo_with_lora_subset(config, policy, EQUAL_LENGTH_ROWS, tokenizer, tmp_path)
         dataset = EQUAL_LENGTH_ROWS.rename_column("chosen", "completion").remove_columns("rejected")
         return SFTTrainer(model=model(config, policy), args=args(SFTConfig, tmp_path, 2), train_dataset=dataset,
                           processing_class=tokenizer)

@@ -25,7 +25,7 @@ from transformers import Qwen2Config, Qwen3Config
 
 from pyprefopt import data as D
 from pyprefopt import train
-from synthetic_data import write_data
+from cli_fixtures import data_dir, one_thread_and_private_cache  # noqa: F401 (pytest fixtures)
 from tiny_models import gemma3n_config, qwen_config, save_tiny_model
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -88,23 +88,6 @@ def test_the_table_has_one_row_per_card_and_every_command_names_a_hub_model_and_
             argv = shlex.split(command.replace(DATA, "DATA"))
             assert argv[:3] == PROGRAM and argv[argv.index("--model") + 1] in TINY_MODELS, command
             assert argv[argv.index("--data") + 1] == "DATA", command
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_and_private_cache(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PYPREFOPT_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_data(root, n_train=32, n_test=8)
-    return root
 
 
 @pytest.fixture(scope="module")
