@@ -24,17 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-
-def _interpreting() -> bool:
-    return bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else False
-
-
-@triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr):
-    # fp32 operands: IEEE fp32 unless torch allows TF32 (torch.backends.cuda.matmul.allow_tf32).
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
+from pyprefopt.kernels import triton_launch as launch
+from pyprefopt.kernels.triton_launch import dot
 
 
 @triton.jit
@@ -75,7 +66,7 @@ def _logits_tile(
         if DOT_FP32:
             h = h.to(tl.float32)
             w = w.to(tl.float32)
-        acc = _dot(h, tl.trans(w), acc, IEEE)
+        acc = dot(h, tl.trans(w), acc, IEEE)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
     if SOFTCAP:
@@ -168,22 +159,14 @@ def fused_linear_logprobs_bwd_kernel(
             w = tl.load(w_ptr + offs_v[:, None] * stride_w + offs_d[None, :], mask=mask_v[:, None] & mask_d[None, :], other=0.0)
             if DOT_FP32:
                 w = w.to(tl.float32)
-            dh = _dot(dz_op, w, tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32), IEEE)
+            dh = dot(dz_op, w, tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32), IEEE)
             tl.atomic_add(dh_ptr + offs_n[:, None] * n_hidden + offs_d[None, :], dh, mask=mask_n[:, None] & mask_d[None, :])
         if WEIGHT_GRAD:
             h = tl.load(h_ptr + offs_n[:, None] * stride_h + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
             if DOT_FP32:
                 h = h.to(tl.float32)
-            dw = _dot(tl.trans(dz_op), h, tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32), IEEE)
+            dw = dot(tl.trans(dz_op), h, tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32), IEEE)
             tl.atomic_add(dw_ptr + offs_v[:, None] * n_hidden + offs_d[None, :], dw, mask=mask_v[:, None] & mask_d[None, :])
-
-
-def _dot_flags(dtype: torch.dtype) -> dict:
-    interpreting = _interpreting()
-    return {
-        "DOT_FP32": interpreting,
-        "IEEE": dtype == torch.float32 and not interpreting and not torch.backends.cuda.matmul.allow_tf32,
-    }
 
 
 # Tile configs for the GPU autotuner. Every kept one is compiled ahead of time for sm_80 and sm_90 in
@@ -223,13 +206,6 @@ _fwd_tuned = _tuned(fused_linear_logprobs_fwd_kernel, FORWARD_CONFIGS)
 _bwd_tuned = _tuned(fused_linear_logprobs_bwd_kernel, BACKWARD_CONFIGS, reset_to_zero=["dh_ptr", "dw_ptr", "db_ptr"])
 
 
-def _kernel(tuned, plain):
-    """The autotuned kernel on a GPU; under the interpreter the plain one with its single config."""
-    if _interpreting():
-        return lambda grid, **kw: plain[grid(INTERPRETER_CONFIG)](**kw, **INTERPRETER_CONFIG)
-    return lambda grid, **kw: tuned[grid](**kw)
-
-
 # Vocabulary slices are whole multiples of the largest BLOCK_V, so every config tiles them exactly.
 VOCAB_SLICE_ALIGN = 128
 
@@ -240,7 +216,7 @@ def _transform_args(transform) -> dict:
     takes the tanh over the tile."""
     return {"out_scale": transform.out_scale, "in_scale": transform.in_scale if transform.capped else 1.0,
             "SOFTCAP": transform.capped,
-            "PER_ELEMENT_TANH": transform.capped and hasattr(tl, "map_elementwise") and not _interpreting()}
+            "PER_ELEMENT_TANH": transform.capped and hasattr(tl, "map_elementwise") and not launch.interpreting()}
 
 
 def forward(hidden, weight, bias, labels, transform):
@@ -249,18 +225,19 @@ def forward(hidden, weight, bias, labels, transform):
     weight = weight.contiguous()
     n_tokens, n_hidden = hidden.shape
     n_vocab = weight.shape[0]
-    # Split the vocabulary so that few tokens still fill the GPU (~4 programs per SM on 132 SMs).
-    splits = max(1, min(triton.cdiv(n_vocab, 4 * VOCAB_SLICE_ALIGN), triton.cdiv(528, triton.cdiv(n_tokens, 64))))
+    # Split the vocabulary so that few tokens still fill the GPU.
+    splits = max(1, min(triton.cdiv(n_vocab, 4 * VOCAB_SLICE_ALIGN),
+                        triton.cdiv(launch.target_programs(hidden.device), triton.cdiv(n_tokens, 64))))
     vocab_per_split = triton.cdiv(triton.cdiv(n_vocab, splits), VOCAB_SLICE_ALIGN) * VOCAB_SLICE_ALIGN
     splits = triton.cdiv(n_vocab, vocab_per_split)
     part = torch.empty(3, splits, n_tokens, dtype=torch.float32, device=hidden.device)
-    _kernel(_fwd_tuned, fused_linear_logprobs_fwd_kernel)(
-        lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]), splits),
+    launch.launch(
+        _fwd_tuned, fused_linear_logprobs_fwd_kernel, INTERPRETER_CONFIG, lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]), splits),
         h_ptr=hidden, w_ptr=weight, b_ptr=bias if bias is not None else hidden, y_ptr=labels,
         part_max_ptr=part[0], part_sum_ptr=part[1], label_logit_ptr=part[2],
         n_tokens=n_tokens, n_vocab=n_vocab, n_hidden=n_hidden, stride_h=hidden.stride(0),
         stride_w=weight.stride(0), vocab_per_split=vocab_per_split,
-        HAS_BIAS=bias is not None, **_transform_args(transform), **_dot_flags(hidden.dtype),
+        HAS_BIAS=bias is not None, **_transform_args(transform), **launch.dot_flags(hidden.dtype),
     )
     part_max, part_sum, label_logit = part
     lse = torch.logsumexp(part_max + part_sum.log(), dim=0)
@@ -280,8 +257,8 @@ def backward(grad_logp, hidden, weight, bias, labels, lse, transform, need_hidde
     # A pointer for the outputs a frozen head does not write. Its own buffer, never `lse`: the autotuner
     # zeroes every output pointer (reset_to_zero) before each trial.
     unused = torch.empty(1, dtype=torch.float32, device=dev)
-    _kernel(_bwd_tuned, fused_linear_logprobs_bwd_kernel)(
-        lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]), triton.cdiv(n_vocab, meta["BLOCK_V"])),
+    launch.launch(
+        _bwd_tuned, fused_linear_logprobs_bwd_kernel, INTERPRETER_CONFIG, lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]), triton.cdiv(n_vocab, meta["BLOCK_V"])),
         h_ptr=hidden, w_ptr=weight, b_ptr=bias if bias is not None else hidden, y_ptr=labels, lse_ptr=lse,
         g_ptr=grad_logp.float().contiguous(),
         dh_ptr=grad_hidden if need_hidden else unused, dw_ptr=grad_weight if need_weight else unused,
@@ -289,6 +266,6 @@ def backward(grad_logp, hidden, weight, bias, labels, lse, transform, need_hidde
         n_tokens=n_tokens, n_vocab=n_vocab, n_hidden=n_hidden, stride_h=hidden.stride(0),
         stride_w=weight.stride(0), **_transform_args(transform),
         HAS_BIAS=bias is not None, HIDDEN_GRAD=need_hidden, WEIGHT_GRAD=need_weight, BIAS_GRAD=need_bias,
-        **_dot_flags(hidden.dtype),
+        **launch.dot_flags(hidden.dtype),
     )
     return grad_hidden, grad_weight, grad_bias

@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pyprefopt.kernels.fused_linear_logprobs import _dot, _dot_flags, _interpreting
+from pyprefopt.kernels import triton_launch as launch
+from pyprefopt.kernels.triton_launch import dot
 
 
 @triton.jit
@@ -103,7 +104,7 @@ def lora_main_kernel(
         if DOT_FP32:
             x = x.to(tl.float32)
             w = w.to(tl.float32)
-        acc = _dot(x, w, acc, IEEE)
+        acc = dot(x, w, acc, IEEE)
     if HAS_LORA:
         # The epilogue: the rank-r update joins the accumulator before Y is written.
         offs_r = tl.arange(0, BLOCK_R)
@@ -116,7 +117,7 @@ def lora_main_kernel(
             low = low.to(tl.float32)
         else:
             s = s.to(compute_dtype)
-        acc = _dot(s, low, acc, IEEE)
+        acc = dot(s, low, acc, IEEE)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], _round(acc, y_ptr.dtype.element_ty, DOT_FP32),
@@ -147,7 +148,7 @@ def lora_down_kernel(
         if DOT_FP32:
             p = p.to(tl.float32)
             q = q.to(tl.float32)
-        acc = _dot(p, q, acc, IEEE)
+        acc = dot(p, q, acc, IEEE)
     tl.atomic_add(out_ptr + offs_m[:, None] * R + offs_r[None, :], acc, mask=mask_m[:, None] & mask_r[None, :])
 
 
@@ -183,8 +184,8 @@ def lora_dy_kernel(
         if DOT_FP32:
             dy = dy.to(tl.float32)
             b = b.to(tl.float32)
-        t_acc = _dot(dy, b, t_acc, IEEE)
-        db_t = _dot(s_t, dy, tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32), IEEE)
+        t_acc = dot(dy, b, t_acc, IEEE)
+        db_t = dot(s_t, dy, tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32), IEEE)
         tl.atomic_add(db_ptr + offs_n[None, :] * R + offs_r[:, None], db_t, mask=mask_r[:, None] & mask_n[None, :])
     tl.atomic_add(t_ptr + offs_m[:, None] * R + offs_r[None, :], t_acc, mask=mask_m[:, None] & mask_r[None, :])
 
@@ -214,7 +215,7 @@ def lora_grad_kernel(
             x = x.to(tl.float32)
         else:
             t = t.to(compute_dtype)
-        acc = _dot(t, x, acc, IEEE)
+        acc = dot(t, x, acc, IEEE)
     tl.atomic_add(da_ptr + offs_r[:, None] * K + offs_k[None, :], acc * scale, mask=mask_r[:, None] & mask_k[None, :])
 
 
@@ -282,13 +283,8 @@ _TUNED = {"main": (_main_tuned, lora_main_kernel), "down": (_down_tuned, lora_do
 
 
 def _launch(name, grid, **kwargs):
-    """The autotuned kernel on a GPU; under the interpreter the plain one with its single config."""
     tuned, plain = _TUNED[name]
-    if _interpreting():
-        config = INTERPRETER_CONFIGS[name]
-        plain[grid(config)](**kwargs, **config)
-    else:
-        tuned[grid](**kwargs)
+    launch.launch(tuned, plain, INTERPRETER_CONFIGS[name], grid, **kwargs)
 
 
 def block_r(rank: int) -> int:
@@ -298,14 +294,10 @@ def block_r(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
 
-# Programs per GPU the split reductions aim at (~4 per SM on 132 SMs).
-TARGET_PROGRAMS = 528
-
-
-def _splits(length: int, other_blocks: int, align: int) -> tuple[int, int]:
+def _splits(length: int, other_blocks: int, align: int, device: torch.device) -> tuple[int, int]:
     """(splits, per_split) cutting `length` into `align`-multiple slices so that `other_blocks * splits`
-    programs fill the GPU; every config's block divides `align`."""
-    splits = max(1, min(triton.cdiv(length, align), triton.cdiv(TARGET_PROGRAMS, other_blocks)))
+    programs fill `device`; every config's block divides `align`."""
+    splits = max(1, min(triton.cdiv(length, align), triton.cdiv(launch.target_programs(device), other_blocks)))
     per_split = triton.cdiv(triton.cdiv(length, splits), align) * align
     return triton.cdiv(length, per_split), per_split
 
@@ -369,7 +361,7 @@ def _main(x, base, input_grad, bias, s, low, low_strides, scale, out):
         s_ptr=s if s is not None else dummy, l_ptr=low if low is not None else dummy, y_ptr=out,
         M=m, N=n, K=k, R=rank, stride_xm=x.stride(0), stride_lr=low_strides[0], stride_ln=low_strides[1],
         stride_ym=out.stride(0), scale=scale, HAS_BIAS=bias is not None, HAS_LORA=s is not None,
-        BLOCK_R=block_r(rank), **_dot_flags(x.dtype),
+        BLOCK_R=block_r(rank), **launch.dot_flags(x.dtype),
     )
     return out
 
@@ -388,11 +380,11 @@ def forward(x, base, bias, lora_x, lora_a, lora_b, scale):
     s = torch.zeros(tokens, rank, dtype=torch.float32, device=x.device)
     # Splits sized for 64-token blocks (the configs' middle); any config tiles them.
     m_blocks = triton.cdiv(tokens, 64)
-    splits, per_split = _splits(in_features, m_blocks, SPLIT_ALIGN)
+    splits, per_split = _splits(in_features, m_blocks, SPLIT_ALIGN, x.device)
     _launch("down", lambda meta: (triton.cdiv(tokens, meta["BLOCK_M"]), splits),
             p_ptr=lora_x, q_ptr=lora_a, out_ptr=s, M=tokens, K=in_features, R=rank, stride_pm=lora_x.stride(0),
             stride_qk=1, stride_qr=lora_a.stride(0), k_per_split=per_split, BLOCK_R=block_r(rank),
-            **_dot_flags(x.dtype))
+            **launch.dot_flags(x.dtype))
     y = torch.empty(tokens, base.shape[0], dtype=x.dtype, device=x.device)
     # Y's epilogue factor is B.T: element (r, n) = B[n, r].
     _main(x, base, False, bias, s, lora_b, (1, lora_b.stride(0)), scale, y)
@@ -409,11 +401,11 @@ def backward(grad_y, lora_x, base, lora_a, lora_b, s, scale, merge_lora_x_grad, 
     tokens, out_features = grad_y.shape
     rank, in_features = lora_a.shape
     dev = grad_y.device
-    flags = _dot_flags(grad_y.dtype)
+    flags = launch.dot_flags(grad_y.dtype)
     t = torch.zeros(tokens, rank, dtype=torch.float32, device=dev)
     grad_b = torch.zeros(out_features, rank, dtype=torch.float32, device=dev)
     m_blocks = triton.cdiv(tokens, 64)
-    splits, per_split = _splits(out_features, m_blocks, SPLIT_ALIGN)
+    splits, per_split = _splits(out_features, m_blocks, SPLIT_ALIGN, grad_y.device)
     _launch("dy", lambda meta: (triton.cdiv(tokens, meta["BLOCK_M"]), splits),
             dy_ptr=grad_y, b_ptr=lora_b, s_ptr=s, t_ptr=t, db_ptr=grad_b, M=tokens, N=out_features, R=rank,
             stride_dym=grad_y.stride(0), stride_bn=lora_b.stride(0), n_per_split=per_split, scale=scale,
@@ -432,7 +424,7 @@ def backward(grad_y, lora_x, base, lora_a, lora_b, s, scale, merge_lora_x_grad, 
         lora_x = lora_x.contiguous()
         grad_a = torch.zeros(rank, in_features, dtype=torch.float32, device=dev)
         k_blocks = triton.cdiv(in_features, 64)
-        splits, per_split = _splits(tokens, k_blocks, SPLIT_ALIGN)
+        splits, per_split = _splits(tokens, k_blocks, SPLIT_ALIGN, grad_y.device)
         _launch("grad", lambda meta: (triton.cdiv(in_features, meta["BLOCK_K"]), splits),
                 t_ptr=t, x_ptr=lora_x, da_ptr=grad_a, M=tokens, K=in_features, R=rank, stride_xm=lora_x.stride(0),
                 m_per_split=per_split, scale=scale, BLOCK_R=block_r(rank), **flags)

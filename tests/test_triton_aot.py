@@ -162,6 +162,7 @@ def test_autotuners_prune_with_the_arguments_our_launchers_pass(monkeypatch, dty
     from pyprefopt import fused_linear_logprobs
     from pyprefopt.kernels import fused_linear_logprobs as k
     from pyprefopt.kernels import fused_lora_linear as lora
+    from pyprefopt.kernels import triton_launch as launch
     from pyprefopt.lora import FusedLoRALinearFunction
 
     dtype = getattr(torch, dtype)
@@ -173,8 +174,7 @@ def test_autotuners_prune_with_the_arguments_our_launchers_pass(monkeypatch, dty
         self.nargs = None
 
     monkeypatch.setattr(autotuner.Autotuner, "run", pruning_only_run)
-    monkeypatch.setattr(k, "_interpreting", lambda: False)
-    monkeypatch.setattr(lora, "_interpreting", lambda: False)
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
 
     hidden = torch.randn(6, 32, dtype=dtype, requires_grad=True)
     weight = torch.randn(300, 32, dtype=dtype, requires_grad=True)
