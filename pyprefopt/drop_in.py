@@ -19,9 +19,9 @@ Supported: the TRL releases setup.py's `peers` extra admits and transformers >= 
 transformers 5.25); other versions fail with a clear error. Under autocast (TRL's configs turn bf16 on by default)
 the head projects in autocast's dtype, as TRL's does, but keeps the logits in fp32 where TRL rounds them. The
 model's own logit transform is applied as its forward applies it (`head_logit_transform`: Gemma 2/3/3n's
-soft-capping, Cohere's, Granite's, Falcon-H1's... logit scales). Not supported (a clear error, never a silent
-difference): MoE router auxiliary losses, encoder-decoder models. The head's `entropy` output carries no gradient
-(TRL's trainers above use it for metrics only).
+soft-capping, Cohere's, Granite's, Falcon-H1's... logit scales), and MoE models their router load-balancing loss,
+as from their own forward. Not supported (a clear error, never a silent difference): encoder-decoder models. The
+head's `entropy` output carries no gradient (TRL's trainers above use it for metrics only).
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ class FusedCausalLMOutput(ModelOutput):
     loss: summed NLL of the non-ignored next tokens over their count (or `num_items_in_batch`).
     log_probs [B, T-1] (or [B, T] with `shift_labels`): log-prob of each next-token label, 0 where ignored.
     entropy, log_sum_sq_probs, mean_logits, is_top1: per-token statistics when requested (else None).
-    label_mask: labels != -100. aux_loss: always None (MoE router losses are not supported).
+    label_mask: labels != -100. aux_loss: an MoE model's router load-balancing loss (added to `loss` with the
+    config's `router_aux_loss_coef`), None otherwise.
     """
 
     loss: torch.Tensor | None = None
@@ -126,6 +127,15 @@ def _projection_operands(hidden, weight, bias, cast_lm_head_to_fp32=False):
     return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
+def _load_balancing_loss(text_config, router_logits, attention_mask):
+    """The MoE router's load-balancing loss (Switch Transformer, Fedus et al. 2021, Eq. 4), as the model's own forward
+    adds it: transformers' function, which every MoE family shares."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    return load_balancing_loss_func(router_logits, text_config.num_experts, text_config.num_experts_per_tok,
+                                    attention_mask)
+
+
 def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
                       outputs: tuple[str, ...] = ("log_probs",)) -> None:
     """Patch `model` so `model(..., labels=labels, fused_lm_head=True)` returns a `FusedCausalLMOutput` of
@@ -138,8 +148,9 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
     "is_top1", computed in the same pass.
     """
     _check_transformers()
-    check_fused_head_support(model.config, "add_fused_lm_head")
+    check_fused_head_support(model.config, "add_fused_lm_head", router_losses=True)
     transform = head_logit_transform(model.config)
+    text_config = model.config.get_text_config()
     unknown = set(outputs) - set(HEAD_OUTPUTS)
     if unknown:
         raise ValueError(f"outputs must be among {HEAD_OUTPUTS}, got {sorted(unknown)}")
@@ -153,8 +164,12 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
             extra = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
             return original_forward(*args, **kwargs, **{k: v for k, v in extra.items() if v is not None})
         kwargs["use_cache"] = False
+        # MoE models: the router logits for the load-balancing loss, as the model's own forward asks for them.
+        if getattr(text_config, "output_router_logits", False):
+            kwargs.setdefault("output_router_logits", True)
         # Looked up per call: PEFT and FSDP replace the backbone and the head after patching.
-        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        backbone = self.base_model(*args, **kwargs)
+        hidden = backbone.last_hidden_state
         if shift_labels is None:
             hidden, labels = hidden[:, :-1], labels[:, 1:]
         else:
@@ -171,7 +186,11 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
         labels = labels.to(log_probs.device)
         mask = labels != -100
         loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
-        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, label_mask=mask, **stats)
+        aux_loss = None
+        if kwargs.get("output_router_logits"):
+            aux_loss = _load_balancing_loss(text_config, backbone.router_logits, kwargs.get("attention_mask"))
+            loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
+        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, label_mask=mask, aux_loss=aux_loss, **stats)
 
     model.forward = types.MethodType(forward, model)
 

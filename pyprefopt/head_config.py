@@ -24,11 +24,10 @@ def head_logit_transform(config) -> dict:
             "logit_scale": 1.0 if scale is None else scale}
 
 
-def check_fused_head_support(config, what):
-    """Refuse (NotImplementedError naming `what`) a model whose router losses or encoder-decoder shape the fused
-    head does not compute."""
-    text_config = config.get_text_config()
-    if getattr(text_config, "output_router_logits", False):
+def check_fused_head_support(config, what, router_losses: bool = False):
+    """Refuse (NotImplementedError naming `what`) an encoder-decoder model, whose decoder the fused head does not
+    reach, and an MoE model that adds its router's load-balancing loss unless the caller adds it (`router_losses`)."""
+    if getattr(config.get_text_config(), "output_router_logits", False) and not router_losses:
         raise NotImplementedError(f"{what}: MoE router auxiliary losses (output_router_logits) are not supported")
     if getattr(config, "is_encoder_decoder", False):
         raise NotImplementedError(f"{what}: encoder-decoder models are not supported")

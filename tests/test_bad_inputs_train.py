@@ -292,3 +292,21 @@ def test_a_soft_capped_gemma3n_trains_on_the_models_own_loss(data_dir, tmp_path,
                        "--load-in-4bit"]) == 0
     assert "altup.modality_router" in capsys.readouterr().err
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+def test_an_moe_model_with_router_losses_is_refused_before_anything_is_written(data_dir, tmp_path, capsys):
+    """The CLI's loss does not add a mixture of experts' router load-balancing loss: refused, not silently dropped."""
+    from transformers import Qwen3MoeConfig
+
+    def tiny_moe(vocab_size, **ids):
+        return Qwen3MoeConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                              num_experts=2, num_experts_per_tok=1, output_router_logits=True, bos_token_id=None,
+                              **ids)
+
+    model_dir = save_tiny_model(tmp_path / "moe", data_dir, tiny_moe)
+    capsys.readouterr()
+    assert train.main(["--method", "sft", "--model", str(model_dir), "--data", str(data_dir / "sft"),
+                       "--output-dir", str(tmp_path / "run"), "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "output_router_logits" in err[0], err
+    assert not (tmp_path / "run").exists()

@@ -153,7 +153,7 @@ def dpo_with_lora_subset(config, state, dataset, tokenizer, tmp_path):
 # with LoRA on every linear layer. Rows are padded to the longest in each batch.
 # Gemma 2's soft-capped head, Cohere's and Granite's scaled ones go through the same trainers.
 ARCHITECTURE_CASES = [(arch, trainer) for arch in ("llama", "llama_tied", "qwen2", "gemma2") for trainer in ("dpo", "kto", "sft")]
-ARCHITECTURE_CASES += [("cohere", "dpo"), ("granite", "kto")]
+ARCHITECTURE_CASES += [("cohere", "dpo"), ("granite", "kto"), ("qwen3_moe", "dpo"), ("qwen3_moe", "sft")]
 
 
 @pytest.mark.parametrize(("architecture", "trainer"), ARCHITECTURE_CASES, ids=[f"{a}-{t}" for a, t in ARCHITECTURE_CASES])
@@ -256,19 +256,20 @@ def test_hf_trainer_sft(tmp_path, head_calls, qwen3_config, policy_state, tokeni
 
 
 def test_unsupported_models_are_refused(qwen3_config, policy_state):
-    moe = model(qwen3_config, policy_state)
-    moe.config = copy.deepcopy(qwen3_config)  # the fixture's config is shared
-    moe.config.output_router_logits = True
-    with pytest.raises(NotImplementedError, match="output_router_logits"):
-        drop_in.add_fused_lm_head(moe)
+    encoder_decoder = model(qwen3_config, policy_state)
+    encoder_decoder.config = copy.deepcopy(qwen3_config)  # the fixture's config is shared
+    encoder_decoder.config.is_encoder_decoder = True
+    with pytest.raises(NotImplementedError, match="encoder-decoder"):
+        drop_in.add_fused_lm_head(encoder_decoder)
     with pytest.raises(ValueError, match="outputs must be among"):
         drop_in.add_fused_lm_head(model(qwen3_config, policy_state), outputs=("log_probs", "perplexity"))
 
 
-@pytest.mark.parametrize("architecture", ["gemma2", "cohere", "granite", "qwen3"])
+@pytest.mark.parametrize("architecture", ["gemma2", "cohere", "granite", "qwen3_moe", "qwen3"])
 def test_head_applies_the_models_own_logit_transform(architecture):
     """The fused head's loss, log-probs and gradients are the model's own (its forward's logits, soft-capped or
-    scaled as its config says, through transformers' cross-entropy) and TRL's head's."""
+    scaled as its config says, through transformers' cross-entropy, plus an MoE model's router load-balancing loss)
+    and TRL's head's."""
     from trl.trainer.utils import add_fused_lm_head as trl_add_fused_lm_head
 
     config = tiny_config(architecture)
@@ -286,9 +287,13 @@ def test_head_applies_the_models_own_logit_transform(architecture):
     torch.testing.assert_close(a.log_probs.double(), own_logps, rtol=0, atol=2e-6)
     torch.testing.assert_close(a.log_probs, b.log_probs, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(a.loss, own.loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-6, atol=1e-6)
+    assert (a.aux_loss is None) == (b.aux_loss is None) == (architecture != "qwen3_moe")
+    if a.aux_loss is not None:
+        torch.testing.assert_close(a.aux_loss, own.aux_loss, rtol=1e-6, atol=1e-7)
     params = [dict(m.named_parameters()) for m in (ours, plain)]
     names = ["lm_head.weight" if "lm_head.weight" in params[0] else "model.embed_tokens.weight",
-             "model.layers.1.mlp.down_proj.weight"]
+             "model.layers.1.self_attn.o_proj.weight"]
     got = torch.autograd.grad(a.loss, [params[0][n] for n in names])
     want = torch.autograd.grad(own.loss, [params[1][n] for n in names])
     for name, g, w in zip(names, got, want):

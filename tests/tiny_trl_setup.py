@@ -14,6 +14,7 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 SENTENCES = [
@@ -48,13 +49,16 @@ def tokenizer():
     return tok
 
 
-# Architectures of the same tiny size; each has its own attention, norm and embedding quirks, and the last three
-# their own transform of the head's output: Gemma 2 soft-caps it (a cap of 5 over logits reaching about 4 bends
-# every one), Cohere multiplies it by `logit_scale`, Granite divides it by `logits_scaling`.
+# Architectures of the same tiny size; each has its own attention, norm and embedding quirks, three their own
+# transform of the head's output: Gemma 2 soft-caps it (a cap of 5 over logits reaching about 4 bends every one),
+# Cohere multiplies it by `logit_scale`, Granite divides it by `logits_scaling`; and a Qwen3 mixture of experts.
 CONFIG_CLASSES = {"qwen3": Qwen3Config, "qwen2": Qwen2Config, "llama": LlamaConfig, "llama_tied": LlamaConfig,
-                  "gemma2": Gemma2Config, "cohere": CohereConfig, "granite": GraniteConfig}
+                  "gemma2": Gemma2Config, "cohere": CohereConfig, "granite": GraniteConfig, "qwen3_moe": Qwen3MoeConfig}
 HEAD_TRANSFORMS = {"gemma2": {"final_logit_softcapping": 5.0}, "cohere": {"logit_scale": 0.25},
-                   "granite": {"logits_scaling": 4.0}}
+                   "granite": {"logits_scaling": 4.0},
+                   # Every layer a mixture of 4 experts, 2 per token, with the router's load-balancing loss.
+                   "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                 "decoder_sparse_step": 1, "output_router_logits": True, "router_aux_loss_coef": 0.1}}
 
 
 def tiny_config(architecture: str):
