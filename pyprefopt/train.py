@@ -18,18 +18,22 @@ One flat loop, in order:
 6. checkpoints every --save-every steps (atomic; --resume continues bit-for-bit);
 7. output: PEFT adapter (or full model), tokenizer, metrics, plots, model card; --merge.
 
-Data parallel: under `torchrun --nproc_per_node N`, each process takes its slice of every global batch
-and the trainable gradients are summed once per optimizer step with one all-reduce (what DDP does at the
-end of an accumulation window; DDP's module wrapper is not used because the loop calls the decoder and the
-head separately). Every loss is a mean over "items" (target tokens for sft, pairs for dpo/ipo/cpo, rows
-for kto), and each micro-batch's loss is weighted by its share of the global batch's items, so N processes
-with batch B compute the same step as one process with batch N*B (for cpo the NLL term is a per-batch
-token mean, as TRL's, so it matches only approximately).
+Data parallel: under `torchrun --nproc_per_node N`, each process takes its slice of every global batch.
+Every process holds the whole model and DDP all-reduces the trainable gradients at the end of each
+accumulation window; with --fsdp the model is sharded instead (FSDP2's `fully_shard`: each decoder layer,
+then the root with the embeddings, final norm and LM head), each process holding its shard of the weights,
+gradients and optimizer state, and checkpoints are sharded (torch.distributed.checkpoint) so that a
+--resume may use another number of processes. The decoder and the fused head run in one function that runs
+as a forward of the DDP module or of the FSDP root (see data_parallel). Every loss is a mean over "items"
+(target tokens for sft, pairs for dpo/ipo/cpo, rows for kto), and each micro-batch's loss is weighted by its
+share of the global batch's items, so N processes with batch B compute the same step as one process with
+batch N*B (for cpo the NLL term is a per-batch token mean, as TRL's, so it matches only approximately).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
@@ -43,6 +47,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -62,6 +67,8 @@ LORA_DEFAULTS = {"lora_r": 16, "lora_alpha": 32.0, "lora_dropout": 0.0, "target_
 DEFAULT_WARMUP_RATIO = 0.1
 CHECKPOINTS = "checkpoints"
 REFERENCE_FILE = "reference_logps.safetensors"
+# A --fsdp checkpoint's trainable weights and optimizer state: torch.distributed.checkpoint's directory.
+SHARDED_STATE = "sharded"
 METRICS_FILE = "metrics.jsonl"
 RUN_ARGS_FILE = "run_args.json"
 # Most decoder calls one micro-batch is split into when its rows are not packed (see last_hidden).
@@ -71,6 +78,9 @@ MAX_LENGTH_GROUPS = 4
 PACKED_ATTENTION = "pyprefopt_packed_sdpa"
 # Options that may differ between a run and its --resume (they do not change what is computed).
 RESUMABLE_CHANGES = {"resume", "eval_every", "save_every", "save_total_limit", "merge", "output_dir"}
+# Options a --resume may change with the number of processes, as long as the checkpoint's global batch, and the
+# split that the method's loss depends on, stay the same (check_batch_split).
+BATCH_SPLIT_OPTIONS = {"batch_size", "grad_accum"}
 
 
 # --------------------------------------------------------------------------------------------- options
@@ -160,6 +170,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--load-in-4bit", action="store_true", help="QLoRA: the base in bitsandbytes NF4")
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun, shard the weights, gradients and optimizer state over the processes (PyTorch "
+                   "FSDP2) instead of a full copy each; checkpoints are sharded and a --resume may use another number "
+                   "of processes (keeping the global batch)")
     p.add_argument("--merge", action="store_true",
                    help="also write the base merged with the adapter (bf16) to <output-dir>/merged")
     args = p.parse_args(argv)
@@ -202,6 +216,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--warmup-ratio must be in [0, 1)")
     if args.warmup_steps is not None and args.warmup_steps < 0:
         p.error(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+    if args.fsdp and args.load_in_4bit:
+        p.error("--fsdp cannot shard a --load-in-4bit base: FSDP2's fully_shard re-creates every weight as a plain "
+                "tensor, which drops the quantisation state of bitsandbytes' 4-bit weights (Params4bit)")
+    if args.fsdp and args.optim == "adamw_8bit":
+        p.error("--fsdp cannot step with --optim adamw_8bit: bitsandbytes' 8-bit AdamW takes plain tensors, not the "
+                "DTensor shards FSDP2 gives an optimizer; use --optim adamw")
     if args.full and args.load_in_4bit:
         p.error("--full trains every weight: it cannot train an NF4 (--load-in-4bit) base")
     if args.full and args.adapter is not None:
@@ -217,8 +237,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------ processes
 
 
-def setup_distributed():
-    """(rank, world size, device): torchrun's environment, else one process."""
+def setup_distributed(fsdp=False):
+    """(rank, world size, device): torchrun's environment, else one process (in a process group of its own with
+    `fsdp`, which shards over a group, so that one process can resume a sharded run)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -226,9 +247,12 @@ def setup_distributed():
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend)
         return dist.get_rank(), world, device
+    if fsdp:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return 0, 1, device
 
 
@@ -536,6 +560,76 @@ def reference_context(model, full: bool):
     return contextlib.nullcontext() if full else disable_adapters(model)
 
 
+class _Forward(torch.nn.Module):
+    """A module whose forward is `compute()`, over `model`'s parameters: DDP prepares a step's gradient all-reduce in
+    its module's forward, and the loop runs the decoder and the fused head on the LM head's weight in one function
+    rather than through the model's own forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, compute):
+        return compute()
+
+
+def _call(compute):
+    return compute()
+
+
+def data_parallel(model, fsdp: bool, world: int, device):
+    """(run, no_sync) for the loop: `run(compute)` returns `compute()`, which runs the decoder and reads the LM head's
+    weight, with the parameters whole and their gradients reduced over the processes by the end of backward;
+    `no_sync()` holds back that reduction for the micro-batches before an accumulation window's last one.
+
+    One process: `compute()` itself. Several: DDP over a module whose forward is `compute()`. With `fsdp`, the
+    model sharded (shard_model) and `compute()` run as a forward method of its root, where the root's own
+    parameters (embeddings, final norm, LM head) are whole: FSDP unshards them for the root's forwards only, and
+    the head's weight is read outside the model's forward. FSDP reduce-scatters each micro-batch's gradients into
+    the shards (no_sync does nothing), so no whole gradient is kept between them."""
+    if fsdp:
+        shard_model(model, world, device)
+        return model.pyprefopt_forward, contextlib.nullcontext
+    if world == 1:
+        return _call, contextlib.nullcontext
+    from torch.nn.parallel import DistributedDataParallel
+
+    # The trainable weights were broadcast from rank 0 already (init_sync would send the frozen ones too), and no
+    # buffer changes while training.
+    ddp = DistributedDataParallel(_Forward(model), device_ids=[device] if device.type == "cuda" else None,
+                                  init_sync=False, forward_sync_buffers=False)
+    return ddp, ddp.no_sync
+
+
+def shard_model(model, world: int, device):
+    """FSDP2 over the processes: each decoder layer (the classes in the model's `_no_split_modules`) sharded as a
+    group of its own, then the root with the rest; `model.pyprefopt_forward(compute)` runs `compute()` as a forward
+    of the root. Raises RunError for a model that names no layer class."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    layer_classes = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [module for module in model.modules() if type(module).__name__ in layer_classes]
+    if not layers:
+        raise RunError(f"--fsdp: {type(model).__name__} names no decoder layer class (_no_split_modules) to shard "
+                       "by; train it without --fsdp")
+    mesh = init_device_mesh(device.type, (world,))
+    # The CLI trains fp32 weights (under bf16 autocast on CUDA, see last_hidden): gathered in fp32, they compute
+    # what they do without --fsdp, and gradients are reduced in fp32.
+    policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
+    for layer in reversed(layers):  # a layer inside another is sharded first
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    model.pyprefopt_forward = types.MethodType(lambda self, compute: compute(), model)
+    register_fsdp_forward_method(model, "pyprefopt_forward")
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
 # ------------------------------------------------------------------------------------------ batches
 
 
@@ -547,26 +641,37 @@ def collate_rows(data: D.TokenizedData, indices: list[int], which: int, pad_id: 
 
 
 @torch.no_grad()
-def sequence_logps_all(model, data, pad_id, batch_size, device, rank, world):
+def sequence_logps_all(model, run, data, pad_id, batch_size, device, rank, world):
     """Summed completion log-probs [N, k] and completion lengths [N, k] of every completion of every
-    example (k = data.rows_per_example), computed in eval mode; each process takes every world-th batch
-    and the results are summed over processes."""
+    example (k = data.rows_per_example), computed in eval mode through `run` (data_parallel's); each process
+    takes every world-th batch and the results are summed over processes. The processes of a sharded model run
+    the decoder in step (each of its calls gathers every layer's weights from all of them): each takes as many
+    batches as any other, all as wide, a short or missing one filled up with rows that are not kept."""
     decoder, head = decoder_and_head(model)
     loss_fn = FusedLinearPreferenceLoss("sft", **head_logit_transform(model.config))
     n, k = len(data), data.rows_per_example
     logps = torch.zeros(n, k, dtype=torch.float64, device=device)
     lengths = torch.zeros(n, k, dtype=torch.float64, device=device)
+    batches = [list(range(start, min(start + batch_size, n))) for start in range(0, n, batch_size)]
+    in_step = world > 1 and is_sharded(model)
+    if in_step:
+        batches += [[]] * (-len(batches) % world)
+
+    def score():
+        for indices in batches[rank::world]:
+            kept = len(indices)
+            if in_step:
+                indices = indices + [indices[0] if indices else 0] * (min(batch_size, n) - kept)
+            for which in range(k):
+                input_ids, labels, input_lengths = collate_rows(data, indices, which, pad_id)
+                hidden = last_hidden(decoder, input_ids, input_lengths, device)
+                row_logps, row_lengths = loss_fn.sequence_logps(hidden, head.weight, labels.to(device), head.bias)
+                logps[indices[:kept], which] = row_logps[:kept].double()
+                lengths[indices[:kept], which] = row_lengths[:kept].double()
+
     was_training = model.training
     model.eval()
-    starts = list(range(0, n, batch_size))
-    for start in starts[rank::world]:
-        indices = list(range(start, min(start + batch_size, n)))
-        for which in range(k):
-            input_ids, labels, input_lengths = collate_rows(data, indices, which, pad_id)
-            hidden = last_hidden(decoder, input_ids, input_lengths, device)
-            row_logps, row_lengths = loss_fn.sequence_logps(hidden, head.weight, labels.to(device), head.bias)
-            logps[indices, which] = row_logps.double()
-            lengths[indices, which] = row_lengths.double()
+    run(score)
     model.train(was_training)
     all_reduce_sum(logps)
     all_reduce_sum(lengths)
@@ -584,11 +689,11 @@ def loss_hparams(args) -> dict:
     return {"beta": args.beta}
 
 
-def evaluate(model, data, reference, args, pad_id, device, rank, world) -> dict:
+def evaluate(model, run, data, reference, args, pad_id, device, rank, world) -> dict:
     """Held-out metrics over the whole split at once (eval_ prefix): the method's loss and TRL's reward
     metrics (rewards/accuracies and margins of the pairs; KTO's with its KL point over the split), and for
     sft the mean token NLL and its perplexity."""
-    logps, lengths = sequence_logps_all(model, data, pad_id, args.eval_batch_size, device, rank, world)
+    logps, lengths = sequence_logps_all(model, run, data, pad_id, args.eval_batch_size, device, rank, world)
     method = args.method
     kwargs = loss_hparams(args)
     if method == "sft":
@@ -640,7 +745,8 @@ def metric_weight(method, name, batch) -> float:
 
 
 def micro_batch_loss(model, loss_fn, batch, reference, args, device):
-    """(loss, metrics) of one micro-batch from the decoder's last hidden states and the LM head weight."""
+    """(loss, metrics) of one micro-batch from the decoder's last hidden states and the LM head weight; run through
+    data_parallel's `run`."""
     decoder, head = decoder_and_head(model)
     kwargs = {}
     index = batch["index"].to(device)
@@ -714,41 +820,108 @@ def _unflatten_optimizer_state(tensors, plain):
     return {"state": {int(k): v for k, v in state.get("state", {}).items()}, "param_groups": state["param_groups"]}
 
 
-def save_checkpoint(output_dir: Path, step, model, optimizer, scheduler, keep: int, data_position: dict):
+def save_checkpoint(output_dir: Path, step, model, optimizer, scheduler, keep: int, data_position: dict, rank=0):
     """checkpoints/step-<N>/: trainable weights, optimizer state and RNG in safetensors, the rest in JSON (the
     scheduler, and the data position: the epoch's seeded order is rebuilt from it); written to a staging
     directory and renamed into place, then the oldest beyond `keep` removed. `optimizer=None` for the final
     step's checkpoint: nothing will step again, and it keeps the trained weights safe while the outputs are
-    written (a resume from it only writes them)."""
+    written (a resume from it only writes them).
+
+    A sharded (--fsdp) model's trainable weights and optimizer state go to SHARDED_STATE/ instead, written by
+    torch.distributed.checkpoint, each process its own shards (any number of processes reads them back): every
+    process calls this then, rank 0 alone otherwise."""
     from safetensors.torch import save_file
 
+    sharded = is_sharded(model)
     root = output_dir / CHECKPOINTS
     final = root / f"step-{step:08d}"
-    staging = staging_dir(root, "step")
+    staging = staging_dir(root, "step") if rank == 0 else None
+    if sharded:
+        shared = [staging]
+        dist.broadcast_object_list(shared, 0)
+        staging = shared[0]
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in trainable_parameters(model).items()},
-                  staging / "trainable.safetensors")
-        opt_plain = None
-        if optimizer is not None:
-            opt_tensors, opt_plain = _flatten_state(optimizer.state_dict())
-            save_file(opt_tensors, staging / "optimizer.safetensors")
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
-        save_file(rng, staging / "rng.safetensors")
-        state = {"step": step, "data_position": data_position, "optimizer": opt_plain,
-                 "scheduler": scheduler.state_dict()}
-        (staging / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
-        if final.exists():
-            # A damaged checkpoint of this step, skipped by the --resume that led here.
-            shutil.rmtree(final)
-        os.rename(publishable(staging), final)
+        if sharded:
+            save_sharded_state(staging / SHARDED_STATE, model, optimizer)
+        if rank == 0:
+            if sharded:
+                opt_plain = None if optimizer is None else {}  # its state is all in SHARDED_STATE/
+            else:
+                save_file({k: v.detach().cpu().contiguous() for k, v in trainable_parameters(model).items()},
+                          staging / "trainable.safetensors")
+                opt_plain = None
+                if optimizer is not None:
+                    opt_tensors, opt_plain = _flatten_state(optimizer.state_dict())
+                    save_file(opt_tensors, staging / "optimizer.safetensors")
+            rng = {"cpu": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state()
+            save_file(rng, staging / "rng.safetensors")
+            state = {"step": step, "data_position": data_position, "optimizer": opt_plain,
+                     "scheduler": scheduler.state_dict()}
+            (staging / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+            if final.exists():
+                # A damaged checkpoint of this step, skipped by the --resume that led here.
+                shutil.rmtree(final)
+            os.rename(publishable(staging), final)
     finally:
-        if staging.exists():
+        if rank == 0 and staging.exists():
             shutil.rmtree(staging)
-    for old in sorted(root.glob("step-*"))[:-keep] if keep else []:
-        shutil.rmtree(old)
+    if rank == 0:
+        for old in sorted(root.glob("step-*"))[:-keep] if keep else []:
+            shutil.rmtree(old)
     return final
+
+
+def _sharded_state(model, optimizer) -> dict:
+    """A sharded model's trainable weights and, unless `optimizer` is None, the optimizer's state, as
+    torch.distributed.checkpoint's state dict: this process's shards, keyed by parameter name."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    options = StateDictOptions(ignore_frozen_params=True)
+    if optimizer is None:
+        return {"model": get_model_state_dict(model, options=options)}
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def _first_failure(error) -> BaseException:
+    """The exception of the first process that failed, from torch.distributed.checkpoint's CheckpointException."""
+    return next(iter(error.failures.values()))[0]
+
+
+def save_sharded_state(directory: Path, model, optimizer):
+    """torch.distributed.checkpoint's files of _sharded_state in `directory` (every process writes its own)."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.save(_sharded_state(model, optimizer), checkpoint_id=directory)
+    except dcp.CheckpointException as e:
+        failure = _first_failure(e)
+        if isinstance(failure, OSError):
+            raise failure from None  # main() reports it (a full disk, say) as it reports any other write's
+        raise
+
+
+def load_sharded_state(directory: Path, model, optimizer):
+    """save_sharded_state's files read into the model (and the optimizer unless None), resharded for this run's
+    processes. Raises DamagedCheckpoint when they cannot be read."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+
+    state = _sharded_state(model, optimizer)
+    try:
+        dcp.load(state, checkpoint_id=directory)
+    except dcp.CheckpointException as e:
+        failure = _first_failure(e)
+        raise DamagedCheckpoint(f"{directory} is damaged ({type(failure).__name__}: {failure})") from None
+    # Not strict: the frozen weights, never in the checkpoint, are the base's (apply_checkpoint compared the rest).
+    options = StateDictOptions(ignore_frozen_params=True, strict=False)
+    if optimizer is None:
+        set_model_state_dict(model, state["model"], options=options)
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=options)
 
 
 def read_reference(path: Path, device, rank) -> dict | None:
@@ -768,49 +941,89 @@ def checkpoints_newest_first(output_dir: Path) -> list[Path]:
     return sorted((output_dir / CHECKPOINTS).glob("step-*"), reverse=True)
 
 
+class DamagedCheckpoint(RunError):
+    """A checkpoint's file is missing or cannot be read: a --resume tries the one before it."""
+
+
 def read_checkpoint(path: Path, device) -> dict:
     """Every file of a checkpoint read and parsed, nothing applied yet: a damaged one (a truncated file, say) is
-    found before it has changed the model. Raises RunError naming the file."""
+    found before it has changed the model. Of a sharded (--fsdp) checkpoint only the index of SHARDED_STATE/ is
+    read here (its trainable tensors' names, under SHARDED_STATE), its shards by load_sharded_state. Raises
+    DamagedCheckpoint naming the file."""
+    import pickle
+
     from safetensors.torch import load_file
 
     current = path / "state.json"
     try:
         state = json.loads(current.read_text(encoding="utf-8"))
-        current = path / "trainable.safetensors"
-        state["trainable"] = load_file(current)
-        if state["optimizer"] is not None:
-            current = path / "optimizer.safetensors"
-            state["optimizer_tensors"] = load_file(current, device=str(device))
+        if (path / SHARDED_STATE).is_dir():
+            from torch.distributed.checkpoint import FileSystemReader
+
+            current = path / SHARDED_STATE / ".metadata"
+            keys = FileSystemReader(path / SHARDED_STATE).read_metadata().state_dict_metadata
+            state[SHARDED_STATE] = {key.removeprefix("model.") for key in keys if key.startswith("model.")}
+        else:
+            current = path / "trainable.safetensors"
+            state["trainable"] = load_file(current)
+            if state["optimizer"] is not None:
+                current = path / "optimizer.safetensors"
+                state["optimizer_tensors"] = load_file(current, device=str(device))
         current = path / "rng.safetensors"
         state["rng"] = load_file(current)
-    except (OSError, ValueError, SafetensorError) as e:
-        raise RunError(f"{current} is damaged or missing ({type(e).__name__}: {e})") from e
+    except (OSError, ValueError, SafetensorError, pickle.UnpicklingError, EOFError) as e:
+        raise DamagedCheckpoint(f"{current} is damaged or missing ({type(e).__name__}: {e})") from e
     fields = {"step": int, "data_position": dict, "optimizer": (dict, type(None)), "scheduler": dict}
     if any(not isinstance(state.get(key), kind) for key, kind in fields.items()) or \
-            "examples_per_step" not in state["data_position"]:
-        raise RunError(f"{path / 'state.json'} is damaged: it lacks one of {sorted(fields)}")
+            not {"examples_per_step", "batch_size", "processes"} <= set(state["data_position"]):
+        raise DamagedCheckpoint(f"{path / 'state.json'} is damaged: it lacks one of {sorted(fields)}")
     return state
 
 
-def apply_checkpoint(path: Path, state: dict, model, optimizer, scheduler, global_batch, total_steps) -> int:
-    """Restore what read_checkpoint read; returns the checkpoint's step. Nothing is unpickled."""
+def check_batch_split(path: Path, position: dict, args, world: int):
+    """Refuse a checkpoint whose steps this run would compute differently: another global batch; for kto another
+    global micro-batch (--batch-size x processes: its KL completions rotate, and its KL point is taken, within
+    each); for cpo another --batch-size (its NLL term is a mean over each micro-batch's tokens). Otherwise how the
+    global batch is split into micro-batches and processes may change, so a run resumes with another number of
+    processes."""
+    global_batch = args.batch_size * args.grad_accum * world
+    if position["examples_per_step"] != global_batch:
+        raise RunError(f"{path} was written with {position['examples_per_step']} examples per step, this run takes "
+                       f"{global_batch} (batch size x accumulation x processes): resume with the same global batch")
+    written_micro = position["batch_size"] * position["processes"]
+    if args.method == "kto" and written_micro != args.batch_size * world:
+        raise RunError(f"{path} was written with a global micro-batch of {written_micro} examples (--batch-size x "
+                       f"processes), this run takes {args.batch_size * world}: kto's KL completions and KL point "
+                       f"come from each, so resume with --batch-size x processes = {written_micro}")
+    if args.method == "cpo" and position["batch_size"] != args.batch_size:
+        raise RunError(f"{path} was written with --batch-size {position['batch_size']}, this run has "
+                       f"{args.batch_size}: cpo's NLL term is a mean over each micro-batch's tokens, so resume with "
+                       f"--batch-size {position['batch_size']}")
+
+
+def apply_checkpoint(path: Path, state: dict, model, optimizer, scheduler, args, world, total_steps) -> int:
+    """Restore what read_checkpoint read; returns the checkpoint's step. Nothing is unpickled but the index of a
+    sharded checkpoint's SHARDED_STATE/ (torch.distributed.checkpoint's format pickles it)."""
     params = trainable_parameters(model)
-    saved = state["trainable"]
-    if set(saved) != set(params):
+    sharded = SHARDED_STATE in state
+    saved = state[SHARDED_STATE] if sharded else set(state["trainable"])
+    # A sharded state dict names a parameter under each of its names (a tied head's too).
+    names = set(_sharded_state(model, None)["model"]) if sharded else set(params)
+    if saved != names:
         raise RunError(f"{path}: its trainable tensors do not match this model's "
-                       f"(missing {sorted(set(params) - set(saved))[:3]}, extra {sorted(set(saved) - set(params))[:3]})")
-    if state["data_position"]["examples_per_step"] != global_batch:
-        raise RunError(f"{path} was written with {state['data_position']['examples_per_step']} examples per step, "
-                       f"this run takes {global_batch} (batch size x accumulation x processes): resume with the "
-                       "same global batch")
+                       f"(missing {sorted(names - saved)[:3]}, extra {sorted(saved - names)[:3]})")
+    check_batch_split(path, state["data_position"], args, world)
     if state["optimizer"] is None and state["step"] != total_steps:
         raise RunError(f"{path} is the final checkpoint of a {state['step']}-step run; this run has {total_steps} "
                        "steps")
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(saved[name])
-    if state["optimizer"] is not None:
-        optimizer.load_state_dict(_unflatten_optimizer_state(state["optimizer_tensors"], state["optimizer"]))
+    if sharded:
+        load_sharded_state(path / SHARDED_STATE, model, None if state["optimizer"] is None else optimizer)
+    else:
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(state["trainable"][name])
+        if state["optimizer"] is not None:
+            optimizer.load_state_dict(_unflatten_optimizer_state(state["optimizer_tensors"], state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["cpu"])
     if "cuda" in state["rng"]:
@@ -818,19 +1031,18 @@ def apply_checkpoint(path: Path, state: dict, model, optimizer, scheduler, globa
     return state["step"]
 
 
-def resume_from_checkpoint(output_dir: Path, model, optimizer, scheduler, device, global_batch, total_steps,
+def resume_from_checkpoint(output_dir: Path, model, optimizer, scheduler, device, args, world, total_steps,
                            rank) -> tuple[int, Path | None]:
     """(step, checkpoint) of the newest intact checkpoint, (0, None) when there is none; a damaged one is
-    reported and the one before it tried."""
+    reported and the one before it tried (which sets everything a damaged sharded one may have half loaded)."""
     damaged = []
     for path in checkpoints_newest_first(output_dir):
         try:
             state = read_checkpoint(path, device)
-        except RunError as e:
+            return apply_checkpoint(path, state, model, optimizer, scheduler, args, world, total_steps), path
+        except DamagedCheckpoint as e:
             log(rank, f"skipping checkpoint {path.name}: {e}")
             damaged.append(str(e))
-            continue
-        return apply_checkpoint(path, state, model, optimizer, scheduler, global_batch, total_steps), path
     if damaged:
         raise RunError(f"no intact checkpoint in {output_dir / CHECKPOINTS}: {'; '.join(damaged)}. Delete the "
                        "damaged ones to restart from step 0, or rerun without --resume in a new --output-dir")
@@ -838,6 +1050,39 @@ def resume_from_checkpoint(output_dir: Path, model, optimizer, scheduler, device
 
 
 # --------------------------------------------------------------------------------------- output
+
+
+def gather_trainable(model) -> dict[str, torch.Tensor]:
+    """A sharded model's trainable weights, whole, on rank 0's CPU (empty elsewhere); every process calls this."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                ignore_frozen_params=True))
+
+
+@contextlib.contextmanager
+def whole_parameters(model, whole: dict[str, torch.Tensor] | None):
+    """Within the block, the model's parameters named in `whole` (gather_trainable's) are those whole tensors
+    instead of their shards, a parameter shared under two names (a tied head) still one, so that what writes
+    the model's files reads them as any model's; None leaves the model as it is."""
+    if whole is None:
+        yield model
+        return
+    named = list(model.named_parameters(remove_duplicate=False))
+    replacement = {id(param): torch.nn.Parameter(whole[name], requires_grad=False)
+                   for name, param in named if name in whole}
+    swapped = []
+    for name, param in named:
+        if id(param) in replacement:
+            owner_name, _, leaf = name.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            swapped.append((owner, leaf, param))
+            owner._parameters[leaf] = replacement[id(param)]
+    try:
+        yield model
+    finally:
+        for owner, leaf, param in swapped:
+            owner._parameters[leaf] = param
 
 
 def save_outputs(output_dir: Path, model, tokenizer, full: bool):
@@ -895,7 +1140,7 @@ def check_resume_args(output_dir: Path, args):
     saved = json.loads(path.read_text(encoding="utf-8"))
     current = vars(args)
     changed = {k: (saved.get(k), v) for k, v in current.items()
-               if k not in RESUMABLE_CHANGES and saved.get(k) != v}
+               if k not in RESUMABLE_CHANGES | BATCH_SPLIT_OPTIONS and saved.get(k) != v}
     if changed:
         raise RunError(f"--resume with different options than the run in {output_dir}: "
                          + ", ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}" for k, (a, b) in changed.items()))
@@ -933,7 +1178,7 @@ def main(argv=None) -> int:
     bound_onednn_caches()
     _drop_bitsandbytes_hub_kernel_notices()
     args = parse_args(argv)
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(args.fsdp)
     try:
         return train(args, rank, world, device)
     except (D.DataError, RunError) as e:
@@ -1036,11 +1281,12 @@ def train(args, rank, world, device) -> int:
         if split.truncated or split.dropped:
             log(rank, f"{name}: {split.truncated} of {split.sequences} sequences cut at --max-length "
                 f"{args.max_length}; {split.dropped} examples dropped (prompt alone fills it)")
-    trainable = trainable_parameters(model)
     if world > 1:
         # Same seed, same init everywhere; broadcasting makes it so whatever the initialisers do.
-        for param in trainable.values():
+        for param in trainable_parameters(model).values():
             dist.broadcast(param.data, 0)
+    run, no_sync = data_parallel(model, args.fsdp, world, device)
+    trainable = trainable_parameters(model)  # after sharding, which replaces them by their shards (DTensors)
 
     # 3. optimizer and schedule
     if args.optim == "adamw_8bit":
@@ -1078,9 +1324,9 @@ def train(args, rank, world, device) -> int:
         else:
             t0 = time.perf_counter()
             with reference_context(model, args.full):
-                train_reference, _ = sequence_logps_all(model, train_data, pad_id, args.eval_batch_size, device,
+                train_reference, _ = sequence_logps_all(model, run, train_data, pad_id, args.eval_batch_size, device,
                                                         rank, world)
-                eval_reference, _ = sequence_logps_all(model, eval_data, pad_id, args.eval_batch_size, device,
+                eval_reference, _ = sequence_logps_all(model, run, eval_data, pad_id, args.eval_batch_size, device,
                                                        rank, world)
             reference_seconds = time.perf_counter() - t0
     if rank == 0:
@@ -1094,8 +1340,8 @@ def train(args, rank, world, device) -> int:
     start_step, checkpoint = 0, None
     metrics_path = output_dir / METRICS_FILE
     if resuming:
-        start_step, checkpoint = resume_from_checkpoint(output_dir, model, optimizer, scheduler, device,
-                                                        global_batch, total_steps, rank)
+        start_step, checkpoint = resume_from_checkpoint(output_dir, model, optimizer, scheduler, device, args, world,
+                                                        total_steps, rank)
     if checkpoint is not None:
         log(rank, f"resuming from {checkpoint} (step {start_step} of {total_steps})")
         if rank == 0:
@@ -1107,7 +1353,8 @@ def train(args, rank, world, device) -> int:
     # 5. steps
     loss_fn = FusedLinearPreferenceLoss(args.method, **loss_hparams(args), **head_logit_transform(model.config))
     names = metric_names(args.method)
-    initial = evaluate(model, eval_data, eval_reference, args, pad_id, device, rank, world) if start_step == 0 else None
+    initial = evaluate(model, run, eval_data, eval_reference, args, pad_id, device, rank, world) \
+        if start_step == 0 else None
     metrics_file = open(metrics_path, "a", encoding="utf-8") if rank == 0 else None
     if metrics_file and initial is not None:
         metrics_file.write(json.dumps({"step": 0, **initial}) + "\n")
@@ -1130,26 +1377,23 @@ def train(args, rank, world, device) -> int:
             global_items, global_tokens = counts.tolist()
             # [loss, per metric: weighted sum and weight, then whether any process was asked to stop]
             sums = torch.zeros(2 + 2 * len(names), dtype=torch.float64, device=device)
-            for batch in micro_batches:
-                loss, metrics = micro_batch_loss(model, loss_fn, batch, train_reference, args, device)
-                share = batch["items"] / global_items
-                (loss * share).backward()
+            for micro, batch in enumerate(micro_batches):
+                with no_sync() if micro < args.grad_accum - 1 else contextlib.nullcontext():
+                    loss, metrics = run(lambda: micro_batch_loss(model, loss_fn, batch, train_reference, args, device))
+                    share = batch["items"] / global_items
+                    # DDP and FSDP average the processes' gradients: weighted by `world` too, the average is the
+                    # global batch's gradient.
+                    (loss * (share * world)).backward()
                 sums[0] += loss.detach().double() * share
                 for i, name in enumerate(names):
                     weight = metric_weight(args.method, name, batch)
                     if name in metrics and weight > 0:
                         sums[1 + 2 * i] += metrics[name].double() * weight
                         sums[2 + 2 * i] += weight
-            grads = [p.grad for p in trainable.values() if p.grad is not None]
-            if world > 1:
-                flat = torch.cat([g.reshape(-1) for g in grads])
-                all_reduce_sum(flat)
-                offset = 0
-                for g in grads:
-                    g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                    offset += g.numel()
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable.values(),
                                                        args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
+            if args.fsdp:  # a DTensor: the norm over every process's shards
+                grad_norm = grad_norm.full_tensor()
             learning_rate = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -1173,16 +1417,18 @@ def train(args, rank, world, device) -> int:
                 raise RunError(f"step {step + 1}: the loss is {record['loss']}; lower --lr or check the data")
             done = step + 1
             if (args.eval_every and done % args.eval_every == 0) or done == total_steps:
-                record.update(evaluate(model, eval_data, eval_reference, args, pad_id, device, rank, world))
+                record.update(evaluate(model, run, eval_data, eval_reference, args, pad_id, device, rank, world))
             if metrics_file:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
             stopping = sums[-1].item() > 0
-            if rank == 0 and (stopping or done == total_steps or (args.save_every and done % args.save_every == 0)):
+            if (rank == 0 or args.fsdp) and \
+                    (stopping or done == total_steps or (args.save_every and done % args.save_every == 0)):
                 position = {"epoch": done // steps_per_epoch, "batch_in_epoch": done % steps_per_epoch,
-                            "examples_per_step": global_batch, "seed": args.seed}
+                            "examples_per_step": global_batch, "batch_size": args.batch_size, "processes": world,
+                            "seed": args.seed}
                 save_checkpoint(output_dir, done, model, None if done == total_steps else optimizer, scheduler,
-                                args.save_total_limit, position)
+                                args.save_total_limit, position, rank)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_second']:.0f}")
             bar.update(1)
             if stopping and done < total_steps:
@@ -1199,12 +1445,14 @@ def train(args, rank, world, device) -> int:
             "rerun the same command with --resume to continue")
         return 130
 
-    # 6. outputs (rank 0 only)
+    # 6. outputs, by rank 0 (a sharded model's trainable weights gathered to it first, by every process)
+    gathered = gather_trainable(model) if args.fsdp else None
     if rank != 0:
         return 0
     from pyprefopt import model_card
 
-    save_outputs(output_dir, model, tokenizer, args.full)
+    with whole_parameters(model, gathered):
+        save_outputs(output_dir, model, tokenizer, args.full)
     if args.merge:
         from pyprefopt.merge import merge_adapter
 

@@ -69,8 +69,24 @@ def run(method, data_dir, out, *extra):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
+def torchrun(method, data_dir, out, *extra):
+    """`torchrun --nproc_per_node 2 -m pyprefopt.train` (2 gloo CPU processes); the metrics records. Run a one-process
+    run on the same data first: it builds the default model into the cache, where two processes would race."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "pyprefopt.train", "--method", method, "--data", str(data_dir / FORMAT_OF[method]), "--output-dir", str(out),
+           *extra]
+    result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
 def adapter(out):
     return load_file(out / "adapter_model.safetensors")
+
+
+def trained_weights(out):
+    """The run's trained tensors: its adapter, or with --full the whole model."""
+    return adapter(out) if (out / "adapter_model.safetensors").exists() else load_file(out / "model.safetensors")
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -243,15 +259,15 @@ def test_resume_refuses_changed_options(data_dir, tmp_path, capsys):
 
 
 def assert_same_training(got_dir, want_dir, got, want, lr):
-    """Logged metrics agree closely. Adapters agree up to Adam: its step lr * m / sqrt(v) is lr * sign(g) at
-    first and follows the sign of any gradient entry near 0, so summation-order noise in such an entry can move
-    it by up to lr per step (the only bound there is); such entries must stay rare."""
+    """Logged metrics agree closely. Trained weights (adapters, or --full models) agree up to Adam: its step
+    lr * m / sqrt(v) is lr * sign(g) at first and follows the sign of any gradient entry near 0, so summation-order
+    noise in such an entry can move it by up to lr per step (the only bound there is); such entries must stay rare."""
     assert [r["step"] for r in got] == [r["step"] for r in want]
     for a, b in zip(got, want):
         for name in ("loss", "kl", "nll_loss", "rewards/chosen", "eval_loss"):
             if name in b:
                 assert a[name] == pytest.approx(b[name], rel=1e-4, abs=1e-5), (name, a["step"])
-    want_tensors, got_tensors = adapter(want_dir), adapter(got_dir)
+    want_tensors, got_tensors = trained_weights(want_dir), trained_weights(got_dir)
     assert want_tensors.keys() == got_tensors.keys()
     for key in want_tensors:
         diff = (got_tensors[key] - want_tensors[key]).abs()
@@ -260,17 +276,13 @@ def assert_same_training(got_dir, want_dir, got, want, lr):
 
 
 def test_two_processes_match_one_with_the_same_global_batch(data_dir, tmp_path):
-    """kto: batches sharded, the KL point and the metrics all-reduced, gradients summed over processes."""
-    common = ["--max-steps", "3", "--lr", "1e-2"]
+    """kto under DDP: batches sharded, the KL point and the metrics all-reduced, gradients all-reduced by DDP once
+    per accumulation window. (tests/test_train_distributed.py: the same under --fsdp.)"""
+    common = ["--max-steps", "3", "--lr", "1e-2", "--grad-accum", "2"]
     one = tmp_path / "one"
     want = run("kto", data_dir, one, *common, "--batch-size", "4")
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "pyprefopt.train", "--method", "kto", "--data", str(data_dir / "kto"), "--output-dir", str(two),
-           *common, "--batch-size", "2"]
-    result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    got = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    got = torchrun("kto", data_dir, two, *common, "--batch-size", "2")
     assert_same_training(two, one, got, want, 1e-2)
 
 
@@ -291,7 +303,7 @@ def test_help_documents_every_option_with_its_default(capsys):
     for option in ("--output-dir", "--max-steps", "--epochs", "--batch-size", "--grad-accum", "--lr", "--beta",
                    "--max-length", "--seed", "--eval-every", "--save-every", "--lora-r", "--lora-alpha",
                    "--target-modules", "--load-in-4bit", "--full", "--resume", "--merge", "--warmup-ratio",
-                   "--warmup-steps", "--adapter"):
+                   "--warmup-steps", "--adapter", "--fsdp"):
         assert option in text, option
     assert "(default: 0.001)" in text and "(default: 512)" in text and "default: runs/<method>-<UTC time>" in text
     # Options whose default gives way to another option say so (the words as one line: argparse wraps the help).
