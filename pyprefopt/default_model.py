@@ -118,6 +118,9 @@ def default_model_path(texts: list[str]) -> Path:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        if not (staging / "config.json").exists():
+            raise RuntimeError("transformers saved no model from this process: in a distributed run the first "
+                               "process must build the default model (pyprefopt.train does)")
         try:
             os.rename(publishable(staging), path)
         except OSError:

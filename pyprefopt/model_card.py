@@ -21,7 +21,7 @@ METHOD_NAMES = {
 HYPERPARAMETERS = ("method", "max_steps", "epochs", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_ratio",
                    "warmup_steps", "weight_decay", "max_grad_norm", "optim", "beta", "cpo_alpha", "desirable_weight",
                    "undesirable_weight", "max_length", "seed", "lora_r", "lora_alpha", "lora_dropout",
-                   "target_modules", "adapter", "load_in_4bit", "full", "gradient_checkpointing")
+                   "target_modules", "adapter", "load_in_4bit", "full", "fsdp", "gradient_checkpointing")
 
 
 def _fmt(value) -> str:

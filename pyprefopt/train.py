@@ -369,7 +369,14 @@ def load_model(args, train_rows, device, adapter=None):
 
     base = args.model
     if base is None:
+        # transformers writes a checkpoint from the first process of a distributed run only: that one builds the
+        # cached default, the others read it once it is there.
+        first = not dist.is_initialized() or dist.get_rank() == 0
+        if not first:
+            dist.barrier()
         base = str(default_model_path(D.corpus(train_rows)))
+        if first and dist.is_initialized():
+            dist.barrier()
     elif not Path(base).is_dir() and not is_hub_id(base):
         raise RunError(f"--model {base}: no such directory (a hub id has the form name or org/name)")
     if adapter is not None:
@@ -975,7 +982,7 @@ def read_checkpoint(path: Path, device) -> dict:
         raise DamagedCheckpoint(f"{current} is damaged or missing ({type(e).__name__}: {e})") from e
     fields = {"step": int, "data_position": dict, "optimizer": (dict, type(None)), "scheduler": dict}
     if any(not isinstance(state.get(key), kind) for key, kind in fields.items()) or \
-            not {"examples_per_step", "batch_size", "processes"} <= set(state["data_position"]):
+            "examples_per_step" not in state["data_position"]:
         raise DamagedCheckpoint(f"{path / 'state.json'} is damaged: it lacks one of {sorted(fields)}")
     return state
 
@@ -987,6 +994,8 @@ def check_batch_split(path: Path, position: dict, args, world: int):
     global batch is split into micro-batches and processes may change, so a run resumes with another number of
     processes."""
     global_batch = args.batch_size * args.grad_accum * world
+    # A checkpoint from before splits were recorded was resumable only with its run's split (check_resume_args).
+    position = {"batch_size": args.batch_size, "processes": world} | position
     if position["examples_per_step"] != global_batch:
         raise RunError(f"{path} was written with {position['examples_per_step']} examples per step, this run takes "
                        f"{global_batch} (batch size x accumulation x processes): resume with the same global batch")
@@ -1139,8 +1148,11 @@ def check_resume_args(output_dir: Path, args):
     path = output_dir / RUN_ARGS_FILE
     saved = json.loads(path.read_text(encoding="utf-8"))
     current = vars(args)
+    # A run from before an option existed ran without it: its absence matches the option left off. Such a run also
+    # predates resuming with another batch split, so its split must stay.
+    fixed = RESUMABLE_CHANGES if "fsdp" not in saved else RESUMABLE_CHANGES | BATCH_SPLIT_OPTIONS
     changed = {k: (saved.get(k), v) for k, v in current.items()
-               if k not in RESUMABLE_CHANGES | BATCH_SPLIT_OPTIONS and saved.get(k) != v}
+               if k not in fixed and saved.get(k) != v and not (k not in saved and v in (None, False))}
     if changed:
         raise RunError(f"--resume with different options than the run in {output_dir}: "
                          + ", ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}" for k, (a, b) in changed.items()))

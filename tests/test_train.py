@@ -69,13 +69,12 @@ def run(method, data_dir, out, *extra):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
-def torchrun(method, data_dir, out, *extra):
-    """`torchrun --nproc_per_node 2 -m pyprefopt.train` (2 gloo CPU processes); the metrics records. Run a one-process
-    run on the same data first: it builds the default model into the cache, where two processes would race."""
+def torchrun(method, data_dir, out, *extra, env=None):
+    """`torchrun --nproc_per_node 2 -m pyprefopt.train` (2 gloo CPU processes); the metrics records."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
            "pyprefopt.train", "--method", method, "--data", str(data_dir / FORMAT_OF[method]), "--output-dir", str(out),
            *extra]
-    result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cmd, env=env or subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
 
@@ -253,6 +252,33 @@ def test_resume_refuses_changed_options(data_dir, tmp_path, capsys):
          "--max-steps", "2", "--batch-size", "4", "--save-every", "1", "--resume", "--lr", "1e-2"], capsys)
     assert "not empty" in refusal(["--method", "dpo", "--data", str(data_dir / "preference"), "--output-dir",
                                    str(out)], capsys)
+
+
+def test_a_run_from_before_the_newer_options_resumes(data_dir, tmp_path, capsys):
+    """A run whose run_args.json predates --fsdp, --adapter and --warmup-steps, and whose checkpoints do not record
+    the batch split, resumes where it stopped; its batch split must stay (it predates resuming with another)."""
+    out = tmp_path / "run"
+    common = ["--max-steps", "3", "--batch-size", "4", "--save-every", "1"]
+    run("dpo", data_dir, out, *common)
+    args_file = out / "run_args.json"
+    saved = json.loads(args_file.read_text(encoding="utf-8"))
+    for newer in ("fsdp", "adapter", "warmup_steps"):
+        saved.pop(newer)
+    args_file.write_text(json.dumps(saved), encoding="utf-8")
+    checkpoints = train.checkpoints_newest_first(out)[::-1]
+    for checkpoint in checkpoints:
+        state = json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))
+        for newer in ("batch_size", "processes"):
+            state["data_position"].pop(newer)
+        (checkpoint / "state.json").write_text(json.dumps(state), encoding="utf-8")
+    shutil.rmtree(checkpoints[-1])  # resume from an earlier step than the last
+    assert "--batch-size was 4, now 2" in refusal(
+        ["--method", "dpo", "--data", str(data_dir / "preference"), "--output-dir", str(out), "--resume",
+         "--max-steps", "3", "--batch-size", "2", "--grad-accum", "2", "--save-every", "1"], capsys)
+    capsys.readouterr()
+    assert train.main(["--method", "dpo", "--data", str(data_dir / "preference"), "--output-dir", str(out),
+                       "--resume", *common]) == 0
+    assert f"resuming from {checkpoints[-2]}" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------- processes
@@ -497,3 +523,13 @@ def test_eval_metrics_move_the_right_way(method, tmp_path):
     assert last["eval_rewards/margins"] > first["eval_rewards/margins"]
     if method != "kto":
         assert last["eval_rewards/accuracies"] >= 0.9
+
+
+def test_two_processes_build_the_default_model_into_an_empty_cache(data_dir, tmp_path):
+    """transformers saves a checkpoint from the first process only: the first builds the cached default model, the
+    second waits and reads it (it once renamed its own tokenizer-only copy into the cache)."""
+    env = dict(subprocess_env(), PYPREFOPT_CACHE=str(tmp_path / "cache"))
+    records = torchrun("sft", data_dir, tmp_path / "run", "--max-steps", "1", "--batch-size", "2", env=env)
+    assert any("loss" in r for r in records)
+    (model_dir,) = (tmp_path / "cache" / "default-model").iterdir()
+    assert (model_dir / "config.json").is_file() and (model_dir / "model.safetensors").is_file()
