@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from pyprefopt import train
-from cli_fixtures import data_dir, one_thread_and_private_cache  # noqa: F401 (pytest fixtures)
+from cli_fixtures import assert_refused_before_writing, data_dir, one_thread_and_private_cache  # noqa: F401
 from tiny_models import gemma3n_config, save_tiny_model
 
 
@@ -74,18 +74,7 @@ BAD_INPUTS = [
 def test_bad_input_is_one_error_line_and_nothing_written(setup, expected, data_dir, tmp_path, capsys):
     argv = ["--method", "dpo", "--data", str(data_dir / "preference"), "--output-dir", str(tmp_path / "run"),
             "--max-steps", "1", "--batch-size", "4", *setup(tmp_path, data_dir)]
-    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    capsys.readouterr()
-    try:
-        status = train.main(argv)
-    except SystemExit as e:  # argparse's checks exit from parse_args
-        status = e.code
-    err = capsys.readouterr().err.strip().splitlines()
-    assert status == 2
-    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
-    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    assert after == before, "a refused run wrote or changed files"
-    assert not (tmp_path / "run").exists()
+    assert_refused_before_writing(argv, tmp_path, capsys, expected)
 
 
 def test_a_hub_model_with_the_hub_offline_is_one_error_line(data_dir, tmp_path):

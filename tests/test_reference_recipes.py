@@ -25,7 +25,7 @@ from transformers import Qwen2Config, Qwen3Config
 
 from pyprefopt import data as D
 from pyprefopt import train
-from cli_fixtures import data_dir, one_thread_and_private_cache  # noqa: F401 (pytest fixtures)
+from cli_fixtures import assert_refused_before_writing, data_dir, one_thread_and_private_cache  # noqa: F401
 from tiny_models import gemma3n_config, qwen_config, save_tiny_model
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -308,17 +308,7 @@ def test_bad_input_to_the_new_flags_is_one_error_line_and_nothing_written(setup,
     extra = setup(tmp_path, data_dir)
     argv = ["--method", "dpo", "--data", str(data_dir / "preference"), "--output-dir", str(tmp_path / "run"),
             "--max-steps", "1", *extra]
-    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    capsys.readouterr()
-    try:
-        status = train.main(argv)
-    except SystemExit as e:  # argparse's checks exit from parse_args
-        status = e.code
-    err = capsys.readouterr().err.strip().splitlines()
-    assert status == 2
-    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
-    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
-    assert not (tmp_path / "run").exists()
+    assert_refused_before_writing(argv, tmp_path, capsys, expected)
 
 
 def test_resume_compares_the_adapter_and_the_warmup(data_dir, tmp_path, capsys):
