@@ -140,7 +140,7 @@ def kept_logits_tile(store: torch.Tensor, v0: int, width: int, t0: int, rows: in
     return store[v0 : v0 + width].view(-1)[t0 * width : (t0 + rows) * width].view(rows, width)
 
 
-def _check_inputs(hidden, weight, labels, bias):
+def check_inputs(hidden, weight, labels, bias):
     if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError("hidden and weight must be tensors")
     if not hidden.is_floating_point():
@@ -175,7 +175,7 @@ def _check_inputs(hidden, weight, labels, bias):
         raise ValueError(f"hidden, weight, labels and bias must be on one device, got {sorted(map(str, devices))}")
 
 
-def _check_label_range(valid_labels: torch.Tensor, vocab: int):
+def check_label_range(valid_labels: torch.Tensor, vocab: int):
     if valid_labels.numel() == 0:
         return
     # One host sync for both bounds: an out-of-range label would otherwise read another row of the
@@ -187,7 +187,7 @@ def _check_label_range(valid_labels: torch.Tensor, vocab: int):
         raise ValueError(f"label {bad} is out of range for a vocabulary of {vocab} (and is not ignore_index)")
 
 
-def _tile_sizes(n_tokens: int, vocab: int) -> tuple[int, int]:
+def tile_sizes(n_tokens: int, vocab: int) -> tuple[int, int]:
     # Equal token blocks of at most CPU_TOKEN_BLOCK: 1536 tokens run as 2 x 768, not 1024 + a 512 tail
     # whose narrower GEMMs are slower per FLOP.
     n_blocks = max(1, -(-n_tokens // CPU_TOKEN_BLOCK))
@@ -196,26 +196,26 @@ def _tile_sizes(n_tokens: int, vocab: int) -> tuple[int, int]:
     return block, min(vocab, tile)
 
 
-def _fp32(t: torch.Tensor) -> torch.Tensor:
+def as_fp32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.float()
 
 
-def _logits_tile(h, weight, bias, v0, tile, buffer):
+def logits_tile(h, weight, bias, v0, tile, buffer):
     """fp32 `h @ W[v0:v0+tile].T (+ b)` written into `buffer`; returns (the logits, the fp32 weight tile)."""
-    w = _fp32(weight[v0 : v0 + tile])
+    w = as_fp32(weight[v0 : v0 + tile])
     z = buffer[: h.shape[0], : w.shape[0]]
     cpu_linear.linear(h, w, out=z)
     if bias is not None:
-        z.add_(_fp32(bias[v0 : v0 + tile]))
+        z.add_(as_fp32(bias[v0 : v0 + tile]))
     return z, w
 
 
-def _labels_in_tile(y, v0, width):
+def labels_in_tile(y, v0, width):
     """Rows whose label falls in the vocabulary tile [v0, v0 + width)."""
     return ((y >= v0) & (y < v0 + width)).nonzero().squeeze(1)
 
 
-def _fold_tile(z, running_max, running_sum):
+def fold_tile(z, running_max, running_sum):
     """Fold a tile of logits into running per-row log-sum-exp statistics (online softmax): z becomes
     exp(z - new max) in place and running_sum is rescaled and added to in place. Returns (new max, rescale)."""
     new_max = torch.maximum(running_max, z.amax(dim=1))
@@ -225,8 +225,8 @@ def _fold_tile(z, running_max, running_sum):
     return new_max, rescale
 
 
-def _fold_tile_with_spread(z, running_max, running_sum, spread, out):
-    """`_fold_tile` that also folds the entropy's spread D = sum_v exp(z_v - max) (z_v - max) into `spread`, so
+def fold_tile_with_spread(z, running_max, running_sum, spread, out):
+    """`fold_tile` that also folds the entropy's spread D = sum_v exp(z_v - max) (z_v - max) into `spread`, so
     that H = log S - D / S with S the running sum: two terms of the entropy's own size, where lse - E[z] through
     h . sum_v p_v W_v cancels digits away over a large vocabulary. z is used as scratch; the tile's
     exp(z - new max) goes to `out` (a buffer at least z's size). Returns (that tile, new max, rescale)."""
@@ -243,7 +243,7 @@ def _fold_tile_with_spread(z, running_max, running_sum, spread, out):
     return e, new_max, rescale
 
 
-def _tile_backward(z, scale, g, y, v0, h, w, grad_hidden, grad_weight, grad_bias, write_weight_grad=False,
+def tile_backward(z, scale, g, y, v0, h, w, grad_hidden, grad_weight, grad_bias, write_weight_grad=False,
                    scratch=None, slope=None, label_slope=None):
     """Gradients of one tile for rows whose upstream gradient times `LogitTransform.grad_factor` is `g`, where z
     holds the tile's softmax up to a per-row factor, `scale * z = g * softmax`: z becomes d / dz = g * (onehot(y) -
@@ -254,7 +254,7 @@ def _tile_backward(z, scale, g, y, v0, h, w, grad_hidden, grad_weight, grad_bias
     keeps a first chunk's logits in the unwritten weight gradient), so z.T is copied to this flat fp32 buffer
     before the rows are written."""
     z.mul_(scale.neg()[:, None])
-    r = _labels_in_tile(y, v0, w.shape[0])
+    r = labels_in_tile(y, v0, w.shape[0])
     if slope is None:
         z[r, y[r] - v0] += g[r]
     else:
@@ -296,7 +296,7 @@ def cpu_forward(hidden, weight, bias, labels, transform, with_hidden_grad_factor
     vocab = weight.shape[0]
     dev = hidden.device
     capped = transform.capped
-    block, tile = _tile_sizes(n, vocab)
+    block, tile = tile_sizes(n, vocab)
     n_kept = 0 if logits_store is None else (n if n <= width else width // block * block)
     kept_max = torch.empty(-(-vocab // tile), n_kept, dtype=torch.float32, device=dev) if n_kept else None
     logits = torch.empty(block, tile, dtype=torch.float32, device=dev)
@@ -310,7 +310,7 @@ def cpu_forward(hidden, weight, bias, labels, transform, with_hidden_grad_factor
              for name in statistics}
     exp_buffer = torch.empty(block, tile, dtype=torch.float32, device=dev) if "entropy" in stats else None
     for t0 in range(0, n, block):
-        h = _fp32(hidden[t0 : t0 + block])
+        h = as_fp32(hidden[t0 : t0 + block])
         rows = h.shape[0]
         y = labels[t0 : t0 + rows]
         running_max = torch.full((rows,), float("-inf"), dtype=torch.float32, device=dev)
@@ -324,19 +324,19 @@ def cpu_forward(hidden, weight, bias, labels, transform, with_hidden_grad_factor
         for v0 in range(0, vocab, tile):
             kept = kept_logits_tile(logits_store, v0, min(tile, vocab - v0), t0, rows) if t0 < n_kept else None
             # A kept tile's logits go straight to the store, or with the entropy, its exp(z - max) does.
-            z, w = _logits_tile(h, weight, bias, v0, tile, logits if kept is None or exp_buffer is not None else kept)
+            z, w = logits_tile(h, weight, bias, v0, tile, logits if kept is None or exp_buffer is not None else kept)
             slope = None if slopes is None else slopes[:rows, : w.shape[0]]
             transform.apply_(z, slope)
             if logit_sum is not None:
                 logit_sum.add_(z.sum(dim=1))
             if tile_label_logit is not None:
                 # Read from the tile itself, so the comparison with the max is exact.
-                r = _labels_in_tile(y, v0, w.shape[0])
+                r = labels_in_tile(y, v0, w.shape[0])
                 tile_label_logit[r] = z[r, y[r] - v0]
             if spread is None:
-                new_max, rescale = _fold_tile(z, running_max, running_sum)
+                new_max, rescale = fold_tile(z, running_max, running_sum)
             else:
-                z, new_max, rescale = _fold_tile_with_spread(
+                z, new_max, rescale = fold_tile_with_spread(
                     z, running_max, running_sum, spread, exp_buffer if kept is None else kept
                 )
             if kept is not None:
@@ -350,10 +350,10 @@ def cpu_forward(hidden, weight, bias, labels, transform, with_hidden_grad_factor
         block_lse = lse[t0 : t0 + rows]
         torch.add(running_max.to(lse_dtype), running_sum.to(lse_dtype).log(), out=block_lse)
         # The label's logit as a row-wise dot product: cheaper than picking it out of each tile.
-        w_label = _fp32(weight.index_select(0, y))
+        w_label = as_fp32(weight.index_select(0, y))
         label_logit = torch.einsum("nh,nh->n", h, w_label)
         if bias is not None:
-            label_logit += _fp32(bias.index_select(0, y))
+            label_logit += as_fp32(bias.index_select(0, y))
         block_label_slope = None if label_slope is None else label_slope[t0 : t0 + rows]
         torch.sub(transform.apply_(label_logit, block_label_slope), block_lse.float(), out=logp[t0 : t0 + rows])
         if factor is not None:
@@ -375,7 +375,7 @@ def cpu_forward(hidden, weight, bias, labels, transform, with_hidden_grad_factor
     if "mean_logits" in stats and not capped:
         # The mean over the vocabulary is linear: mean_v z_v = (h . mean_v W_v + mean_v b_v) * out_scale.
         mean_w = weight.mean(0, dtype=torch.float32)
-        mean_logits = _fp32(hidden) @ mean_w
+        mean_logits = as_fp32(hidden) @ mean_w
         if bias is not None:
             mean_logits += bias.mean(dtype=torch.float32)
         torch.mul(mean_logits, transform.out_scale, out=stats["mean_logits"])
@@ -392,7 +392,7 @@ def cpu_backward(grad_logp, hidden, weight, bias, labels, lse, transform, need_h
     """
     n, width = hidden.shape
     vocab = weight.shape[0]
-    block, tile = _tile_sizes(n, vocab)
+    block, tile = tile_sizes(n, vocab)
     dev = hidden.device
     grad_hidden = torch.zeros(n, width, dtype=torch.float32, device=dev) if need_hidden else None
     n_kept = 0 if kept is None else kept[1].shape[1]
@@ -406,36 +406,36 @@ def cpu_backward(grad_logp, hidden, weight, bias, labels, lse, transform, need_h
     slopes = torch.empty(max(block, n_kept), tile, dtype=torch.float32, device=dev) if transform.capped else None
     if n_kept:
         logits_store, kept_max = kept
-        h, y, g = _fp32(hidden[:n_kept]), labels[:n_kept], scale[:n_kept]
+        h, y, g = as_fp32(hidden[:n_kept]), labels[:n_kept], scale[:n_kept]
         # A kept tile's rows are also its gradient's: z.T goes to this scratch before they are written.
         scratch = torch.empty(n_kept * tile, dtype=torch.float32, device=dev) if grad_weight is not None else None
         for i, v0 in enumerate(range(0, vocab, tile)):
-            w = _fp32(weight[v0 : v0 + tile])
+            w = as_fp32(weight[v0 : v0 + tile])
             z = kept_logits_tile(logits_store, v0, w.shape[0], 0, n_kept)
-            slope = None if slopes is None else _slopes_of_kept_tile(transform, z, kept_max[i], slopes)
+            slope = None if slopes is None else slopes_of_kept_tile(transform, z, kept_max[i], slopes)
             # softmax = exp(z/T - m) * exp(m - lse): the kept tile turns into its gradient without a GEMM.
-            _tile_backward(z, g * (kept_max[i] - lse[:n_kept]).exp_(), g, y, v0, h, w,
+            tile_backward(z, g * (kept_max[i] - lse[:n_kept]).exp_(), g, y, v0, h, w,
                            None if grad_hidden is None else grad_hidden[:n_kept], grad_weight, grad_bias,
                            write_weight_grad=True, scratch=scratch, slope=slope,
                            label_slope=None if label_slope is None else label_slope[:n_kept])
     logits = torch.empty(block, tile, dtype=torch.float32, device=dev) if n_kept < n else None
     for t0 in range(n_kept, n, block):
-        h = _fp32(hidden[t0 : t0 + block])
+        h = as_fp32(hidden[t0 : t0 + block])
         rows = h.shape[0]
         y = labels[t0 : t0 + rows]
         g = scale[t0 : t0 + rows]
         for v0 in range(0, vocab, tile):
-            z, w = _logits_tile(h, weight, bias, v0, tile, logits)
+            z, w = logits_tile(h, weight, bias, v0, tile, logits)
             slope = None if slopes is None else slopes[:rows, : w.shape[0]]
             # z <- softmax = exp(logits - lse), then -g * softmax (* slope) + g (* the label's slope) at each label.
             transform.apply_(z, slope).sub_(lse[t0 : t0 + rows, None]).exp_()
-            _tile_backward(z, g, g, y, v0, h, w, None if grad_hidden is None else grad_hidden[t0 : t0 + rows],
+            tile_backward(z, g, g, y, v0, h, w, None if grad_hidden is None else grad_hidden[t0 : t0 + rows],
                            grad_weight, grad_bias, write_weight_grad=t0 == 0, slope=slope,
                            label_slope=None if label_slope is None else label_slope[t0 : t0 + rows])
     return grad_hidden, grad_weight, grad_bias
 
 
-def _slopes_of_kept_tile(transform, kept, tile_max, buffer):
+def slopes_of_kept_tile(transform, kept, tile_max, buffer):
     """A capped transform's d logits / d z over a kept tile of exp(logits - tile_max), recovered from it: logits =
     tile_max + log(kept). Where the exponential underflowed the softmax is 0 and so is the slope's use; the
     logits are clamped into the transform's range there so that the slope stays finite."""
@@ -586,10 +586,10 @@ class VocabParallelLogprobsFunction(torch.autograd.Function):
         # Each label's logit, computed where its row of the head lives, zero elsewhere, summed over processes.
         rows = owned.nonzero().squeeze(1)
         label_logit = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device)
-        owned_logit = torch.einsum("nh,nh->n", _fp32(hidden.index_select(0, rows)),
-                                   _fp32(weight.index_select(0, in_slice.index_select(0, rows))))
+        owned_logit = torch.einsum("nh,nh->n", as_fp32(hidden.index_select(0, rows)),
+                                   as_fp32(weight.index_select(0, in_slice.index_select(0, rows))))
         if bias is not None:
-            owned_logit += _fp32(bias.index_select(0, in_slice.index_select(0, rows)))
+            owned_logit += as_fp32(bias.index_select(0, in_slice.index_select(0, rows)))
         label_slope = torch.zeros_like(label_logit) if transform.capped else None
         owned_slope = torch.empty_like(owned_logit) if transform.capped else None
         label_logit.index_copy_(0, rows, transform.apply_(owned_logit, owned_slope))
@@ -673,7 +673,7 @@ def fused_linear_logprobs(
     weight, shard = vocab_shard(weight, process_group)
     if shard is not None and statistics:
         raise NotImplementedError("statistics of a vocabulary-sharded head are not supported")
-    _check_inputs(hidden, weight, labels, bias)
+    check_inputs(hidden, weight, labels, bias)
     transform = LogitTransform(temperature, softcap, logit_scale)
     statistics = tuple(statistics)
     unknown = [name for name in statistics if name not in STATISTICS]
@@ -684,7 +684,7 @@ def fused_linear_logprobs(
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     keep = (flat_labels != ignore_index).nonzero().squeeze(1)
     valid_labels = flat_labels.index_select(0, keep).long()
-    _check_label_range(valid_labels, weight.shape[0] if shard is None else shard.vocab)
+    check_label_range(valid_labels, weight.shape[0] if shard is None else shard.vocab)
     if keep.numel() == flat_labels.numel():
         rows = flat_hidden
     else:

@@ -38,15 +38,15 @@ import torch
 from pyprefopt import losses
 from pyprefopt.fused_linear_logprobs import (
     LogitTransform,
-    _check_inputs,
-    _check_label_range,
-    _fold_tile,
-    _fp32,
-    _labels_in_tile,
-    _logits_tile,
-    _slopes_of_kept_tile,
-    _tile_backward,
-    _tile_sizes,
+    check_inputs,
+    check_label_range,
+    fold_tile,
+    as_fp32,
+    labels_in_tile,
+    logits_tile,
+    slopes_of_kept_tile,
+    tile_backward,
+    tile_sizes,
     fused_linear_logprobs,
     kept_logits_tile,
     weight_grad_buffer,
@@ -116,7 +116,7 @@ def _walk_tiles(n_tokens, vocab):
     it is walked in `fused_linear_logprobs`' CPU tiles, narrowed so that at least four fit in the budget."""
     if n_tokens <= _budget_tokens(vocab):
         return max(1, n_tokens), vocab, 1
-    block, tile = _tile_sizes(n_tokens, vocab)
+    block, tile = tile_sizes(n_tokens, vocab)
     tile = max(1, min(tile, TRAINED_HEAD_CHUNK_BYTES // (16 * block)))
     return block, tile, max(1, TRAINED_HEAD_CHUNK_BYTES // (4 * block * tile))
 
@@ -224,8 +224,8 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
         grad_bias = (
             torch.zeros(vocab, dtype=torch.float32, device=dev) if bias is not None and bias.requires_grad else None
         )
-        w = _fp32(weight)
-        b = None if bias is None else _fp32(bias)
+        w = as_fp32(weight)
+        b = None if bias is None else as_fp32(bias)
         positions = torch.arange(seq_len, device=dev)
         token_lists = []
         for chunk in chunks:
@@ -262,7 +262,7 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
         def logits(h, v0, tile, out, slope=None):
             """Transformed logits of rows `h` and vocabulary tile [v0, v0 + tile) in `out` (a capped transform's
             slopes in `slope`); returns (them, the fp32 weight tile)."""
-            z, w_tile = _logits_tile(h, w, b, v0, tile, out)
+            z, w_tile = logits_tile(h, w, b, v0, tile, out)
             transform.apply_(z, None if slope is None else slope[: z.shape[0], : z.shape[1]])
             return z, w_tile
 
@@ -274,7 +274,7 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
             n = tokens.numel()
             if n == 0:
                 continue
-            h_all = _fp32(flat_hidden.index_select(0, tokens))
+            h_all = as_fp32(flat_hidden.index_select(0, tokens))
             y_all = flat_labels.index_select(0, tokens).long()
             tiles = [(slice(t0, t0 + block), v0) for t0 in range(0, n, block) for v0 in range(0, vocab, tile)]
             # Partial keep: the last `slots` tiles walked keep their logits in the buffer until the loss
@@ -294,10 +294,10 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
                 out = (kept_logits_tile(grad_weight, v0, min(tile, vocab - v0), 0, n) if keep_in_gradient
                        else slot(max(0, i - first_kept), block, tile))
                 z, w_tile = logits(h_all[rows_], v0, tile, out)
-                r = _labels_in_tile(y, v0, w_tile.shape[0])
+                r = labels_in_tile(y, v0, w_tile.shape[0])
                 label_logit[rows_][r] = z[r, y[r] - v0]
                 # In place: z <- exp(z - max), the softmax's numerator (passes over the tile, no copies).
-                tile_max, _ = _fold_tile(z, running_max[rows_], running_sum[rows_])
+                tile_max, _ = fold_tile(z, running_max[rows_], running_sum[rows_])
                 running_max[rows_] = tile_max
                 if i >= first_kept:
                     kept.append((rows_, v0, z, w_tile, tile_max))
@@ -324,8 +324,8 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
             for rows_, v0, z, w_tile, tile_max in kept:
                 # softmax = exp(z - max) * exp(max - lse): a kept tile turns into its gradient directly.
                 scale = g_all[rows_] * (tile_max - lse[rows_]).exp_()
-                slope = None if slopes is None else _slopes_of_kept_tile(transform, z, tile_max, slopes)
-                _tile_backward(z, scale, g_all[rows_], y_all[rows_], v0, h_all[rows_], w_tile,
+                slope = None if slopes is None else slopes_of_kept_tile(transform, z, tile_max, slopes)
+                tile_backward(z, scale, g_all[rows_], y_all[rows_], v0, h_all[rows_], w_tile,
                                None if grad_h is None else grad_h[rows_], grad_weight, grad_bias,
                                write_weight_grad=first_visit(v0), scratch=buffer if keep_in_gradient else None,
                                slope=slope, label_slope=None if label_slope is None else label_slope[rows_])
@@ -333,7 +333,7 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
                 # A dropped tile: recompute its logits (one more GEMM); exp(z - lse) is the softmax itself.
                 z, w_tile = logits(h_all[rows_], v0, tile, slot(0, block, tile), slopes)
                 z.sub_(lse[rows_, None]).exp_()
-                _tile_backward(z, g_all[rows_], g_all[rows_], y_all[rows_], v0, h_all[rows_], w_tile,
+                tile_backward(z, g_all[rows_], g_all[rows_], y_all[rows_], v0, h_all[rows_], w_tile,
                                None if grad_h is None else grad_h[rows_], grad_weight, grad_bias,
                                write_weight_grad=first_visit(v0),
                                slope=None if slopes is None else slopes[: z.shape[0], : z.shape[1]],
@@ -494,7 +494,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         if head_inputs and not given & {"ref_hidden", "ref_kl_hidden"}:
             raise ValueError(f"{sorted(head_inputs)} project ref_hidden or ref_kl_hidden, and neither is given")
         _check_labels("labels", labels)
-        _check_inputs(hidden, weight, labels, bias)
+        check_inputs(hidden, weight, labels, bias)
         device = hidden.device
         if head_inputs:
             _check_reference_head(ref_weight, ref_bias, weight, device)
@@ -543,5 +543,5 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             return None
         if self.method in losses.PAIRED_METHODS and labels.shape[0] % 2:
             return None  # from_sequence_stats names the error
-        _check_label_range(labels[labels != self.ignore_index].long(), weight.shape[0])
+        check_label_range(labels[labels != self.ignore_index].long(), weight.shape[0])
         return _group_chunks(self.method, labels, self.ignore_index, weight.shape[0])

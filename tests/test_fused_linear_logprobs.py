@@ -80,8 +80,8 @@ def count_recomputed_tiles(monkeypatch):
     """The rows of every logits tile the CPU path computes, forward and backward alike (clear it in between)."""
     module = sys.modules["pyprefopt.fused_linear_logprobs"]
     calls = []
-    real = module._logits_tile
-    monkeypatch.setattr(module, "_logits_tile", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    real = module.logits_tile
+    monkeypatch.setattr(module, "logits_tile", lambda *a: calls.append(a[0].shape[0]) or real(*a))
     return calls
 
 

@@ -163,8 +163,8 @@ def test_partial_keep_recomputes_only_the_dropped_logits(method, monkeypatch):
     def no_recompute(*args):
         raise AssertionError("the recompute path ran")
 
-    logits_tile = module._logits_tile
-    monkeypatch.setattr(module, "_logits_tile", counting_logits_tile)
+    logits_tile = module.logits_tile
+    monkeypatch.setattr(module, "logits_tile", counting_logits_tile)
     monkeypatch.setattr(sys.modules["pyprefopt.fused_linear_logprobs"], "cpu_backward", no_recompute)
     lengths = _partial_lengths(method)
     (hidden, weight, labels, bias), ours, _ = make_batch(method, len(lengths), 24, trained=True, lengths=lengths)
@@ -196,14 +196,14 @@ def test_first_chunk_over_budget_keeps_its_logits_in_the_weight_gradient(method,
     recomputed for it, exact gradients."""
     monkeypatch.setattr(module, "TRAINED_HEAD_CHUNK_BYTES", 4 * 77 * PARTIAL_BUDGET)
     projected = []
-    logits_tile = module._logits_tile
+    logits_tile = module.logits_tile
 
     def counting_logits_tile(h, weight, bias, v0, tile, buffer):
         z, w = logits_tile(h, weight, bias, v0, tile, buffer)
         projected.append(z.numel())
         return z, w
 
-    monkeypatch.setattr(module, "_logits_tile", counting_logits_tile)
+    monkeypatch.setattr(module, "logits_tile", counting_logits_tile)
     kind = "paired" if method in losses.PAIRED_METHODS else "single"
     lengths = FIRST_IN_GRADIENT_LENGTHS[kind + ("-later" if later else "")]
     check(method, hparams, trained=True, batch=len(lengths), seq=24, upstream=2.5, lengths=lengths, width=32)
@@ -217,13 +217,13 @@ def test_batch_of_at_most_h_tokens_is_one_chunk_kept_in_the_weight_gradient(meth
     its tokens as rows), kept whole in the weight gradient: no logits recomputed, exact gradients."""
     monkeypatch.setattr(module, "TRAINED_HEAD_CHUNK_BYTES", 4 * 77 * PARTIAL_BUDGET)
     rows_per_gemm = []
-    logits_tile = module._logits_tile
+    logits_tile = module.logits_tile
 
     def counting_logits_tile(h, weight, bias, v0, tile, buffer):
         rows_per_gemm.append(h.shape[0])
         return logits_tile(h, weight, bias, v0, tile, buffer)
 
-    monkeypatch.setattr(module, "_logits_tile", counting_logits_tile)
+    monkeypatch.setattr(module, "logits_tile", counting_logits_tile)
     lengths = FIRST_IN_GRADIENT_LENGTHS["paired" if method in losses.PAIRED_METHODS else "single"]
     check(method, hparams, trained=True, batch=len(lengths), seq=24, upstream=2.5, lengths=lengths, width=64)
     assert set(rows_per_gemm) == {sum(lengths)}  # 40 (paired) or 45 tokens <= H = 64: one chunk
