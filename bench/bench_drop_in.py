@@ -129,8 +129,10 @@ def table(quick, json_path):
     print("|---|---|---|---|---|---|---|---|")
     for runs in rows:
         t, p = runs["trl"], runs["pyprefopt"]
-        print(f"| {t['vocab']} | {t['seconds'] * 1e3:.0f} | {p['seconds'] * 1e3:.0f} | {p['seconds'] / t['seconds']:.2f} "
-              f"| {t['peak_extra_mib']:.0f} | {p['peak_extra_mib']:.0f} | {t['peak_extra_mib'] - p['peak_extra_mib']:.0f} "
+        print(f"| {t['vocab']} | {t['seconds'] * 1e3:.0f} | {p['seconds'] * 1e3:.0f} "
+              f"| {p['seconds'] / t['seconds']:.2f} "
+              f"| {t['peak_extra_mib']:.0f} | {p['peak_extra_mib']:.0f} "
+              f"| {t['peak_extra_mib'] - p['peak_extra_mib']:.0f} "
               f"| {p['peak_extra_mib'] / t['peak_extra_mib']:.2f} |")
     if json_path:
         with open(json_path, "w") as f:

@@ -8,9 +8,9 @@ pyprefopt, trl: checked against the naive reference (fp32 allclose, log-probs an
 """
 
 import pytest
-from benchlib import run_variant, shape_params
 
 import variants as V
+from benchlib import run_variant, shape_params
 
 
 @pytest.mark.parametrize("head", V.HEADS)

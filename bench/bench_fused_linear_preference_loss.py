@@ -19,9 +19,9 @@ and for the losses beyond DPO with the frozen head only.
 """
 
 import pytest
-from benchlib import loss_shape_params, run_variant
 
 import variants as V
+from benchlib import loss_shape_params, run_variant
 
 
 @pytest.mark.parametrize("head", V.HEADS)

@@ -106,7 +106,8 @@ def run_pyprefopt(method, data_dir, steps, warmup, batch_size, checkpointing, re
                 "--output-dir", f"{out}/run", "--max-steps", str(warmup + steps), "--batch-size", str(batch_size),
                 "--grad-accum", str(recipe["grad_accum"]), "--lr", str(recipe["lr"]), "--beta", str(BETA),
                 "--max-length", str(MAX_LENGTH), "--warmup-ratio", str(WARMUP_RATIO),
-                "--weight-decay", str(recipe["weight_decay"]), "--optim", recipe["optim"], "--seed", str(recipe["seed"]),
+                "--weight-decay", str(recipe["weight_decay"]), "--optim", recipe["optim"],
+                "--seed", str(recipe["seed"]),
                 "--lora-r", str(recipe["lora_r"]), "--lora-alpha", str(recipe["lora_alpha"]),
                 "--lora-dropout", str(recipe["lora_dropout"]), "--target-modules", recipe["targets"]]
         if recipe["load_in_4bit"]:
@@ -142,8 +143,8 @@ def run_trl(method, data_dir, steps, warmup, batch_size, checkpointing, recipe):
         # As pyprefopt's --load-in-4bit: NF4, fp32 compute on CPU, and the same layers left 16-bit (bitsandbytes'
         # CPU kernel cannot run Gemma-3n's Linear(hidden, 4) router at all).
         kept, head = layers_left_16bit(AutoConfig.from_pretrained(base))
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=kept + head,
-                                          bnb_4bit_compute_dtype=torch.float32)
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          llm_int8_skip_modules=kept + head, bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, quantization_config=quantization)
     targets = recipe["targets"] if recipe["targets"] == "all-linear" else recipe["targets"].split(",")
     peft_config = LoraConfig(r=recipe["lora_r"], lora_alpha=recipe["lora_alpha"], lora_dropout=recipe["lora_dropout"],
@@ -301,7 +302,8 @@ def run_case(impl, method, data, steps, warmup, batch_size, threads, cache, chec
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--impl", impl, "--method", method, "--data",
                str(data), "--steps", str(steps), "--warmup", str(warmup), "--batch-size", str(batch_size),
-               "--out", out.name, "--recipe", json.dumps(recipe)] + (["--gradient-checkpointing"] if checkpointing else [])
+               "--out", out.name, "--recipe", json.dumps(recipe)] + (
+                   ["--gradient-checkpointing"] if checkpointing else [])
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{impl} {method} failed:\n{proc.stderr[-4000:]}")
@@ -311,14 +313,16 @@ def run_case(impl, method, data, steps, warmup, batch_size, threads, cache, chec
 def table(results: list[dict]) -> str:
     by = {(r.get("model", ""), r["method"], r["impl"]): r for r in results}
     cases = list(dict.fromkeys((r.get("model", ""), r["method"]) for r in results))
-    lines = ["| model | method | pyprefopt tokens/s | TRL tokens/s | speed-up | pyprefopt peak extra MiB | TRL peak extra MiB "
-             "| memory ratio | median step ms (ours / TRL) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | method | pyprefopt tokens/s | TRL tokens/s | speed-up | pyprefopt peak extra MiB "
+             "| TRL peak extra MiB | memory ratio | median step ms (ours / TRL) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for model, method in cases:
         if (model, method, "pyprefopt") not in by or (model, method, "trl") not in by:
             continue
         ours, theirs = by[(model, method, "pyprefopt")], by[(model, method, "trl")]
         lines.append(
-            f"| {model or 'tiny default'} | {method} | {ours['tokens_per_second']:.1f} | {theirs['tokens_per_second']:.1f} | "
+            f"| {model or 'tiny default'} | {method} | {ours['tokens_per_second']:.1f} | "
+            f"{theirs['tokens_per_second']:.1f} | "
             f"{ours['tokens_per_second'] / theirs['tokens_per_second']:.2f}x | {ours['peak_extra_mib']:.0f} | "
             f"{theirs['peak_extra_mib']:.0f} | {ours['peak_extra_mib'] / theirs['peak_extra_mib']:.2f}x | "
             f"{statistics.median(ours['step_ms']):.0f} / {statistics.median(theirs['step_ms']):.0f} |")

@@ -489,8 +489,8 @@ def render_table(rows: list[dict], machine: dict, args) -> str:
         "side by side are compared)",
         f"- memory, isolated: one fresh process per case (isolation: {args.isolation}); `first-call ms` is "
         "its first call (includes torch.compile for liger); peak extra = ru_maxrss after "
-        f"{args.warmup - 1 + args.steps} more step(s) - RSS before the first call (inputs built; gradients and every temporary "
-        "count); `<=` marks an upper bound (the steps never raised the process's high-water mark); the "
+        f"{args.warmup - 1 + args.steps} more step(s) - RSS before the first call (inputs built; gradients and "
+        "every temporary count); `<=` marks an upper bound (the steps never raised the process's high-water mark); the "
         "check runs there; `over bare MiB` = peak extra - bare_gemms' peak extra: what a variant adds over the "
         "floor's process, which holds the same inputs and preallocated outputs and pays the same runtime "
         "growth on its first GEMMs (allocator, OpenMP, oneDNN)",

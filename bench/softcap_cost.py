@@ -37,7 +37,8 @@ def main(argv=None):
                 fused_linear_logprobs(hidden, weight, labels, softcap=softcap).sum().backward()
                 seconds[softcap].append(time.perf_counter() - start)
         plain, capped = (statistics.median(s[1:]) for s in seconds.values())
-        print(f"{'trained' if trained else 'frozen'} N{a.tokens} H{a.hidden} V{a.vocab} fp32: plain {plain * 1e3:.0f} ms, "
+        print(f"{'trained' if trained else 'frozen'} N{a.tokens} H{a.hidden} V{a.vocab} fp32: "
+              f"plain {plain * 1e3:.0f} ms, "
               f"softcap {capped * 1e3:.0f} ms, capped / plain {capped / plain:.3f}")
 
 

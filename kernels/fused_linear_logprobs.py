@@ -61,8 +61,10 @@ def _logits_tile(
     for d0 in range(0, n_hidden, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < n_hidden
-        h = tl.load(h_ptr + offs_n[:, None] * stride_h + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        w = tl.load(w_ptr + offs_v[:, None] * stride_w + offs_d[None, :], mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+        h = tl.load(h_ptr + offs_n[:, None] * stride_h + offs_d[None, :],
+                    mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_v[:, None] * stride_w + offs_d[None, :],
+                    mask=mask_v[:, None] & mask_d[None, :], other=0.0)
         if DOT_FP32:
             h = h.to(tl.float32)
             w = w.to(tl.float32)
@@ -156,17 +158,21 @@ def fused_linear_logprobs_bwd_kernel(
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < n_hidden
         if HIDDEN_GRAD:
-            w = tl.load(w_ptr + offs_v[:, None] * stride_w + offs_d[None, :], mask=mask_v[:, None] & mask_d[None, :], other=0.0)
+            w = tl.load(w_ptr + offs_v[:, None] * stride_w + offs_d[None, :],
+                        mask=mask_v[:, None] & mask_d[None, :], other=0.0)
             if DOT_FP32:
                 w = w.to(tl.float32)
             dh = dot(dz_op, w, tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32), IEEE)
-            tl.atomic_add(dh_ptr + offs_n[:, None] * n_hidden + offs_d[None, :], dh, mask=mask_n[:, None] & mask_d[None, :])
+            tl.atomic_add(dh_ptr + offs_n[:, None] * n_hidden + offs_d[None, :], dh,
+                          mask=mask_n[:, None] & mask_d[None, :])
         if WEIGHT_GRAD:
-            h = tl.load(h_ptr + offs_n[:, None] * stride_h + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            h = tl.load(h_ptr + offs_n[:, None] * stride_h + offs_d[None, :],
+                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)
             if DOT_FP32:
                 h = h.to(tl.float32)
             dw = dot(tl.trans(dz_op), h, tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32), IEEE)
-            tl.atomic_add(dw_ptr + offs_v[:, None] * n_hidden + offs_d[None, :], dw, mask=mask_v[:, None] & mask_d[None, :])
+            tl.atomic_add(dw_ptr + offs_v[:, None] * n_hidden + offs_d[None, :], dw,
+                          mask=mask_v[:, None] & mask_d[None, :])
 
 
 # Tile configs for the GPU autotuner. Every kept one is compiled ahead of time for sm_80 and sm_90 in
@@ -232,7 +238,8 @@ def forward(hidden, weight, bias, labels, transform):
     splits = triton.cdiv(n_vocab, vocab_per_split)
     part = torch.empty(3, splits, n_tokens, dtype=torch.float32, device=hidden.device)
     launch.launch(
-        _fwd_tuned, fused_linear_logprobs_fwd_kernel, INTERPRETER_CONFIG, lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]), splits),
+        _fwd_tuned, fused_linear_logprobs_fwd_kernel, INTERPRETER_CONFIG,
+        lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]), splits),
         h_ptr=hidden, w_ptr=weight, b_ptr=bias if bias is not None else hidden, y_ptr=labels,
         part_max_ptr=part[0], part_sum_ptr=part[1], label_logit_ptr=part[2],
         n_tokens=n_tokens, n_vocab=n_vocab, n_hidden=n_hidden, stride_h=hidden.stride(0),
@@ -258,7 +265,8 @@ def backward(grad_logp, hidden, weight, bias, labels, lse, transform, need_hidde
     # zeroes every output pointer (reset_to_zero) before each trial.
     unused = torch.empty(1, dtype=torch.float32, device=dev)
     launch.launch(
-        _bwd_tuned, fused_linear_logprobs_bwd_kernel, INTERPRETER_CONFIG, lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]), triton.cdiv(n_vocab, meta["BLOCK_V"])),
+        _bwd_tuned, fused_linear_logprobs_bwd_kernel, INTERPRETER_CONFIG,
+        lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]), triton.cdiv(n_vocab, meta["BLOCK_V"])),
         h_ptr=hidden, w_ptr=weight, b_ptr=bias if bias is not None else hidden, y_ptr=labels, lse_ptr=lse,
         g_ptr=grad_logp.float().contiguous(),
         dh_ptr=grad_hidden if need_hidden else unused, dw_ptr=grad_weight if need_weight else unused,

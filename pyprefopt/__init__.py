@@ -1,6 +1,6 @@
 """pyprefopt: fused kernels for preference fine-tuning (SFT, DPO, IPO, CPO, KTO) of language models."""
 
-from pyprefopt import losses, lora, nf4
+from pyprefopt import lora, losses, nf4
 from pyprefopt.fused_linear_logprobs import fused_linear_logprobs
 from pyprefopt.fused_linear_preference_loss import FusedLinearPreferenceLoss
 

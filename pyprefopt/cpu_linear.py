@@ -2,8 +2,9 @@
 
 PyTorch sends fp32 `torch.mm` / `F.linear` to MKL's sgemm, and bf16 / fp16 to oneDNN. On AMD CPUs MKL's
 sgemm runs far below the FMA peak, while oneDNN (`torch.ops.mkldnn._linear_pointwise`, the op Inductor's CPU
-backend uses) reaches it with the same fp32 accuracy class; so large fp32 GEMMs go through oneDNN here. oneDNN builds a kernel per new shape, so
-small GEMMs, which change shape from batch to batch in training, stay on `torch.mm`.
+backend uses) reaches it with the same fp32 accuracy class; so large fp32 GEMMs go through oneDNN here. oneDNN
+builds a kernel per new shape, so small GEMMs, which change shape from batch to batch in training, stay on
+`torch.mm`.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ ONEDNN_MIN_MACS = 1 << 27
 ONEDNN_MIN_ACCUMULATE_DEPTH = 64
 # oneDNN returns a new tensor and lays each weight out anew for its kernel. Where the result goes into a
 # caller's buffer, the product is made in blocks whose output and weight block are each at most this many
-# bytes, so the transient stays small whatever the sizes and each block is copied or added while it is in cache: both block the
-# output rows and columns (`addmm_` blocks the depth in place of the columns).
+# bytes, so the transient stays small whatever the sizes and each block is copied or added while it is in cache:
+# both block the output rows and columns (`addmm_` blocks the depth in place of the columns).
 ONEDNN_TRANSIENT_BYTES = 4 * 2**20
 
 

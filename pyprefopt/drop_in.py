@@ -48,7 +48,8 @@ TRL_HEAD_MODULES = ("trl.trainer.dpo_trainer", "trl.trainer.kto_trainer", "trl.t
 
 def _check_transformers():
     if Version(transformers.__version__) < TRANSFORMERS_MIN:
-        raise RuntimeError(f"pyprefopt.drop_in needs transformers >= {TRANSFORMERS_MIN}, found {transformers.__version__}")
+        raise RuntimeError(
+            f"pyprefopt.drop_in needs transformers >= {TRANSFORMERS_MIN}, found {transformers.__version__}")
 
 
 def supported_trl_versions():

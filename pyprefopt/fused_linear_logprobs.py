@@ -111,8 +111,9 @@ def weight_grad_buffer(weight: torch.Tensor, only_if_free: bool = False) -> torc
     allocations anew each time), a sizeable share of a step at a real vocabulary. So for an fp32 CPU weight,
     whose gradient is this very tensor, the storage handed out last time for the same weight is reused once
     nobody else holds it (the usual case once the optimizer has stepped and `zero_grad()` set the gradient to
-    None): a reference-count check, as PyTorch's CUDA-graph trees make for their output buffers. A gradient still held (accumulation, a caller's reference) gets a fresh
-    tensor. The storage lives as long as the weight: one weight-sized buffer stays allocated between steps.
+    None): a reference-count check, as PyTorch's CUDA-graph trees make for their output buffers. A gradient
+    still held (accumulation, a caller's reference) gets a fresh tensor. The storage lives as long as the weight:
+    one weight-sized buffer stays allocated between steps.
     Other dtypes (their fp32 gradient is converted, then dropped) and devices get a fresh tensor each time.
 
     `only_if_free`: the storage handed out last time if it is free, else None (never a fresh tensor): none yet

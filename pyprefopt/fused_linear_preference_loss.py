@@ -38,17 +38,17 @@ import torch
 from pyprefopt import losses
 from pyprefopt.fused_linear_logprobs import (
     LogitTransform,
+    as_fp32,
     check_inputs,
     check_label_range,
     fold_tile,
-    as_fp32,
+    fused_linear_logprobs,
+    kept_logits_tile,
     labels_in_tile,
     logits_tile,
     slopes_of_kept_tile,
     tile_backward,
     tile_sizes,
-    fused_linear_logprobs,
-    kept_logits_tile,
     weight_grad_buffer,
 )
 

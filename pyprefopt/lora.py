@@ -147,7 +147,8 @@ def _check_function_inputs(x, lora_x, base_weight, bias, lora_a, lora_b, scale, 
 def _rank_linear(x, rank_weight, scale):
     """`scale * x @ rank_weight.T` for a rank-wide `rank_weight` [r, k]. fp32 goes through `cpu_linear` with the
     scale folded into the small weight (one rounding of `scale * A`, exact for a power-of-two scale), as oneDNN
-    takes these skinny products much faster than MKL's sgemm does. Other dtypes keep the scale in the GEMM (alpha), where scaling a 16-bit weight would round it."""
+    takes these skinny products much faster than MKL's sgemm does. Other dtypes keep the scale in the GEMM
+    (alpha), where scaling a 16-bit weight would round it."""
     if scale == 1.0:
         return cpu_linear.linear(x, rank_weight)
     if x.dtype == torch.float32:

@@ -328,7 +328,8 @@ def module_settings(config: dict, modules: list[str], config_path: Path) -> dict
     if regex_target:
         patterns.append(_Pattern(f"target_modules {target_modules!r}", target_modules, True))
     matches = _run_patterns(patterns, modules, config_path)
-    rank_matches, alpha_matches = matches[: len(rank_pattern)], matches[len(rank_pattern) : len(patterns) - regex_target]
+    rank_matches = matches[: len(rank_pattern)]
+    alpha_matches = matches[len(rank_pattern) : len(patterns) - regex_target]
     settings = {}
     for i, module in enumerate(modules):
         if target_modules is None or target_modules == "all-linear":
@@ -364,7 +365,9 @@ def _check_adapter_config(config: dict, path: Path):
         raise bad("target_modules", "a list of module names or one regular expression")
     for name in ("rank_pattern", "alpha_pattern"):
         patterns = config.get(name)
-        if patterns is not None and not (isinstance(patterns, dict) and all(map(_is_positive_number, patterns.values()))):
+        if patterns is not None and not (
+            isinstance(patterns, dict) and all(map(_is_positive_number, patterns.values()))
+        ):
             raise bad(name, "an object mapping module-name patterns to positive numbers")
     for name in ("use_rslora", "use_dora", "fan_in_fan_out"):
         if config.get(name) is not None and not isinstance(config[name], bool):
@@ -383,7 +386,8 @@ def read_adapter(adapter_dir: Path) -> Adapter:
     if weights.is_file():
         _within(weights, adapter_dir)
     else:
-        hint = " (only adapter_model.bin: re-save with safe_serialization=True)" if (adapter_dir / "adapter_model.bin").is_file() else ""
+        hint = (" (only adapter_model.bin: re-save with safe_serialization=True)"
+                if (adapter_dir / "adapter_model.bin").is_file() else "")
         raise MergeError(f"adapter: {weights} does not exist{hint}")
     entries = _read_headers([weights])
     pairs, replacements = {}, {}
@@ -410,7 +414,8 @@ def read_adapter(adapter_dir: Path) -> Adapter:
     targets = {}
     for module, pair in pairs.items():
         if not settings[module].targeted:
-            raise MergeError(f"adapter has weights for {module}, which its target_modules {config.get('target_modules')!r} does not name")
+            raise MergeError(f"adapter has weights for {module}, which its target_modules "
+                             f"{config.get('target_modules')!r} does not name")
         r = pair.lora_A.shape[0]
         if r != settings[module].r:
             raise MergeError(f"adapter: {module} has rank {r} but its config says r={settings[module].r}")
@@ -499,7 +504,8 @@ class _Buffers:
         return self._bufs[key]
 
     def out(self, shape, dtype) -> torch.Tensor:
-        return self.get("out", math.prod(shape) * dtype.itemsize)[: math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+        nbytes = math.prod(shape) * dtype.itemsize
+        return self.get("out", nbytes)[:nbytes].view(dtype).view(shape)
 
 
 def _lora_factors(pair: LoraPair, fan_in_fan_out: bool):

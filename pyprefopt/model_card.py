@@ -58,7 +58,8 @@ def plot(output_dir: Path, method: str, records: list[dict]) -> list[str]:
     else:
         margins = [r for r in steps if "rewards/margins" in r]
         ax.plot([r["step"] for r in margins], [r["rewards/margins"] for r in margins], label="train reward margin")
-        ax.plot([r["step"] for r in evals], [r["eval_rewards/margins"] for r in evals], "o-", label="eval reward margin")
+        ax.plot([r["step"] for r in evals], [r["eval_rewards/margins"] for r in evals], "o-",
+                label="eval reward margin")
         if method != "kto":
             acc = ax.twinx()
             acc.plot([r["step"] for r in evals], [r["eval_rewards/accuracies"] for r in evals], "s--", color="C2",

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 
 import torch
 
-
 try:
     from pyprefopt import _C
 except ImportError:
@@ -291,7 +290,8 @@ def _validate_weight(w: NF4Weight):
         if w.absmax.dtype != torch.uint8:
             raise TypeError(f"nested (double-quantised) absmax must be uint8, got {w.absmax.dtype}")
         if w.nested_blocksize <= 0 or w.nested_blocksize & (w.nested_blocksize - 1):
-            raise ValueError(f"nested_blocksize must be a power of two (bitsandbytes uses 256), got {w.nested_blocksize}")
+            raise ValueError(
+                f"nested_blocksize must be a power of two (bitsandbytes uses 256), got {w.nested_blocksize}")
         n_nested = -(-w.n_blocks // w.nested_blocksize)
         if w.nested_absmax.dim() != 1 or w.nested_absmax.numel() != n_nested:
             raise ValueError(f"nested_absmax must be 1-D with {n_nested} entries ({w.n_blocks} blocks, "

@@ -101,7 +101,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorEntry], dict[s
         entry = TensorEntry(name, path, data_start + begin, DTYPES[dtype_name], shape)
         if not 0 <= begin <= end or end - begin != entry.nbytes:
             raise SafetensorsFormatError(
-                f"{path}: tensor {name!r} spans bytes [{begin}, {end}) but {dtype_name}{list(shape)} needs {entry.nbytes}"
+                f"{path}: tensor {name!r} spans bytes [{begin}, {end}) "
+                f"but {dtype_name}{list(shape)} needs {entry.nbytes}"
             )
         if data_start + end > size:
             raise SafetensorsFormatError(f"{path}: tensor {name!r} ends past the end of the file (truncated?)")
@@ -141,7 +142,8 @@ class StreamingWriter:
         self._pending = []
         for name, dtype, shape in layout:
             nbytes = math.prod(shape) * dtype.itemsize
-            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
             self._pending.append((name, dtype, tuple(shape)))
             offset += nbytes
         encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")

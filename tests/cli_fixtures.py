@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pyprefopt import train
+
 from synthetic_data import write_data
 
 

@@ -25,4 +25,5 @@ def assert_within_torch_error(actual, truth, torch_same_dtype, factor=2.0, name=
     """|actual - truth| <= factor * |torch_same_dtype - truth| (+ a tiny floor for exact-zero torch error)."""
     ours = max_error(actual, truth)
     theirs = max_error(torch_same_dtype, truth)
-    assert ours <= factor * theirs + 1e-6, f"{name}: error {ours:.3e} > {factor} x torch's same-dtype error {theirs:.3e}"
+    assert ours <= factor * theirs + 1e-6, (
+        f"{name}: error {ours:.3e} > {factor} x torch's same-dtype error {theirs:.3e}")

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from pyprefopt import train
+
 from cli_fixtures import assert_refused_before_writing, data_dir, one_thread_and_private_cache  # noqa: F401
 from tiny_models import gemma3n_config, save_tiny_model
 

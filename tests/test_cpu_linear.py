@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from pyprefopt import cpu_linear
+
 from tensor_asserts import assert_within_torch_error
+
 
 def assert_within_fp32_dot_bound(out, x, weight, addend):
     """`out` = x @ weight.T + addend (a bias row or a whole matrix) within the bound."""

@@ -19,12 +19,16 @@ from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrai
 from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
 
 from pyprefopt import drop_in  # noqa: E402
-from tiny_trl_setup import common_args, model, random_state, tiny_config  # noqa: E402
-from tiny_trl_setup import (  # noqa: E402,F401 (pytest fixtures)
+
+from tiny_trl_setup import (  # noqa: E402,F401 (all but common_args, model, random_state, tiny_config: pytest fixtures)
+    common_args,
+    model,
     policy_state,
     preference_dataset,
     qwen3_config,
+    random_state,
     ref_state,
+    tiny_config,
     tokenizer,
     unpaired_dataset,
 )
@@ -152,11 +156,13 @@ def dpo_with_lora_subset(config, state, dataset, tokenizer, tmp_path):
 # DPO with a LoRA subset and the adapter-disabled reference, KTO fully fine-tuned against a reference model, SFT
 # with LoRA on every linear layer. Rows are padded to the longest in each batch.
 # Gemma 2's soft-capped head, Cohere's and Granite's scaled ones go through the same trainers.
-ARCHITECTURE_CASES = [(arch, trainer) for arch in ("llama", "llama_tied", "qwen2", "gemma2") for trainer in ("dpo", "kto", "sft")]
+ARCHITECTURE_CASES = [(arch, trainer) for arch in ("llama", "llama_tied", "qwen2", "gemma2")
+                      for trainer in ("dpo", "kto", "sft")]
 ARCHITECTURE_CASES += [("cohere", "dpo"), ("granite", "kto"), ("qwen3_moe", "dpo"), ("qwen3_moe", "sft")]
 
 
-@pytest.mark.parametrize(("architecture", "trainer"), ARCHITECTURE_CASES, ids=[f"{a}-{t}" for a, t in ARCHITECTURE_CASES])
+@pytest.mark.parametrize(("architecture", "trainer"), ARCHITECTURE_CASES,
+                         ids=[f"{a}-{t}" for a, t in ARCHITECTURE_CASES])
 def test_every_architecture_logs_the_same(architecture, trainer, tmp_path, head_calls, tokenizer, preference_dataset,
                                           unpaired_dataset):
     config = tiny_config(architecture)

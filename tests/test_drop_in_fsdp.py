@@ -16,6 +16,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from pyprefopt import drop_in  # noqa: E402
+
 from tiny_trl_setup import model, random_state, tiny_config  # noqa: E402
 
 WORLD = 2

@@ -5,6 +5,7 @@ import torch
 
 from pyprefopt import fused_linear_logprobs
 from pyprefopt.reference import reference_logprobs, reference_token_statistics
+
 from tensor_asserts import assert_close_verbose, assert_within_torch_error
 
 # (batch, seq, hidden, vocab): odd widths, GPT-2's and a Qwen-like vocabulary at tiny hidden sizes,
@@ -269,7 +270,8 @@ def test_no_grad_forms_no_gradient_factor(monkeypatch):
                          ids=["plain", "capped"])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("grads", [("hidden",), ("hidden", "weight"), ()], ids=["frozen", "trained", "no-grad"])
-@pytest.mark.parametrize("backend,shape", [("torch", s) for s in SHAPES] + [("triton", s) for s in SMALL_SHAPES], ids=str)
+@pytest.mark.parametrize("backend,shape", [("torch", s) for s in SHAPES] + [("triton", s) for s in SMALL_SHAPES],
+                         ids=str)
 def test_statistics_match_reference(backend, shape, grads, with_bias, transform, monkeypatch):
     """Entropy, log sum p^2, mean logit and is-top-1 beside the log-probs, on every path (frozen head, trained
     head, no grad), with tiles small enough that the online rescaling runs; each within 2x the error of

@@ -8,6 +8,7 @@ import torch
 
 from pyprefopt import FusedLinearPreferenceLoss, fused_linear_logprobs, losses
 from pyprefopt.reference import reference_logprobs, reference_preference_loss
+
 from tensor_asserts import assert_close_verbose
 
 module = sys.modules["pyprefopt.fused_linear_preference_loss"]
@@ -430,7 +431,7 @@ def test_trained_head_reuses_a_free_weight_gradient_and_never_a_held_one(entry):
         upstream = torch.randn(labels.shape)
 
         def loss_of(fn, **kwargs):
-            return (fn(hidden, weight, labels, bias) * upstream).sum()
+            return (fn(hidden, weight, labels, bias) * upstream).sum()  # noqa: F821 (closure over `weight`, deleted at the end on purpose)
 
         want_loss = loss_of(reference_logprobs)
     else:
@@ -443,8 +444,8 @@ def test_trained_head_reuses_a_free_weight_gradient_and_never_a_held_one(entry):
         if entry == "primitive":
             loss_of(fused_linear_logprobs).backward()
         else:
-            module_under_test(hidden, weight, labels, bias, **ours)[0].backward()
-        return weight.grad
+            module_under_test(hidden, weight, labels, bias, **ours)[0].backward()  # noqa: F821 (closure over `weight`, deleted at the end on purpose)
+        return weight.grad  # noqa: F821 (closure over `weight`, deleted at the end on purpose)
 
     first = step()
     assert_close_verbose(first, want, name="grad weight")

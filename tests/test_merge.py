@@ -21,7 +21,13 @@ from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    BitsAndBytesConfig,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from pyprefopt import merge
 from pyprefopt.safetensors_io import StreamingWriter, read_header
@@ -130,7 +136,8 @@ def test_merge_matches_peft_merge_and_unload(checkpoints, tmp_path, base, adapte
     out = tmp_path / "merged"
     merge.merge_adapter(checkpoints[base], checkpoints[adapter], out, dtype=torch.float32, progress=False)
     if base == "base16":
-        base_state = {k: v.float() for k, v in AutoModelForCausalLM.from_pretrained(checkpoints[base]).state_dict().items()}
+        base_model = AutoModelForCausalLM.from_pretrained(checkpoints[base])
+        base_state = {k: v.float() for k, v in base_model.state_dict().items()}
     else:
         base_state = checkpoints[f"{base}_fp32"]
     expected = peft_merged_logits(base_state, checkpoints[adapter], INPUT_IDS)
@@ -245,7 +252,8 @@ def bad_inputs(checkpoints, tmp_path):
     other = tmp_path / "other_arch"
     rewrite_adapter(adapter, other, lambda t: {k.replace("self_attn.q_proj", "attention.wq"): v for k, v in t.items()})
     config = json.loads((other / "adapter_config.json").read_text())
-    (other / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["wq", "v_proj", "gate_proj", "down_proj"]}))
+    (other / "adapter_config.json").write_text(
+        json.dumps({**config, "target_modules": ["wq", "v_proj", "gate_proj", "down_proj"]}))
     cases.append(("other-architecture", checkpoints["base16"], other, "does not have"))
     torch.manual_seed(2)
     wide = get_peft_model(Qwen3ForCausalLM(Qwen3Config(**{**tiny_config().to_dict(), "hidden_size": 96})),
@@ -308,7 +316,8 @@ PEFT_STYLE_CONFIGS = [
     dict(target_modules=r"model\.layers\.\d+\.self_attn\.(q|v)_proj"),
     dict(target_modules=r".*\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj"),
     dict(target_modules=r".*layers\.1\..*"),
-    dict(target_modules=TARGETS, rank_pattern={"v_proj": 4, r"layers\.1\.mlp\..*": 2, "^model.layers.0.self_attn.q_proj": 3},
+    dict(target_modules=TARGETS,
+         rank_pattern={"v_proj": 4, r"layers\.1\.mlp\..*": 2, "^model.layers.0.self_attn.q_proj": 3},
          alpha_pattern={r"self_attn\.(q|k)_proj": 7, "mlp.down_proj": 9, "gate_proj|up_proj": 5}),
     # The first matching key wins, even where a later one is more specific.
     dict(target_modules=TARGETS, rank_pattern={"gate_proj": 6, "model.layers.0.mlp.gate_proj": 2},
@@ -443,5 +452,6 @@ def test_streaming_merge_peak_memory_is_a_few_tensors(tmp_path):
     peak = int(result.stdout.split()[-1])
     tensor_bytes = out_features * in_features * 2
     model_bytes = n_layers * tensor_bytes
-    assert peak <= 3 * tensor_bytes, f"peak {peak / 2**20:.0f} MiB > 3 x the largest tensor ({tensor_bytes / 2**20:.0f} MiB)"
+    assert peak <= 3 * tensor_bytes, (
+        f"peak {peak / 2**20:.0f} MiB > 3 x the largest tensor ({tensor_bytes / 2**20:.0f} MiB)")
     assert peak < model_bytes / 2, f"peak {peak / 2**20:.0f} MiB: not streaming a {model_bytes / 2**20:.0f} MiB model"

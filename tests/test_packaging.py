@@ -36,7 +36,8 @@ def test_every_top_level_directory_yields_to_an_installed_package_of_its_name(tm
     script = "import importlib, sys\nfor name in sys.argv[1:]:\n    print(importlib.import_module(name).ORIGIN)\n"
     result = subprocess.run([sys.executable, "-c", script, *names], cwd=ROOT, capture_output=True, text=True,
                             env={"PYTHONPATH": str(site), "PATH": ""})
-    assert result.returncode == 0, f"a directory of ours was imported instead of the installed package:\n{result.stderr}"
+    assert result.returncode == 0, (
+        f"a directory of ours was imported instead of the installed package:\n{result.stderr}")
     assert result.stdout.split("\n")[:-1] == [f"installed {name}" for name in names]
 
 

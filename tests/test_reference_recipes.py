@@ -25,6 +25,7 @@ from transformers import Qwen2Config, Qwen3Config
 
 from pyprefopt import data as D
 from pyprefopt import train
+
 from cli_fixtures import assert_refused_before_writing, data_dir, one_thread_and_private_cache  # noqa: F401
 from tiny_models import gemma3n_config, qwen_config, save_tiny_model
 

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 
 from pyprefopt import data as D
 from pyprefopt import train
+
 from synthetic_data import write_data
 
 QUICK = os.environ.get("PYPREFOPT_BENCH_QUICK", "1").strip().lower() not in ("0", "false", "no", "off")

@@ -3,9 +3,9 @@ train what one process does with the same global batch, for a paired method (dpo
 and --full; the sharded checkpoint two processes wrote resumes in one process and ends where the uninterrupted run
 did; what --fsdp cannot do, and a resume that would compute other steps, are refused.
 
-Each case runs torchrun once (3 steps, checkpoints at steps 2 and 3), shared by its two tests. The --full cases train a tiny
-Qwen3 whose head is tied to its embeddings (one parameter under two names, in the FSDP root's group), the LoRA cases
-the embedded default. The processes split the global batch of 4 differently from the one process (dpo: 1 example x
+Each case runs torchrun once (3 steps, checkpoints at steps 2 and 3), shared by its two tests. The --full cases train a
+tiny Qwen3 whose head is tied to its embeddings (one parameter under two names, in the FSDP root's group), the LoRA
+cases the embedded default. The processes split the global batch of 4 differently from the one process (dpo: 1 example x
 2 micro-batches each, kto: 2 each, its global micro-batch kept), and evaluate in batches of 3, which leaves one
 process a batch short (sequence_logps_all fills it up)."""
 
@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import pytest
 
 from pyprefopt import train
+
 from test_train import assert_same_training, data_dir, one_thread_and_private_cache, run, torchrun  # noqa: F401
 from tiny_models import qwen_config, save_tiny_model
 
@@ -85,7 +86,8 @@ def test_what_fsdp_cannot_shard_or_step_is_refused(option, reason, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.parse_args(["--method", "dpo", "--fsdp", *option])
     err = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("error: --fsdp cannot ") and reason in err[0]
+    assert exit_info.value.code == 2 and len(err) == 1
+    assert err[0].startswith("error: --fsdp cannot ") and reason in err[0]
 
 
 def test_a_resume_may_split_the_global_batch_otherwise_where_the_steps_stay_the_same():

@@ -45,7 +45,8 @@ class Case:
 
     def __init__(self, name, kernel, configs, kept, flags, input_pointers, other_types=None, dtypes=tuple(DTYPES)):
         self.name, self.kernel, self.configs, self.kept = name, kernel, configs, kept
-        self.flags, self.input_pointers, self.other_types, self.dtypes = flags, input_pointers, other_types or {}, dtypes
+        self.flags, self.input_pointers = flags, input_pointers
+        self.other_types, self.dtypes = other_types or {}, dtypes
 
 
 def cases():

@@ -26,6 +26,7 @@ from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer  # noqa: E402
 from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
 
 from pyprefopt import FusedLinearPreferenceLoss  # noqa: E402
+
 from tiny_trl_setup import common_args as _common_args  # noqa: E402
 from tiny_trl_setup import model as _model  # noqa: E402
 from tiny_trl_setup import (  # noqa: E402,F401 (pytest fixtures)

@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 
 from pyprefopt import FusedLinearPreferenceLoss, fused_linear_logprobs
 from pyprefopt.reference import reference_logprobs, reference_preference_loss
+
 from tensor_asserts import assert_within_torch_error
 
 WORLD = 2
