@@ -99,7 +99,7 @@ setup(
         # pybind11: tests/test_dequant_merge_nf4.py builds a C++ harness against it. kernels: Hugging Face's
         # package, which transformers imports and tests/test_readme.py runs the main command beside. ruff: the
         # linter .ci/run runs before the tests, with pyproject.toml's settings.
-        "test": ["pytest>=8", "pytest-benchmark>=4", "pybind11>=2.12", "kernels>=0.10", "ruff>=0.17"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "pybind11>=2.12", "kernels>=0.10", "ruff>=0.17,<0.18"],
         # Peers our tests use as oracles and our benches measure against.
         "peers": ["trl>=1.16,<1.17", "liger-kernel>=0.8,<0.9"],
     },

@@ -553,8 +553,9 @@ def vocab_shard(weight: torch.Tensor, process_group=None) -> tuple[torch.Tensor,
 def _check_same_batch_everywhere(hidden, labels, group):
     """Refuse processes that pass different batches: a head sharded along dim 0 over a data-parallel mesh (FSDP2
     shards every parameter so) is not a vocabulary-parallel head, and folding it would silently mix batches."""
-    fingerprint = torch.stack([hidden.double().sum(), labels.double().sum(), torch.tensor(float(labels.numel()),
-                                                                                        dtype=torch.float64)])
+    # Sums in fp64 without an fp64 copy of the hidden states.
+    fingerprint = torch.stack([hidden.sum(dtype=torch.float64), labels.sum(dtype=torch.float64),
+                               torch.tensor(float(labels.numel()), dtype=torch.float64, device=labels.device)])
     low, high = fingerprint.clone(), fingerprint.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
     dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
