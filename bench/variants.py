@@ -346,7 +346,7 @@ class Step:
 
 
 def _bare_gemms(op, shape, head, all_completion):
-    from pyprefopt.fused_linear_logprobs import _tile_sizes
+    from pyprefopt.fused_linear_logprobs import tile_sizes
 
     inputs = make_inputs(op, shape, head, all_completion)
     n = inputs.projected_tokens
@@ -360,7 +360,7 @@ def _bare_gemms(op, shape, head, all_completion):
     # The op's token blocks and vocabulary tiles (a logits tile is at most CPU_TILE_BYTES, which the allocator
     # reuses), through pyprefopt.cpu_linear like the op: oneDNN for large fp32 products (torch.mm's MKL runs
     # at half speed on AMD CPUs; one big [N, V] GEMM pays for a 100+ MiB output or, with oneDNN, its copy).
-    block, tile = _tile_sizes(n, shape.v)
+    block, tile = tile_sizes(n, shape.v)
 
     @torch.no_grad()
     def fn():

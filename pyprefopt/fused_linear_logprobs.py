@@ -544,10 +544,10 @@ def vocab_shard(weight: torch.Tensor, process_group=None) -> tuple[torch.Tensor,
         weight = weight.to_local()  # differentiable: the shard's gradient becomes the DTensor's
     if process_group is None:
         return weight, None
-    sizes = torch.empty(dist.get_world_size(process_group), dtype=torch.int64)
-    dist.all_gather_into_tensor(sizes, torch.tensor([weight.shape[0]], dtype=torch.int64), group=process_group)
+    sizes = [torch.empty(1, dtype=torch.int64) for _ in range(dist.get_world_size(process_group))]
+    dist.all_gather(sizes, torch.tensor([weight.shape[0]], dtype=torch.int64), group=process_group)
     rank = dist.get_rank(process_group)
-    return weight, VocabShard(process_group, int(sizes[:rank].sum()), int(sizes.sum()))
+    return weight, VocabShard(process_group, int(sum(sizes[:rank])), int(sum(sizes)))
 
 
 def _check_same_batch_everywhere(hidden, labels, group):
@@ -599,10 +599,9 @@ class VocabParallelLogprobsFunction(torch.autograd.Function):
             label_slope.index_copy_(0, rows, owned_slope)
         dist.all_reduce(label_logit, group=group)
         # In fp64 until the one rounding of the global log-sum-exp, as the unsharded op rounds it once.
-        every_lse = torch.empty(dist.get_world_size(group) * labels.shape[0], dtype=torch.float64,
-                                device=hidden.device)
-        dist.all_gather_into_tensor(every_lse, local_lse, group=group)
-        lse = torch.logsumexp(every_lse.view(dist.get_world_size(group), labels.shape[0]), dim=0).float()
+        every_lse = [torch.empty_like(local_lse) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(every_lse, local_lse, group=group)
+        lse = torch.logsumexp(torch.stack(every_lse), dim=0).float()
         # Backward finds each label in the tiles of its owner only.
         ctx.save_for_backward(hidden, weight, bias, torch.where(owned, local, -1), lse, label_slope)
         ctx.transform, ctx.use_triton, ctx.group = transform, use_triton, group

@@ -5,12 +5,12 @@ differentiating only its own rows of the head; on the blocked CPU path and the T
 from __future__ import annotations
 
 import os
-import tempfile
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from pyprefopt import FusedLinearPreferenceLoss, fused_linear_logprobs
 from pyprefopt.reference import reference_logprobs, reference_preference_loss
@@ -46,14 +46,13 @@ def _shard_rows(rank):
     return slice(start, start + sizes[rank])
 
 
-def _check_logprobs(rank, case, backend, form):
-    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+def _check_logprobs(rank, mesh, case, backend, form):
+    from torch.distributed.tensor import Shard, distribute_tensor
 
     grads, transform = CASES[case]["grads"], CASES[case]["transform"]
     hidden, weight, bias, labels = _inputs(grads)
     rows = _shard_rows(rank)
     if form == "dtensor":
-        mesh = init_device_mesh("cpu", (WORLD,))
         head = distribute_tensor(weight, mesh, [Shard(0)]).requires_grad_("weight" in grads)
         head_bias = None
         kwargs = {}
@@ -86,15 +85,14 @@ def _check_logprobs(rank, case, backend, form):
                                   name=f"rank {rank} {case} {form} grad {name}")
 
 
-def _check_loss(rank, backend):
+def _check_loss(rank, mesh):
     """DPO with a sharded (DTensor) trained head against the unsharded reference loss and gradients."""
-    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
 
     hidden, weight, _, labels = _inputs(("hidden",))
     labels = labels[:2]
     hidden = hidden[:2].detach().requires_grad_()
     ref_logps = torch.tensor([-40.0, -45.0])
-    mesh = init_device_mesh("cpu", (WORLD,))
     head = distribute_tensor(weight, mesh, [Shard(0)]).requires_grad_()
     loss, metrics = FusedLinearPreferenceLoss("dpo", beta=0.2)(hidden, head, labels, ref_logps=ref_logps)
     got_hidden, got_weight = torch.autograd.grad(loss, [hidden, head])
@@ -108,11 +106,10 @@ def _check_loss(rank, backend):
     torch.testing.assert_close(got_weight.to_local(), want_weight[_shard_rows(rank)], rtol=1e-5, atol=1e-6)
 
 
-def _check_errors(rank):
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+def _check_errors(rank, mesh):
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     hidden, weight, _, labels = _inputs(())
-    mesh = init_device_mesh("cpu", (WORLD,))
     sharded = distribute_tensor(weight, mesh, [Shard(0)])
     with pytest.raises(ValueError, match="not both"):
         fused_linear_logprobs(hidden, sharded, labels, process_group=dist.group.WORLD)
@@ -127,25 +124,57 @@ def _check_errors(rank):
         fused_linear_logprobs(hidden + rank, sharded, labels)
 
 
-def _worker(rank, init_file, backend):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+def _worker(backend):
+    """One of the WORLD processes torchrun starts (its rank and rendezvous in the environment)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
     try:
+        # A mesh over the default group itself: init_device_mesh would make a group of its own, and making one
+        # on gloo/CPU aborts a process now and then (torch 2.13), where this test is about the head.
+        mesh = DeviceMesh.from_group(dist.group.WORLD, "cpu")
         for case in CASES:
             for form in ("process_group", "dtensor"):
-                _check_logprobs(rank, case, backend, form)
-        _check_loss(rank, backend)
+                _check_logprobs(rank, mesh, case, backend, form)
+        _check_loss(rank, mesh)
         # Nothing to score: still differentiable, zero gradients, no rank left waiting.
         hidden, weight, bias, labels = _inputs(("hidden",))
         logp = fused_linear_logprobs(hidden, weight[_shard_rows(rank)], torch.full_like(labels, -100),
                                      process_group=dist.group.WORLD, backend=backend)
         logp.sum().backward()
         assert not logp.any() and not hidden.grad.any()
-        _check_errors(rank)
+        _check_errors(rank, mesh)
     finally:
         dist.destroy_process_group()
 
 
+# torch 2.13's gloo backend now and then aborts a CPU process from one of its own threads ("terminate called without
+# an active exception"), also in a script of nothing but init_process_group, init_device_mesh and two collectives.
+# A run that ends in that abort alone, with no exception of the test's own, is run again; any other failure, an
+# assertion of the test among them, fails at once.
+GLOO_ABORT_RETRIES = 2
+
+
+def _gloo_abort_only(result) -> bool:
+    # A worker's own exception shows a frame of this file or of pyprefopt; torchrun's report of the abort does not.
+    ours = f'{os.path.basename(__file__)}", line' in result.stderr or "/pyprefopt/" in result.stderr
+    return result.returncode != 0 and "terminate called without an active exception" in result.stderr and not ours
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_vocabulary_sharded_head_matches_the_whole_head(backend):
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_worker, args=(os.path.join(tmp, "init"), backend), nprocs=WORLD, start_method="spawn")
+    # Processes of their own (torchrun), as a user's job runs: not children of the test process.
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD), __file__,
+               backend]
+    for _ in range(GLOO_ABORT_RETRIES + 1):
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        if not _gloo_abort_only(result):
+            break
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
