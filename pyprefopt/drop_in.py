@@ -137,6 +137,13 @@ def _load_balancing_loss(text_config, router_logits, attention_mask):
                                     attention_mask)
 
 
+def _fused_logprobs(hidden, weight, labels, bias, cast_lm_head_to_fp32=False, **kwargs):
+    """`fused_linear_logprobs` on the operands the head projects (`_projection_operands`), outside autocast."""
+    hidden, weight, bias = _projection_operands(hidden.to(weight.device), weight, bias, cast_lm_head_to_fp32)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return fused_linear_logprobs(hidden, weight, labels.to(weight.device), bias, **kwargs)
+
+
 def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
                       outputs: tuple[str, ...] = ("log_probs",)) -> None:
     """Patch `model` so `model(..., labels=labels, fused_lm_head=True)` returns a `FusedCausalLMOutput` of
@@ -177,10 +184,8 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
             labels = shift_labels
 
         def head(weight, bias, hidden, labels):
-            hidden, weight, bias = _projection_operands(hidden.to(weight.device), weight, bias, cast_lm_head_to_fp32)
-            with torch.autocast(hidden.device.type, enabled=False):
-                return fused_linear_logprobs(hidden, weight, labels.to(weight.device), bias, temperature=temperature,
-                                             statistics=statistics, **transform)
+            return _fused_logprobs(hidden, weight, labels, bias, cast_lm_head_to_fp32, temperature=temperature,
+                                   statistics=statistics, **transform)
 
         result = _run_head(self.get_output_embeddings(), head, hidden, labels)
         log_probs, stats = result if statistics else (result, {})
@@ -217,9 +222,7 @@ def _cpo_concatenated_forward(self, model, batch):
     labels = concatenated["concatenated_labels"][:, 1:]
 
     def head(weight, bias, hidden, labels):
-        hidden, weight, bias = _projection_operands(hidden, weight, bias)
-        with torch.autocast(hidden.device.type, enabled=False):
-            return fused_linear_logprobs(hidden, weight, labels, bias, **transform)
+        return _fused_logprobs(hidden, weight, labels, bias, **transform)
 
     per_token = _run_head(lm_head, head, hidden[:, :-1], labels)
     mask = labels != -100
@@ -238,10 +241,8 @@ def _cpo_concatenated_forward(self, model, batch):
             return mean * transform["logit_scale"]
         # A capped mean is not: one more pass over the vocabulary, at every position as TRL's mean takes it.
         every_position = torch.zeros(hidden.shape[:-1], dtype=torch.long, device=hidden.device)
-        hidden, weight, bias = _projection_operands(hidden, weight, bias)
-        with torch.autocast(hidden.device.type, enabled=False):
-            return fused_linear_logprobs(hidden, weight, every_position, bias, statistics=("mean_logits",),
-                                         **transform)[1]["mean_logits"]
+        return _fused_logprobs(hidden, weight, every_position, bias, statistics=("mean_logits",),
+                               **transform)[1]["mean_logits"]
 
     with torch.no_grad():
         mean_logits = _run_head(lm_head, mean_logits_of, hidden)
