@@ -109,6 +109,7 @@ def render(args, summary: dict, plots: list[str], plot_note: str | None) -> str:
         ["train-step throughput (sequence tokens/s)", tok_s if tok_s is not None else "-"],
         ["peak memory (MiB; GPU: allocated, CPU: the process's resident set)", summary["peak_memory_mib"]],
         ["hardware", summary["hardware"]],
+        ["compute dtype (trained weights and optimizer state: fp32)", summary["compute_dtype"]],
         ["parameters / trainable", f"{summary['parameters']:,} / {summary['trainable_parameters']:,}"],
         ["torch", summary["torch"]],
     ]

@@ -170,6 +170,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--load-in-4bit", action="store_true", help="QLoRA: the base in bitsandbytes NF4")
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--dtype", default=None, choices=tuple(COMPUTE_DTYPES),
+                   help="compute dtype: bf16 runs the model under bf16 autocast and keeps its frozen weights in bf16 "
+                   "(half the memory); trained weights (the adapter, or every weight with --full) and the optimizer "
+                   "state stay fp32, and the head accumulates in fp32 either way; default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun, shard the weights, gradients and optimizer state over the processes (PyTorch "
                    "FSDP2) instead of a full copy each; checkpoints are sharded and a --resume may use another number "
@@ -235,6 +239,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------ processes
+
+
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def compute_dtype(args, device) -> torch.dtype:
+    """The dtype the model computes in: --dtype, or by default bf16 on CUDA (tensor cores) and fp32 on CPU."""
+    return COMPUTE_DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
 
 
 def setup_distributed(fsdp=False):
@@ -396,7 +408,9 @@ def load_model(args, train_rows, device, adapter=None):
         check_fused_head_support(config, f"--model {base}")
     except NotImplementedError as e:
         raise RunError(str(e)) from e
-    kwargs = {"dtype": torch.float32}
+    dtype = compute_dtype(args, device)
+    # Frozen weights are stored in the compute dtype; --full trains every weight, and trained weights stay fp32.
+    kwargs = {"dtype": torch.float32 if args.full else dtype}
     if args.load_in_4bit:
         kept, head = layers_left_16bit(config)
         if kept:
@@ -404,7 +418,7 @@ def load_model(args, train_rows, device, adapter=None):
                 f"or outputs not a multiple of {NF4_CPU_ROW_BLOCK}): {', '.join(kept)}")
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=kept + head,
-            bnb_4bit_compute_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+            bnb_4bit_compute_dtype=dtype)
         kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     if not args.load_in_4bit:
@@ -426,6 +440,11 @@ def load_model(args, train_rows, device, adapter=None):
             load_lora_adapter(model, args.adapter)
         except (ValueError, TypeError, OSError, SafetensorError) as e:
             raise RunError(f"--adapter {args.adapter} does not fit --model {base}: {e}") from e
+    # The adapter is created in its base's dtype: fp32 master weights for AdamW (LoRALinear casts them to the
+    # input's dtype in forward, and autograd brings their gradients back in fp32).
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
     model.pyprefopt_lora_config.base_model_name_or_path = base
     return model, tokenizer, base
 
@@ -449,6 +468,12 @@ def layers_left_16bit(config) -> tuple[list[str], list[str]]:
             if isinstance(module, torch.nn.Linear) and module is not head
             and (module.weight.numel() < NF4_MIN_WEIGHTS or module.out_features % NF4_CPU_ROW_BLOCK)]
     return kept, [name for name, module in skeleton.named_modules() if module is head]
+
+
+def head_operands(hidden, head, dtype):
+    """(hidden, head weight, head bias) in the compute dtype, as autocast gives them to a model's own lm_head; the
+    fused head accumulates and keeps its logits in fp32 whatever the operands."""
+    return tuple(None if t is None else t.to(dtype) for t in (hidden, head.weight, head.bias))
 
 
 def decoder_and_head(model):
@@ -514,7 +539,7 @@ def length_groups(rows: int) -> int:
     return max(1, min(MAX_LENGTH_GROUPS, rows // 4))
 
 
-def last_hidden(decoder, input_ids, lengths, device):
+def last_hidden(decoder, input_ids, lengths, device, dtype=torch.float32):
     """Last hidden states [B, T, H] of right-padded rows; zero (packed) or the pad tokens' states (groups) past
     each row's `lengths`, which no label reads.
 
@@ -524,13 +549,14 @@ def last_hidden(decoder, input_ids, lengths, device):
     (the packed SDPA attention runs each sequence's range alone, causal): no padding is computed at all, in one
     decoder call. Otherwise the rows run sorted by length in a few groups, each cut to its own longest row: the
     padding the decoder computes shrinks from B * max_len to about the sum of the lengths. Either way each real
-    token's state is what the padded batch computes for it, up to the rounding of differently shaped GEMMs."""
-    if getattr(decoder.config, "_attn_implementation", None) == PACKED_ATTENTION and int(lengths.min()) > 0:
-        return _packed_last_hidden(decoder, input_ids, lengths, device)
-    order = torch.argsort(lengths, stable=True)
-    width = input_ids.shape[1]
-    outputs = []
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    token's state is what the padded batch computes for it, up to the rounding of differently shaped GEMMs.
+    A `dtype` other than fp32 runs the decoder under autocast to it (compute_dtype)."""
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        if getattr(decoder.config, "_attn_implementation", None) == PACKED_ATTENTION and int(lengths.min()) > 0:
+            return _packed_last_hidden(decoder, input_ids, lengths, device)
+        order = torch.argsort(lengths, stable=True)
+        width = input_ids.shape[1]
+        outputs = []
         for rows in order.tensor_split(length_groups(len(order))):
             group_width = int(lengths[rows].max())
             hidden = decoder(input_ids=input_ids[rows, :group_width].to(device), use_cache=False).last_hidden_state
@@ -648,7 +674,7 @@ def collate_rows(data: D.TokenizedData, indices: list[int], which: int, pad_id: 
 
 
 @torch.no_grad()
-def sequence_logps_all(model, run, data, pad_id, batch_size, device, rank, world):
+def sequence_logps_all(model, run, data, pad_id, batch_size, device, rank, world, dtype=torch.float32):
     """Summed completion log-probs [N, k] and completion lengths [N, k] of every completion of every
     example (k = data.rows_per_example), computed in eval mode through `run` (data_parallel's); each process
     takes every world-th batch and the results are summed over processes. The processes of a sharded model run
@@ -671,8 +697,9 @@ def sequence_logps_all(model, run, data, pad_id, batch_size, device, rank, world
                 indices = indices + [indices[0] if indices else 0] * (min(batch_size, n) - kept)
             for which in range(k):
                 input_ids, labels, input_lengths = collate_rows(data, indices, which, pad_id)
-                hidden = last_hidden(decoder, input_ids, input_lengths, device)
-                row_logps, row_lengths = loss_fn.sequence_logps(hidden, head.weight, labels.to(device), head.bias)
+                hidden, weight, bias = head_operands(last_hidden(decoder, input_ids, input_lengths, device, dtype),
+                                                     head, dtype)
+                row_logps, row_lengths = loss_fn.sequence_logps(hidden, weight, labels.to(device), bias)
                 logps[indices[:kept], which] = row_logps[:kept].double()
                 lengths[indices[:kept], which] = row_lengths[:kept].double()
 
@@ -700,7 +727,8 @@ def evaluate(model, run, data, reference, args, pad_id, device, rank, world) -> 
     """Held-out metrics over the whole split at once (eval_ prefix): the method's loss and TRL's reward
     metrics (rewards/accuracies and margins of the pairs; KTO's with its KL point over the split), and for
     sft the mean token NLL and its perplexity."""
-    logps, lengths = sequence_logps_all(model, run, data, pad_id, args.eval_batch_size, device, rank, world)
+    logps, lengths = sequence_logps_all(model, run, data, pad_id, args.eval_batch_size, device, rank, world,
+                                        compute_dtype(args, device))
     method = args.method
     kwargs = loss_hparams(args)
     if method == "sft":
@@ -755,6 +783,7 @@ def micro_batch_loss(model, loss_fn, batch, reference, args, device):
     """(loss, metrics) of one micro-batch from the decoder's last hidden states and the LM head weight; run through
     data_parallel's `run`."""
     decoder, head = decoder_and_head(model)
+    dtype = compute_dtype(args, device)
     kwargs = {}
     index = batch["index"].to(device)
     if args.method in ("dpo", "ipo"):
@@ -765,15 +794,17 @@ def micro_batch_loss(model, loss_fn, batch, reference, args, device):
         # KTO's reference point z0 from the mismatched pairs, over the global micro-batch (all processes),
         # as TRL gathers it (Ethayarajh et al. 2024, Eq. 7); under no grad, as TRL computes it.
         with torch.no_grad():
-            kl_hidden = last_hidden(decoder, batch["kl_input_ids"], batch["kl_input_lengths"], device)
-            kl_logps, _ = loss_fn.sequence_logps(kl_hidden, head.weight, batch["kl_labels"].to(device), head.bias)
+            kl_hidden, weight, bias = head_operands(
+                last_hidden(decoder, batch["kl_input_ids"], batch["kl_input_lengths"], device, dtype), head, dtype)
+            kl_logps, _ = loss_fn.sequence_logps(kl_hidden, weight, batch["kl_labels"].to(device), bias)
             del kl_hidden
             stats = torch.stack([(kl_logps.double() - reference[index, 1].double()).sum(),
                                  torch.tensor(float(len(index)), dtype=torch.float64, device=device)])
             all_reduce_sum(stats)
             kwargs["kl"] = (stats[0] / stats[1]).float().clamp(min=0)
-    hidden = last_hidden(decoder, batch["input_ids"], batch["input_lengths"], device)
-    return loss_fn(hidden, head.weight, batch["labels"].to(device), head.bias, **kwargs)
+    hidden = last_hidden(decoder, batch["input_ids"], batch["input_lengths"], device, dtype)
+    hidden, weight, bias = head_operands(hidden, head, dtype)
+    return loss_fn(hidden, weight, batch["labels"].to(device), bias, **kwargs)
 
 
 def global_batch_indices(step, n_examples, global_batch, seed):
@@ -1337,9 +1368,9 @@ def train(args, rank, world, device) -> int:
             t0 = time.perf_counter()
             with reference_context(model, args.full):
                 train_reference, _ = sequence_logps_all(model, run, train_data, pad_id, args.eval_batch_size, device,
-                                                        rank, world)
+                                                        rank, world, compute_dtype(args, device))
                 eval_reference, _ = sequence_logps_all(model, run, eval_data, pad_id, args.eval_batch_size, device,
-                                                       rank, world)
+                                                       rank, world, compute_dtype(args, device))
             reference_seconds = time.perf_counter() - t0
     if rank == 0:
         (output_dir / CHECKPOINTS).mkdir(exist_ok=True)
@@ -1485,7 +1516,7 @@ def train(args, rank, world, device) -> int:
         "reference_seconds": reference_seconds,
         "tokens_per_second": train_tokens / train_seconds if train_seconds else None,
         "peak_memory_mib": peak_memory_mib(device), "hardware": hardware_description(device, world),
-        "processes": world,
+        "processes": world, "compute_dtype": str(compute_dtype(args, device)).removeprefix("torch."),
         "final": {k: v for k, v in last_train_record.items() if not k.startswith("eval_")},
         "evaluations": [{"step": r["step"], **{k: v for k, v in r.items() if k.startswith("eval_")}}
                         for r in all_records if "eval_loss" in r],
