@@ -59,7 +59,7 @@ FORMAT_OF = {"sft": "sft", "dpo": "preference", "ipo": "preference", "cpo": "pre
 BETA, MAX_LENGTH, WARMUP_RATIO = 0.1, 512, 0.1
 # The settings both trainers get: the tiny default model's (`base` None) unless a card says otherwise.
 DEFAULT_RECIPE = dict(base=None, lora_r=16, lora_alpha=32.0, lora_dropout=0.0, targets="all-linear",
-                      load_in_4bit=False, optim="adamw", lr=1e-3, weight_decay=0.0, grad_accum=1, seed=0)
+                      load_in_4bit=False, optim="adamw", lr=1e-3, weight_decay=0.0, grad_accum=1, seed=0, dtype="fp32")
 # --synthetic's word counts (fewest, most) per prompt and answer: varied, so batches carry padding as real data does.
 SYNTHETIC_WORDS = dict(prompt_words=(8, 40), answer_words=(10, 60))
 
@@ -107,7 +107,7 @@ def run_pyprefopt(method, data_dir, steps, warmup, batch_size, checkpointing, re
                 "--grad-accum", str(recipe["grad_accum"]), "--lr", str(recipe["lr"]), "--beta", str(BETA),
                 "--max-length", str(MAX_LENGTH), "--warmup-ratio", str(WARMUP_RATIO),
                 "--weight-decay", str(recipe["weight_decay"]), "--optim", recipe["optim"],
-                "--seed", str(recipe["seed"]),
+                "--seed", str(recipe["seed"]), "--dtype", recipe["dtype"],
                 "--lora-r", str(recipe["lora_r"]), "--lora-alpha", str(recipe["lora_alpha"]),
                 "--lora-dropout", str(recipe["lora_dropout"]), "--target-modules", recipe["targets"]]
         if recipe["load_in_4bit"]:
@@ -132,6 +132,8 @@ def run_trl(method, data_dir, steps, warmup, batch_size, checkpointing, recipe):
 
     base, rows = _base_model_and_rows(method, data_dir, recipe["base"])
     baseline = _rss_mib()
+    # As pyprefopt's --dtype: bf16 loads the model in bf16 and autocasts (PEFT keeps the adapter in fp32).
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[recipe["dtype"]]
     dataset = Dataset.from_list(rows)
     tokenizer = AutoTokenizer.from_pretrained(base)
     quantization = None
@@ -140,12 +142,12 @@ def run_trl(method, data_dir, steps, warmup, batch_size, checkpointing, recipe):
 
         from pyprefopt.train import layers_left_16bit
 
-        # As pyprefopt's --load-in-4bit: NF4, fp32 compute on CPU, and the same layers left 16-bit (bitsandbytes'
+        # As pyprefopt's --load-in-4bit: NF4 computing in --dtype, and the same layers left 16-bit (bitsandbytes'
         # CPU kernel cannot run Gemma-3n's Linear(hidden, 4) router at all).
         kept, head = layers_left_16bit(AutoConfig.from_pretrained(base))
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                          llm_int8_skip_modules=kept + head, bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, quantization_config=quantization)
+                                          llm_int8_skip_modules=kept + head, bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, quantization_config=quantization)
     targets = recipe["targets"] if recipe["targets"] == "all-linear" else recipe["targets"].split(",")
     peft_config = LoraConfig(r=recipe["lora_r"], lora_alpha=recipe["lora_alpha"], lora_dropout=recipe["lora_dropout"],
                              target_modules=targets, task_type="CAUSAL_LM")
@@ -154,18 +156,21 @@ def run_trl(method, data_dir, steps, warmup, batch_size, checkpointing, recipe):
                   warmup_steps=round(WARMUP_RATIO * (warmup + steps)), max_steps=warmup + steps,
                   weight_decay=recipe["weight_decay"], optim="adamw_bnb_8bit" if recipe["optim"] == "adamw_8bit"
                   else "adamw_torch_fused", max_grad_norm=1.0, logging_steps=1, save_strategy="no", eval_strategy="no",
-                  report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=checkpointing,
+                  report_to="none", use_cpu=True, bf16=dtype == torch.bfloat16, gradient_checkpointing=checkpointing,
                   max_length=MAX_LENGTH, seed=recipe["seed"], dataloader_num_workers=0, disable_tqdm=True)
     with tempfile.TemporaryDirectory() as out:
+        # TRL at its best settings here: reference log-probs computed once before training, as pyprefopt does
+        # (`padding_free` is FlashAttention-only for SFT and disabled in TRL 1.16's DPO).
         if method == "sft":
             trainer_cls, args = SFTTrainer, SFTConfig(output_dir=out, **common)
         elif method in ("dpo", "ipo"):
-            trainer_cls, args = DPOTrainer, DPOConfig(output_dir=out, beta=BETA,
+            trainer_cls, args = DPOTrainer, DPOConfig(output_dir=out, beta=BETA, precompute_ref_log_probs=True,
                                                       loss_type=["sigmoid" if method == "dpo" else "ipo"], **common)
         elif method == "cpo":
             trainer_cls, args = CPOTrainer, CPOConfig(output_dir=out, beta=BETA, cpo_alpha=1.0, **common)
         else:
-            trainer_cls, args = KTOTrainer, KTOConfig(output_dir=out, beta=BETA, **common)
+            trainer_cls, args = KTOTrainer, KTOConfig(output_dir=out, beta=BETA, precompute_ref_log_probs=True,
+                                                      **common)
         trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                               peft_config=peft_config)
         tokens_per_batch, step_seconds = [], []
@@ -270,7 +275,8 @@ def build_real_model(name: str, directory: Path, tokenizer_dir: Path) -> Path:
     return out
 
 
-def run_real_shapes(directory: Path, data: Path, steps, warmup, batch_size, threads, cache, checkpointing):
+def run_real_shapes(directory: Path, data: Path, steps, warmup, batch_size, threads, cache, checkpointing,
+                    dtype="fp32"):
     from pyprefopt import data as D
     from pyprefopt.default_model import default_model_path
 
@@ -282,7 +288,7 @@ def run_real_shapes(directory: Path, data: Path, steps, warmup, batch_size, thre
         # The cards' batches: 2 examples (Gemma-3n's card accumulates 4 of them).
         for impl in IMPLS:
             result = run_case(impl, method, data, steps, warmup, batch_size, threads, cache, checkpointing,
-                              recipe | {"base": str(base)})
+                              recipe | {"base": str(base), "dtype": dtype})
             result["model"] = name
             print(f"{name} {method} {impl}: {result['tokens_per_second']:.1f} tokens/s, peak extra "
                   f"{result['peak_extra_mib']:.0f} MiB", file=sys.stderr, flush=True)
@@ -342,6 +348,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every case")
     p.add_argument("--gradient-checkpointing", action="store_true", help="both trainers recompute activations "
                    "(TRL's default; off by default here, as in pyprefopt)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="both trainers' compute dtype (pyprefopt's --dtype; TRL: the model loaded in it, autocast)")
     p.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     p.add_argument("--real-shapes", type=Path, default=None, metavar="DIR",
                    help="run the reference cards at their real shapes (random weights built into DIR once)")
@@ -367,12 +375,12 @@ def main(argv=None):
         if a.real_shapes:
             a.real_shapes.mkdir(parents=True, exist_ok=True)
             results = run_real_shapes(a.real_shapes, data, a.steps, a.warmup, a.batch_size, a.threads, cache,
-                                      a.gradient_checkpointing)
+                                      a.gradient_checkpointing, a.dtype)
             a.methods = []
         for method in a.methods:
             for impl in IMPLS:
                 result = run_case(impl, method, data, a.steps, a.warmup, a.batch_size, a.threads, cache,
-                                  a.gradient_checkpointing)
+                                  a.gradient_checkpointing, {"dtype": a.dtype})
                 print(f"{method} {impl}: {result['tokens_per_second']:.0f} tokens/s, peak extra "
                       f"{result['peak_extra_mib']:.0f} MiB", file=sys.stderr, flush=True)
                 results.append(result)
