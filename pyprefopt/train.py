@@ -61,6 +61,7 @@ from pyprefopt.files import atomic_write, atomic_write_text, publishable, remove
 from pyprefopt.fused_linear_preference_loss import FusedLinearPreferenceLoss
 from pyprefopt.head_config import check_fused_head_support, head_logit_transform
 from pyprefopt.memory import bound_onednn_caches
+from pyprefopt.packed_attention import PACKED_ATTENTION, packed_last_hidden, use_packed_attention
 
 # The LoRA options' defaults; with --adapter they come from the adapter's adapter_config.json instead.
 LORA_DEFAULTS = {"lora_r": 16, "lora_alpha": 32.0, "lora_dropout": 0.0, "target_modules": "all-linear"}
@@ -73,9 +74,6 @@ METRICS_FILE = "metrics.jsonl"
 RUN_ARGS_FILE = "run_args.json"
 # Most decoder calls one micro-batch is split into when its rows are not packed (see last_hidden).
 MAX_LENGTH_GROUPS = 4
-# The attention implementation the loop gives a CPU model whose attention is transformers' SDPA: that SDPA, run
-# separately on each sequence of a packed row (see last_hidden).
-PACKED_ATTENTION = "pyprefopt_packed_sdpa"
 # Options that may differ between a run and its --resume (they do not change what is computed).
 RESUMABLE_CHANGES = {"resume", "eval_every", "save_every", "save_total_limit", "merge", "output_dir"}
 # Options a --resume may change with the number of processes, as long as the checkpoint's global batch, and the
@@ -484,56 +482,6 @@ def decoder_and_head(model):
     return model.base_model, head
 
 
-# While last_hidden runs a packed forward: transformers builds no attention mask (the sequences' own causal
-# attention is the packed attention's), and every call of the packed attention is counted.
-_packed_forward = {"active": False, "calls": 0}
-
-
-def _packed_sdpa_attention(module, query, key, value, attention_mask, pyprefopt_lengths=None, **kwargs):
-    """transformers' SDPA attention; with `pyprefopt_lengths` (the token counts of the sequences packed one after
-    the other in one row, query/key/value [1, heads, tokens, head_dim]) run on each sequence alone, causal within it."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if pyprefopt_lengths is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    _packed_forward["calls"] += 1
-    window = kwargs.get("sliding_window")
-    outputs = []
-    # split, not slicing: its backward writes the sequences' gradients into one tensor instead of adding up one
-    # full-size zero-padded gradient per sequence.
-    for q, k, v in zip(*(t.split(pyprefopt_lengths, dim=2) for t in (query, key, value))):
-        mask = None
-        n = q.shape[2]
-        if window is not None and n > window:
-            # transformers' sliding window: a query sees the `window` most recent keys, itself included.
-            i = torch.arange(n, device=q.device)
-            mask = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
-        outputs.append(sdpa_attention_forward(module, q, k, v, mask, **kwargs)[0])  # [1, n, heads, head_dim]
-    return torch.cat(outputs, dim=1), None
-
-
-def _packed_sdpa_mask(*args, **kwargs):
-    """transformers' SDPA mask, none during a packed forward (the packed attention keeps the sequences apart)."""
-    from transformers.masking_utils import sdpa_mask
-
-    return None if _packed_forward["active"] else sdpa_mask(*args, **kwargs)
-
-
-def use_packed_attention(model) -> bool:
-    """Give `model` the packed SDPA attention if its attention is transformers' SDPA through the attention
-    interface (models with their own attention code keep it, and last_hidden its length groups). Outside
-    last_hidden's packed forwards the model computes exactly what it did. Returns whether it was set."""
-    if getattr(model.config, "_attn_implementation", None) != "sdpa":
-        return False
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(PACKED_ATTENTION, _packed_sdpa_attention)
-    AttentionMaskInterface.register(PACKED_ATTENTION, _packed_sdpa_mask)
-    model.set_attn_implementation(PACKED_ATTENTION)  # warns and changes nothing for a model that cannot
-    return model.config._attn_implementation == PACKED_ATTENTION
-
-
 def length_groups(rows: int) -> int:
     """Decoder calls per batch: one per ~4 rows, at most 4 (each call costs a little fixed overhead)."""
     return max(1, min(MAX_LENGTH_GROUPS, rows // 4))
@@ -553,7 +501,7 @@ def last_hidden(decoder, input_ids, lengths, device, dtype=torch.float32):
     A `dtype` other than fp32 runs the decoder under autocast to it (compute_dtype)."""
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         if getattr(decoder.config, "_attn_implementation", None) == PACKED_ATTENTION and int(lengths.min()) > 0:
-            return _packed_last_hidden(decoder, input_ids, lengths, device)
+            return packed_last_hidden(decoder, input_ids, lengths, device)
         order = torch.argsort(lengths, stable=True)
         width = input_ids.shape[1]
         outputs = []
@@ -564,24 +512,6 @@ def last_hidden(decoder, input_ids, lengths, device, dtype=torch.float32):
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(len(order))
     return torch.cat(outputs)[inverse.to(device)]
-
-
-def _packed_last_hidden(decoder, input_ids, lengths, device):
-    rows, width = input_ids.shape
-    real = torch.arange(width) < lengths[:, None]  # [B, T]: row-major, so row 0's tokens come first
-    counts = tuple(lengths.tolist())
-    positions = torch.cat([torch.arange(n) for n in counts])
-    _packed_forward.update(active=True, calls=0)
-    try:
-        hidden = decoder(input_ids=input_ids[real][None].to(device), position_ids=positions[None].to(device),
-                         use_cache=False, pyprefopt_lengths=counts).last_hidden_state[0]
-    finally:
-        _packed_forward["active"] = False
-    if _packed_forward["calls"] == 0:
-        raise RuntimeError(f"{type(decoder).__name__} did not run its attention through {PACKED_ATTENTION!r}: "
-                           "the packed sequences would have attended to each other")
-    index = real.reshape(-1).nonzero().squeeze(1).to(device)
-    return hidden.new_zeros(rows * width, hidden.shape[-1]).index_copy(0, index, hidden).view(rows, width, -1)
 
 
 def reference_context(model, full: bool):

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 
 from pyprefopt import data as D
 from pyprefopt import train
+from pyprefopt.packed_attention import use_packed_attention
 
 from synthetic_data import write_data
 
@@ -404,7 +405,7 @@ def test_truncation_is_counted_and_prompts_masked(data_dir):
 
 @pytest.mark.parametrize("sliding_window, checkpointing", [(None, False), (3, True)])
 def test_packed_rows_give_the_padded_batch_states_and_gradients(sliding_window, checkpointing):
-    """On CPU last_hidden runs a batch's real tokens packed into one row (train.use_packed_attention): every real
+    """On CPU last_hidden runs a batch's real tokens packed into one row (pyprefopt.packed_attention): every real
     token's state and every LoRA gradient are those of the padded batch under transformers' own SDPA masks,
     sliding windows and recomputation (gradient checkpointing) included."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -437,7 +438,7 @@ def test_packed_rows_give_the_padded_batch_states_and_gradients(sliding_window, 
         return hidden[real].detach(), grads
 
     want = states_and_grads(model.model(input_ids=input_ids, attention_mask=real.long()).last_hidden_state)
-    assert train.use_packed_attention(model)
+    assert use_packed_attention(model)
     got = states_and_grads(train.last_hidden(model.model, input_ids, lengths, torch.device("cpu")))
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
     for g, w in zip(got[1], want[1]):
