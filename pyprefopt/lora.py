@@ -42,12 +42,9 @@ from torch.autograd.function import once_differentiable
 from pyprefopt import cpu_linear
 from pyprefopt.files import replace_dir, staging_dir
 from pyprefopt.nf4 import lora_scale
+from pyprefopt.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_config, lora_keys, names_module, saved_key
 
 BIAS_MODES = ("none", "all", "lora_only")
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-# PEFT's prefix of every saved key: `PeftModel.base_model` (LoraModel) `.model` (the wrapped model).
-PEFT_PREFIX = "base_model.model."
 
 
 def _is_linear4bit(module) -> bool:
@@ -367,8 +364,7 @@ def _target_names(model: nn.Module, target_modules) -> list[str]:
     if not isinstance(target_modules, (list, tuple, set)) or not all(isinstance(t, str) for t in target_modules):
         raise TypeError(f"target_modules must be 'all-linear', a regex string or a list of names, got "
                         f"{target_modules!r}")
-    targets = set(target_modules)
-    return [name for name in names if name in targets or any(name.endswith("." + t) for t in targets)]
+    return [name for name in names if names_module(name, set(target_modules))]
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -426,15 +422,15 @@ def _adapter_state_dict(model: nn.Module, bias: str) -> dict[str, torch.Tensor]:
     layers = lora_layers(model)
     state = {}
     for name, layer in layers.items():
-        state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A
-        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B
+        key_a, key_b = lora_keys(name)
+        state[key_a], state[key_b] = layer.lora_A, layer.lora_B
         if bias == "lora_only" and layer.base_layer.bias is not None:
-            state[f"{PEFT_PREFIX}{name}.base_layer.bias"] = layer.base_layer.bias
+            state[saved_key(f"{name}.base_layer.bias")] = layer.base_layer.bias
     if bias == "all":
         # Our module names are PEFT's (`<name>.base_layer.bias` inside a LoRA layer, `<name>.bias` elsewhere).
         for name, param in model.named_parameters():
             if "bias" in name:  # PEFT's test for bias="all"
-                state[PEFT_PREFIX + name] = param
+                state[saved_key(name)] = param
     return {key: tensor.detach().contiguous() for key, tensor in state.items()}
 
 
@@ -462,12 +458,13 @@ def save_lora_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
             shutil.rmtree(staging)
 
 
-def _read_peft_config(directory: str) -> LoRAConfig:
-    path = os.path.join(directory, ADAPTER_CONFIG)
+def read_adapter_config(directory: str | os.PathLike) -> LoRAConfig:
+    """The LoRAConfig of a PEFT-format adapter directory (ours or PEFT's); ValueError naming the file for one this
+    module cannot load (a field of the wrong type, or a PEFT feature it does not implement)."""
+    path = os.path.join(os.fspath(directory), ADAPTER_CONFIG)
     with open(path, encoding="utf-8") as f:
         raw = json.load(f)
-    if raw.get("peft_type") != "LORA":
-        raise ValueError(f"{path}: peft_type must be 'LORA', got {raw.get('peft_type')!r}")
+    check_config(raw, path)
     for key, default in _UNSUPPORTED_PEFT_FIELDS.items():
         value = raw.get(key, default)
         if value not in (default, None, {}, [], False):
@@ -489,7 +486,7 @@ def load_lora_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Modu
     from safetensors.torch import load_file
 
     directory = os.fspath(directory)
-    config = _read_peft_config(directory)
+    config = read_adapter_config(directory)
     if not lora_layers(model):
         inject_lora(model, config.target_modules, r=config.r, lora_alpha=config.lora_alpha,
                     lora_dropout=config.lora_dropout, use_rslora=config.use_rslora, bias=config.bias)
@@ -506,7 +503,7 @@ def load_lora_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Modu
     missing = sorted(key for key in set(expected) - set(tensors) if ".lora_" in key)
     if missing:
         raise ValueError(f"{directory}: LoRA weights missing for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    params = {PEFT_PREFIX + name: param for name, param in _peft_named_parameters(model)}
+    params = {saved_key(name): param for name, param in _peft_named_parameters(model)}
     with torch.no_grad():
         for key, tensor in tensors.items():
             param = params[key]

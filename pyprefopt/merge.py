@@ -39,6 +39,14 @@ from tqdm.auto import tqdm
 
 from pyprefopt import nf4
 from pyprefopt.files import MOVED_ASIDE_PREFIX, STAGING_PREFIX, replace_dir, staging_dir
+from pyprefopt.peft_format import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    PEFT_PREFIX,
+    check_config,
+    names_module,
+    split_lora_key,
+)
 from pyprefopt.safetensors_io import (
     SafetensorsFormatError,
     StreamingWriter,
@@ -48,7 +56,6 @@ from pyprefopt.safetensors_io import (
 )
 
 OUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-PEFT_PREFIX = "base_model.model."
 # The tensors bitsandbytes stores beside a 4-bit weight `W.weight` (QuantState.as_dict(packed=True)).
 NF4_COMPANIONS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
 QUANT_STATE_MARK = ".quant_state.bitsandbytes__"
@@ -337,52 +344,20 @@ def module_settings(config: dict, modules: list[str], config_path: Path) -> dict
         elif regex_target:
             targeted = matches[-1][i]
         else:
-            targeted = any(module == t or module.endswith(f".{t}") for t in target_modules)
+            targeted = names_module(module, target_modules)
         r = next((rank_pattern[k] for k, m in zip(rank_pattern, rank_matches) if m[i]), config["r"])
         alpha = next((alpha_pattern[k] for k, m in zip(alpha_pattern, alpha_matches) if m[i]), config["lora_alpha"])
         settings[module] = ModuleSettings(targeted, r, alpha)
     return settings
 
 
-def _is_positive_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-
-
-def _check_adapter_config(config: dict, path: Path):
-    """Each field the merge reads has PEFT's type: a wrong one is named here rather than failing later."""
-    def bad(field, wanted):
-        return MergeError(f"{path}: {field} must be {wanted}, got {config[field]!r}; fix the field or re-save "
-                          "the adapter with PEFT")
-
-    for name in ("r", "lora_alpha"):
-        if name not in config:
-            raise MergeError(f"{path}: required field {name!r} is missing; re-save the adapter with PEFT")
-        if not _is_positive_number(config[name]):
-            raise bad(name, "a positive number")
-    target_modules = config.get("target_modules")
-    if not (target_modules is None or isinstance(target_modules, str)
-            or (isinstance(target_modules, list) and all(isinstance(t, str) for t in target_modules))):
-        raise bad("target_modules", "a list of module names or one regular expression")
-    for name in ("rank_pattern", "alpha_pattern"):
-        patterns = config.get(name)
-        if patterns is not None and not (
-            isinstance(patterns, dict) and all(map(_is_positive_number, patterns.values()))
-        ):
-            raise bad(name, "an object mapping module-name patterns to positive numbers")
-    for name in ("use_rslora", "use_dora", "fan_in_fan_out"):
-        if config.get(name) is not None and not isinstance(config[name], bool):
-            raise bad(name, "true or false")
-
-
 def read_adapter(adapter_dir: Path) -> Adapter:
-    config_path = _within(adapter_dir / "adapter_config.json", adapter_dir)
+    config_path = _within(adapter_dir / ADAPTER_CONFIG, adapter_dir)
     config = _load_json_object(config_path, "adapter config")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise MergeError(f"adapter is {config.get('peft_type')!r}, not a LoRA adapter")
-    _check_adapter_config(config, config_path)
+    check_config(config, config_path, MergeError)
     if config.get("use_dora"):
         raise MergeError("DoRA adapters (use_dora=True) are not supported: their merge needs the weight norms")
-    weights = adapter_dir / "adapter_model.safetensors"
+    weights = adapter_dir / ADAPTER_WEIGHTS
     if weights.is_file():
         _within(weights, adapter_dir)
     else:
@@ -391,18 +366,17 @@ def read_adapter(adapter_dir: Path) -> Adapter:
         raise MergeError(f"adapter: {weights} does not exist{hint}")
     entries = _read_headers([weights])
     pairs, replacements = {}, {}
-    lora_key = re.compile(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias)$")
     for name, entry in entries.items():
         if not name.startswith(PEFT_PREFIX):
             raise MergeError(f"adapter key {name!r} lacks PEFT's {PEFT_PREFIX!r} prefix: not a PEFT adapter file")
         key = name[len(PEFT_PREFIX):]
-        match = lora_key.fullmatch(key)
-        if match is None:
+        module_part = split_lora_key(key)
+        if module_part is None:
             if ".lora_" in key:
                 raise MergeError(f"adapter key {name!r}: only LoRA linear layers merge (embedding/DoRA parts do not)")
             replacements[key] = entry
             continue
-        module, part = match.groups()
+        module, part = module_part
         pair = pairs.setdefault(module, LoraPair(module))
         setattr(pair, {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B", "lora_B.bias": "lora_B_bias"}[part], entry)
     for module, pair in pairs.items():

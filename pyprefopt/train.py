@@ -313,7 +313,8 @@ def read_adapter_options(args):
     into args, which then say what the run trains (the run's arguments, a --resume's comparison, the card). An
     explicitly given LoRA option that differs is refused: the adapter's weights fix them. Raises RunError when the
     directory holds no adapter."""
-    from pyprefopt.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, _read_peft_config
+    from pyprefopt.lora import read_adapter_config
+    from pyprefopt.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
     directory = Path(args.adapter)
     if not directory.is_dir():
@@ -323,7 +324,7 @@ def read_adapter_options(args):
         raise RunError(f"--adapter {directory} holds no LoRA adapter (no {' and no '.join(missing)}); name a PEFT "
                        "adapter directory, such as a LoRA run's --output-dir")
     try:
-        config = _read_peft_config(str(directory))
+        config = read_adapter_config(directory)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise RunError(f"--adapter {directory}: cannot read its {ADAPTER_CONFIG} as a PEFT LoRA config "
                        f"({type(e).__name__}: {e})") from e
