@@ -1,12 +1,14 @@
-"""pyprefopt inside other trainers: TRL's DPO/IPO, CPO, KTO and SFT trainers, and transformers' `Trainer`.
+"""pyprefopt inside other trainers: TRL's DPO/IPO, CPO, KTO, SFT, GRPO and RLOO trainers, and transformers'
+`Trainer`.
 
-TRL (`patch_trl`): TRL 1.16's DPOTrainer, KTOTrainer and SFTTrainer score sequences through a fused LM head
-that `trl.trainer.utils.add_fused_lm_head` puts on the model (`model(..., labels=..., fused_lm_head=True)`
-returns per-token log-probs instead of logits); its CPOTrainer materialises the `[B, T, V]` logits.
+TRL (`patch_trl`): TRL 1.16's DPOTrainer, KTOTrainer, SFTTrainer, GRPOTrainer and RLOOTrainer score sequences
+through a fused LM head that `trl.trainer.utils.add_fused_lm_head` puts on the model
+(`model(..., labels=..., fused_lm_head=True)` returns per-token log-probs instead of logits; GRPO and RLOO ask
+for the entropy too, at the sampling temperature); its CPOTrainer materialises the `[B, T, V]` logits.
 `patch_trl()` swaps in pyprefopt's head (`add_fused_lm_head` below, the same contract over
-`fused_linear_logprobs`) and a CPO forward without logits. TRL keeps everything else: its batches, losses
-(sigmoid, ipo, ...), metric names, PEFT reference handling (adapter disabled) and
-`precompute_ref_log_probs`. Call it before building the trainer:
+`fused_linear_logprobs`) and a CPO forward without logits. TRL keeps everything else: its batches, generation
+(the model's own forward), losses (sigmoid, ipo, dapo, grpo, ...), metric names, PEFT reference handling
+(adapter disabled) and `precompute_ref_log_probs`. Call it before building the trainer:
 
     import pyprefopt.drop_in
     pyprefopt.drop_in.patch_trl()
@@ -20,8 +22,8 @@ transformers 5.25); other versions fail with a clear error. Under autocast (TRL'
 the head projects in autocast's dtype, as TRL's does, but keeps the logits in fp32 where TRL rounds them. The
 model's own logit transform is applied as its forward applies it (`head_logit_transform`: Gemma 2/3/3n's
 soft-capping, Cohere's, Granite's, Falcon-H1's... logit scales), and MoE models their router load-balancing loss,
-as from their own forward. Not supported (a clear error, never a silent difference): encoder-decoder models. The
-head's `entropy` output carries no gradient (TRL's trainers above use it for metrics only).
+as from their own forward. The head's `entropy` output is differentiable (GRPO's `entropy_coef` and adaptive
+entropy bonus). Not supported (a clear error, never a silent difference): encoder-decoder models.
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ from pyprefopt.head_config import check_fused_head_support, head_logit_transform
 
 TRANSFORMERS_MIN = Version("5.0")
 HEAD_OUTPUTS = ("log_probs", *STATISTICS)
-# The TRL trainer modules whose fused head patch_trl replaces (GRPO/RLOO use the entropy with gradient).
-TRL_HEAD_MODULES = ("trl.trainer.dpo_trainer", "trl.trainer.kto_trainer", "trl.trainer.sft_trainer")
+# The TRL trainer modules whose fused head patch_trl replaces.
+TRL_HEAD_MODULES = ("trl.trainer.dpo_trainer", "trl.trainer.kto_trainer", "trl.trainer.sft_trainer",
+                    "trl.trainer.grpo_trainer", "trl.trainer.rloo_trainer")
 
 def _check_transformers():
     if Version(transformers.__version__) < TRANSFORMERS_MIN:
@@ -250,9 +253,10 @@ def _cpo_concatenated_forward(self, model, batch):
 
 
 def patch_trl():
-    """Make TRL trainers built from now on use pyprefopt: DPOTrainer (every loss_type), KTOTrainer and
-    SFTTrainer through `add_fused_lm_head`, `trl.experimental.cpo.CPOTrainer` through a forward without
-    logits. Returns a function that undoes the patch."""
+    """Make TRL trainers built from now on use pyprefopt: DPOTrainer (every loss_type), KTOTrainer, SFTTrainer,
+    GRPOTrainer and RLOOTrainer (GRPO's entropy bonus included) through `add_fused_lm_head`,
+    `trl.experimental.cpo.CPOTrainer` through a forward without logits. Returns a function that undoes the
+    patch."""
     _check_trl()
     from trl.experimental.cpo import CPOTrainer  # noqa: PLC0415
 

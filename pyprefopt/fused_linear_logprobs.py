@@ -22,6 +22,11 @@ Two kernels per device:
   up to H tokens cost three GEMMs; tokens beyond them are recomputed in backward (four). The GEMMs go
   through `pyprefopt.cpu_linear` (oneDNN for large fp32 products, where torch's MKL path runs at half speed
   on AMD CPUs).
+
+The per-token entropy H = -sum_v p_v log p_v (`statistics=("entropy",)`) is differentiable, for RL losses
+with an entropy bonus: dH / dlogits_v = -p_v (log p_v + H), taken through the same tiles as the log-probs'
+gradient by the blocked backward (on any device; the Triton kernels differentiate the log-probs only), and only
+when the loss uses it: a frozen head's factorised backward stays as it is for an entropy logged as a metric.
 """
 
 from __future__ import annotations
@@ -245,16 +250,20 @@ def fold_tile_with_spread(z, running_max, running_sum, spread, out):
 
 
 def tile_backward(z, scale, g, y, v0, h, w, grad_hidden, grad_weight, grad_bias, write_weight_grad=False,
-                   scratch=None, slope=None, label_slope=None):
+                   scratch=None, slope=None, label_slope=None, entropy_term=None):
     """Gradients of one tile for rows whose upstream gradient times `LogitTransform.grad_factor` is `g`, where z
     holds the tile's softmax up to a per-row factor, `scale * z = g * softmax`: z becomes d / dz = g * (onehot(y) -
     softmax) in place (times the capped transform's per-logit `slope`, and `label_slope` [rows] at the labels),
     then the GEMMs add into grad_hidden (these rows' slice), grad_weight and grad_bias (full; None: not wanted).
+    `entropy_term`: the entropy's upstream gradient's share, `g_H * p * (log p + H)` (`entropy_tile_term`), which
+    is subtracted before the slope (dH / dlogits_v = -p_v (log p_v + H)).
     `write_weight_grad`: the tile's weight-gradient rows are written, not added to (the first token block to reach
     them: the buffer needs no zero-fill pass). `scratch`: z lives in those very rows (`FusedLinearPreferenceLoss`
     keeps a first chunk's logits in the unwritten weight gradient), so z.T is copied to this flat fp32 buffer
     before the rows are written."""
     z.mul_(scale.neg()[:, None])
+    if entropy_term is not None:
+        z.sub_(entropy_term)
     r = labels_in_tile(y, v0, w.shape[0])
     if slope is None:
         z[r, y[r] - v0] += g[r]
@@ -384,12 +393,14 @@ def cpu_forward(hidden, weight, bias, labels, transform, with_hidden_grad_factor
 
 
 def cpu_backward(grad_logp, hidden, weight, bias, labels, lse, transform, need_hidden, need_weight, need_bias,
-                 kept=None, label_slope=None):
+                 kept=None, label_slope=None, grad_entropy=None, entropy=None):
     """Turn each tile into the logits gradient in place and run the gradient GEMMs: the tiles `cpu_forward` kept
     (`kept = (logits_store, kept_max)`, the first tokens; their gradient rows are the store) are read back, the
-    others recomputed. `label_slope`: `cpu_forward`'s, for a capped `transform`.
+    others recomputed. `label_slope`: `cpu_forward`'s, for a capped `transform`. `grad_entropy`: the upstream
+    gradient of the per-token `entropy` (`cpu_forward`'s statistic), None when it has none.
 
-    d logp_t / d z_tv = (1[v = y_t] - p_tv) s_tv, s the transform's d logits / d z.
+    d logp_t / d z_tv = (1[v = y_t] - p_tv) s_tv and d H_t / d z_tv = -p_tv (log p_tv + H_t) s_tv, s the
+    transform's d logits / d z.
     """
     n, width = hidden.shape
     vocab = weight.shape[0]
@@ -404,7 +415,11 @@ def cpu_backward(grad_logp, hidden, weight, bias, labels, lse, transform, need_h
         grad_weight.zero_()
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_bias else None
     scale = grad_logp.float() * transform.grad_factor
-    slopes = torch.empty(max(block, n_kept), tile, dtype=torch.float32, device=dev) if transform.capped else None
+    # The entropy's gradient reaches z through the same d logits / d z: its constant part folds in here too.
+    entropy_scale = None if grad_entropy is None else grad_entropy.float() * transform.grad_factor
+    rows_max = max(block, n_kept)
+    slopes = torch.empty(rows_max, tile, dtype=torch.float32, device=dev) if transform.capped else None
+    log_probs = torch.empty(rows_max, tile, dtype=torch.float32, device=dev) if entropy_scale is not None else None
     if n_kept:
         logits_store, kept_max = kept
         h, y, g = as_fp32(hidden[:n_kept]), labels[:n_kept], scale[:n_kept]
@@ -415,10 +430,23 @@ def cpu_backward(grad_logp, hidden, weight, bias, labels, lse, transform, need_h
             z = kept_logits_tile(logits_store, v0, w.shape[0], 0, n_kept)
             slope = None if slopes is None else slopes_of_kept_tile(transform, z, kept_max[i], slopes)
             # softmax = exp(z/T - m) * exp(m - lse): the kept tile turns into its gradient without a GEMM.
-            tile_backward(z, g * (kept_max[i] - lse[:n_kept]).exp_(), g, y, v0, h, w,
+            to_softmax = (kept_max[i] - lse[:n_kept]).exp_()
+            entropy_term = None
+            if entropy_scale is None:
+                row_scale = g * to_softmax
+            else:
+                # log p = log(exp(logits - m)) + m - lse; where the exponential underflowed, p = 0 and the finite
+                # clamp keeps p * log p at 0 rather than 0 * -inf.
+                log_p = torch.log(z, out=log_probs[:n_kept, : w.shape[0]])
+                log_p.add_((kept_max[i] - lse[:n_kept])[:, None]).clamp_(min=torch.finfo(torch.float32).min)
+                row_scale = g
+                entropy_term = entropy_tile_term(z.mul_(to_softmax[:, None]), log_p, entropy[:n_kept],
+                                                 entropy_scale[:n_kept])
+            tile_backward(z, row_scale, g, y, v0, h, w,
                            None if grad_hidden is None else grad_hidden[:n_kept], grad_weight, grad_bias,
                            write_weight_grad=True, scratch=scratch, slope=slope,
-                           label_slope=None if label_slope is None else label_slope[:n_kept])
+                           label_slope=None if label_slope is None else label_slope[:n_kept],
+                           entropy_term=entropy_term)
     logits = torch.empty(block, tile, dtype=torch.float32, device=dev) if n_kept < n else None
     for t0 in range(n_kept, n, block):
         h = as_fp32(hidden[t0 : t0 + block])
@@ -429,11 +457,22 @@ def cpu_backward(grad_logp, hidden, weight, bias, labels, lse, transform, need_h
             z, w = logits_tile(h, weight, bias, v0, tile, logits)
             slope = None if slopes is None else slopes[:rows, : w.shape[0]]
             # z <- softmax = exp(logits - lse), then -g * softmax (* slope) + g (* the label's slope) at each label.
-            transform.apply_(z, slope).sub_(lse[t0 : t0 + rows, None]).exp_()
+            transform.apply_(z, slope).sub_(lse[t0 : t0 + rows, None])
+            log_p = None if entropy_scale is None else log_probs[:rows, : w.shape[0]].copy_(z)
+            z.exp_()
+            entropy_term = None if log_p is None else entropy_tile_term(z, log_p, entropy[t0 : t0 + rows],
+                                                                        entropy_scale[t0 : t0 + rows])
             tile_backward(z, g, g, y, v0, h, w, None if grad_hidden is None else grad_hidden[t0 : t0 + rows],
                            grad_weight, grad_bias, write_weight_grad=t0 == 0, slope=slope,
-                           label_slope=None if label_slope is None else label_slope[t0 : t0 + rows])
+                           label_slope=None if label_slope is None else label_slope[t0 : t0 + rows],
+                           entropy_term=entropy_term)
     return grad_hidden, grad_weight, grad_bias
+
+
+def entropy_tile_term(p, log_p, entropy, entropy_scale):
+    """`entropy_scale * p * (log p + H)` in place in `log_p`: minus the entropy's share of d / dlogits over a tile,
+    from H = -sum_v p_v log p_v, dH / dlogits_v = -p_v (log p_v + H)."""
+    return log_p.add_(entropy[:, None]).mul_(p).mul_(entropy_scale[:, None])
 
 
 def slopes_of_kept_tile(transform, kept, tile_max, buffer):
@@ -457,7 +496,8 @@ def _use_triton(device: torch.device, backend: str) -> bool:
 
 class FusedLinearLogprobsFunction(torch.autograd.Function):
     """Autograd over rows whose labels are all valid (ignored rows are dropped before the call).
-    Outputs: logp, lse, then the requested statistics in `statistics` order (no gradient)."""
+    Outputs: logp, lse, then the requested statistics in `statistics` order; of these only the entropy is
+    differentiable (an entropy bonus in the loss), and its gradient costs nothing unless the loss uses it."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, transform, use_triton, grad_enabled, statistics):
@@ -472,9 +512,13 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
             from pyprefopt.kernels import fused_linear_logprobs as triton_kernels
 
             logp, lse = triton_kernels.forward(hidden, weight, bias, labels, transform)
-            factor = kept_max = label_slope = None
-            # The Triton kernels compute log-probs only: statistics cost one more (no-grad) blocked pass.
-            stats = cpu_forward(hidden, weight, bias, labels, transform, False, statistics)[3] if statistics else {}
+            factor = kept_max = label_slope = blocked_lse = None
+            # The Triton kernels compute log-probs only: statistics cost one more (no-grad) blocked pass, which
+            # also gives an entropy gradient what the blocked backward needs (see `backward`).
+            stats = {}
+            if statistics:
+                _, blocked_lse, _, stats, _, label_slope = cpu_forward(hidden, weight, bias, labels, transform,
+                                                                       False, statistics)
         else:
             # A trained head keeps the first H tokens' logits in its weight gradient's buffer, where backward would
             # write their gradient anyway: up to H tokens cost 3 GEMMs, not 4. Only the buffer the last backward
@@ -483,10 +527,12 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
             logp, lse, factor, stats, kept_max, label_slope = cpu_forward(
                 hidden, weight, bias, labels, transform, factorised, statistics, logits_store=store
             )
-        if factorised:
-            ctx.save_for_backward(factor)
-        else:
-            ctx.save_for_backward(hidden, weight, bias, labels, lse, label_slope)
+            blocked_lse = lse
+        entropy = stats.get("entropy")
+        # The factor serves the log-probs alone; an entropy that may yet get a gradient keeps the inputs as well.
+        inputs = (() if factorised and entropy is None else
+                  (hidden, weight, bias, labels, lse, blocked_lse, label_slope, entropy))
+        ctx.save_for_backward(factor, *inputs)
         ctx.factorised = factorised
         # Held on ctx, not saved for backward: backward hands the store over as the weight gradient, so it must
         # not stay reachable from the graph afterwards (autograd would copy it rather than take it).
@@ -494,28 +540,37 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         ctx.hidden_dtype = hidden.dtype
         ctx.transform = transform
         ctx.use_triton = use_triton
+        ctx.entropy_index = statistics.index("entropy") if entropy is not None else None
         extra = tuple(stats[name] for name in statistics)
-        ctx.mark_non_differentiable(lse, *extra)
+        ctx.mark_non_differentiable(lse, *(t for name, t in zip(statistics, extra) if name != "entropy"))
+        # An unused entropy (a metric) reaches backward as None, not as zeros to differentiate.
+        ctx.set_materialize_grads(False)
         return (logp, lse, *extra)
 
     @staticmethod
-    def backward(ctx, grad_logp, *_no_grad_outputs):
-        if ctx.factorised:
-            (factor,) = ctx.saved_tensors
+    def backward(ctx, grad_logp, _grad_lse, *grad_statistics):
+        grad_entropy = None if ctx.entropy_index is None else grad_statistics[ctx.entropy_index]
+        factor, *inputs = ctx.saved_tensors
+        if ctx.factorised and grad_entropy is None:
             return (factor * grad_logp[:, None]).to(ctx.hidden_dtype), None, None, None, None, None, None, None
-        hidden, weight, bias, labels, lse, label_slope = ctx.saved_tensors
+        hidden, weight, bias, labels, lse, blocked_lse, label_slope, entropy = inputs
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(lse)
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        if ctx.use_triton:
+        # Kept logits are consumed: a second backward (retain_graph) recomputes them.
+        kept, ctx.kept = ctx.kept, None
+        if ctx.use_triton and grad_entropy is None:
             from pyprefopt.kernels import fused_linear_logprobs as triton_kernels
 
             grads = triton_kernels.backward(
                 grad_logp, hidden, weight, bias, labels, lse, ctx.transform, need_hidden, need_weight, need_bias
             )
         else:
-            # Kept logits are consumed: a second backward (retain_graph) recomputes them.
-            kept, ctx.kept = ctx.kept, None
-            grads = cpu_backward(grad_logp, hidden, weight, bias, labels, lse, ctx.transform, need_hidden, need_weight,
-                                 need_bias, kept, label_slope)
+            # The Triton kernels differentiate the log-probs only: an entropy gradient takes the blocked PyTorch
+            # backward, on whatever device the tensors are, with the blocked pass's own log-sum-exp (the softmax of
+            # its tiles sums to 1 with it; with the Triton kernels', rounded from other logits, it does not).
+            grads = cpu_backward(grad_logp, hidden, weight, bias, labels, blocked_lse, ctx.transform, need_hidden,
+                                 need_weight, need_bias, kept, label_slope, grad_entropy, entropy)
         grad_hidden, grad_weight, grad_bias = (None if g is None else g.to(hidden.dtype) for g in grads)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
@@ -652,9 +707,10 @@ def fused_linear_logprobs(
             for causal LMs), `ignore_index` where no log-prob is wanted.
         bias: optional `[V]` LM-head bias.
         backend: "auto" (Triton on CUDA, blocked PyTorch on CPU), "triton" or "torch".
-        statistics: names from STATISTICS to compute in the same pass, without gradient (metrics):
-            "entropy" (of the softmax), "log_sum_sq_probs" (`log sum_v p_v^2`), "mean_logits" (over the
-            vocabulary, after every transform) and "is_top1" (the label's logit is the largest; ties count).
+        statistics: names from STATISTICS to compute in the same pass: "entropy" (of the softmax;
+            differentiable, for an entropy bonus), and without gradient (metrics) "log_sum_sq_probs"
+            (`log sum_v p_v^2`), "mean_logits" (over the vocabulary, after every transform) and "is_top1" (the
+            label's logit is the largest; ties count).
         softcap: Gemma 2/3/3n's `final_logit_softcapping`; None for none.
         logit_scale: the multiplier a model applies to its head's output (Cohere's `logit_scale`, Granite's
             `1 / logits_scaling`).

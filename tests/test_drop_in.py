@@ -1,6 +1,7 @@
 """pyprefopt inside TRL's own trainers and transformers' Trainer: a few real training steps with and without
-pyprefopt on tiny Qwen3, Qwen2 and Llama models (tied and untied heads; CPU, fp32) log the same losses and metrics;
-under autocast the head projects in autocast's dtype, as TRL's does."""
+pyprefopt on tiny Qwen3, Qwen2 and Llama models (tied and untied heads; CPU, fp32) log the same losses and metrics,
+GRPO's and RLOO's on the same sampled completions; under autocast the head projects in autocast's dtype, as TRL's
+does."""
 
 from __future__ import annotations
 
@@ -15,7 +16,18 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments  # noqa: E402
-from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer  # noqa: E402
+from trl import (  # noqa: E402
+    DPOConfig,
+    DPOTrainer,
+    GRPOConfig,
+    GRPOTrainer,
+    KTOConfig,
+    KTOTrainer,
+    RLOOConfig,
+    RLOOTrainer,
+    SFTConfig,
+    SFTTrainer,
+)
 from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
 
 from pyprefopt import drop_in  # noqa: E402
@@ -25,6 +37,7 @@ from tiny_trl_setup import (  # noqa: E402,F401 (all but common_args, model, ran
     model,
     policy_state,
     preference_dataset,
+    prompt_dataset,
     qwen3_config,
     random_state,
     ref_state,
@@ -35,7 +48,7 @@ from tiny_trl_setup import (  # noqa: E402,F401 (all but common_args, model, ran
 
 STEPS = 3
 # Logged per step; timing entries differ from run to run by nature.
-TIMING = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos")
+TIMING = ("step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos")
 # fp32 on both sides, the same batches and seeds; the head's sums run in a different order, and three
 # AdamW steps carry those last-bit differences into the weights.
 RTOL, ATOL = 1e-5, 1e-6
@@ -211,6 +224,74 @@ def test_unpadded_batches_log_the_same(trainer, tmp_path, head_calls, tokenizer)
     with_and_without_pyprefopt(build, head_calls)
 
 
+def mean_token_reward(sampled, vocab_size):
+    """A reward function (a completion's mean token id over the vocabulary size: rewards in [0, 1) that seldom
+    tie, so every group has advantages) that records the completions it scores in `sampled`: the runs with and
+    without pyprefopt must train on the same samples. (RLOO does not scale its advantages: rewards of order 1
+    keep its loss, a sum of advantages times ratios that nearly cancels, from rounding to more than the
+    tolerance.)"""
+
+    def mean_token(completion_ids, **kwargs):
+        sampled.append([list(ids) for ids in completion_ids])
+        return [sum(ids) / (len(ids) * vocab_size) for ids in completion_ids]
+
+    return mean_token
+
+
+# GRPO's default loss (dapo) and two others, its entropy bonus (static, on the high-entropy tokens only, adaptive,
+# and through a frozen head under LoRA), and RLOO; each on the plain and the soft-capped (Gemma 2) head, all with
+# a KL term to a reference (the saved model, or the adapter disabled).
+RL_CASES = {
+    "grpo-qwen3": ("grpo", "qwen3", {}),
+    "grpo-gemma2": ("grpo", "gemma2", {}),
+    "grpo-loss_grpo-qwen3": ("grpo", "qwen3", {"loss_type": "grpo"}),
+    "grpo-loss_bnpo-entropy_coef-gemma2": ("grpo", "gemma2", {"loss_type": "bnpo", "entropy_coef": 0.05}),
+    "grpo-entropy_coef-top_entropy-qwen3": ("grpo", "qwen3", {"entropy_coef": 0.05, "top_entropy_quantile": 0.5}),
+    # The entropy (about 5.2 nats) is under the target: the adaptive coefficient applies from the second step on.
+    "grpo-adaptive_entropy-qwen3": ("grpo", "qwen3", {"use_adaptive_entropy": True, "entropy_coef": 0.05,
+                                                      "entropy_target": 6.0}),
+    "grpo-lora-entropy_coef-gemma2": ("grpo", "gemma2", {"entropy_coef": 0.05, "lora": True}),
+    "rloo-qwen3": ("rloo", "qwen3", {}),
+    "rloo-gemma2": ("rloo", "gemma2", {}),
+}
+
+
+@pytest.mark.parametrize(("trainer", "architecture", "options"), RL_CASES.values(), ids=RL_CASES.keys())
+def test_rl_trainers_log_the_same(trainer, architecture, options, tmp_path, head_calls, tokenizer, prompt_dataset):
+    """GRPO and RLOO sample completions (the model's own forward, untouched by the patch) at a temperature of 0.7,
+    score them with the fused head at that temperature, log-probs and entropy, and reuse each batch for two steps
+    (num_iterations=2: importance ratios and their clipping). The sampled completions are recorded and must be the
+    same in both runs; a bias towards EOS makes their lengths vary."""
+    options = dict(options)
+    lora = options.pop("lora", False)
+    config = tiny_config(architecture)
+    path = str(tmp_path / "policy")
+    model(config, random_state(config, 0)).save_pretrained(path)
+    trainer_class, config_class = {"grpo": (GRPOTrainer, GRPOConfig), "rloo": (RLOOTrainer, RLOOConfig)}[trainer]
+    runs = []
+
+    def build():
+        runs.append([])
+        # A learning rate large enough that the policy moves from its reference and its old self within 3 steps.
+        return trainer_class(
+            model=path, reward_funcs=mean_token_reward(runs[-1], config.vocab_size), train_dataset=prompt_dataset,
+            processing_class=tokenizer,
+            args=args(config_class, tmp_path, 4, num_generations=4, max_completion_length=8, temperature=0.7,
+                      beta=0.05, num_iterations=2, learning_rate=1e-3,
+                      generation_kwargs={"sequence_bias": [[[tokenizer.eos_token_id], 3.0]]}, **options),
+            peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                   init_lora_weights=False) if lora else None,
+        )
+
+    logs = with_and_without_pyprefopt(build, head_calls)
+    theirs, ours = runs
+    assert ours == theirs
+    assert len({len(ids) for batch in theirs for ids in batch}) > 1
+    assert logs[0]["grad_norm"] > 0 and logs[0]["entropy"] > 0
+    if "entropy_coef" in options:
+        assert "policy_loss" in logs[0]
+
+
 def test_under_autocast_the_head_projects_in_autocast_dtype_exactly(qwen3_config, policy_state, monkeypatch):
     """TRL's configs turn bf16 autocast on by default. Under it TRL's head, like the model's own lm_head, projects
     bf16 operands and rounds the logits to bf16; ours projects the same bf16 operands (not the fp32 head: that
@@ -327,3 +408,28 @@ def test_head_outputs_match_trl_head(qwen3_config, policy_state):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
     # Without fused_lm_head the forward is the model's own.
     assert ours(input_ids=input_ids).logits.shape == (3, 9, qwen3_config.vocab_size)
+
+
+@pytest.mark.parametrize("architecture", ["qwen3", "gemma2"])
+def test_entropy_gradient_matches_trl_head(architecture):
+    """GRPO's entropy bonus differentiates the head's entropy: at GRPO's sampling temperature, through Gemma 2's
+    soft-cap, its gradient reaches the head and the layers below as through TRL's own head."""
+    from trl.trainer.utils import add_fused_lm_head as trl_add_fused_lm_head
+
+    config = tiny_config(architecture)
+    state = random_state(config, 0)
+    ours, theirs = model(config, state), model(config, state)
+    drop_in.add_fused_lm_head(ours, temperature=0.7, outputs=("log_probs", "entropy"))
+    trl_add_fused_lm_head(theirs, temperature=0.7, outputs=("log_probs", "entropy"))
+    input_ids = torch.randint(0, config.vocab_size, (3, 11), generator=torch.Generator().manual_seed(0))
+    labels = input_ids.masked_fill(torch.arange(11) < 4, -100)
+    upstream = torch.randn(3, 10, generator=torch.Generator().manual_seed(1))
+    names = ["lm_head.weight", "model.layers.1.self_attn.o_proj.weight"]
+    grads = []
+    for head in (ours, theirs):
+        out = head(input_ids=input_ids, labels=labels, fused_lm_head=True)
+        params = dict(head.named_parameters())
+        grads.append(torch.autograd.grad((out.entropy * upstream).sum(), [params[n] for n in names]))
+    for name, g, w in zip(names, *grads):
+        assert g.abs().max() > 0, name
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6, msg=lambda m: f"grad {name}: {m}")

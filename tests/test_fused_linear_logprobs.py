@@ -293,7 +293,9 @@ def test_statistics_match_reference(backend, shape, grads, with_bias, transform,
                               reference_logprobs(hidden, weight, labels, bias, **transform), name="logp")
     assert list(stats) == list(statistics)
     for name in statistics:
-        assert stats[name].shape == labels.shape and not stats[name].requires_grad
+        # The entropy is differentiable (an entropy bonus); the other statistics are metrics.
+        assert stats[name].shape == labels.shape
+        assert stats[name].requires_grad == (name == "entropy" and bool(grads))
         if name == "is_top1":
             assert torch.equal(stats[name], want[name]) and stats[name].any()
         else:
@@ -313,3 +315,87 @@ def test_unknown_statistic_is_an_error():
     hidden, weight, bias, labels = make_inputs(2, 3, 8, 20)
     with pytest.raises(ValueError, match="statistics must be distinct names"):
         fused_linear_logprobs(hidden, weight, labels, bias, statistics=("perplexity",))
+
+
+def entropy_and_logp_grads(fn, hidden, weight, bias, labels, grads, with_logp, **kwargs):
+    """Gradients of `sum(g_H * entropy) (+ sum(g_lp * logp))` for fixed random upstreams: `fn` is
+    `fused_linear_logprobs` or the reference (which returns the entropy alone)."""
+    tensors = {"hidden": hidden, "weight": weight, "bias": bias}
+    wanted = [tensors[g] for g in grads if tensors[g] is not None]
+    generator = torch.Generator().manual_seed(1)
+    upstream_entropy, upstream_logp = (torch.randn(labels.shape, generator=generator) for _ in range(2))
+    entropy, logp = fn(hidden, weight, labels, bias, **kwargs)
+    loss = (entropy * upstream_entropy.to(entropy.dtype)).sum()
+    if with_logp:
+        loss = loss + (logp * upstream_logp.to(logp.dtype)).sum()
+    return torch.autograd.grad(loss, wanted)
+
+
+def fused_entropy(hidden, weight, labels, bias, **kwargs):
+    logp, stats = fused_linear_logprobs(hidden, weight, labels, bias, statistics=("is_top1", "entropy"), **kwargs)
+    return stats["entropy"], logp
+
+
+def reference_entropy(hidden, weight, labels, bias, dtype=torch.float32, **transform):
+    return (reference_token_statistics(hidden, weight, labels, bias, dtype=dtype, **transform)["entropy"],
+            reference_logprobs(hidden, weight, labels, bias, dtype=dtype, **transform))
+
+
+@pytest.mark.parametrize("with_logp", [True, False], ids=["entropy+logp", "entropy-only"])
+@pytest.mark.parametrize("grads", GRAD_SETS, ids="+".join)
+@pytest.mark.parametrize("transform", [dict(temperature=0.7), dict(softcap=5.0, temperature=0.7),
+                                       TRANSFORMS["capped-underflow"]], ids=["temperature", "capped", "underflow"])
+@pytest.mark.parametrize("backend,shape", [("torch", (3, 47, 31, 1000)), ("triton", (3, 7, 31, 300))], ids=str)
+def test_entropy_gradient_within_torch_error(backend, shape, transform, grads, with_logp, monkeypatch):
+    """The entropy's gradient, dH / dlogits_v = -p_v (log p_v + H) through the soft-cap's slope and the
+    temperature, alone and beside the log-probs', within 2x the error of PyTorch's fp32 autograd through the
+    materialised logits against an fp64 truth. On CPU with token blocks of 8 and small tiles, so a trained head
+    keeps the first blocks' tiles for backward and recomputes the others; a frozen head's factorised forward falls
+    back to the recomputing backward; the Triton path differentiates the entropy through the blocked backward."""
+    monkeypatch.setattr(sys.modules["pyprefopt.fused_linear_logprobs"], "CPU_TOKEN_BLOCK", 8)
+    monkeypatch.setattr(sys.modules["pyprefopt.fused_linear_logprobs"], "CPU_TILE_BYTES", 4096)
+    hidden, weight, bias, labels = make_inputs(*shape, grads=grads)
+    # A first step leaves a trained fp32 CPU head the weight-gradient buffer the next forward keeps logits in.
+    entropy_and_logp_grads(fused_entropy, hidden, weight, bias, labels, grads, with_logp, backend=backend,
+                           **transform)
+    got = entropy_and_logp_grads(fused_entropy, hidden, weight, bias, labels, grads, with_logp, backend=backend,
+                                 **transform)
+    want = entropy_and_logp_grads(reference_entropy, hidden, weight, bias, labels, grads, with_logp, **transform)
+    truth = entropy_and_logp_grads(reference_entropy, *float64_copies(hidden, weight, bias), labels, grads,
+                                   with_logp, dtype=torch.float64, **transform)
+    for name, g, w, t in zip(grads, got, want, truth):
+        assert g.abs().max() > 0, name
+        assert_within_torch_error(g, t, w, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_entropy_gradient_low_precision_within_twice_torch_error(dtype):
+    grads = ("hidden", "weight")
+    transform = dict(softcap=5.0, temperature=0.7)
+    hidden, weight, bias, labels = make_inputs(3, 9, 48, 500, dtype=dtype, grads=grads, with_bias=False)
+    got = entropy_and_logp_grads(fused_entropy, hidden, weight, bias, labels, grads, True, **transform)
+    same_dtype = entropy_and_logp_grads(reference_entropy, hidden, weight, bias, labels, grads, True, dtype=dtype,
+                                        **transform)
+    truth = entropy_and_logp_grads(reference_entropy, *float64_copies(hidden, weight), None, labels, grads, True,
+                                   dtype=torch.float64, **transform)
+    for name, g, w, t in zip(grads, got, same_dtype, truth):
+        assert g.dtype == dtype
+        assert_within_torch_error(g, t, w, name=f"grad {name}")
+
+
+def test_unused_entropy_costs_a_frozen_head_no_recompute(monkeypatch):
+    """An entropy asked for as a metric only (TRL's GRPO without an entropy bonus) leaves a frozen head's
+    factorised backward as it is; one that enters the loss recomputes, and its gradient is the reference's."""
+    module = sys.modules["pyprefopt.fused_linear_logprobs"]
+    calls = []
+    real = module.cpu_backward
+    monkeypatch.setattr(module, "cpu_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    hidden, weight, bias, labels = make_inputs(2, 5, 16, 70, grads=("hidden",))
+    logp, stats = fused_linear_logprobs(hidden, weight, labels, bias, statistics=("entropy",))
+    (logp.sum() + stats["entropy"].detach().sum()).backward()
+    assert not calls and hidden.grad is not None
+    logp, stats = fused_linear_logprobs(hidden, weight, labels, bias, statistics=("entropy",))
+    got = torch.autograd.grad(logp.sum() + stats["entropy"].sum(), hidden)[0]
+    assert calls == [1]
+    ref_entropy, ref_logp = reference_entropy(hidden, weight, labels, bias)
+    assert_close_verbose(got, torch.autograd.grad(ref_logp.sum() + ref_entropy.sum(), hidden)[0], name="grad hidden")

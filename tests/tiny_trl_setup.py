@@ -160,6 +160,13 @@ def unpaired_dataset():
     )
 
 
+@pytest.fixture(scope="module")
+def prompt_dataset():
+    """Prompts for the trainers that generate their completions (GRPO, RLOO)."""
+    return Dataset.from_dict({"prompt": ["what is the capital of", "tell me a", "what color is the",
+                                         "where did the dog"]})
+
+
 def common_args(tmp_path, batch_size):
     return dict(
         output_dir=str(tmp_path),
