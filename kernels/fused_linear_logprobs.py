@@ -191,7 +191,7 @@ def fused_linear_logprobs_bwd_kernel(
 
 def _config(block_n: int, block_v: int, block_d: int = 32, programs_per_sm: int | None = None) -> triton.Config:
     """A tile at 8 warps (64-wide reduction steps at 4 warps spill); `programs_per_sm`: the resident programs its
-    registers are budgeted for (`maxnreg`, for 16-byte aligned launches), None to leave the count to ptxas."""
+    registers are budgeted for (`maxnreg`, where `budgeted`), None to leave the count to ptxas."""
     maxnreg = tuning.register_budget(programs_per_sm, 8) if programs_per_sm else None
     return triton.Config({"BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_D": block_d}, num_warps=8, maxnreg=maxnreg)
 
@@ -199,30 +199,33 @@ def _config(block_n: int, block_v: int, block_d: int = 32, programs_per_sm: int 
 # Tile configs for the GPU autotuner, per device family and input element size. Every one is compiled ahead of
 # time for its family's target in tests/test_triton_aot.py, which reports registers, shared memory and resident
 # programs per SM, asserts zero spills and that the soft-capped frozen backward keeps the plain one's resident
-# programs. fp32 tiles take twice the registers of 16-bit ones: above 64x64 they spill; the backward steps their
-# reduction 16 wide, where 32-wide steps spill in the frozen head's.
+# programs. fp32 tiles take twice the registers of 16-bit ones: above 64x64 they spill. Outside Hopper the
+# backward steps their reduction 16 wide, where 32-wide steps spill in the frozen head's; on Hopper 16-wide steps
+# spill in the trained head's.
 TILES = {2: [_config(64, 64), _config(128, 64), _config(64, 128)], 4: [_config(64, 64)]}
 FORWARD_CONFIGS = {
-    # Every family the same tiles: a register budget that holds the soft-capped forward to the plain one's
-    # resident programs spills its epilogue. sm_120 (Ampere's mma, Ada's 100 KiB) without the 128x64 tile, whose
-    # capped forward spills there.
+    # Every family the same tiles, unbudgeted: a register budget that holds the soft-capped forward to the plain
+    # one's resident programs spills its epilogue. sm_120 (Ampere's mma, Ada's 100 KiB): the 64x128 tile only, the
+    # capped forward spills at 128x64, and at 64x64 on unaligned operands.
     **dict.fromkeys(("sm_80", "sm_86", "sm_90", "sm_100"), TILES),
-    "sm_120": {2: [_config(64, 64), _config(64, 128)], 4: TILES[4]},
+    "sm_120": {2: [_config(64, 128)], 4: TILES[4]},
 }
 FP32_BACKWARD = [_config(64, 64, block_d=16)]
+# Register budgets hold the soft-capped frozen head's backward to the resident programs the plain one reaches on its
+# own: left to ptxas, the capped tile epilogue takes registers past them and loses a resident program, which that
+# kernel (bound by its atomics) pays for in full. Plain and trained launches run unbudgeted (the trained backward
+# spills under the 64x64 budget), and so do unaligned ones (see `budgeted`).
 BACKWARD_CONFIGS = {
     # sm_86/89: the sm_80 tiles; registers bind each tile's resident programs before their 100 KiB of shared
-    # memory does.
+    # memory does. Capped and plain reach the same resident programs there unbudgeted.
     **dict.fromkeys(("sm_80", "sm_86"), {2: TILES[2], 4: FP32_BACKWARD}),
-    # Hopper: the larger tiles held to the 2 resident programs the plain kernels reach on their own. Left to
-    # ptxas, the soft-capped kernel's tile epilogue takes registers past that and loses a resident program, which
-    # the atomics-bound frozen backward pays for in full. (64x64 runs unbudgeted: at 4 programs' budget the
-    # trained backward spills.)
-    "sm_90": {2: [_config(64, 64), _config(128, 64, programs_per_sm=2), _config(64, 128, programs_per_sm=2)],
-              4: FP32_BACKWARD},
-    # sm_100 (accumulators in tensor memory): without the 128x64 tile, which spills there.
-    "sm_100": {2: [_config(64, 64), _config(64, 128)], 4: FP32_BACKWARD},
-    "sm_120": {2: TILES[2], 4: FP32_BACKWARD},
+    "sm_90": {2: [_config(64, 64, programs_per_sm=4), _config(128, 64, programs_per_sm=2),
+                  _config(64, 128, programs_per_sm=2)], 4: TILES[4]},
+    # sm_100 (accumulators in tensor memory): the 64x128 tile only; 128x64 spills there, and at 64x64 the capped
+    # backward cannot hold the plain one's resident programs without spilling.
+    "sm_100": {2: [_config(64, 128)], 4: FP32_BACKWARD},
+    "sm_120": {2: [_config(64, 64), _config(128, 64, programs_per_sm=2), _config(64, 128, programs_per_sm=2)],
+               4: FP32_BACKWARD},
 }
 # The interpreter runs one config (autotuning there only multiplies test time).
 INTERPRETER_CONFIG = {"BLOCK_N": 32, "BLOCK_V": 32, "BLOCK_D": 16}
@@ -238,6 +241,12 @@ def aligned(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
         t.data_ptr() % ALIGNMENT == 0 for t in (hidden, weight))
 
 
+def budgeted(args: dict) -> bool:
+    """Whether a launch with these kernel arguments runs its configs' register budgets: the soft-capped frozen
+    head's backward on aligned operands."""
+    return (args["SOFTCAP"] and not args.get("WEIGHT_GRAD", True) and aligned(args["h_ptr"], args["w_ptr"]))
+
+
 def config_variant(hidden: torch.Tensor) -> int:
     """The key of a launch's configs in a family's table: 2 for 16-bit inputs, 4 for fp32 (and wider) ones."""
     return min(hidden.element_size(), 4)
@@ -249,8 +258,7 @@ def without_register_budget(config: triton.Config) -> triton.Config:
 
 def _prune(configs, named_args, **kwargs):
     # Triton hands the launch's positional arguments in `named_args` and its keyword ones in `kwargs`.
-    args = {**named_args, **kwargs}
-    if aligned(args["h_ptr"], args["w_ptr"]):
+    if budgeted({**named_args, **kwargs}):
         return configs
     return [without_register_budget(c) for c in configs]
 
@@ -258,9 +266,10 @@ def _prune(configs, named_args, **kwargs):
 # A capped head is tuned apart (SOFTCAP in the key): its tile epilogue (the tanh) changes the best config.
 _forward_kernel = launch.TunedKernel(fused_linear_logprobs_fwd_kernel, FORWARD_CONFIGS, INTERPRETER_CONFIG,
                                      key=["n_vocab", "n_hidden", "SOFTCAP"], prune=_prune)
-# The backward accumulates with atomics: every autotuning trial must start from zeroed buffers.
+# The backward accumulates with atomics: every autotuning trial must start from zeroed buffers. A frozen and a
+# trained head are tuned apart too: different kernels, and only the frozen one's configs keep their budgets.
 _backward_kernel = launch.TunedKernel(fused_linear_logprobs_bwd_kernel, BACKWARD_CONFIGS, INTERPRETER_CONFIG,
-                                      key=["n_vocab", "n_hidden", "SOFTCAP"], prune=_prune,
+                                      key=["n_vocab", "n_hidden", "SOFTCAP", "WEIGHT_GRAD"], prune=_prune,
                                       reset_to_zero=["dh_ptr", "dw_ptr", "db_ptr"])
 
 

@@ -236,11 +236,13 @@ DY_TILES = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=8, num_stage
             for bm, bn in ((128, 64), (64, 64), (32, 64))]
 GRAD_TILES = [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=8, num_stages=2)
               for bm, bk in ((64, 128), (64, 64), (64, 32))]
-# sm_100: without the 64x128 main tile, whose NF4 decode spills there.
+# sm_100: the main kernel without the 64x128 tile, whose NF4 decode spills there.
 MAIN_CONFIGS = dict(dict.fromkeys(tuning.FAMILY_NAMES, MAIN_TILES),
                     sm_100=[c for c in MAIN_TILES if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != (64, 128)])
 DOWN_CONFIGS = dict.fromkeys(tuning.FAMILY_NAMES, DOWN_TILES)
-DY_CONFIGS = dict.fromkeys(tuning.FAMILY_NAMES, DY_TILES)
+# sm_86/89: the dY kernel without the 64x64 tile, which spills there at rank 64.
+DY_CONFIGS = dict(dict.fromkeys(tuning.FAMILY_NAMES, DY_TILES),
+                  sm_86=[c for c in DY_TILES if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != (64, 64)])
 GRAD_CONFIGS = dict.fromkeys(tuning.FAMILY_NAMES, GRAD_TILES)
 # The largest tile (BLOCK_M x BLOCK_N or BLOCK_K) kept, by (fp32 inputs?, rank block above 16?), from
 # the ptxas reports: wider rank blocks and fp32 tiles take more registers. Rank blocks of 32 get the

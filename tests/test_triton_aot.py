@@ -20,8 +20,8 @@ DTYPES = {"bf16": ("*bf16", 2), "fp32": ("*fp32", 4)}
 FLOAT_SCALARS = {"out_scale", "in_scale", "scale", "nested_offset"}
 # Triton specialises a launch on which pointers and integers are multiples of 16. "aligned": the operands and the
 # hidden size (with the strides it sets) are, the token count and the vocabulary not necessarily (GPT-2's 50257);
-# "unaligned": nothing is (a hidden size that is no multiple of 16), compiled as the prune launches it, without
-# a register budget.
+# "unaligned": nothing is (a hidden size that is no multiple of 16). Each is compiled as the launcher's prune runs
+# it: with the configs' register budgets only for the soft-capped frozen backward, aligned.
 ALIGNED_INTEGERS = {"n_hidden", "stride_h", "stride_w"}
 
 
@@ -56,8 +56,8 @@ class Case:
     there), its flags and pointer types, and the specialisations to compile."""
 
     def __init__(self, name, kernel, configs, flags, input_pointers, other_types=None, dtypes=tuple(DTYPES),
-                 specialisations=("unaligned",)):
-        self.name, self.kernel, self.configs = name, kernel, configs
+                 specialisations=("unaligned",), budgeted=False):
+        self.name, self.kernel, self.configs, self.budgeted = name, kernel, configs, budgeted
         self.flags, self.input_pointers = flags, input_pointers
         self.other_types, self.dtypes, self.specialisations = other_types or {}, dtypes, specialisations
 
@@ -83,7 +83,8 @@ def cases():
         for head, flags in backward_heads.items():
             logprobs.append(Case(f"fused_linear_logprobs_bwd_{head}{suffix}", k.fused_linear_logprobs_bwd_kernel,
                                  logprobs_configs(k.BACKWARD_CONFIGS), dict(cap, **flags), logprobs_inputs,
-                                 {"y_ptr": "*i64"}, specialisations=("aligned", "unaligned")))
+                                 {"y_ptr": "*i64"}, specialisations=("aligned", "unaligned"),
+                                 budgeted=softcap and head == "frozen"))
     # LoRA: every kernel at the rank blocks 16 (r <= 16) and 64 (the largest); the NF4 main kernel with
     # double-quantised absmax (the heavier decode) for 16-bit activations, as QLoRA runs.
     main_inputs = {"x_ptr", "w_ptr", "bias_ptr", "l_ptr", "y_ptr"}
@@ -134,7 +135,7 @@ def compile_all():
                 signature = _signature(case.kernel, pointer_type, case.input_pointers, case.other_types)
                 for config in case.configs(family, element_size):
                     for specialisation in case.specialisations:
-                        if specialisation == "unaligned":
+                        if specialisation == "unaligned" or not case.budgeted:
                             config = k.without_register_budget(config)
                         attrs = _aligned_attrs(signature) if specialisation == "aligned" else None
                         constexprs = dict(case.flags, **config.kwargs, DOT_FP32=False, IEEE=dtype == "fp32")
@@ -204,7 +205,8 @@ def test_autotuners_prune_with_the_arguments_our_launchers_pass(monkeypatch, dty
     launchers as on a GPU of `family`, with Triton's own `Autotuner.run` prologue (positional arguments in
     `nargs`, keyword ones passed to the pruning) and the kernel launch itself left out, and check that
     each autotuner keeps exactly the configs of that family its filter allows for that launch's dtype, the
-    log-prob kernels' register budgets dropped where the hidden size is no multiple of 16 bytes."""
+    log-prob kernels' register budgets kept for the soft-capped frozen backward on a hidden size that is a
+    multiple of 16 bytes only."""
     import torch
     import triton.runtime.autotuner as autotuner
 
@@ -230,7 +232,10 @@ def test_autotuners_prune_with_the_arguments_our_launchers_pass(monkeypatch, dty
 
     hidden = torch.randn(6, width, dtype=dtype, requires_grad=True)
     weight = torch.randn(300, width, dtype=dtype, requires_grad=True)
-    fused_linear_logprobs(hidden, weight, torch.randint(0, 300, (6,)), backend="triton").sum().backward()
+    labels = torch.randint(0, 300, (6,))
+    fused_linear_logprobs(hidden, weight, labels, backend="triton").sum().backward()
+    # A soft-capped frozen head: the one launch that keeps its configs' register budgets (aligned).
+    fused_linear_logprobs(hidden, weight.detach(), labels, backend="triton", softcap=30.0).sum().backward()
     x = torch.randn(8, 32, dtype=dtype, requires_grad=True)
     base_weight = torch.randn(40, 32, dtype=dtype)
     lora_a = torch.randn(4, 32, dtype=dtype, requires_grad=True)
@@ -239,22 +244,29 @@ def test_autotuners_prune_with_the_arguments_our_launchers_pass(monkeypatch, dty
 
     element_size = torch.empty(0, dtype=dtype).element_size()
 
-    def logprobs_configs(table):
+    def logprobs_configs(table, args):
         configs = table[family][element_size]
-        return configs if width == 32 else [k.without_register_budget(c) for c in configs]
+        capped_frozen = args["SOFTCAP"] and not args.get("WEIGHT_GRAD", True)
+        return configs if width == 32 and capped_frozen else [k.without_register_budget(c) for c in configs]
 
     expected = {
-        "fused_linear_logprobs_fwd_kernel": lambda _: logprobs_configs(k.FORWARD_CONFIGS),
-        "fused_linear_logprobs_bwd_kernel": lambda _: logprobs_configs(k.BACKWARD_CONFIGS),
-        "lora_main_kernel": lambda r: lora.kept_configs("main", lora.MAIN_CONFIGS[family], element_size, r),
-        "lora_down_kernel": lambda r: lora.kept_configs("skinny", lora.DOWN_CONFIGS[family], element_size, r),
-        "lora_dy_kernel": lambda r: lora.kept_configs("skinny", lora.DY_CONFIGS[family], element_size, r),
-        "lora_grad_kernel": lambda r: lora.kept_configs("skinny", lora.GRAD_CONFIGS[family], element_size, r),
+        "fused_linear_logprobs_fwd_kernel": lambda args: logprobs_configs(k.FORWARD_CONFIGS, args),
+        "fused_linear_logprobs_bwd_kernel": lambda args: logprobs_configs(k.BACKWARD_CONFIGS, args),
+        "lora_main_kernel": lambda args: lora.kept_configs("main", lora.MAIN_CONFIGS[family], element_size,
+                                                           args["BLOCK_R"]),
+        "lora_down_kernel": lambda args: lora.kept_configs("skinny", lora.DOWN_CONFIGS[family], element_size,
+                                                           args["BLOCK_R"]),
+        "lora_dy_kernel": lambda args: lora.kept_configs("skinny", lora.DY_CONFIGS[family], element_size,
+                                                         args["BLOCK_R"]),
+        "lora_grad_kernel": lambda args: lora.kept_configs("skinny", lora.GRAD_CONFIGS[family], element_size,
+                                                           args["BLOCK_R"]),
     }
     assert {name for name, _, _ in launched} == set(expected)
+    if family == "sm_90" and width == 32 and element_size == 2:
+        assert any(c.maxnreg for name, args, kept in launched for c in kept), "no launch kept a register budget"
 
     def described(configs):
         return [(c.kwargs, c.num_warps, c.num_stages, c.maxnreg) for c in configs]
 
     for name, args, kept in launched:
-        assert described(kept) == described(expected[name](args.get("BLOCK_R"))), name
+        assert described(kept) == described(expected[name](args)), name
