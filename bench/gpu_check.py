@@ -26,7 +26,8 @@ tests' rule, `tests/tensor_asserts.py`), or bit-exact where the maths is exact:
 - `dequant_merge_nf4` through the CUDA extension: the decode bit-exact against the NF4 reference, the merge
   within one rounding of the output dtype at the size of its terms.
 Timings, median of `triton.testing.do_bench`: the fused head against the materialised-logits
-reference in the same dtype (and its peak memory), and soft-capped beside plain (`x_uncapped`, to be within 1.10);
+reference in the same dtype (and its peak memory), and soft-capped beside plain (`x_uncapped`, printed for each
+pair against the issue-16 target `SOFTCAP_TARGET`);
 the LoRA layer against the frozen base linear and the unfused three-op LoRA. `--device cpu` runs the same code
 on CPU tensors with TRITON_INTERPRET=1 at small shapes (what CI does, so the script cannot rot before a GPU is
 lent); its timings mean nothing there.
@@ -45,6 +46,9 @@ import sys
 import time
 
 import torch  # torch does not import triton; pyprefopt's kernels are imported after TRITON_INTERPRET is set
+
+# Issue 16: a soft-capped head's forward + backward within this factor of the same op uncapped.
+SOFTCAP_TARGET = 1.10
 
 
 def parse_args(argv=None):
@@ -305,6 +309,7 @@ def timings(device, quick):
                                        f"{'trained' if trained else 'frozen'}",
                              "ours_ms": t_ours, "naive_ms": t_naive, "x_naive": t_ours / t_naive,
                              "softcap30_ms": t_capped, "x_uncapped": t_capped / t_ours,
+                             "softcap_within_target": t_capped / t_ours <= SOFTCAP_TARGET,
                              "ours_peak_mib": _peak_mib(ours, device, (hidden, weight)),
                              "naive_peak_mib": _peak_mib(naive, device, (hidden, weight))})
     tokens, in_features = (32, 48) if quick else (2048, 4096)
@@ -338,10 +343,16 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: run with --device cpu for the interpreted dry run", file=sys.stderr)
         return 2
+    import triton
+
     from pyprefopt import nf4
+    from pyprefopt.kernels import tuning
 
     info = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu (Triton interpreted)",
-            "torch": torch.__version__, "quick": args.quick,
+            "torch": torch.__version__, "triton": triton.__version__, "quick": args.quick,
+            # The family whose tile configs the kernels autotune over (pyprefopt.kernels.tuning).
+            "tuning_family": (tuning.device_family(torch.device("cuda")).name if args.device == "cuda"
+                              else "none (interpreted)"),
             # dequant_merge_nf4 on CUDA tensors runs the extension only if `pip install -e .` built it there.
             "nf4_extension": (nf4._C_cuda if args.device == "cuda" else nf4._C) is not None}
     report = {"info": info, "checks": [], "timings": []}
@@ -373,6 +384,10 @@ def main(argv=None) -> int:
         report["timings"] = [{"timing": "timings", "error": f"{type(err).__name__}: {err}"}]
     for r in report["timings"]:
         print(json.dumps(r), flush=True)
+    for r in report["timings"]:
+        if "x_uncapped" in r:
+            print(f"soft-cap cost {r['timing']}: {r['x_uncapped']:.2f}x plain (target {SOFTCAP_TARGET:.2f}x: "
+                  f"{'met' if r['softcap_within_target'] else 'MISSED'})", flush=True)
     save()
     failed = sum(not r["ok"] for r in report["checks"]) + sum("error" in r for r in report["timings"])
     print(f"{len(report['checks']) - failed}/{len(report['checks'])} checks ok on {info['device']} (nf4 extension: "

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from pyprefopt.kernels import triton_launch as launch
+from pyprefopt.kernels import tuning
 from pyprefopt.kernels.triton_launch import dot
 
 
@@ -43,6 +44,21 @@ def _tanh(x):
     den = tl.where(pade, 135135.0 + x2 * (62370.0 + x2 * (3150.0 + x2 * 28.0)), 1.0 + e)
     m = tl.where(pade, x, tl.where(x < 0.0, -1.0, 1.0))
     return tl.fma(-m, num / den, m)
+
+
+@triton.jit
+def _capped_dlogp_dz(x, lse, g, is_label, out_scale):
+    """d logp / d z of one capped logit, times the upstream gradient: with t = tanh(x), x = in_scale * z, the logit
+    out_scale * t and `g` already `g_t * out_scale * in_scale`, it is g * (1[v == y] - p) * (1 - t^2).
+
+    One function of one element, so that under `tl.map_elementwise` the tanh, p and the slope live in scalars
+    rather than as tiles side by side (the slope and p each a tile's worth of registers would cost the frozen
+    backward a resident program per SM). p = exp(out_scale * t - lse) takes the logit through an fma, rounded
+    once with the subtraction of lse; 1 - t^2 is one rounding (t near 1 would cancel), and the clamp at 0 only
+    turns t = -1 outside the vocabulary (x = -inf) into a slope of 0."""
+    t = _tanh(x)
+    p = tl.exp(tl.fma(t, out_scale, -lse))
+    return g * tl.where(is_label, 1.0 - p, -p) * tl.maximum(tl.fma(-t, t, 1.0), 0.0)
 
 
 @triton.jit
@@ -127,26 +143,24 @@ def fused_linear_logprobs_bwd_kernel(
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_n = offs_n < n_tokens
     mask_v = offs_v < n_vocab
-    # Capped, the tile is kept as t = tanh(in_scale * z) (an out_scale of 1): d logits / d z = out_scale *
-    # in_scale * (1 - t^2) is formed from t itself, not from the logits divided by out_scale (a rounding more),
-    # and the logits out_scale * t enter p through an fma, rounded once with the subtraction of lse.
+    # Capped, the tile is the tanh's argument x = in_scale * z and the whole gradient is formed from it element by
+    # element (_capped_dlogp_dz); uncapped, the logits out_scale * z.
     z = _logits_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, n_hidden, stride_h, stride_w,
-                     1.0 if SOFTCAP else out_scale, in_scale, HAS_BIAS, SOFTCAP, PER_ELEMENT_TANH, BLOCK_N, BLOCK_V,
+                     in_scale if SOFTCAP else out_scale, in_scale, HAS_BIAS, False, False, BLOCK_N, BLOCK_V,
                      BLOCK_D, DOT_FP32, IEEE)
     lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
     y = tl.load(y_ptr + offs_n, mask=mask_n, other=-1)
     g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0) * out_scale
+    is_label = offs_v[None, :] == y[:, None]
     if SOFTCAP:
-        p = tl.exp(tl.fma(z, out_scale, -lse[:, None]))
         g = g * in_scale
+        if PER_ELEMENT_TANH:
+            dz = tl.map_elementwise(_capped_dlogp_dz, z, lse[:, None], g[:, None], is_label, out_scale)
+        else:
+            dz = _capped_dlogp_dz(z, lse[:, None], g[:, None], is_label, out_scale)
     else:
-        p = tl.exp(z - lse[:, None])
-    # d logp_t / d z_tv = (1[v == y_t] - p_tv) * d logits_tv / d z_tv, scaled by the upstream gradient g_t.
-    dz = g[:, None] * (tl.where(offs_v[None, :] == y[:, None], 1.0, 0.0) - p)
-    if SOFTCAP:
-        # 1 - t^2 in one rounding (t near 1 would cancel). |t| <= 1, so the clamp at 0 only turns the -inf
-        # outside the vocabulary into 0 (not 0 * -inf = NaN ahead of the mask).
-        dz = dz * tl.maximum(tl.fma(-z, z, 1.0), 0.0)
+        # d logp_t / d z_tv = (1[v == y_t] - p_tv) * out_scale, scaled by the upstream gradient g_t.
+        dz = g[:, None] * (tl.where(is_label, 1.0, 0.0) - tl.exp(z - lse[:, None]))
     dz = tl.where(mask_n[:, None] & mask_v[None, :], dz, 0.0)
     if BIAS_GRAD:
         tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=mask_v)
@@ -175,41 +189,88 @@ def fused_linear_logprobs_bwd_kernel(
                           mask=mask_v[:, None] & mask_d[None, :])
 
 
-# Tile configs for the GPU autotuner. Every kept one is compiled ahead of time for sm_80 and sm_90 in
-# tests/test_triton_aot.py, which reports registers and asserts zero spills: 64-wide reduction steps
-# at 4 warps spill (255 registers); 32-wide steps at 8 warps use 122-222 with 16-bit inputs, up to 247
-# soft-capped.
-FORWARD_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": 32}, num_warps=8)
-    for bn, bv in ((64, 64), (128, 64), (64, 128))
-]
-BACKWARD_CONFIGS = FORWARD_CONFIGS
+def _config(block_n: int, block_v: int, block_d: int = 32, programs_per_sm: int | None = None) -> triton.Config:
+    """A tile at 8 warps (64-wide reduction steps at 4 warps spill); `programs_per_sm`: the resident programs its
+    registers are budgeted for (`maxnreg`, where `budgeted`), None to leave the count to ptxas."""
+    maxnreg = tuning.register_budget(programs_per_sm, 8) if programs_per_sm else None
+    return triton.Config({"BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_D": block_d}, num_warps=8, maxnreg=maxnreg)
+
+
+# Tile configs for the GPU autotuner, per device family and input element size. Every one is compiled ahead of
+# time for its family's target in tests/test_triton_aot.py, which reports registers, shared memory and resident
+# programs per SM, asserts zero spills and that the soft-capped frozen backward keeps the plain one's resident
+# programs. fp32 tiles take twice the registers of 16-bit ones: above 64x64 they spill. Outside Hopper the
+# backward steps their reduction 16 wide, where 32-wide steps spill in the frozen head's; on Hopper 16-wide steps
+# spill in the trained head's.
+TILES = {2: [_config(64, 64), _config(128, 64), _config(64, 128)], 4: [_config(64, 64)]}
+FORWARD_CONFIGS = {
+    # Every family the same tiles, unbudgeted: a register budget that holds the soft-capped forward to the plain
+    # one's resident programs spills its epilogue. sm_120 (Ampere's mma, Ada's 100 KiB): the 64x128 tile only, the
+    # capped forward spills at 128x64, and at 64x64 on unaligned operands.
+    **dict.fromkeys(("sm_80", "sm_86", "sm_90", "sm_100"), TILES),
+    "sm_120": {2: [_config(64, 128)], 4: TILES[4]},
+}
+FP32_BACKWARD = [_config(64, 64, block_d=16)]
+# Register budgets hold the soft-capped frozen head's backward to the resident programs the plain one reaches on its
+# own: left to ptxas, the capped tile epilogue takes registers past them and loses a resident program, which that
+# kernel (bound by its atomics) pays for in full. Plain and trained launches run unbudgeted (the trained backward
+# spills under the 64x64 budget), and so do unaligned ones (see `budgeted`).
+BACKWARD_CONFIGS = {
+    # sm_86/89: the sm_80 tiles; registers bind each tile's resident programs before their 100 KiB of shared
+    # memory does. Capped and plain reach the same resident programs there unbudgeted.
+    **dict.fromkeys(("sm_80", "sm_86"), {2: TILES[2], 4: FP32_BACKWARD}),
+    "sm_90": {2: [_config(64, 64, programs_per_sm=4), _config(128, 64, programs_per_sm=2),
+                  _config(64, 128, programs_per_sm=2)], 4: TILES[4]},
+    # sm_100 (accumulators in tensor memory): the 64x128 tile only; 128x64 spills there, and at 64x64 the capped
+    # backward cannot hold the plain one's resident programs without spilling.
+    "sm_100": {2: [_config(64, 128)], 4: FP32_BACKWARD},
+    "sm_120": {2: [_config(64, 64), _config(128, 64, programs_per_sm=2), _config(64, 128, programs_per_sm=2)],
+               4: FP32_BACKWARD},
+}
 # The interpreter runs one config (autotuning there only multiplies test time).
 INTERPRETER_CONFIG = {"BLOCK_N": 32, "BLOCK_V": 32, "BLOCK_D": 16}
+# Register budgets are set for the code Triton specialises for 16-byte aligned operands and hidden sizes that
+# are multiples of 16 (vectorised loads); anything else loads element by element, needs more registers and runs
+# without a budget.
+ALIGNMENT = 16
 
 
-def kept_configs(configs, element_size: int):
-    """The configs worth timing for inputs of `element_size` bytes: fp32 tiles take twice the
-    registers of 16-bit ones, and tiles above 64x64 spill there."""
-    return [c for c in configs if element_size < 4 or c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_V"] <= 64 * 64]
+def aligned(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a launch on these (contiguous) operands gets Triton's 16-byte aligned specialisation."""
+    return (hidden.shape[1] * hidden.element_size()) % ALIGNMENT == 0 and all(
+        t.data_ptr() % ALIGNMENT == 0 for t in (hidden, weight))
+
+
+def budgeted(args: dict) -> bool:
+    """Whether a launch with these kernel arguments runs its configs' register budgets: the soft-capped frozen
+    head's backward on aligned operands."""
+    return (args["SOFTCAP"] and not args.get("WEIGHT_GRAD", True) and aligned(args["h_ptr"], args["w_ptr"]))
+
+
+def config_variant(hidden: torch.Tensor) -> int:
+    """The key of a launch's configs in a family's table: 2 for 16-bit inputs, 4 for fp32 (and wider) ones."""
+    return min(hidden.element_size(), 4)
+
+
+def without_register_budget(config: triton.Config) -> triton.Config:
+    return triton.Config(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def _prune(configs, named_args, **kwargs):
     # Triton hands the launch's positional arguments in `named_args` and its keyword ones in `kwargs`.
-    return kept_configs(configs, {**named_args, **kwargs}["h_ptr"].element_size())
+    if budgeted({**named_args, **kwargs}):
+        return configs
+    return [without_register_budget(c) for c in configs]
 
 
-def _tuned(kernel, configs, reset_to_zero=None):
-    # A capped head is tuned apart: its tile epilogue (the tanh) changes the best config.
-    return triton.autotune(
-        configs, key=["n_vocab", "n_hidden", "SOFTCAP"], reset_to_zero=reset_to_zero,
-        prune_configs_by={"early_config_prune": _prune},
-    )(kernel)
-
-
-_fwd_tuned = _tuned(fused_linear_logprobs_fwd_kernel, FORWARD_CONFIGS)
-# The backward accumulates with atomics: every autotuning trial must start from zeroed buffers.
-_bwd_tuned = _tuned(fused_linear_logprobs_bwd_kernel, BACKWARD_CONFIGS, reset_to_zero=["dh_ptr", "dw_ptr", "db_ptr"])
+# A capped head is tuned apart (SOFTCAP in the key): its tile epilogue (the tanh) changes the best config.
+_forward_kernel = launch.TunedKernel(fused_linear_logprobs_fwd_kernel, FORWARD_CONFIGS, INTERPRETER_CONFIG,
+                                     key=["n_vocab", "n_hidden", "SOFTCAP"], prune=_prune)
+# The backward accumulates with atomics: every autotuning trial must start from zeroed buffers. A frozen and a
+# trained head are tuned apart too: different kernels, and only the frozen one's configs keep their budgets.
+_backward_kernel = launch.TunedKernel(fused_linear_logprobs_bwd_kernel, BACKWARD_CONFIGS, INTERPRETER_CONFIG,
+                                      key=["n_vocab", "n_hidden", "SOFTCAP", "WEIGHT_GRAD"], prune=_prune,
+                                      reset_to_zero=["dh_ptr", "dw_ptr", "db_ptr"])
 
 
 # Vocabulary slices are whole multiples of the largest BLOCK_V, so every config tiles them exactly.
@@ -237,9 +298,8 @@ def forward(hidden, weight, bias, labels, transform):
     vocab_per_split = triton.cdiv(triton.cdiv(n_vocab, splits), VOCAB_SLICE_ALIGN) * VOCAB_SLICE_ALIGN
     splits = triton.cdiv(n_vocab, vocab_per_split)
     part = torch.empty(3, splits, n_tokens, dtype=torch.float32, device=hidden.device)
-    launch.launch(
-        _fwd_tuned, fused_linear_logprobs_fwd_kernel, INTERPRETER_CONFIG,
-        lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]), splits),
+    _forward_kernel.launch(
+        lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]), splits), hidden.device, config_variant(hidden),
         h_ptr=hidden, w_ptr=weight, b_ptr=bias if bias is not None else hidden, y_ptr=labels,
         part_max_ptr=part[0], part_sum_ptr=part[1], label_logit_ptr=part[2],
         n_tokens=n_tokens, n_vocab=n_vocab, n_hidden=n_hidden, stride_h=hidden.stride(0),
@@ -264,9 +324,9 @@ def backward(grad_logp, hidden, weight, bias, labels, lse, transform, need_hidde
     # A pointer for the outputs a frozen head does not write. Its own buffer, never `lse`: the autotuner
     # zeroes every output pointer (reset_to_zero) before each trial.
     unused = torch.empty(1, dtype=torch.float32, device=dev)
-    launch.launch(
-        _bwd_tuned, fused_linear_logprobs_bwd_kernel, INTERPRETER_CONFIG,
-        lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]), triton.cdiv(n_vocab, meta["BLOCK_V"])),
+    _backward_kernel.launch(
+        lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]), triton.cdiv(n_vocab, meta["BLOCK_V"])), dev,
+        config_variant(hidden),
         h_ptr=hidden, w_ptr=weight, b_ptr=bias if bias is not None else hidden, y_ptr=labels, lse_ptr=lse,
         g_ptr=grad_logp.float().contiguous(),
         dh_ptr=grad_hidden if need_hidden else unused, dw_ptr=grad_weight if need_weight else unused,

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from pyprefopt.kernels import triton_launch as launch
+from pyprefopt.kernels import tuning
 from pyprefopt.kernels.triton_launch import dot
 
 
@@ -219,21 +220,30 @@ def lora_grad_kernel(
     tl.atomic_add(da_ptr + offs_r[:, None] * K + offs_k[None, :], acc * scale, mask=mask_r[:, None] & mask_k[None, :])
 
 
-# Tile configs for the GPU autotuner. Every kept one is compiled ahead of time for sm_80 and sm_90 in
-# tests/test_triton_aot.py, which reports registers and asserts zero spills. 8 warps throughout: at 4
-# warps 16-bit 64x64 tiles already sit at 254-255 registers, and fp32 inputs (IEEE fp32 dots run on the
-# FMA units and unroll into registers) spill.
-MAIN_CONFIGS = [
+# Tile configs for the GPU autotuner, per device family. Every kept one is compiled ahead of time for its family's
+# target in tests/test_triton_aot.py, which reports registers and asserts zero spills. 8 warps throughout: at 4
+# warps 16-bit 64x64 tiles already sit at the register limit, and fp32 inputs (IEEE fp32 dots run on the FMA units
+# and unroll into registers) spill. Every family runs the same tiles: registers, not shared memory, bind their
+# resident programs, on the 100 KiB SMs of sm_86/89 and sm_120 too.
+MAIN_TILES = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3)
     for bm, bn in ((128, 128), (128, 64), (64, 128), (64, 64), (64, 32))
 ]
 # The skinny kernels stream one big operand: tiles along it, the whole rank block across.
-DOWN_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=8, num_stages=2)
-                for bm, bk in ((128, 64), (64, 64), (32, 64))]
-DY_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=8, num_stages=2)
-              for bm, bn in ((128, 64), (64, 64), (32, 64))]
-GRAD_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=8, num_stages=2)
-                for bm, bk in ((64, 128), (64, 64), (64, 32))]
+DOWN_TILES = [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=8, num_stages=2)
+              for bm, bk in ((128, 64), (64, 64), (32, 64))]
+DY_TILES = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=8, num_stages=2)
+            for bm, bn in ((128, 64), (64, 64), (32, 64))]
+GRAD_TILES = [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=8, num_stages=2)
+              for bm, bk in ((64, 128), (64, 64), (64, 32))]
+# sm_100: the main kernel without the 64x128 tile, whose NF4 decode spills there.
+MAIN_CONFIGS = dict(dict.fromkeys(tuning.FAMILY_NAMES, MAIN_TILES),
+                    sm_100=[c for c in MAIN_TILES if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != (64, 128)])
+DOWN_CONFIGS = dict.fromkeys(tuning.FAMILY_NAMES, DOWN_TILES)
+# sm_86/89: the dY kernel without the 64x64 tile, which spills there at rank 64.
+DY_CONFIGS = dict(dict.fromkeys(tuning.FAMILY_NAMES, DY_TILES),
+                  sm_86=[c for c in DY_TILES if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != (64, 64)])
+GRAD_CONFIGS = dict.fromkeys(tuning.FAMILY_NAMES, GRAD_TILES)
 # The largest tile (BLOCK_M x BLOCK_N or BLOCK_K) kept, by (fp32 inputs?, rank block above 16?), from
 # the ptxas reports: wider rank blocks and fp32 tiles take more registers. Rank blocks of 32 get the
 # rank-64 budget (compiled: 16 and 64).
@@ -262,29 +272,31 @@ def kept_configs(family: str, configs, element_size: int, block_r: int):
 _STREAMED = ("x_ptr", "p_ptr", "dy_ptr")
 
 
-def _tuned(kernel, configs, family, key, reset_to_zero=None):
+def _prune(family):
     def prune(configs, named_args, **kwargs):
         # Triton hands the launch's positional arguments in `named_args` and its keyword ones in `kwargs`.
         launch_args = {**named_args, **kwargs}
         streamed = next(launch_args[name] for name in _STREAMED if name in launch_args)
         return kept_configs(family, configs, streamed.element_size(), launch_args["BLOCK_R"])
 
-    return triton.autotune(configs, key=key, reset_to_zero=reset_to_zero,
-                           prune_configs_by={"early_config_prune": prune})(kernel)
+    return prune
 
 
-_main_tuned = _tuned(lora_main_kernel, MAIN_CONFIGS, "main", ["N", "K", "R"])
-# Atomic accumulators: every autotuning trial must start from zeroed buffers.
-_down_tuned = _tuned(lora_down_kernel, DOWN_CONFIGS, "skinny", ["K", "R"], reset_to_zero=["out_ptr"])
-_dy_tuned = _tuned(lora_dy_kernel, DY_CONFIGS, "skinny", ["N", "R"], reset_to_zero=["t_ptr", "db_ptr"])
-_grad_tuned = _tuned(lora_grad_kernel, GRAD_CONFIGS, "skinny", ["K", "R"], reset_to_zero=["da_ptr"])
-_TUNED = {"main": (_main_tuned, lora_main_kernel), "down": (_down_tuned, lora_down_kernel),
-          "dy": (_dy_tuned, lora_dy_kernel), "grad": (_grad_tuned, lora_grad_kernel)}
+_KERNELS = {
+    "main": launch.TunedKernel(lora_main_kernel, MAIN_CONFIGS, INTERPRETER_CONFIGS["main"], ["N", "K", "R"],
+                               _prune("main")),
+    # Atomic accumulators: every autotuning trial must start from zeroed buffers.
+    "down": launch.TunedKernel(lora_down_kernel, DOWN_CONFIGS, INTERPRETER_CONFIGS["down"], ["K", "R"],
+                               _prune("skinny"), reset_to_zero=["out_ptr"]),
+    "dy": launch.TunedKernel(lora_dy_kernel, DY_CONFIGS, INTERPRETER_CONFIGS["dy"], ["N", "R"], _prune("skinny"),
+                             reset_to_zero=["t_ptr", "db_ptr"]),
+    "grad": launch.TunedKernel(lora_grad_kernel, GRAD_CONFIGS, INTERPRETER_CONFIGS["grad"], ["K", "R"],
+                               _prune("skinny"), reset_to_zero=["da_ptr"]),
+}
 
 
-def _launch(name, grid, **kwargs):
-    tuned, plain = _TUNED[name]
-    launch.launch(tuned, plain, INTERPRETER_CONFIGS[name], grid, **kwargs)
+def _launch(name, grid, device, **kwargs):
+    _KERNELS[name].launch(grid, device, **kwargs)
 
 
 def block_r(rank: int) -> int:
@@ -356,7 +368,7 @@ def _main(x, base, input_grad, bias, s, low, low_strides, scale, out):
     rank = s.shape[1] if s is not None else 1
     dummy = out
     _launch(
-        "main", lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),),
+        "main", lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),), x.device,
         x_ptr=x, **base.args(input_grad, dummy), bias_ptr=bias if bias is not None else dummy,
         s_ptr=s if s is not None else dummy, l_ptr=low if low is not None else dummy, y_ptr=out,
         M=m, N=n, K=k, R=rank, stride_xm=x.stride(0), stride_lr=low_strides[0], stride_ln=low_strides[1],
@@ -381,7 +393,7 @@ def forward(x, base, bias, lora_x, lora_a, lora_b, scale):
     # Splits sized for 64-token blocks (the configs' middle); any config tiles them.
     m_blocks = triton.cdiv(tokens, 64)
     splits, per_split = _splits(in_features, m_blocks, SPLIT_ALIGN, x.device)
-    _launch("down", lambda meta: (triton.cdiv(tokens, meta["BLOCK_M"]), splits),
+    _launch("down", lambda meta: (triton.cdiv(tokens, meta["BLOCK_M"]), splits), x.device,
             p_ptr=lora_x, q_ptr=lora_a, out_ptr=s, M=tokens, K=in_features, R=rank, stride_pm=lora_x.stride(0),
             stride_qk=1, stride_qr=lora_a.stride(0), k_per_split=per_split, BLOCK_R=block_r(rank),
             **launch.dot_flags(x.dtype))
@@ -406,7 +418,7 @@ def backward(grad_y, lora_x, base, lora_a, lora_b, s, scale, merge_lora_x_grad, 
     grad_b = torch.zeros(out_features, rank, dtype=torch.float32, device=dev)
     m_blocks = triton.cdiv(tokens, 64)
     splits, per_split = _splits(out_features, m_blocks, SPLIT_ALIGN, grad_y.device)
-    _launch("dy", lambda meta: (triton.cdiv(tokens, meta["BLOCK_M"]), splits),
+    _launch("dy", lambda meta: (triton.cdiv(tokens, meta["BLOCK_M"]), splits), dev,
             dy_ptr=grad_y, b_ptr=lora_b, s_ptr=s, t_ptr=t, db_ptr=grad_b, M=tokens, N=out_features, R=rank,
             stride_dym=grad_y.stride(0), stride_bn=lora_b.stride(0), n_per_split=per_split, scale=scale,
             BLOCK_R=block_r(rank), **flags)
@@ -425,7 +437,7 @@ def backward(grad_y, lora_x, base, lora_a, lora_b, s, scale, merge_lora_x_grad, 
         grad_a = torch.zeros(rank, in_features, dtype=torch.float32, device=dev)
         k_blocks = triton.cdiv(in_features, 64)
         splits, per_split = _splits(tokens, k_blocks, SPLIT_ALIGN, grad_y.device)
-        _launch("grad", lambda meta: (triton.cdiv(in_features, meta["BLOCK_K"]), splits),
+        _launch("grad", lambda meta: (triton.cdiv(in_features, meta["BLOCK_K"]), splits), dev,
                 t_ptr=t, x_ptr=lora_x, da_ptr=grad_a, M=tokens, K=in_features, R=rank, stride_xm=lora_x.stride(0),
                 m_per_split=per_split, scale=scale, BLOCK_R=block_r(rank), **flags)
     return grad_x, grad_lora_x, grad_a, grad_b if need_lora_grads else None

@@ -1,5 +1,6 @@
 """What the Triton kernels share: whether they run interpreted, the `tl.dot` precision flags, the launch (autotuned
-on a GPU, one fixed config under the interpreter) and how many programs fill the device at hand.
+on a GPU over the configs of the device's family, `pyprefopt.kernels.tuning`; one fixed config under the
+interpreter) and how many programs fill the device at hand.
 
 Nothing here touches CUDA at import time: the device is read at the first launch on it.
 """
@@ -11,6 +12,8 @@ import functools
 import torch
 import triton
 import triton.language as tl
+
+from pyprefopt.kernels import tuning
 
 # Programs per SM a split reduction aims at: enough resident programs to hide the loads of each.
 PROGRAMS_PER_SM = 4
@@ -40,12 +43,37 @@ def dot_flags(dtype: torch.dtype) -> dict:
     }
 
 
-def launch(tuned, plain, interpreter_config: dict, grid, **kwargs):
-    """Run `tuned` (a `triton.autotune`d kernel) on the GPU, or under the interpreter `plain` with its single
-    `interpreter_config` (autotuning there would only multiply test time). `grid` maps a config to the grid."""
-    if interpreting():
-        plain[grid(interpreter_config)](**kwargs, **interpreter_config)
-    else:
+class TunedKernel:
+    """A Triton kernel and its autotune configs per device family (`configs[family name]`, a list or a dict of
+    lists by `variant`, such as the input element size). On a GPU a launch autotunes over the configs of the
+    device's family: one `triton.autotune` per (family, variant), built at its first launch. Under the interpreter
+    it runs `interpreter_config` (autotuning there would only multiply test time)."""
+
+    def __init__(self, kernel, configs: dict, interpreter_config: dict, key, prune=None, reset_to_zero=None):
+        missing = set(tuning.FAMILY_NAMES) - set(configs)
+        if missing:
+            raise ValueError(f"{kernel.__name__}: no configs for the families {sorted(missing)}")
+        self.kernel, self.table, self.interpreter_config = kernel, configs, interpreter_config
+        self.key, self.prune, self.reset_to_zero = key, prune, reset_to_zero
+        self._tuned = {}
+
+    def configs(self, family: tuning.Family, variant=None) -> list:
+        configs = self.table[family.name]
+        return configs if variant is None else configs[variant]
+
+    def launch(self, grid, device: torch.device, variant=None, **kwargs):
+        """Run on `device`; `grid` maps a config to the grid."""
+        if interpreting():
+            self.kernel[grid(self.interpreter_config)](**kwargs, **self.interpreter_config)
+            return
+        family = tuning.device_family(device)
+        tuned = self._tuned.get((family.name, variant))
+        if tuned is None:
+            tuned = triton.autotune(
+                self.configs(family, variant), key=self.key, reset_to_zero=self.reset_to_zero,
+                prune_configs_by={"early_config_prune": self.prune} if self.prune else None,
+            )(self.kernel)
+            self._tuned[family.name, variant] = tuned
         tuned[grid](**kwargs)
 
 
