@@ -63,8 +63,13 @@ def subprocess_env():
     return env
 
 
+def method_data(method, data_dir):
+    """The synthetic data set of the method's format (`Method.data_format`)."""
+    return str(data_dir / losses.METHODS[method].data_format)
+
+
 def run(method, data_dir, out, *extra):
-    argv = ["--method", method, "--data", str(data_dir / losses.METHODS[method].data_format), "--output-dir", str(out), *extra]
+    argv = ["--method", method, "--data", method_data(method, data_dir), "--output-dir", str(out), *extra]
     assert train.main(argv) == 0
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
 
@@ -72,7 +77,7 @@ def run(method, data_dir, out, *extra):
 def torchrun(method, data_dir, out, *extra, env=None):
     """`torchrun --nproc_per_node 2 -m pyprefopt.train` (2 gloo CPU processes); the metrics records."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "pyprefopt.train", "--method", method, "--data", str(data_dir / losses.METHODS[method].data_format), "--output-dir", str(out),
+           "pyprefopt.train", "--method", method, "--data", method_data(method, data_dir), "--output-dir", str(out),
            *extra]
     result = subprocess.run(cmd, env=env or subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
