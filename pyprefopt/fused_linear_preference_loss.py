@@ -366,7 +366,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
     """Drop-in loss from the last hidden states: `loss, metrics = module(hidden, lm_head.weight, labels, ...)`.
 
     Args:
-        method: a name of `pyprefopt.losses.METHODS`: "sft", "dpo", "ipo", "cpo", "kto" or "orpo".
+        method: a name of `pyprefopt.losses.METHODS` (sft, dpo, ipo, cpo, kto, orpo).
         ignore_index: label value of positions that carry no loss (prompt, padding).
         temperature: logits are divided by it before the softmax.
         softcap, logit_scale: the model's own logit transform (Gemma's `final_logit_softcapping`, Cohere's
