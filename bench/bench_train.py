@@ -1,5 +1,6 @@
-"""Train-step throughput and peak memory of `python -m pyprefopt.train` against TRL 1.16's trainers (SFTTrainer,
-DPOTrainer for dpo and ipo, CPOTrainer, KTOTrainer) on the same tiny Qwen3, data and hyper-parameters.
+"""Train-step throughput and peak memory of `python -m pyprefopt.train` against TRL 1.16's trainers (each method's
+`trl_trainer` in `pyprefopt.losses.METHODS`: SFTTrainer, DPOTrainer for dpo and ipo, CPOTrainer, KTOTrainer,
+ORPOTrainer) on the same tiny Qwen3, data and hyper-parameters.
 
     python bench/bench_train.py                          # every method, the embedded data, the table
     python bench/bench_train.py --synthetic 256          # on a synthetic Arabic/Persian set of 256 rows per split
@@ -50,12 +51,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # tests/ last, so that its modules (conftest.py among them) shadow nothing of bench/'s.
 sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
+from pyprefopt.losses import METHODS  # noqa: E402
+
 import variants as V  # noqa: E402
 from synthetic_data import write_data  # noqa: E402
 
-METHODS = ("sft", "dpo", "ipo", "cpo", "kto")
 IMPLS = ("pyprefopt", "trl")
-FORMAT_OF = {"sft": "sft", "dpo": "preference", "ipo": "preference", "cpo": "preference", "kto": "kto"}
 BETA, MAX_LENGTH, WARMUP_RATIO = 0.1, 512, 0.1
 # The settings both trainers get: the tiny default model's (`base` None) unless a card says otherwise.
 DEFAULT_RECIPE = dict(base=None, lora_r=16, lora_alpha=32.0, lora_dropout=0.0, targets="all-linear",
@@ -103,7 +104,7 @@ def _base_model_and_rows(method, data_dir, base=None):
     from pyprefopt import data as D
     from pyprefopt.default_model import default_model_path
 
-    train_rows, _, _ = D.load_splits(str(data_dir / FORMAT_OF[method]), method)
+    train_rows, _, _ = D.load_splits(str(data_dir / METHODS[method].data_format), method)
     rows = D.normalise_rows(train_rows, method, "train")
     return base or default_model_path(D.corpus(rows)), rows
 
@@ -129,7 +130,7 @@ def run_pyprefopt(method, data_dir, steps, warmup, batch_size, checkpointing, re
 
     train.load_model = load_then_reset_peak
     with tempfile.TemporaryDirectory() as out:
-        argv = ["--method", method, "--model", str(base), "--data", str(data_dir / FORMAT_OF[method]),
+        argv = ["--method", method, "--model", str(base), "--data", str(data_dir / METHODS[method].data_format),
                 "--output-dir", f"{out}/run", "--max-steps", str(warmup + steps), "--batch-size", str(batch_size),
                 "--grad-accum", str(recipe["grad_accum"]), "--lr", str(recipe["lr"]), "--beta", str(BETA),
                 "--max-length", str(MAX_LENGTH), "--warmup-ratio", str(WARMUP_RATIO),
@@ -154,8 +155,8 @@ def run_trl(method, data_dir, steps, warmup, batch_size, checkpointing, recipe):
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
-    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
-    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    from pyprefopt.train import loss_hparams, parse_args
 
     base, rows = _base_model_and_rows(method, data_dir, recipe["base"])
     baseline = _rss_mib()
@@ -186,18 +187,16 @@ def run_trl(method, data_dir, steps, warmup, batch_size, checkpointing, recipe):
                   report_to="none", use_cpu=True, bf16=dtype == torch.bfloat16, gradient_checkpointing=checkpointing,
                   max_length=MAX_LENGTH, seed=recipe["seed"], dataloader_num_workers=0, disable_tqdm=True)
     with tempfile.TemporaryDirectory() as out:
+        record = METHODS[method]
+        trainer_cls, config_cls = record.trl_classes()
+        # The hyper-parameters pyprefopt's run takes from its options, under the same names (TRL's config fields).
+        ours = parse_args(["--method", method, "--beta", str(BETA)])
+        options = {record.options[name]: value for name, value in loss_hparams(ours).items()}
         # TRL at its best settings here: reference log-probs computed once before training, as pyprefopt does
         # (`padding_free` is FlashAttention-only for SFT and disabled in TRL 1.16's DPO).
-        if method == "sft":
-            trainer_cls, args = SFTTrainer, SFTConfig(output_dir=out, **common)
-        elif method in ("dpo", "ipo"):
-            trainer_cls, args = DPOTrainer, DPOConfig(output_dir=out, beta=BETA, precompute_ref_log_probs=True,
-                                                      loss_type=["sigmoid" if method == "dpo" else "ipo"], **common)
-        elif method == "cpo":
-            trainer_cls, args = CPOTrainer, CPOConfig(output_dir=out, beta=BETA, cpo_alpha=1.0, **common)
-        else:
-            trainer_cls, args = KTOTrainer, KTOConfig(output_dir=out, beta=BETA, precompute_ref_log_probs=True,
-                                                      **common)
+        if record.needs_reference:
+            options["precompute_ref_log_probs"] = True
+        args = config_cls(output_dir=out, **record.trl_config, **options, **common)
         trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                               peft_config=peft_config)
         tokens_per_batch, step_seconds = [], []
@@ -205,7 +204,8 @@ def run_trl(method, data_dir, steps, warmup, batch_size, checkpointing, recipe):
 
         def counting_collator(examples):
             batch = collate(examples)
-            # CPOTrainer's collator keeps TRL's older layout: chosen and rejected rows (prompt included) apart.
+            # CPOTrainer's and ORPOTrainer's collators keep TRL's older layout: chosen and rejected rows (prompt
+            # included) apart.
             masks = ["attention_mask"] if "attention_mask" in batch else ["chosen_attention_mask",
                                                                           "rejected_attention_mask"]
             tokens_per_batch.append(sum(int(batch[m].sum()) for m in masks))
@@ -234,7 +234,7 @@ def run_trl(method, data_dir, steps, warmup, batch_size, checkpointing, recipe):
 def worker(argv):
     p = argparse.ArgumentParser()
     p.add_argument("--impl", choices=IMPLS, required=True)
-    p.add_argument("--method", choices=METHODS, required=True)
+    p.add_argument("--method", choices=tuple(METHODS), required=True)
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--warmup", type=int, required=True)
@@ -369,7 +369,7 @@ def table(results: list[dict]) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=list(METHODS))
     p.add_argument("--data", type=Path, default=None, help="root with sft/, preference/, kto/ (default: the embedded)")
     p.add_argument("--synthetic", type=int, default=None, help="use a synthetic set of N rows per split instead")
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps")

@@ -126,7 +126,7 @@ def check_logprobs(device, quick):
 
 
 def check_losses(device, quick):
-    from pyprefopt import FusedLinearPreferenceLoss
+    from pyprefopt import FusedLinearPreferenceLoss, losses
     from pyprefopt.reference import reference_preference_loss
 
     batch, seq, width, vocab = (4, 6, 32, 300) if quick else (8, 256, 1024, 32000)
@@ -141,7 +141,7 @@ def check_losses(device, quick):
             labels = labels.to(device)
             ref_logps = (torch.randn(batch, generator=g) - 2.0 * seq).to(device)
             kwargs = {"ref_logps": ref_logps}
-            if method == "kto":
+            if losses.METHODS[method].kl_batch:
                 kwargs.update(desirable=torch.arange(batch, device=device) % 2 == 0,
                               kl=torch.tensor(0.3, device=device))
 

@@ -8,7 +8,8 @@ and returns a `Step`, a zero-argument callable that runs one forward + backward 
 Ops:
 - "primitive": per-token log-probs of N tokens (every label valid), backward with a fixed random
   upstream gradient.
-- "<method>-loss" (sft, dpo, ipo, cpo, kto): B rows of length T, N = B*T tokens, the loss on summed
+- "<method>-loss" (sft, dpo, ipo, cpo, kto; each method's inputs as its `pyprefopt.losses.METHODS` record
+  says): B rows of length T, N = B*T tokens, the loss on summed
   completion log-probs (beta=0.1). By default the first quarter of each row's labels is -100 (the
   prompt); `all_completion=True` masks nothing.
   - sft: mean NLL over the non-ignored tokens of the batch.
@@ -82,13 +83,12 @@ PEER_PACKAGES = {"trl": "trl", "liger": "liger_kernel"}
 IGNORE_INDEX = -100
 BETA = 0.1
 CPO_ALPHA = 1.0
-# The loss hyper-parameters, as `FusedLinearPreferenceLoss(method, **HPARAMS[method])` takes them.
+# The loss hyper-parameters, as `FusedLinearPreferenceLoss(method, **HPARAMS[method])` takes them: those the train CLI
+# sets (each record's `options`), beta = BETA and CPO's alpha = CPO_ALPHA, the others at their defaults.
 HPARAMS = {
-    "sft": {},
-    "dpo": {"beta": BETA},
-    "ipo": {"beta": BETA},
-    "cpo": {"beta": BETA, "alpha": CPO_ALPHA},
-    "kto": {"beta": BETA},
+    method: {name: {"beta": BETA, "alpha": CPO_ALPHA}.get(name, default)
+             for name, default in record.hyperparameters.items() if name in record.options}
+    for method, record in ((method, losses.METHODS[method]) for method in METHOD.values())
 }
 # KTO's reference hidden states: the policy's plus this much N(0, 1) noise.
 KTO_REF_HIDDEN_NOISE = 0.1
@@ -236,9 +236,10 @@ class Inputs:
         """What `FusedLinearPreferenceLoss` and `reference_preference_loss` take besides hidden, weight
         and labels: the reference log-probs and KTO's inputs, as the method needs them."""
         kw = {}
-        if self.method in losses.REFERENCE_METHODS:
+        record = losses.METHODS[self.method]
+        if record.needs_reference:
             kw["ref_logps"] = self.ref_logps
-        if self.method == "kto":
+        if record.kl_batch:
             kw.update(desirable=self.desirable, kl_logps=self.kl_logps, ref_kl_logps=self.ref_kl_logps)
         return kw
 
@@ -290,7 +291,8 @@ def make_inputs(op, shape, head, all_completion=False, ref="policy", seed=0) -> 
             labels[:, : shape.seq_len // 4] = IGNORE_INDEX
         # Drawn for every loss, so the tensors above stay those of every other loss op.
         noise = torch.randn(shape.rows, generator=g)
-        if x.method == "kto":
+        record = losses.METHODS[x.method]
+        if record.kl_batch:
             x.ref_hidden = torch.randn(hidden.shape, generator=g).mul_(KTO_REF_HIDDEN_NOISE).add_(hidden)
             x.desirable = torch.arange(shape.rows) < shape.rows // 2
             # Mismatched-pair log-probs, synthetic: the reference's rolled by one row, the policy's above
@@ -300,9 +302,9 @@ def make_inputs(op, shape, head, all_completion=False, ref="policy", seed=0) -> 
             x.kl_logps = x.ref_kl_logps + torch.randn(shape.rows, generator=g).abs()
             if ref == "policy":
                 x.ref_logps = ref_seq_logps
-        elif x.method in losses.REFERENCE_METHODS and ref == "policy":
+        elif record.needs_reference and ref == "policy":
             x.ref_logps = _sequence_logps_lowmem(hidden, weight, labels) + noise
-        if x.method in losses.REFERENCE_METHODS and ref == "zero":
+        if record.needs_reference and ref == "zero":
             x.ref_logps = torch.zeros(shape.rows)
     hidden.requires_grad_(True)
     weight.requires_grad_(head == "trained")
@@ -423,21 +425,10 @@ def _pyprefopt(op, shape, head, all_completion):
 
 
 def _loss_of_sequence_logps(x: Inputs, lengths: torch.Tensor):
-    """`seq_logps [B] -> loss`: the `pyprefopt.losses` function of x's method, called as
+    """`seq_logps [B] -> loss`: x's method through `pyprefopt.losses.from_sequence_stats`, as
     `FusedLinearPreferenceLoss` calls it (trl's variant feeds it TRL's log-probs)."""
-    method, hp = x.method, HPARAMS[x.method]
-    if method == "sft":
-        return lambda seq: losses.sft_loss(seq, lengths)[0]
-    if method == "kto":
-        kl = losses.kto_kl(x.kl_logps, x.ref_kl_logps)
-        return lambda seq: losses.kto_loss(seq, x.ref_logps, x.desirable, kl, **hp)[0]
-    chosen_len, rejected_len = lengths.chunk(2)
-    if method == "cpo":
-        return lambda seq: losses.cpo_loss(*seq.chunk(2), chosen_len, rejected_len, **hp)[0]
-    ref_chosen, ref_rejected = x.ref_logps.chunk(2)
-    if method == "dpo":
-        return lambda seq: losses.dpo_loss(*seq.chunk(2), ref_chosen, ref_rejected, **hp)[0]
-    return lambda seq: losses.ipo_loss(*seq.chunk(2), ref_chosen, ref_rejected, chosen_len, rejected_len, **hp)[0]
+    kwargs = x.loss_kwargs()
+    return lambda seq: losses.from_sequence_stats(x.method, seq, lengths, **kwargs, **HPARAMS[x.method])[0]
 
 
 def _trl(op, shape, head, all_completion):

@@ -44,8 +44,9 @@ from pathlib import Path
 
 import torch
 
+from pyprefopt.losses import METHODS
+
 IGNORE_INDEX = -100
-FORMATS = {"sft": "sft", "dpo": "preference", "ipo": "preference", "cpo": "preference", "kto": "kto"}
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 PACKAGE_DATA = Path(__file__).resolve().parent / "data"
 # Share of the training rows held out for evaluation when the data has no test split.
@@ -84,7 +85,7 @@ def _decode(path: Path) -> str:
 
 def default_data_dir(method: str) -> Path:
     """The embedded data set of a method: `pyprefopt/data/{sft,preference,kto}/`."""
-    return PACKAGE_DATA / FORMATS[method]
+    return PACKAGE_DATA / METHODS[method].data_format
 
 
 def _read_jsonl(path: Path, text: str) -> list[dict]:
@@ -150,8 +151,8 @@ def load_splits(data: str | None, method: str, eval_data: str | None = None, see
     if data is None:
         directory = default_data_dir(method)
         if _split_file(directory, "train") is None:
-            raise DataError(f"the embedded {FORMATS[method]} data set is missing: no {directory}/train.jsonl "
-                            "(pass --data)")
+            raise DataError(f"the embedded {METHODS[method].data_format} data set is missing: no "
+                            f"{directory}/train.jsonl (pass --data)")
         data = str(directory)
     path = Path(data)
     if path.is_dir():
@@ -221,7 +222,7 @@ def normalise_rows(rows: list[dict], method: str, source: str) -> list[dict]:
     message list or a string. Raises DataError naming the first bad row."""
     if not rows:
         raise DataError(f"{source}: no rows")
-    fmt = FORMATS[method]
+    fmt = METHODS[method].data_format
     out = []
     for number, row in enumerate(rows, 1):
         where = _where(row, source, number)
@@ -355,7 +356,7 @@ def tokenize(rows: list[dict], method: str, tokenizer, max_length: int, source: 
     `kl_chunk`, the number of examples within which its KL completions rotate (the global micro-batch)."""
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
-    fmt = FORMATS[method]
+    fmt = METHODS[method].data_format
     if fmt == "kto" and kl_chunk is None:
         raise ValueError("KTO's KL pairs need kl_chunk (the global micro-batch)")
     prompts, completions, labels = [], [], [] if fmt == "kto" else None
@@ -390,9 +391,10 @@ def tokenize(rows: list[dict], method: str, tokenizer, max_length: int, source: 
 # ------------------------------------------------------------------------------------------- collation
 
 
-def rows_to_tensors(prompts, completions, max_length, pad_id):
-    """input_ids [R, T] (each sequence cut at max_length, minus its last token), aligned labels [R, T]
-    and each row's input length [R] (its sequence's tokens, after the cut, minus one)."""
+def rows_to_tensors(prompts, completions, max_length, pad_id, score_prompt=False):
+    """input_ids [R, T] (each sequence cut at max_length, minus its last token), aligned labels [R, T] of the
+    completion tokens (`score_prompt`: of every token but the first, the prompt's included) and each row's input
+    length [R] (its sequence's tokens, after the cut, minus one)."""
     sequences, starts = [], []
     for prompt, completion in zip(prompts, completions):
         sequences.append((prompt + completion)[:max_length])
@@ -404,19 +406,22 @@ def rows_to_tensors(prompts, completions, max_length, pad_id):
         n = len(seq) - 1
         input_ids[i, :n] = torch.tensor(seq[:-1])
         # Position t scores token t+1: completion tokens sit at positions start-1 .. n-1.
-        first = max(start - 1, 0)
+        first = 0 if score_prompt else max(start - 1, 0)
         labels[i, first:n] = torch.tensor(seq[first + 1:])
     return input_ids, labels, torch.tensor([len(s) - 1 for s in sequences])
 
 
 def collate(data: TokenizedData, indices: list[int], pad_id: int) -> dict:
     """The batch of examples `indices`: `input_ids`, `labels`, `input_lengths`, `index` [B], `num_tokens`
-    (sequence tokens of the trained rows), `items` (what the loss averages over: target tokens for sft, pairs or
-    rows otherwise); paired methods put the B chosen rows first and the B rejected rows second; kto adds
-    `desirable` [B] and the KL rows as `kl_input_ids`, `kl_labels`, `kl_input_lengths`."""
+    (sequence tokens of the trained rows), `items` (what the loss averages over, `Method.mean_over`: target tokens,
+    or pairs or rows); paired methods put the B chosen rows first and the B rejected rows second; kto adds
+    `desirable` [B] and the KL rows as `kl_input_ids`, `kl_labels`, `kl_input_lengths`; a method whose NLL term
+    scores tokens of its own (ORPO) `nll_labels`: the chosen rows' every token, prompt included (TRL's ORPOTrainer),
+    the rejected rows' completions (which its NLL term does not score)."""
     prompts = [data.prompts[i] for i in indices]
     batch = {"index": torch.tensor(indices, dtype=torch.long)}
-    fmt = FORMATS[data.method]
+    record = METHODS[data.method]
+    fmt = record.data_format
     if fmt == "preference":
         rows_prompts = prompts + prompts
         rows_completions = [data.completions[i][0] for i in indices] + [data.completions[i][1] for i in indices]
@@ -426,9 +431,14 @@ def collate(data: TokenizedData, indices: list[int], pad_id: int) -> dict:
     batch["input_ids"], batch["labels"], batch["input_lengths"] = rows_to_tensors(
         rows_prompts, rows_completions, data.max_length, pad_id)
     batch["num_tokens"] = int(batch["input_lengths"].sum()) + len(rows_prompts)
+    if record.nll_over_labels:
+        _, chosen_labels, _ = rows_to_tensors(prompts, [data.completions[i][0] for i in indices], data.max_length,
+                                              pad_id, score_prompt=True)
+        batch["nll_labels"] = batch["labels"].clone()
+        batch["nll_labels"][: len(indices), : chosen_labels.shape[1]] = chosen_labels
     if fmt == "kto":
         batch["desirable"] = torch.tensor([data.labels[i] for i in indices], dtype=torch.bool)
         batch["kl_input_ids"], batch["kl_labels"], batch["kl_input_lengths"] = rows_to_tensors(
             prompts, [data.completions[i][1] for i in indices], data.max_length, pad_id)
-    batch["items"] = int((batch["labels"] != IGNORE_INDEX).sum()) if fmt == "sft" else len(indices)
+    batch["items"] = int((batch["labels"] != IGNORE_INDEX).sum()) if record.mean_over == "tokens" else len(indices)
     return batch

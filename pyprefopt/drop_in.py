@@ -1,14 +1,14 @@
-"""pyprefopt inside other trainers: TRL's DPO/IPO, CPO, KTO, SFT, GRPO and RLOO trainers, and transformers'
+"""pyprefopt inside other trainers: TRL's DPO/IPO, CPO, ORPO, KTO, SFT, GRPO and RLOO trainers, and transformers'
 `Trainer`.
 
 TRL (`patch_trl`): TRL 1.16's DPOTrainer, KTOTrainer, SFTTrainer, GRPOTrainer and RLOOTrainer score sequences
 through a fused LM head that `trl.trainer.utils.add_fused_lm_head` puts on the model
 (`model(..., labels=..., fused_lm_head=True)` returns per-token log-probs instead of logits; GRPO and RLOO ask
-for the entropy too, at the sampling temperature); its CPOTrainer materialises the `[B, T, V]` logits.
-`patch_trl()` swaps in pyprefopt's head (`add_fused_lm_head` below, the same contract over
-`fused_linear_logprobs`) and a CPO forward without logits. TRL keeps everything else: its batches, generation
-(the model's own forward), losses (sigmoid, ipo, dapo, grpo, ...), metric names, PEFT reference handling
-(adapter disabled) and `precompute_ref_log_probs`. Call it before building the trainer:
+for the entropy too, at the sampling temperature); its CPOTrainer and ORPOTrainer materialise the `[B, T, V]`
+logits. `patch_trl()` swaps in pyprefopt's head (`add_fused_lm_head` below, the same contract over
+`fused_linear_logprobs`) and CPO and ORPO forwards without logits. TRL keeps everything else: its batches,
+generation (the model's own forward), losses (sigmoid, ipo, dapo, grpo, ...), metric names, PEFT reference
+handling (adapter disabled) and `precompute_ref_log_probs`. Call it before building the trainer:
 
     import pyprefopt.drop_in
     pyprefopt.drop_in.patch_trl()
@@ -204,39 +204,34 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
     model.forward = types.MethodType(forward, model)
 
 
-def _cpo_concatenated_forward(self, model, batch):
-    """`CPOTrainer.concatenated_forward` without the `[B, T, V]` logits: the same five outputs, where the
-    two "logits" are the per-position means over the vocabulary (TRL only logs their mean, which is the
-    same number: the mean over (B, T, V) of the logits)."""
+def _concatenated_hidden(trainer, model, batch, trainer_name, padding_value):
+    """What TRL's CPO and ORPO forwards share: their concatenated batch (chosen rows first), the backbone's last hidden
+    states of it, the LM head and the model's logit transform."""
     from accelerate.utils import is_peft_model  # noqa: PLC0415 (a TRL dependency)
 
-    if self.is_encoder_decoder:
-        raise NotImplementedError("pyprefopt's CPO forward supports decoder-only models")
-    check_fused_head_support(model.config, "CPOTrainer")
-    transform = head_logit_transform(model.config)
-    concatenated = self.concatenated_inputs(batch, is_encoder_decoder=False, padding_value=self.pad_token_id,
-                                            device=self.accelerator.device)
-    len_chosen = batch["chosen_labels"].shape[0]
+    if trainer.is_encoder_decoder:
+        raise NotImplementedError(f"pyprefopt's {trainer_name} forward supports decoder-only models")
+    check_fused_head_support(model.config, trainer_name)
+    concatenated = trainer.concatenated_inputs(batch, is_encoder_decoder=False, padding_value=padding_value,
+                                               device=trainer.accelerator.device)
     causal_lm = model.get_base_model() if is_peft_model(model) else model
     hidden = causal_lm.base_model(concatenated["concatenated_input_ids"],
                                   attention_mask=concatenated["concatenated_attention_mask"],
                                   use_cache=False).last_hidden_state
-    lm_head = causal_lm.get_output_embeddings()
-    labels = concatenated["concatenated_labels"][:, 1:]
+    return concatenated, hidden, causal_lm.get_output_embeddings(), head_logit_transform(model.config)
 
+
+def _token_logps(lm_head, hidden, labels, transform):
     def head(weight, bias, hidden, labels):
         return _fused_logprobs(hidden, weight, labels, bias, **transform)
 
-    per_token = _run_head(lm_head, head, hidden[:, :-1], labels)
-    mask = labels != -100
-    all_logps = per_token.sum(-1)
-    if self.loss_type in ("ipo", "simpo"):
-        all_logps = all_logps / mask.sum(-1)
-    if self.cpo_alpha == 0:
-        nll_loss = torch.tensor(0.0, device=self.accelerator.device)
-    else:
-        # TRL: mean cross-entropy over the chosen rows' scored tokens.
-        nll_loss = -per_token[:len_chosen].sum() / mask[:len_chosen].sum()
+    return _run_head(lm_head, head, hidden, labels)
+
+
+@torch.no_grad()
+def _mean_logits(lm_head, hidden, transform):
+    """The mean over the vocabulary of the logits at each position [B, T]: what TRL's CPO and ORPO trainers log the
+    mean of (as logits/chosen and logits/rejected), without the logits."""
     def mean_logits_of(weight, bias, hidden):
         if transform["softcap"] is None:
             # Linear in the logits: mean_v z_v = (h . mean_v W_v + mean_v b_v) * scale.
@@ -247,26 +242,68 @@ def _cpo_concatenated_forward(self, model, batch):
         return _fused_logprobs(hidden, weight, every_position, bias, statistics=("mean_logits",),
                                **transform)[1]["mean_logits"]
 
-    with torch.no_grad():
-        mean_logits = _run_head(lm_head, mean_logits_of, hidden)
+    return _run_head(lm_head, mean_logits_of, hidden)
+
+
+def _cpo_concatenated_forward(self, model, batch):
+    """`CPOTrainer.concatenated_forward` without the `[B, T, V]` logits: the same five outputs, where the
+    two "logits" are the per-position means over the vocabulary (TRL only logs their mean, which is the
+    same number: the mean over (B, T, V) of the logits)."""
+    concatenated, hidden, lm_head, transform = _concatenated_hidden(self, model, batch, "CPOTrainer",
+                                                                    self.pad_token_id)
+    len_chosen = batch["chosen_labels"].shape[0]
+    labels = concatenated["concatenated_labels"][:, 1:]
+    per_token = _token_logps(lm_head, hidden[:, :-1], labels, transform)
+    mask = labels != -100
+    all_logps = per_token.sum(-1)
+    if self.loss_type in ("ipo", "simpo"):
+        all_logps = all_logps / mask.sum(-1)
+    if self.cpo_alpha == 0:
+        nll_loss = torch.tensor(0.0, device=self.accelerator.device)
+    else:
+        # TRL: mean cross-entropy over the chosen rows' scored tokens.
+        nll_loss = -per_token[:len_chosen].sum() / mask[:len_chosen].sum()
+    mean_logits = _mean_logits(lm_head, hidden, transform)
+    return all_logps[:len_chosen], all_logps[len_chosen:], mean_logits[:len_chosen], mean_logits[len_chosen:], nll_loss
+
+
+def _orpo_concatenated_forward(self, model, batch):
+    """`ORPOTrainer.concatenated_forward` without the `[B, T, V]` logits: the completions' length-averaged
+    log-probs, the chosen rows' NLL over every non-padding token (prompt included, as TRL takes it), and as the two
+    "logits" the per-position means over the vocabulary at the positions TRL's logits keep (all but the last)."""
+    concatenated, hidden, lm_head, transform = _concatenated_hidden(self, model, batch, "ORPOTrainer",
+                                                                    self.padding_value)
+    len_chosen = batch["chosen_labels"].shape[0]
+    labels = concatenated["concatenated_labels"][:, 1:]
+    attention_mask = concatenated["concatenated_attention_mask"][:, 1:]
+    every_token = concatenated["concatenated_input_ids"][:, 1:].masked_fill(attention_mask == 0, -100)
+    # The rejected rows' prompts are not scored: no term takes them.
+    scored = torch.cat([every_token[:len_chosen], labels[len_chosen:]])
+    per_token = _token_logps(lm_head, hidden[:, :-1], scored, transform)
+    completion = labels != -100
+    all_logps = torch.where(completion, per_token, 0.0).sum(-1) / completion.sum(-1)
+    nll_loss = -per_token[:len_chosen].sum() / (scored[:len_chosen] != -100).sum()
+    mean_logits = _mean_logits(lm_head, hidden[:, :-1], transform)
     return all_logps[:len_chosen], all_logps[len_chosen:], mean_logits[:len_chosen], mean_logits[len_chosen:], nll_loss
 
 
 def patch_trl():
     """Make TRL trainers built from now on use pyprefopt: DPOTrainer (every loss_type), KTOTrainer, SFTTrainer,
     GRPOTrainer and RLOOTrainer (GRPO's entropy bonus included) through `add_fused_lm_head`,
-    `trl.experimental.cpo.CPOTrainer` through a forward without logits. Returns a function that undoes the
-    patch."""
+    `trl.experimental.cpo.CPOTrainer` and `trl.experimental.orpo.ORPOTrainer` through forwards without logits.
+    Returns a function that undoes the patch."""
     _check_trl()
     from trl.experimental.cpo import CPOTrainer  # noqa: PLC0415
+    from trl.experimental.orpo import ORPOTrainer  # noqa: PLC0415
 
     undo = []
     for name in TRL_HEAD_MODULES:
         module = importlib.import_module(name)
         undo.append((module, "add_fused_lm_head", module.add_fused_lm_head))
         module.add_fused_lm_head = add_fused_lm_head
-    undo.append((CPOTrainer, "concatenated_forward", CPOTrainer.concatenated_forward))
-    CPOTrainer.concatenated_forward = _cpo_concatenated_forward
+    for trainer, forward in ((CPOTrainer, _cpo_concatenated_forward), (ORPOTrainer, _orpo_concatenated_forward)):
+        undo.append((trainer, "concatenated_forward", trainer.concatenated_forward))
+        trainer.concatenated_forward = forward
 
     def unpatch():
         for owner, attr, original in reversed(undo):

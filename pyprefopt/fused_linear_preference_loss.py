@@ -1,11 +1,12 @@
-"""`FusedLinearPreferenceLoss`: LM head + log-probs + SFT/DPO/IPO/CPO/KTO loss, logits never materialised.
+"""`FusedLinearPreferenceLoss`: LM head + log-probs + the loss of any method of `pyprefopt.losses.METHODS` (SFT, DPO,
+IPO, CPO, KTO, ORPO), logits never materialised.
 
 Two ways to the gradient:
 - frozen head, or any head on GPU: through `fused_linear_logprobs` (on CPU its forward already forms
   d logp / d h, so fwd+bwd costs the two GEMMs the maths needs);
-- trained head (weight or bias requires grad) on CPU: one pass. All five losses are separable over
+- trained head (weight or bias requires grad) on CPU: one pass. Every loss is separable over
   groups of rows (a chosen/rejected pair, or one row for SFT and KTO, whose KL point is detached), so
-  once a chunk of whole groups has its log-probs the loss's gradient w.r.t. them is known, and the
+  once a chunk of whole groups has its per-token log-probs the loss's gradient w.r.t. them is known, and the
   chunk's logits turn into their gradient right away: three GEMMs (logits, dH, dW) instead of the
   four a recompute costs. A chunk holds at most TRAINED_HEAD_CHUNK_BYTES of fp32 logits.
 
@@ -29,7 +30,6 @@ Two ways to the gradient:
 
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
 
@@ -55,30 +55,22 @@ from pyprefopt.fused_linear_logprobs import (
 # Bytes of fp32 logits one chunk of whole groups may hold on the trained-head path.
 TRAINED_HEAD_CHUNK_BYTES = 64 * 2**20
 
-_LOSS_FUNCTIONS = {
-    "sft": losses.sft_loss,
-    "dpo": losses.dpo_loss,
-    "ipo": losses.ipo_loss,
-    "cpo": losses.cpo_loss,
-    "kto": losses.kto_loss,
-}
-
-
 _REFERENCE_INPUTS = {"ref_logps", "ref_hidden", "ref_weight", "ref_bias"}
-_INPUTS_USED = {
-    "sft": set(),
-    "cpo": set(),
-    "dpo": _REFERENCE_INPUTS,
-    "ipo": _REFERENCE_INPUTS,
-    "kto": _REFERENCE_INPUTS
-    | {"desirable", "kl", "kl_hidden", "kl_labels", "kl_logps", "ref_kl_hidden", "ref_kl_logps"},
-}
+_KL_INPUTS = {"kl", "kl_hidden", "kl_labels", "kl_logps", "ref_kl_hidden", "ref_kl_logps"}
 
 
-def _hyperparameters(method):
-    """Names of a method's keyword hyper-parameters (those with defaults in its loss function)."""
-    params = inspect.signature(_LOSS_FUNCTIONS[method]).parameters.values()
-    return {p.name for p in params if p.default is not inspect.Parameter.empty}
+def _inputs_used(record):
+    """The forward's optional inputs that a method's record (`losses.Method`) says it takes."""
+    used = set()
+    if record.needs_reference:
+        used |= _REFERENCE_INPUTS
+    if record.desirable:
+        used.add("desirable")
+    if record.kl_batch:
+        used |= _KL_INPUTS
+    if record.nll_over_labels:
+        used.add("nll_labels")
+    return used
 
 
 def _budget_tokens(vocab):
@@ -91,7 +83,7 @@ def _group_chunks(method, labels, ignore_index, vocab):
     except that a group over it alone is a chunk of its own (walked in tiles: `_walk_tiles`)."""
     rows = labels.shape[0]
     counts = (labels != ignore_index).sum(-1)
-    if method in losses.PAIRED_METHODS:
+    if losses.METHODS[method].paired:
         half = rows // 2
         groups = [torch.tensor([i, i + half]) for i in range(half)]
         group_tokens = (counts[:half] + counts[half:]).tolist()
@@ -208,15 +200,14 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
     """Loss and all its gradients in the forward pass; backward scales them by the upstream gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, transform, ignore_index, chunks, loss_of_logps):
+    def forward(ctx, hidden, weight, bias, labels, transform, ignore_index, chunks, loss_of_token_logps):
         rows, seq_len = labels.shape
         vocab = weight.shape[0]
         flat_hidden = hidden.reshape(rows * seq_len, -1)
         flat_labels = labels.reshape(-1)
         dev = hidden.device
-        # Sequence sums accumulate token by token across chunks: in fp64, so a long row sums as accurately
-        # as torch's pairwise `sum` does.
-        logps = torch.zeros(rows, dtype=torch.float64, device=dev)
+        # Per-token log-probs, 0 at ignored positions (as fused_linear_logprobs gives them), filled chunk by chunk.
+        token_logps = torch.zeros(rows * seq_len, dtype=torch.float32, device=dev)
         grad_hidden = torch.zeros(flat_hidden.shape, dtype=torch.float32, device=dev) if hidden.requires_grad else None
         # Written, not zero-filled: the first chunk with tokens writes every row (see `first_visit`).
         grad_weight = weight_grad_buffer(weight) if weight.requires_grad else None
@@ -303,13 +294,13 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
                     kept.append((rows_, v0, z, w_tile, tile_max))
             lse = running_max.add_(running_sum.log_())
             label_slope = transform.slope_from_logits_(label_logit.clone()) if transform.capped else None
-            logps.index_add_(0, tokens // seq_len, (label_logit - lse).double())
-            # Separability: the loss's gradient w.r.t. this chunk's rows depends on those rows alone
-            # (plus batch constants), so evaluating it now on the partly filled vector is exact for them.
+            token_logps.index_copy_(0, tokens, label_logit - lse)
+            # Separability: the loss's gradient w.r.t. this chunk's tokens depends on their rows alone
+            # (plus batch constants), so evaluating it now on the partly filled tensor is exact for them.
             with torch.enable_grad():
-                probe = logps.float().requires_grad_()
-                (grad_logps,) = torch.autograd.grad(loss_of_logps(probe), probe)
-            g_all = grad_logps.index_select(0, tokens // seq_len).mul_(transform.grad_factor)
+                probe = token_logps.view(rows, seq_len).clone().requires_grad_()
+                (grad_token_logps,) = torch.autograd.grad(loss_of_token_logps(probe), probe)
+            g_all = grad_token_logps.reshape(-1).index_select(0, tokens).mul_(transform.grad_factor)
             grad_h = None if grad_hidden is None else torch.zeros(n, h_all.shape[1], dtype=torch.float32, device=dev)
             # The first chunk with tokens writes the weight gradient's rows (no zero-fill): each vocabulary tile's
             # first visit writes, the later ones add. Kept tiles (of the last token blocks) come before the
@@ -347,12 +338,12 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
         # of a [V, H] tensor), so they must not stay reachable from the graph afterwards.
         ctx.grads = (grad_hidden, grad_weight, grad_bias)
         ctx.shapes = (hidden.shape, hidden.dtype, weight.dtype)
-        logps = logps.float()
-        ctx.mark_non_differentiable(logps)
-        return loss_of_logps(logps), logps
+        token_logps = token_logps.view(rows, seq_len)
+        ctx.mark_non_differentiable(token_logps)
+        return loss_of_token_logps(token_logps), token_logps
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_logps):
+    def backward(ctx, grad_loss, _grad_token_logps):
         if ctx.grads is None:
             raise RuntimeError(
                 "FusedLinearPreferenceLoss with a trained head computes its gradients once, in the forward "
@@ -375,30 +366,29 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
     """Drop-in loss from the last hidden states: `loss, metrics = module(hidden, lm_head.weight, labels, ...)`.
 
     Args:
-        method: "sft", "dpo", "ipo", "cpo" or "kto".
+        method: a name of `pyprefopt.losses.METHODS` (sft, dpo, ipo, cpo, kto, orpo).
         ignore_index: label value of positions that carry no loss (prompt, padding).
         temperature: logits are divided by it before the softmax.
         softcap, logit_scale: the model's own logit transform (Gemma's `final_logit_softcapping`, Cohere's
             `logit_scale`, ...), as in `fused_linear_logprobs`; `pyprefopt.head_config.head_logit_transform(config)`
             reads both from a transformers config.
-        **hparams: the method's hyper-parameters, as in `pyprefopt.losses`: `beta` (dpo/ipo/cpo/kto),
-            `label_smoothing` (dpo/cpo), `alpha` and `simpo_gamma` (cpo), `desirable_weight` and
-            `undesirable_weight` (kto).
+        **hparams: the method's hyper-parameters (`losses.METHODS[method].hyperparameters`): `beta`
+            (dpo/ipo/cpo/kto/orpo), `label_smoothing` (dpo/cpo), `alpha` and `simpo_gamma` (cpo), `desirable_weight`
+            and `undesirable_weight` (kto).
 
     Batches follow TRL: `hidden [B, T, H]` and `labels [B, T]` aligned (position t scores labels[t]),
-    and for dpo/ipo/cpo the chosen rows first, the rejected rows second. The head may be a DTensor sharded along
-    the vocabulary (see `fused_linear_logprobs`).
+    and for paired methods (dpo/ipo/cpo/orpo) the chosen rows first, the rejected rows second. The head may be a
+    DTensor sharded along the vocabulary (see `fused_linear_logprobs`).
     """
 
     def __init__(self, method: str, ignore_index: int = -100, temperature: float = 1.0, softcap: float | None = None,
                  logit_scale: float = 1.0, **hparams):
         super().__init__()
-        if method not in losses.METHODS:
-            raise ValueError(f"unknown method {method!r}; expected one of {losses.METHODS}")
-        unknown = set(hparams) - _hyperparameters(method)
+        record = losses.method_record(method)
+        unknown = set(hparams) - set(record.hyperparameters)
         if unknown:
             raise TypeError(
-                f"{method} takes hyper-parameters {sorted(_hyperparameters(method))}, not {sorted(unknown)}"
+                f"{method} takes hyper-parameters {sorted(record.hyperparameters)}, not {sorted(unknown)}"
             )
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
             raise TypeError(f"ignore_index must be an integer label value, got {ignore_index!r}")
@@ -417,6 +407,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         if "label_smoothing" in hparams and not 0 <= hparams["label_smoothing"] <= 0.5:
             raise ValueError(f"label_smoothing must lie in [0, 0.5], got {hparams['label_smoothing']}")
         self.method = method
+        self.record = record
         self.ignore_index = ignore_index
         self.temperature = temperature
         self.softcap = softcap
@@ -426,13 +417,16 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
     def extra_repr(self):
         return f"method={self.method!r}, " + ", ".join(f"{k}={v}" for k, v in self.hparams.items())
 
-    def sequence_logps(self, hidden, weight, labels, bias=None):
-        """Summed log-probs [B] and completion lengths [B] of each row."""
+    def token_logps(self, hidden, weight, labels, bias=None):
+        """Per-token log-probs [B, T] of the labels, 0 where a label is ignore_index."""
         if labels.dim() != 2:
             raise ValueError(f"labels must be [batch, seq_len], got shape {tuple(labels.shape)}")
-        token_logps = fused_linear_logprobs(hidden, weight, labels, bias, self.ignore_index, self.temperature,
-                                            softcap=self.softcap, logit_scale=self.logit_scale)
-        return token_logps.sum(-1), (labels != self.ignore_index).sum(-1)
+        return fused_linear_logprobs(hidden, weight, labels, bias, self.ignore_index, self.temperature,
+                                     softcap=self.softcap, logit_scale=self.logit_scale)
+
+    def sequence_logps(self, hidden, weight, labels, bias=None):
+        """Summed log-probs [B] and completion lengths [B] of each row."""
+        return self.token_logps(hidden, weight, labels, bias).sum(-1), (labels != self.ignore_index).sum(-1)
 
     def _frozen_sequence_logps(self, name, given, hidden, head, labels, labels_name, device):
         """Per-sequence log-probs `name` under no grad: given directly as `{name}_logps` (per sequence, or per token
@@ -469,6 +463,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         kl_logps=None,
         ref_kl_hidden=None,
         ref_kl_logps=None,
+        nll_labels=None,
     ):
         """Returns `(loss, metrics)`.
 
@@ -478,18 +473,24 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         KTO: `desirable` [B] bool (or 0/1 integers, or a sequence of bools), and the KL reference point as `kl` (a
         number or one-element tensor), or from the mismatched pairs: `kl_hidden` with `kl_labels` (or `kl_logps`,
         [B_kl], or [B_kl, T_kl] with `kl_labels`) and `ref_kl_hidden` (or `ref_kl_logps`, shaped as `kl_logps`).
+        ORPO: `nll_labels` [B, T], the tokens its NLL term scores (default: `labels`). TRL's ORPOTrainer scores every
+        non-padding token of the chosen rows, prompt included: its input ids where the attention mask is set, shifted
+        as `labels`. Where `labels` is not ignore_index they must agree (the same next token).
         """
         given = {name for name, value in (
             ("ref_logps", ref_logps), ("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias),
             ("desirable", desirable), ("kl", kl), ("kl_hidden", kl_hidden), ("kl_labels", kl_labels),
             ("kl_logps", kl_logps), ("ref_kl_hidden", ref_kl_hidden), ("ref_kl_logps", ref_kl_logps),
+            ("nll_labels", nll_labels),
         ) if value is not None}
         # An input the method does not use is a caller's mistake: say so rather than drop it (or compute it).
-        unused = given - _INPUTS_USED[self.method]
+        unused = given - _inputs_used(self.record)
         if unused:
             raise ValueError(f"{self.method} does not use {sorted(unused)}")
         if kl is not None and given & {"kl_hidden", "kl_labels", "kl_logps", "ref_kl_hidden", "ref_kl_logps"}:
-            raise ValueError("give kto either `kl` or the mismatched-pair inputs it is estimated from, not both")
+            raise ValueError(
+                f"give {self.method} either `kl` or the mismatched-pair inputs it is estimated from, not both"
+            )
         head_inputs = given & {"ref_weight", "ref_bias"}
         if head_inputs and not given & {"ref_hidden", "ref_kl_hidden"}:
             raise ValueError(f"{sorted(head_inputs)} project ref_hidden or ref_kl_hidden, and neither is given")
@@ -504,13 +505,13 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         ref_head = (ref_weight, ref_bias, ref_weight_name)
         ref = self._frozen_sequence_logps("ref", ref_logps, ref_hidden, ref_head, labels, "labels", device)
         extra = {}
-        if self.method == "kto":
+        if desirable is not None:
+            extra["desirable"] = losses.desirable_mask(desirable, labels.shape[0], device)
+        if self.record.kl_batch:
             if kl_hidden is not None and kl_labels is None:
                 raise ValueError("kl_hidden needs kl_labels")
             if kl_labels is not None:
                 _check_labels("kl_labels", kl_labels, device)
-            if desirable is not None:
-                extra["desirable"] = losses.desirable_mask(desirable, labels.shape[0], device)
             extra["kl"] = None if kl is None else losses.kl_point(kl, device)
             extra["kl_logps"] = self._frozen_sequence_logps(
                 "kl", kl_logps, kl_hidden, (weight, bias, "weight"), kl_labels, "kl_labels", device
@@ -518,20 +519,44 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
             extra["ref_kl_logps"] = self._frozen_sequence_logps(
                 "ref_kl", ref_kl_logps, ref_kl_hidden, ref_head, kl_labels, "kl_labels", device
             )
-        lengths = (labels != self.ignore_index).sum(-1)
+        completion = labels != self.ignore_index
+        lengths = completion.sum(-1)
+        # The tokens scored: the completions', and those of the NLL term's own labels.
+        scored = labels if nll_labels is None else self._union_with_nll_labels(labels, nll_labels, device)
+        if nll_labels is not None:
+            nll_mask = nll_labels != self.ignore_index
+            extra["nll_lengths"] = nll_mask.sum(-1)
 
-        def loss_and_metrics(logps):
+        def loss_and_metrics(token_logps):
+            # Per-token log-probs are 0 at ignored positions; selected, not multiplied, where a row has two masks.
+            logps = torch.where(completion, token_logps, 0.0).sum(-1)
+            if nll_labels is not None:
+                extra["nll_logps"] = torch.where(nll_mask, token_logps, 0.0).sum(-1)
             return losses.from_sequence_stats(self.method, logps, lengths, ref_logps=ref, **extra, **self.hparams)
 
-        chunks = self._trained_head_chunks(hidden, weight, labels, bias)
+        chunks = self._trained_head_chunks(hidden, weight, scored, bias)
         if chunks is None:
-            logps, _ = self.sequence_logps(hidden, weight, labels, bias)
-            return loss_and_metrics(logps)
-        loss, logps = _TrainedHeadLossFunction.apply(
-            hidden, weight, bias, labels, self.transform, self.ignore_index, chunks,
-            lambda logps: loss_and_metrics(logps)[0],
+            return loss_and_metrics(self.token_logps(hidden, weight, scored, bias))
+        loss, token_logps = _TrainedHeadLossFunction.apply(
+            hidden, weight, bias, scored, self.transform, self.ignore_index, chunks,
+            lambda token_logps: loss_and_metrics(token_logps)[0],
         )
-        return loss, loss_and_metrics(logps)[1]
+        return loss, loss_and_metrics(token_logps)[1]
+
+    def _union_with_nll_labels(self, labels, nll_labels, device):
+        """`labels` where set, else `nll_labels`: every token the loss scores, each once."""
+        _check_labels("nll_labels", nll_labels, device)
+        if nll_labels.shape != labels.shape:
+            raise ValueError(f"nll_labels has shape {tuple(nll_labels.shape)}, expected {tuple(labels.shape)} (the "
+                             "shape of labels)")
+        completion = labels != self.ignore_index
+        disagree = completion & (nll_labels != labels)
+        if bool(disagree.any()):
+            row, position = disagree.nonzero()[0].tolist()
+            raise ValueError(f"nll_labels and labels name different tokens at row {row}, position {position} "
+                             f"({nll_labels[row, position].item()} vs {labels[row, position].item()}): where labels "
+                             "scores a token, nll_labels must score the same one")
+        return torch.where(completion, labels, nll_labels)
 
     def _trained_head_chunks(self, hidden, weight, labels, bias):
         """Chunks for the one-pass path, or None where it does not apply (see the module docstring)."""
@@ -541,7 +566,7 @@ class FusedLinearPreferenceLoss(torch.nn.Module):
         # A vocabulary-sharded (DTensor) head goes through fused_linear_logprobs, which combines the shards.
         if not (trained and torch.is_grad_enabled() and hidden.device.type == "cpu") or isinstance(weight, DTensor):
             return None
-        if self.method in losses.PAIRED_METHODS and labels.shape[0] % 2:
+        if self.record.paired and labels.shape[0] % 2:
             return None  # from_sequence_stats names the error
         check_label_range(labels[labels != self.ignore_index].long(), weight.shape[0])
         return _group_chunks(self.method, labels, self.ignore_index, weight.shape[0])

@@ -1,27 +1,30 @@
-"""The five losses on per-sequence statistics: one place for the maths.
+"""The training methods: their losses on per-sequence statistics, and `METHODS`, the one registry of what each
+method is (see `Method`). Everything else that depends on the method (the loss module, the train CLI, data
+loading, the model card, the benches) reads the registry.
 
-Every function takes per-sequence log-probs (summed over completion tokens, as TRL does) and returns
+Every loss takes per-sequence log-probs (summed over completion tokens, as TRL does) and returns
 `(loss, metrics)`: `loss` a scalar to back-propagate, `metrics` a dict of detached 0-d tensors named
 as TRL logs them (`rewards/chosen`, `rewards/rejected`, `rewards/margins`, `rewards/accuracies`,
-`logps/chosen`, `logps/rejected`, plus `kl` for KTO and `nll_loss` for CPO). Nothing here syncs with
-the device; call `.item()` on a metric when you log it.
+`logps/chosen`, `logps/rejected`, plus `kl` for KTO, `nll_loss` for CPO and ORPO, `log_odds_ratio` and
+`log_odds_chosen` for ORPO). Nothing here syncs with the device; call `.item()` on a metric when you log it.
 
-Semantics follow TRL 1.16 (`DPOTrainer`, `CPOTrainer`, `KTOTrainer`) exactly; tests/test_trl_oracle.py
-checks losses, metrics and gradients against those trainers. One addition: `dpo_loss(label_smoothing=e)`
-is conservative DPO, `(1-e) L(x) + e L(-x)`, which TRL 1.16 only offers as its "sigmoid" and "robust"
-losses combined with weights `2(1-e)` and `-(1-2e)` (its "sigmoid" alone ignores label_smoothing).
+Semantics follow TRL 1.16 (`DPOTrainer`, `CPOTrainer`, `KTOTrainer`, `ORPOTrainer`) exactly;
+tests/test_trl_oracle.py checks losses, metrics and gradients against those trainers. One addition:
+`dpo_loss(label_smoothing=e)` is conservative DPO, `(1-e) L(x) + e L(-x)`, which TRL 1.16 only offers as its
+"sigmoid" and "robust" losses combined with weights `2(1-e)` and `-(1-2e)` (its "sigmoid" alone ignores
+label_smoothing).
 """
 
 from __future__ import annotations
 
+import inspect
+import math
 import numbers
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-
-METHODS = ("sft", "dpo", "ipo", "cpo", "kto")
-PAIRED_METHODS = ("dpo", "ipo", "cpo")
-REFERENCE_METHODS = ("dpo", "ipo", "kto")
 
 
 def _pair_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps):
@@ -119,6 +122,38 @@ def cpo_loss(
     return loss, metrics
 
 
+def _log1mexp(x):
+    """log(1 - exp(x)) for x < 0 without cancellation (Maechler 2012): log1p(-exp(x)) below -ln 2, log(-expm1(x))
+    above, where 1 - exp(x) loses digits."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_loss(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, chosen_nll_logps, chosen_nll_lengths,
+              beta=0.1):
+    """ORPO (Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model", Eq. 6), with beta
+    the paper's lambda:
+
+        L = NLL(chosen) + beta * L_OR,    L_OR = -log sigma(log(odds(c) / odds(r)))    (Eq. 7)
+
+    where odds(y) = P(y) / (1 - P(y)) (Eq. 4) of the length-averaged log-prob log P(y) = pi_y / |y|. No reference
+    model. NLL is the mean over the tokens that `chosen_nll_logps` sums and `chosen_nll_lengths` counts: the chosen
+    completions' own, or, as TRL's ORPOTrainer takes it, every non-padding token of the chosen rows, prompt included.
+    Rewards are `beta * log P(y)` and logps/* the averaged log-probs, as TRL logs them; `log_odds_ratio` is the mean
+    of log sigma(log odds ratio) and `log_odds_chosen` the mean log odds ratio (TRL's names).
+    """
+    nll = -chosen_nll_logps.sum() / chosen_nll_lengths.sum().clamp(min=1)
+    chosen_logps = chosen_logps / chosen_lengths.clamp(min=1)
+    rejected_logps = rejected_logps / rejected_lengths.clamp(min=1)
+    # log odds(c) - log odds(r), with log odds(y) = log P(y) - log(1 - P(y)) (Eq. 4).
+    log_odds = (chosen_logps - rejected_logps) - (_log1mexp(chosen_logps) - _log1mexp(rejected_logps))
+    log_sigmoid_odds = F.logsigmoid(log_odds)
+    loss = nll - beta * log_sigmoid_odds.mean()
+    metrics = _pair_metrics(beta * chosen_logps, beta * rejected_logps, chosen_logps, rejected_logps)
+    metrics.update(nll_loss=nll.detach(), log_odds_ratio=log_sigmoid_odds.detach().mean(),
+                   log_odds_chosen=log_odds.detach().mean())
+    return loss, metrics
+
+
 def desirable_mask(desirable, rows, device):
     """KTO's `desirable` as a [rows] bool tensor on `device`: given as a bool tensor, a tensor of 0/1 integers or a
     sequence of Python bools."""
@@ -196,6 +231,182 @@ def kto_loss(logps, ref_logps, desirable, kl, beta=0.1, desirable_weight=1.0, un
     return losses.mean(), metrics
 
 
+# ---------------------------------------------------------------------------------------------- the registry
+
+DATA_FORMATS = ("sft", "preference", "kto")
+GRANULARITIES = ("sequence", "token")
+# The per-sequence statistics a sequence-level loss may take (its parameters without a default), by batch layout.
+# Paired batches (chosen rows, then rejected rows) are split into chosen_* and rejected_* halves. `*_nll_*` are
+# over the tokens of the loss module's `nll_labels` (default: the completions), which a method's NLL term scores.
+UNPAIRED_STATISTICS = ("logps", "lengths", "ref_logps", "desirable", "kl")
+PAIRED_STATISTICS = ("chosen_logps", "rejected_logps", "chosen_lengths", "rejected_lengths", "ref_chosen_logps",
+                     "ref_rejected_logps", "chosen_nll_logps", "chosen_nll_lengths")
+PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "rewards/accuracies",
+                "rewards/margins")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One training method, all the package knows about it: a record of `METHODS`, which the loss module, the train
+    CLI, data loading, the model card and the benches read, so that adding a method is adding a record (and its loss).
+
+    name: `--method` and `FusedLinearPreferenceLoss(method)`.
+    loss: its loss function. Its parameters without a default are the statistics it takes (`inputs`: names from
+        UNPAIRED_STATISTICS or PAIRED_STATISTICS), those with one its hyper-parameters (`hyperparameters`). What the
+        method needs follows from them: `paired`, `needs_reference`, `desirable`, `kl_batch`, `nll_over_labels`.
+    description: how the model card names it.
+    data_format: the rows it trains on (pyprefopt.data; the embedded set of that name is the default): "sft" (prompt,
+        completion), "preference" (prompt, chosen, rejected) or "kto" (prompt, completion, desirable label).
+    metrics: what it logs, TRL's names, in a fixed order (the train loop all-reduces them in it).
+    options: for each hyper-parameter the train CLI sets, the option's `dest` (named as TRL's config field).
+    trl_trainer: the TRL 1.16 trainer whose semantics it follows, `module.Class` (its config class is the same name with
+        "Config" for "Trainer"), and `trl_config` the config fields that select this loss in it.
+    mean_over: what the loss is a mean over, the unit the train loop weighs micro-batches by: "tokens" (an NLL over the
+        batch's target tokens, evaluated as a perplexity) or "examples" (pairs, or rows).
+    token_mean_term: a term of the loss is a mean over the micro-batch's tokens (the NLL of CPO and ORPO) rather than a
+        mean of per-example terms, so another micro-batch size computes another step.
+    granularity: "sequence": the loss takes per-sequence statistics (log-probs summed over each row's scored tokens).
+        "token" is the slot for per-token losses (GRPO-style: a per-token importance ratio against the sampling
+        policy's log-probs, times the sequence's advantage, clipped; Shao et al. 2024, Eq. 3), whose loss would take
+        the per-token log-probs [B, T] and completion mask with their per-token inputs. The loss module's one-pass
+        trained-head path already differentiates the loss w.r.t. per-token log-probs, so such a method needs its
+        statistics and a dispatch beside from_sequence_stats; none is registered yet, and from_sequence_stats refuses
+        one.
+    """
+
+    name: str
+    loss: Callable
+    description: str
+    data_format: str
+    metrics: tuple[str, ...]
+    options: dict[str, str] = field(default_factory=dict)
+    trl_trainer: str = ""
+    trl_config: dict = field(default_factory=dict)
+    mean_over: str = "examples"
+    token_mean_term: bool = False
+    granularity: str = "sequence"
+
+    def __post_init__(self):
+        if self.data_format not in DATA_FORMATS:
+            raise ValueError(f"{self.name}: data_format must be one of {DATA_FORMATS}, got {self.data_format!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"{self.name}: granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.mean_over not in ("tokens", "examples"):
+            raise ValueError(f"{self.name}: mean_over must be 'tokens' or 'examples', got {self.mean_over!r}")
+        if self.granularity == "sequence":
+            known = PAIRED_STATISTICS if self.paired else UNPAIRED_STATISTICS
+            unknown = [name for name in self.inputs if name not in known]
+            if unknown:
+                raise ValueError(f"{self.name}: {self.loss.__name__} takes {unknown}, which are no statistics of "
+                                 f"its batches ({known})")
+        unset = set(self.options) - set(self.hyperparameters)
+        if unset:
+            raise ValueError(f"{self.name}: options name {sorted(unset)}, not hyper-parameters of {self.loss.__name__}")
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The statistics the loss takes: its parameters without a default, in order."""
+        params = inspect.signature(self.loss).parameters.values()
+        return tuple(p.name for p in params if p.default is inspect.Parameter.empty)
+
+    @property
+    def hyperparameters(self) -> dict:
+        """The loss's hyper-parameters and their defaults."""
+        params = inspect.signature(self.loss).parameters.values()
+        return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+    @property
+    def paired(self) -> bool:
+        """Batches hold the chosen rows first and the rejected rows second."""
+        return "chosen_logps" in self.inputs
+
+    @property
+    def needs_reference(self) -> bool:
+        """Its loss takes the reference model's log-probs."""
+        return bool({"ref_logps", "ref_chosen_logps"} & set(self.inputs))
+
+    @property
+    def desirable(self) -> bool:
+        """Rows are labelled desirable or undesirable (KTO): its `/chosen` and `/rejected` metrics are means over each
+        class's rows, absent where the class is, and `rewards/margins` their difference."""
+        return "desirable" in self.inputs
+
+    @property
+    def kl_batch(self) -> bool:
+        """Its reference point is a KL estimate over mismatched prompt/completion pairs (KTO's z0): batches carry those
+        rows, scored under no grad, and the estimate is taken over a global micro-batch."""
+        return "kl" in self.inputs
+
+    @property
+    def nll_over_labels(self) -> bool:
+        """Its NLL term scores tokens of its own (`nll_labels`): TRL's ORPO takes the chosen rows' prompts too."""
+        return "chosen_nll_logps" in self.inputs
+
+    @property
+    def step_metrics(self) -> tuple[str, ...]:
+        """The metrics a train step averages over its micro-batches: all of them but the reward margin of a method
+        with desirable rows, which is the difference of the averaged class means."""
+        return tuple(name for name in self.metrics if not (self.desirable and name == "rewards/margins"))
+
+    def trl_classes(self):
+        """`(trainer class, config class)` of `trl_trainer`, imported."""
+        import importlib
+
+        module_name, trainer_name = self.trl_trainer.rsplit(".", 1)
+        module = importlib.import_module(module_name)
+        return getattr(module, trainer_name), getattr(module, trainer_name.replace("Trainer", "Config"))
+
+
+METHODS = {method.name: method for method in (
+    Method("sft", sft_loss, "supervised fine-tuning (SFT)", "sft", ("nll_loss",), trl_trainer="trl.SFTTrainer",
+           mean_over="tokens"),
+    Method("dpo", dpo_loss, "Direct Preference Optimization (DPO; Rafailov et al. 2023)", "preference", PAIR_METRICS,
+           {"beta": "beta"}, "trl.DPOTrainer", {"loss_type": ["sigmoid"]}),
+    Method("ipo", ipo_loss, "Identity Preference Optimization (IPO; Azar et al. 2023)", "preference", PAIR_METRICS,
+           {"beta": "beta"}, "trl.DPOTrainer", {"loss_type": ["ipo"]}),
+    Method("cpo", cpo_loss, "Contrastive Preference Optimization (CPO; Xu et al. 2024)", "preference",
+           PAIR_METRICS + ("nll_loss",), {"beta": "beta", "alpha": "cpo_alpha"}, "trl.experimental.cpo.CPOTrainer",
+           token_mean_term=True),
+    Method("kto", kto_loss, "Kahneman-Tversky Optimization (KTO; Ethayarajh et al. 2024)", "kto",
+           ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "kl", "rewards/margins"),
+           {"beta": "beta", "desirable_weight": "desirable_weight", "undesirable_weight": "undesirable_weight"},
+           "trl.KTOTrainer"),
+    Method("orpo", orpo_loss, "Odds Ratio Preference Optimization (ORPO; Hong et al. 2024)", "preference",
+           PAIR_METRICS + ("nll_loss", "log_odds_ratio", "log_odds_chosen"), {"beta": "beta"},
+           "trl.experimental.orpo.ORPOTrainer", token_mean_term=True),
+)}
+
+
+def method_record(method) -> Method:
+    """The registry's record of `method` (a name); a clear error for any other."""
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {tuple(METHODS)}")
+    return METHODS[method]
+
+
+def _check_ref_logps(name, ref_logps, logps):
+    if ref_logps is None:
+        raise ValueError(f"{name} needs reference log-probs (ref_logps, or ref_hidden with ref_weight)")
+    if not isinstance(ref_logps, torch.Tensor) or not ref_logps.is_floating_point():
+        raise TypeError(f"ref_logps must be a floating-point tensor [batch], got "
+                        f"{ref_logps.dtype if isinstance(ref_logps, torch.Tensor) else type(ref_logps).__name__}")
+    if ref_logps.shape != logps.shape:
+        raise ValueError(f"ref_logps has shape {tuple(ref_logps.shape)}, expected {tuple(logps.shape)}")
+
+
+def _kl_point(kl, kl_logps, ref_kl_logps):
+    if kl is not None:
+        return kl
+    if kl_logps is None or ref_kl_logps is None:
+        raise ValueError("kto needs its KL reference point: pass `kl`, or the mismatched-pair log-probs "
+                         "(kl_hidden/kl_labels or kl_logps, and their reference)")
+    # One log-prob per mismatched pair on each side: other shapes would broadcast into a wrong mean.
+    if kl_logps.dim() != 1 or ref_kl_logps.shape != kl_logps.shape:
+        raise ValueError(f"kl_logps {tuple(kl_logps.shape)} and ref_kl_logps {tuple(ref_kl_logps.shape)} "
+                         "must both be [kl_batch], one log-prob per mismatched pair")
+    return kto_kl(kl_logps, ref_kl_logps)
+
+
 def from_sequence_stats(
     method,
     logps,
@@ -205,49 +416,44 @@ def from_sequence_stats(
     kl=None,
     kl_logps=None,
     ref_kl_logps=None,
+    nll_logps=None,
+    nll_lengths=None,
     **hparams,
 ):
-    """Dispatch on `method` over a batch of per-sequence stats.
+    """`method`'s loss over a batch of per-sequence stats: `logps` [B] summed log-probs, `lengths` [B] token counts,
+    and what the method's record says it takes (`Method.inputs`).
 
-    Paired methods take TRL's concatenated batch: chosen rows first, rejected rows second.
-    KTO takes `desirable` [B] and either `kl` or (`kl_logps`, `ref_kl_logps`).
+    Paired methods take TRL's concatenated batch: chosen rows first, rejected rows second. A reference method takes
+    `ref_logps` [B]; KTO `desirable` [B] and either `kl` or (`kl_logps`, `ref_kl_logps`); ORPO optionally the log-probs
+    and lengths of the tokens its NLL term scores (`nll_logps`, `nll_lengths` [B], default `logps` and `lengths`).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    record = method_record(method)
+    if record.granularity != "sequence":
+        raise ValueError(f"{method} is a per-{record.granularity} loss: it takes no per-sequence statistics")
     if logps.shape[0] == 0:
         raise ValueError("empty batch: no sequences")
-    if method in REFERENCE_METHODS:
-        if ref_logps is None:
-            raise ValueError(f"{method} needs reference log-probs (ref_logps, or ref_hidden with ref_weight)")
-        if not isinstance(ref_logps, torch.Tensor) or not ref_logps.is_floating_point():
-            raise TypeError(f"ref_logps must be a floating-point tensor [batch], got "
-                            f"{ref_logps.dtype if isinstance(ref_logps, torch.Tensor) else type(ref_logps).__name__}")
-        if ref_logps.shape != logps.shape:
-            raise ValueError(f"ref_logps has shape {tuple(ref_logps.shape)}, expected {tuple(logps.shape)}")
-    if method == "sft":
-        return sft_loss(logps, lengths, **hparams)
-    if method == "kto":
+    if (nll_logps is not None or nll_lengths is not None) and not record.nll_over_labels:
+        raise ValueError(f"{method} has no NLL term over tokens of its own: it takes no nll_logps or nll_lengths")
+    stats = {"logps": logps, "lengths": lengths}
+    if record.needs_reference:
+        _check_ref_logps(method, ref_logps, logps)
+        stats["ref_logps"] = ref_logps
+    if record.desirable:
         if desirable is None:
-            raise ValueError("kto needs `desirable`, a [batch] bool tensor marking desirable rows")
-        if kl is None:
-            if kl_logps is None or ref_kl_logps is None:
-                raise ValueError(
-                    "kto needs its KL reference point: pass `kl`, or the mismatched-pair log-probs "
-                    "(kl_hidden/kl_labels or kl_logps, and their reference)"
-                )
-            # One log-prob per mismatched pair on each side: other shapes would broadcast into a wrong mean.
-            if kl_logps.dim() != 1 or ref_kl_logps.shape != kl_logps.shape:
-                raise ValueError(f"kl_logps {tuple(kl_logps.shape)} and ref_kl_logps {tuple(ref_kl_logps.shape)} "
-                                 "must both be [kl_batch], one log-prob per mismatched pair")
-            kl = kto_kl(kl_logps, ref_kl_logps)
-        return kto_loss(logps, ref_logps, desirable, kl, **hparams)
-    if logps.shape[0] % 2:
-        raise ValueError(f"{method} needs chosen rows then rejected rows: got an odd batch of {logps.shape[0]} rows")
-    chosen, rejected = logps.chunk(2)
-    chosen_len, rejected_len = lengths.chunk(2)
-    if method == "cpo":
-        return cpo_loss(chosen, rejected, chosen_len, rejected_len, **hparams)
-    ref_chosen, ref_rejected = ref_logps.chunk(2)
-    if method == "dpo":
-        return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, **hparams)
-    return ipo_loss(chosen, rejected, ref_chosen, ref_rejected, chosen_len, rejected_len, **hparams)
+            raise ValueError(f"{method} needs `desirable`, a [batch] bool tensor marking desirable rows")
+        stats["desirable"] = desirable
+    if record.kl_batch:
+        stats["kl"] = _kl_point(kl, kl_logps, ref_kl_logps)
+    if record.paired:
+        if logps.shape[0] % 2:
+            raise ValueError(f"{method} needs chosen rows then rejected rows: got an odd batch of {logps.shape[0]} "
+                             "rows")
+        stats["nll_logps"] = logps if nll_logps is None else nll_logps
+        stats["nll_lengths"] = lengths if nll_lengths is None else nll_lengths
+        halves = {}
+        for name, values in stats.items():
+            # logps -> chosen_logps and rejected_logps, ref_logps -> ref_chosen_logps and ref_rejected_logps
+            ref, base = ("ref_", name[4:]) if name.startswith("ref_") else ("", name)
+            halves[f"{ref}chosen_{base}"], halves[f"{ref}rejected_{base}"] = values.chunk(2)
+        stats = halves
+    return record.loss(*(stats[name] for name in record.inputs), **hparams)

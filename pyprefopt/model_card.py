@@ -10,18 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from pyprefopt.files import atomic_write, atomic_write_text
+from pyprefopt.losses import METHODS
 
-METHOD_NAMES = {
-    "sft": "supervised fine-tuning (SFT)",
-    "dpo": "Direct Preference Optimization (DPO; Rafailov et al. 2023)",
-    "ipo": "Identity Preference Optimization (IPO; Azar et al. 2023)",
-    "cpo": "Contrastive Preference Optimization (CPO; Xu et al. 2024)",
-    "kto": "Kahneman-Tversky Optimization (KTO; Ethayarajh et al. 2024)",
-}
-HYPERPARAMETERS = ("method", "max_steps", "epochs", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_ratio",
-                   "warmup_steps", "weight_decay", "max_grad_norm", "optim", "beta", "cpo_alpha", "desirable_weight",
-                   "undesirable_weight", "max_length", "seed", "lora_r", "lora_alpha", "lora_dropout",
-                   "target_modules", "adapter", "load_in_4bit", "full", "fsdp", "gradient_checkpointing")
+# The run's options on the card; the method's own (its record's `options`) come after "optim".
+RUN_OPTIONS = ("method", "max_steps", "epochs", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_ratio",
+               "warmup_steps", "weight_decay", "max_grad_norm", "optim", "max_length", "seed", "lora_r", "lora_alpha",
+               "lora_dropout", "target_modules", "adapter", "load_in_4bit", "full", "fsdp", "gradient_checkpointing")
 
 
 def _fmt(value) -> str:
@@ -31,12 +25,15 @@ def _fmt(value) -> str:
 
 
 def plot(output_dir: Path, method: str, records: list[dict]) -> list[str]:
-    """loss.png and rewards.png (perplexity.png for sft) from metrics.jsonl records; the file names written."""
+    """loss.png and rewards.png (perplexity.png for a token-mean NLL such as sft) from metrics.jsonl records; the file
+    names written."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    record = METHODS[method]
+    perplexity = record.mean_over == "tokens"
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
     figures = []
@@ -51,7 +48,7 @@ def plot(output_dir: Path, method: str, records: list[dict]) -> list[str]:
     figures.append(("loss.png", fig))
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    if method == "sft":
+    if perplexity:
         ax.plot([r["step"] for r in evals], [r["eval_perplexity"] for r in evals], "o-", label="eval perplexity")
         ax.set_ylabel("perplexity")
         name = "perplexity.png"
@@ -60,7 +57,7 @@ def plot(output_dir: Path, method: str, records: list[dict]) -> list[str]:
         ax.plot([r["step"] for r in margins], [r["rewards/margins"] for r in margins], label="train reward margin")
         ax.plot([r["step"] for r in evals], [r["eval_rewards/margins"] for r in evals], "o-",
                 label="eval reward margin")
-        if method != "kto":
+        if "rewards/accuracies" in record.metrics:
             acc = ax.twinx()
             acc.plot([r["step"] for r in evals], [r["eval_rewards/accuracies"] for r in evals], "s--", color="C2",
                      label="eval reward accuracy")
@@ -70,7 +67,7 @@ def plot(output_dir: Path, method: str, records: list[dict]) -> list[str]:
         ax.set_ylabel("reward margin")
         name = "rewards.png"
     ax.set_xlabel("step")
-    ax.set_title(f"{method}: {'held-out perplexity' if method == 'sft' else 'rewards'}")
+    ax.set_title(f"{method}: {'held-out perplexity' if perplexity else 'rewards'}")
     ax.legend(loc="upper left")
     figures.append((name, fig))
 
@@ -118,7 +115,9 @@ def render(args, summary: dict, plots: list[str], plot_note: str | None) -> str:
     evals = summary["evaluations"]
     eval_keys = sorted({k for e in evals for k in e if k != "step"})
     eval_table = _table(["step"] + eval_keys, [[e["step"]] + [e.get(k, "-") for k in eval_keys] for e in evals])
-    hyper = [[name, getattr(args, name)] for name in HYPERPARAMETERS]
+    options = list(RUN_OPTIONS)
+    options[options.index("optim") + 1:options.index("optim") + 1] = METHODS[method].options.values()
+    hyper = [[name, getattr(args, name)] for name in options]
     if adapter:
         usage = (
             "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
@@ -133,7 +132,7 @@ def render(args, summary: dict, plots: list[str], plot_note: str | None) -> str:
     body = [
         f"# {method.upper()} {kind} of `{summary['base_model']}`",
         "",
-        f"Trained with `python -m pyprefopt.train` by {METHOD_NAMES[method]} on `{summary['data']}`. "
+        f"Trained with `python -m pyprefopt.train` by {METHODS[method].description} on `{summary['data']}`. "
         "Every figure on this card was measured in this run; the per-step log is `metrics.jsonl`.",
         "",
         "## Training",

@@ -50,18 +50,19 @@ def reference_token_statistics(hidden, weight, labels, bias=None, ignore_index=-
 
 
 def reference_preference_loss(method, hidden, weight, labels, bias=None, ignore_index=-100, temperature=1.0,
-                              softcap=None, logit_scale=1.0, **kwargs):
+                              softcap=None, logit_scale=1.0, nll_labels=None, **kwargs):
     """The same loss as `FusedLinearPreferenceLoss(method, ...)` computed through materialised logits.
 
     kwargs: the loss hyper-parameters plus, as the method needs, `ref_logps` (per-sequence),
-    `desirable` (KTO) and `kl_logps`/`ref_kl_logps` (KTO, per-sequence).
+    `desirable` (KTO) and `kl_logps`/`ref_kl_logps` (KTO, per-sequence); `nll_labels` as the module takes them.
     """
-    logps = reference_logprobs(hidden, weight, labels, bias, ignore_index, temperature, softcap=softcap,
-                               logit_scale=logit_scale)
-    mask = labels != ignore_index
-    seq_logps = logps.sum(-1)
-    lengths = mask.sum(-1)
-    return losses.from_sequence_stats(method, seq_logps, lengths, **kwargs)
+    def sequence_logps(labels):
+        return reference_logprobs(hidden, weight, labels, bias, ignore_index, temperature, softcap=softcap,
+                                  logit_scale=logit_scale).sum(-1), (labels != ignore_index).sum(-1)
+
+    if nll_labels is not None:
+        kwargs["nll_logps"], kwargs["nll_lengths"] = sequence_logps(nll_labels)
+    return losses.from_sequence_stats(method, *sequence_logps(labels), **kwargs)
 
 
 # The NF4 decode's pure-PyTorch kernel is the reference the C++ and CUDA kernels are tested against, as in

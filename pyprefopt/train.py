@@ -1,13 +1,13 @@
-"""`python -m pyprefopt.train --method {sft,dpo,ipo,cpo,kto}`: LoRA / QLoRA / full fine-tuning with
-pyprefopt's fused losses, on the embedded default (tiny Qwen3 + the bundled Arabic/Persian data) or on
-any local checkpoint and data set. `--help` lists every option with its default.
+"""`python -m pyprefopt.train --method {sft,dpo,ipo,cpo,kto,orpo}` (`pyprefopt.losses.METHODS`): LoRA / QLoRA /
+full fine-tuning with pyprefopt's fused losses, on the embedded default (tiny Qwen3 + the bundled Arabic/Persian
+data) or on any local checkpoint and data set. `--help` lists every option with its default.
 
 One flat loop, in order:
 1. data: load, check, tokenise (pyprefopt.data);
 2. model: `--model` or the cached default (pyprefopt.default_model), LoRA layers injected
    (pyprefopt.lora) or loaded from --adapter, NF4 base with --load-in-4bit;
-3. reference log-probs (dpo, ipo, kto): every example's, once, from the same model with its adapters
-   disabled (for --full: before the first update), cached in the run's directory;
+3. reference log-probs (the methods with a reference: dpo, ipo, kto): every example's, once, from the same model
+   with its adapters disabled (for --full: before the first update), cached in the run's directory;
 4. steps: each micro-batch runs the decoder to its last hidden state and `FusedLinearPreferenceLoss` on
    the LM head's weight (no logits tensor), gradients accumulate, are summed over processes, clipped,
    and AdamW (torch's fused kernel, as the HF Trainer's default) steps; metrics go to metrics.jsonl every
@@ -25,9 +25,10 @@ then the root with the embeddings, final norm and LM head), each process holding
 gradients and optimizer state, and checkpoints are sharded (torch.distributed.checkpoint) so that a
 --resume may use another number of processes. The decoder and the fused head run in one function that runs
 as a forward of the DDP module or of the FSDP root (see data_parallel). Every loss is a mean over "items"
-(target tokens for sft, pairs for dpo/ipo/cpo, rows for kto), and each micro-batch's loss is weighted by its
-share of the global batch's items, so N processes with batch B compute the same step as one process with
-batch N*B (for cpo the NLL term is a per-batch token mean, as TRL's, so it matches only approximately).
+(`Method.mean_over`: target tokens for sft, pairs for dpo/ipo/cpo/orpo, rows for kto), and each micro-batch's loss is
+weighted by its share of the global batch's items, so N processes with batch B compute the same step as one process
+with batch N*B (for a loss with a token-mean term, the NLL of cpo and orpo, a per-batch token mean as TRL's, it matches
+only approximately).
 """
 
 from __future__ import annotations
@@ -105,20 +106,25 @@ class RunError(Exception):
     exits with status 2, having written nothing that a corrected rerun would trip over."""
 
 
+def _methods_with_option(dest):
+    return [m.name for m in losses.METHODS.values() if dest in m.options.values()]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = _ArgumentParser(
         prog="python -m pyprefopt.train",
-        description="Fine-tune a causal LM with SFT, DPO, IPO, CPO or KTO (LoRA by default). With no --model "
-        "and no --data it trains the embedded default: a tiny Qwen3 built offline and the bundled data.",
+        description=f"Fine-tune a causal LM with {', '.join(name.upper() for name in losses.METHODS)} (LoRA by "
+        "default). With no --model and no --data it trains the embedded default: a tiny Qwen3 built offline and the "
+        "bundled data.",
         formatter_class=_DefaultsHelpFormatter,
     )
-    p.add_argument("--method", required=True, choices=losses.METHODS, help="training objective")
+    p.add_argument("--method", required=True, choices=tuple(losses.METHODS), help="training objective")
     p.add_argument("--model", default=None,
                    help="local transformers checkpoint or hub id; default: the embedded tiny Qwen3 "
                    "(built and cached under $PYPREFOPT_CACHE or ~/.cache/pyprefopt at first use)")
     p.add_argument("--data", default=None,
                    help="a directory with train.* and test.* (.jsonl/.json/.parquet), one such file, or a "
-                   "`datasets` name; default: the bundled pyprefopt/data/{sft,preference,kto}/")
+                   f"`datasets` name; default: the bundled pyprefopt/data/{{{','.join(losses.DATA_FORMATS)}}}/")
     p.add_argument("--eval-data", default=None, help="held-out file; default: the data's test split, else "
                    f"{D.HELD_OUT_FRACTION:.0%}% of the training rows")
     p.add_argument("--output-dir", default=None, help="default: runs/<method>-<UTC time>")
@@ -140,7 +146,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: none)")
     p.add_argument("--optim", default="adamw", choices=("adamw", "adamw_8bit"),
                    help="AdamW from torch, or bitsandbytes' 8-bit AdamW")
-    p.add_argument("--beta", type=float, default=0.1, help="dpo/ipo/cpo/kto beta")
+    p.add_argument("--beta", type=float, default=0.1, help=f"beta of {'/'.join(_methods_with_option('beta'))} "
+                   "(ORPO's lambda)")
     p.add_argument("--cpo-alpha", type=float, default=1.0, help="weight of CPO's NLL term")
     p.add_argument("--desirable-weight", type=float, default=1.0, help="KTO weight of desirable rows")
     p.add_argument("--undesirable-weight", type=float, default=1.0, help="KTO weight of undesirable rows")
@@ -163,7 +170,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="start from this PEFT LoRA adapter (e.g. an SFT run's --output-dir) instead of a fresh one: "
                    "its rank, alpha, dropout and target modules are kept, and a new run starts (--resume continues "
-                   "a run). The reference model of dpo/ipo/kto stays the base with the adapter disabled, as in TRL "
+                   f"a run). The reference model of "
+                   f"{'/'.join(m.name for m in losses.METHODS.values() if m.needs_reference)} "
+                   "stays the base with the adapter disabled, as in TRL "
                    "with a PEFT model; default: none")
     p.add_argument("--load-in-4bit", action="store_true", help="QLoRA: the base in bitsandbytes NF4")
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
@@ -189,7 +198,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.max_length < 2:
         p.error("--max-length must be at least 2 (a prompt token and a completion token)")
     # Every value is checked here, before anything is read or written, so a typo never leaves a half-made run.
-    if args.method != "sft" and not (args.beta > 0 and math.isfinite(args.beta)):
+    if "beta" in losses.METHODS[args.method].options and not (args.beta > 0 and math.isfinite(args.beta)):
         p.error(f"--beta must be a finite number > 0 for {args.method}, got {args.beta}")
     for name in ("cpo_alpha", "weight_decay", "max_grad_norm"):
         value = getattr(args, name)
@@ -597,25 +606,30 @@ def is_sharded(model) -> bool:
 # ------------------------------------------------------------------------------------------ batches
 
 
-def collate_rows(data: D.TokenizedData, indices: list[int], which: int, pad_id: int):
-    """input_ids, aligned labels and input lengths of completion `which` of each example in `indices`."""
+def collate_rows(data: D.TokenizedData, indices: list[int], which: int, pad_id: int, score_prompt=False):
+    """input_ids, aligned labels (`score_prompt`: the prompt's tokens too) and input lengths of completion `which` of
+    each example in `indices`."""
     prompts = [data.prompts[i] for i in indices]
     completions = [data.completions[i][which] for i in indices]
-    return D.rows_to_tensors(prompts, completions, data.max_length, pad_id)
+    return D.rows_to_tensors(prompts, completions, data.max_length, pad_id, score_prompt)
 
 
 @torch.no_grad()
-def sequence_logps_all(model, run, data, pad_id, batch_size, device, rank, world, dtype=torch.float32):
+def sequence_logps_all(model, run, data, pad_id, batch_size, device, rank, world, dtype=torch.float32, nll=False):
     """Summed completion log-probs [N, k] and completion lengths [N, k] of every completion of every
-    example (k = data.rows_per_example), computed in eval mode through `run` (data_parallel's); each process
-    takes every world-th batch and the results are summed over processes. The processes of a sharded model run
-    the decoder in step (each of its calls gathers every layer's weights from all of them): each takes as many
-    batches as any other, all as wide, a short or missing one filled up with rows that are not kept."""
+    example (k = data.rows_per_example), and with `nll` the summed log-probs [N] and token counts [N] of the first
+    completion with its prompt (what ORPO's NLL term scores), computed in eval mode through `run`
+    (data_parallel's); each process takes every world-th batch and the results are summed over processes. The
+    processes of a sharded model run the decoder in step (each of its calls gathers every layer's weights from all
+    of them): each takes as many batches as any other, all as wide, a short or missing one filled up with rows that
+    are not kept."""
     decoder, head = decoder_and_head(model)
     loss_fn = FusedLinearPreferenceLoss("sft", **head_logit_transform(model.config))
     n, k = len(data), data.rows_per_example
     logps = torch.zeros(n, k, dtype=torch.float64, device=device)
     lengths = torch.zeros(n, k, dtype=torch.float64, device=device)
+    nll_logps = torch.zeros(n, dtype=torch.float64, device=device)
+    nll_lengths = torch.zeros(n, dtype=torch.float64, device=device)
     batches = [list(range(start, min(start + batch_size, n))) for start in range(0, n, batch_size)]
     in_step = world > 1 and is_sharded(model)
     if in_step:
@@ -628,52 +642,64 @@ def sequence_logps_all(model, run, data, pad_id, batch_size, device, rank, world
                 indices = indices + [indices[0] if indices else 0] * (min(batch_size, n) - kept)
             for which in range(k):
                 input_ids, labels, input_lengths = collate_rows(data, indices, which, pad_id)
+                labels = labels.to(device)
                 hidden, weight, bias = head_operands(last_hidden(decoder, input_ids, input_lengths, device, dtype),
                                                      head, dtype)
-                row_logps, row_lengths = loss_fn.sequence_logps(hidden, weight, labels.to(device), bias)
-                logps[indices[:kept], which] = row_logps[:kept].double()
-                lengths[indices[:kept], which] = row_lengths[:kept].double()
+                with_prompt = nll and which == 0
+                scored = collate_rows(data, indices, which, pad_id, score_prompt=True)[1].to(device) \
+                    if with_prompt else labels
+                token_logps = loss_fn.token_logps(hidden, weight, scored, bias)
+                completion = labels != D.IGNORE_INDEX
+                logps[indices[:kept], which] = torch.where(completion, token_logps, 0.0).sum(-1)[:kept].double()
+                lengths[indices[:kept], which] = completion.sum(-1)[:kept].double()
+                if with_prompt:
+                    nll_logps[indices[:kept]] = token_logps.sum(-1)[:kept].double()
+                    nll_lengths[indices[:kept]] = (scored != D.IGNORE_INDEX).sum(-1)[:kept].double()
 
     was_training = model.training
     model.eval()
     run(score)
     model.train(was_training)
-    all_reduce_sum(logps)
-    all_reduce_sum(lengths)
+    for sums in (logps, lengths, nll_logps, nll_lengths):
+        all_reduce_sum(sums)
+    if nll:
+        return logps.float(), lengths.long(), nll_logps.float(), nll_lengths.long()
     return logps.float(), lengths.long()
 
 
 def loss_hparams(args) -> dict:
-    if args.method == "sft":
-        return {}
-    if args.method == "cpo":
-        return {"beta": args.beta, "alpha": args.cpo_alpha}
-    if args.method == "kto":
-        return {"beta": args.beta, "desirable_weight": args.desirable_weight,
-                "undesirable_weight": args.undesirable_weight}
-    return {"beta": args.beta}
+    """The method's hyper-parameters from their options (`Method.options`)."""
+    return {name: getattr(args, dest) for name, dest in losses.METHODS[args.method].options.items()}
+
+
+def trained_rows(record, per_example):
+    """The loss's rows of per-example values [N, k] (or [B, k]): a paired method's chosen rows then its rejected rows,
+    else the first of each example's completions (the others being KTO's KL completions)."""
+    return torch.cat([per_example[:, 0], per_example[:, 1]]) if record.paired else per_example[:, 0]
 
 
 def evaluate(model, run, data, reference, args, pad_id, device, rank, world) -> dict:
     """Held-out metrics over the whole split at once (eval_ prefix): the method's loss and TRL's reward
     metrics (rewards/accuracies and margins of the pairs; KTO's with its KL point over the split), and for
-    sft the mean token NLL and its perplexity."""
-    logps, lengths = sequence_logps_all(model, run, data, pad_id, args.eval_batch_size, device, rank, world,
-                                        compute_dtype(args, device))
-    method = args.method
+    a token-mean NLL (sft) the loss and its perplexity."""
+    record = losses.METHODS[args.method]
+    stats = sequence_logps_all(model, run, data, pad_id, args.eval_batch_size, device, rank, world,
+                               compute_dtype(args, device), nll=record.nll_over_labels)
+    logps, lengths = stats[:2]
     kwargs = loss_hparams(args)
-    if method == "sft":
-        loss, _ = losses.from_sequence_stats("sft", logps[:, 0], lengths[:, 0])
+    if record.needs_reference:
+        kwargs["ref_logps"] = trained_rows(record, reference)
+    if record.desirable:
+        kwargs["desirable"] = torch.tensor(data.labels, device=device)
+    if record.kl_batch:
+        kwargs.update(kl_logps=logps[:, 1], ref_kl_logps=reference[:, 1])
+    if record.nll_over_labels:
+        # The rejected rows' entries are not read: the NLL term scores the chosen rows.
+        kwargs.update(nll_logps=torch.cat([stats[2], logps[:, 1]]), nll_lengths=torch.cat([stats[3], lengths[:, 1]]))
+    loss, metrics = losses.from_sequence_stats(args.method, trained_rows(record, logps), trained_rows(record, lengths),
+                                               **kwargs)
+    if record.mean_over == "tokens":
         return {"eval_loss": loss.item(), "eval_perplexity": math.exp(loss.item())}
-    if method == "kto":
-        kwargs.update(ref_logps=reference[:, 0], desirable=torch.tensor(data.labels, device=device),
-                      kl_logps=logps[:, 1], ref_kl_logps=reference[:, 1])
-        loss, metrics = losses.from_sequence_stats("kto", logps[:, 0], lengths[:, 0], **kwargs)
-    else:
-        if method in losses.REFERENCE_METHODS:
-            kwargs["ref_logps"] = torch.cat([reference[:, 0], reference[:, 1]])
-        loss, metrics = losses.from_sequence_stats(method, torch.cat([logps[:, 0], logps[:, 1]]),
-                                                   torch.cat([lengths[:, 0], lengths[:, 1]]), **kwargs)
     out = {"eval_loss": loss.item()}
     out.update({f"eval_{name}": value.item() for name, value in metrics.items()})
     return out
@@ -690,22 +716,12 @@ def eval_summary(evaluations: list[dict]) -> str:
     return f"held-out eval, step {first['step']} -> {last['step']}: {moves}"
 
 
-def metric_names(method) -> list[str]:
-    """The per-step metrics logged for a method, in a fixed order (the all-reduce needs one)."""
-    if method == "sft":
-        return ["nll_loss"]
-    names = ["rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"]
-    if method == "kto":
-        return names + ["kl"]
-    names += ["rewards/accuracies", "rewards/margins"]
-    return names + (["nll_loss"] if method == "cpo" else [])
-
-
-def metric_weight(method, name, batch) -> float:
-    """What a micro-batch's metric is averaged over: its items, or for KTO's class means that class's rows."""
-    if method == "kto" and name.endswith("/chosen"):
+def metric_weight(record, name, batch) -> float:
+    """What a micro-batch's metric is averaged over: its items, or for the class means of a method with desirable
+    rows (KTO) that class's rows."""
+    if record.desirable and name.endswith("/chosen"):
         return float(batch["desirable"].sum())
-    if method == "kto" and name.endswith("/rejected"):
+    if record.desirable and name.endswith("/rejected"):
         return float((~batch["desirable"]).sum())
     return float(batch["items"])
 
@@ -714,14 +730,17 @@ def micro_batch_loss(model, loss_fn, batch, reference, args, device):
     """(loss, metrics) of one micro-batch from the decoder's last hidden states and the LM head weight; run through
     data_parallel's `run`."""
     decoder, head = decoder_and_head(model)
+    record = losses.METHODS[args.method]
     dtype = compute_dtype(args, device)
     kwargs = {}
     index = batch["index"].to(device)
-    if args.method in ("dpo", "ipo"):
-        kwargs["ref_logps"] = torch.cat([reference[index, 0], reference[index, 1]])
-    elif args.method == "kto":
-        kwargs["ref_logps"] = reference[index, 0]
+    if record.needs_reference:
+        kwargs["ref_logps"] = trained_rows(record, reference[index])
+    if record.desirable:
         kwargs["desirable"] = batch["desirable"].to(device)
+    if record.nll_over_labels:
+        kwargs["nll_labels"] = batch["nll_labels"].to(device)
+    if record.kl_batch:
         # KTO's reference point z0 from the mismatched pairs, over the global micro-batch (all processes),
         # as TRL gathers it (Ethayarajh et al. 2024, Eq. 7); under no grad, as TRL computes it.
         with torch.no_grad():
@@ -950,9 +969,10 @@ def read_checkpoint(path: Path, device) -> dict:
 
 
 def check_batch_split(path: Path, position: dict, args, world: int):
-    """Refuse a checkpoint whose steps this run would compute differently: another global batch; for kto another
-    global micro-batch (--batch-size x processes: its KL completions rotate, and its KL point is taken, within
-    each); for cpo another --batch-size (its NLL term is a mean over each micro-batch's tokens). Otherwise how the
+    """Refuse a checkpoint whose steps this run would compute differently: another global batch; for a method with a KL
+    batch (kto) another global micro-batch (--batch-size x processes: its KL completions rotate, and its KL point is
+    taken, within each); for one with a token-mean term (cpo, orpo) another --batch-size (its NLL term is a mean over
+    each micro-batch's tokens). Otherwise how the
     global batch is split into micro-batches and processes may change, so a run resumes with another number of
     processes."""
     global_batch = args.batch_size * args.grad_accum * world
@@ -962,14 +982,15 @@ def check_batch_split(path: Path, position: dict, args, world: int):
         raise RunError(f"{path} was written with {position['examples_per_step']} examples per step, this run takes "
                        f"{global_batch} (batch size x accumulation x processes): resume with the same global batch")
     written_micro = position["batch_size"] * position["processes"]
-    if args.method == "kto" and written_micro != args.batch_size * world:
+    record = losses.METHODS[args.method]
+    if record.kl_batch and written_micro != args.batch_size * world:
         raise RunError(f"{path} was written with a global micro-batch of {written_micro} examples (--batch-size x "
                        f"processes), this run takes {args.batch_size * world}: kto's KL completions and KL point "
                        f"come from each, so resume with --batch-size x processes = {written_micro}")
-    if args.method == "cpo" and position["batch_size"] != args.batch_size:
+    if record.token_mean_term and position["batch_size"] != args.batch_size:
         raise RunError(f"{path} was written with --batch-size {position['batch_size']}, this run has "
-                       f"{args.batch_size}: cpo's NLL term is a mean over each micro-batch's tokens, so resume with "
-                       f"--batch-size {position['batch_size']}")
+                       f"{args.batch_size}: {args.method}'s NLL term is a mean over each micro-batch's tokens, so "
+                       f"resume with --batch-size {position['batch_size']}")
 
 
 def apply_checkpoint(path: Path, state: dict, model, optimizer, scheduler, args, world, total_steps) -> int:
@@ -1231,7 +1252,7 @@ def train(args, rank, world, device) -> int:
     # 1. data
     # KTO's KL completions rotate within chunks of the global micro-batch (TRL's rule; see pyprefopt.data).
     kl_chunk = args.batch_size * world
-    if args.method == "kto" and kl_chunk < 2:
+    if losses.METHODS[args.method].kl_batch and kl_chunk < 2:
         raise RunError("kto needs a global micro-batch (--batch-size x processes) of at least 2: its KL "
                          "completions rotate within it, so with one example each would be paired with its own "
                          "completion (TRL's KTOTrainer likewise refuses a batch size of 1)")
@@ -1286,7 +1307,8 @@ def train(args, rank, world, device) -> int:
 
     # 4. reference log-probs: once per example, before any update, kept beside the checkpoints
     reference_path = output_dir / CHECKPOINTS / REFERENCE_FILE
-    needs_reference = args.method in losses.REFERENCE_METHODS or args.method == "kto"
+    method_record = losses.METHODS[args.method]
+    needs_reference = method_record.needs_reference
     reference_seconds = 0.0
     train_reference = eval_reference = saved = None
     if needs_reference:
@@ -1326,7 +1348,7 @@ def train(args, rank, world, device) -> int:
 
     # 5. steps
     loss_fn = FusedLinearPreferenceLoss(args.method, **loss_hparams(args), **head_logit_transform(model.config))
-    names = metric_names(args.method)
+    names = method_record.step_metrics
     initial = evaluate(model, run, eval_data, eval_reference, args, pad_id, device, rank, world) \
         if start_step == 0 else None
     metrics_file = open(metrics_path, "a", encoding="utf-8") if rank == 0 else None
@@ -1360,7 +1382,7 @@ def train(args, rank, world, device) -> int:
                     (loss * (share * world)).backward()
                 sums[0] += loss.detach().double() * share
                 for i, name in enumerate(names):
-                    weight = metric_weight(args.method, name, batch)
+                    weight = metric_weight(method_record, name, batch)
                     if name in metrics and weight > 0:
                         sums[1 + 2 * i] += metrics[name].double() * weight
                         sums[2 + 2 * i] += weight
@@ -1382,7 +1404,7 @@ def train(args, rank, world, device) -> int:
             for i, name in enumerate(names):
                 if sums[2 + 2 * i] > 0:
                     record[name] = (sums[1 + 2 * i] / sums[2 + 2 * i]).item()
-            if args.method == "kto" and "rewards/chosen" in record and "rewards/rejected" in record:
+            if method_record.desirable and "rewards/chosen" in record and "rewards/rejected" in record:
                 record["rewards/margins"] = record["rewards/chosen"] - record["rewards/rejected"]
             record.update(grad_norm=grad_norm.item(), learning_rate=learning_rate,
                           tokens_per_second=global_tokens / elapsed, num_tokens=int(global_tokens),

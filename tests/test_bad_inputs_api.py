@@ -41,6 +41,9 @@ class Setup:
         if method == "kto":
             return {"ref_logps": torch.randn(BATCH) - 30, "desirable": torch.tensor([True, False, True, True]),
                     "kl_logps": torch.randn(BATCH) - 30, "ref_kl_logps": torch.randn(BATCH) - 30}
+        if method == "orpo":
+            # The chosen rows' prompts scored by the NLL term too, as TRL's ORPOTrainer scores them.
+            return {"nll_labels": torch.cat([self.labels[:2].clamp(min=0), self.labels[2:]])}
         return {}
 
     def loss(self, method, hparams=None, **inputs):
@@ -64,6 +67,15 @@ class Case:
 
 
 BAD_INPUTS = [
+    # ORPO's NLL tokens: where labels scores a token, nll_labels must name the same one (a shifted or other tensor).
+    Case("nll_labels naming other tokens", lambda s: s.loss("orpo", nll_labels=(s.labels + 1) % VOCAB),
+         ValueError, "nll_labels and labels name different tokens at row 0, position 3"),
+    Case("nll_labels of another shape", lambda s: s.loss("orpo", nll_labels=s.labels[:, 1:]),
+         ValueError, "nll_labels has shape (4, 8), expected (4, 9)"),
+    Case("nll_labels of floats", lambda s: s.loss("orpo", nll_labels=s.labels.float()),
+         TypeError, "nll_labels must be an integer tensor"),
+    Case("nll_labels for dpo", lambda s: s.loss("dpo", nll_labels=s.labels),
+         ValueError, "dpo does not use ['nll_labels']"),
     # Per-token reference log-probs are [B, T] exactly as labels; other shapes were summed into a different loss.
     Case("ref_logps per token too long", lambda s: s.loss("dpo", ref_logps=torch.randn(BATCH, SEQ + 3)),
          ValueError, "ref_logps has shape (4, 12), expected (4,) per sequence or (4, 9) per token"),

@@ -29,6 +29,7 @@ from trl import (  # noqa: E402
     SFTTrainer,
 )
 from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
+from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402
 
 from pyprefopt import drop_in  # noqa: E402
 
@@ -133,6 +134,20 @@ def test_cpo_trainer(tmp_path, head_calls, tokenizer, preference_dataset, archit
 
     logs = with_and_without_pyprefopt(build, head_calls)
     assert "nll_loss" in logs[0] and "logits/chosen" in logs[0]
+
+
+@pytest.mark.parametrize("architecture", ["qwen3", "gemma2"])
+def test_orpo_trainer(tmp_path, head_calls, tokenizer, preference_dataset, architecture):
+    """Also with Gemma 2's soft-capped head (its mean logit, logged, is not linear in the hidden states)."""
+    config = tiny_config(architecture)
+    state = random_state(config, 0)
+
+    def build():
+        return ORPOTrainer(model=model(config, state), args=args(ORPOConfig, tmp_path, 2, beta=0.2, max_length=64),
+                           train_dataset=preference_dataset, processing_class=tokenizer)
+
+    logs = with_and_without_pyprefopt(build, head_calls)
+    assert {"nll_loss", "log_odds_ratio", "log_odds_chosen", "logits/chosen"} <= logs[0].keys()
 
 
 def test_kto_trainer(tmp_path, head_calls, qwen3_config, policy_state, ref_state, tokenizer, unpaired_dataset):

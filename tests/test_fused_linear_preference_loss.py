@@ -21,6 +21,7 @@ CASES = [
     ("cpo", {"beta": 0.2, "alpha": 1.0}),
     ("cpo", {"beta": 2.0, "alpha": 0.0, "simpo_gamma": 0.5}),
     ("kto", {"beta": 0.1, "desirable_weight": 1.33, "undesirable_weight": 0.7}),
+    ("orpo", {"beta": 0.2}),
 ]
 CASE_IDS = [f"{m}-" + "-".join(f"{k}={v}" for k, v in h.items()) for m, h in CASES]
 
@@ -43,11 +44,19 @@ def make_batch(method, batch=4, seq=9, width=20, vocab=77, trained=False, length
             labels[row, :prompt] = -100
             labels[row, prompt + n :] = -100
     ours, theirs = {}, {}
-    if method in losses.REFERENCE_METHODS:
+    record = losses.METHODS[method]
+    if record.needs_reference:
         ref_hidden = torch.randn(batch, seq, width)
         ours["ref_hidden"] = ref_hidden
         theirs["ref_logps"] = reference_logprobs(ref_hidden, weight, labels, bias, **transform).sum(-1).detach()
-    if method == "kto":
+    if record.nll_over_labels:
+        # TRL's ORPO: the NLL term scores the chosen rows' prompts too (the ignored positions before a completion).
+        nll_labels = labels.clone()
+        chosen = torch.arange(batch)[:, None] < batch // 2
+        prompt = torch.arange(seq) < (labels != -100).int().argmax(-1, keepdim=True)
+        nll_labels[chosen & prompt] = torch.randint(0, vocab, (int((chosen & prompt).sum()),))
+        ours["nll_labels"] = theirs["nll_labels"] = nll_labels
+    if record.kl_batch:
         desirable = torch.arange(batch) % 3 != 1
         kl_hidden, ref_kl = torch.randn(batch, seq, width), torch.randn(batch) - 20
         kl_labels = labels.roll(1, 0)
@@ -101,7 +110,7 @@ PARTIAL_CHUNK_TOKENS = {"paired": [10, 41, 10], "single": [10, 24, 10, 11, 0]}
 
 
 def _partial_lengths(method):
-    return PARTIAL_LENGTHS["paired" if method in losses.PAIRED_METHODS else "single"]
+    return PARTIAL_LENGTHS["paired" if losses.METHODS[method].paired else "single"]
 
 
 @pytest.mark.parametrize("method,hparams", CASES, ids=CASE_IDS)
@@ -112,7 +121,7 @@ def test_trained_head_partial_keep(method, hparams, monkeypatch, cpu_gemm):
     lengths = _partial_lengths(method)
     labels = (torch.arange(24) < torch.tensor(lengths)[:, None]).long() - 1  # valid: 0, ignored: -1
     chunks = module._group_chunks(method, labels, -1, 77)
-    kind = "paired" if method in losses.PAIRED_METHODS else "single"
+    kind = "paired" if losses.METHODS[method].paired else "single"
     assert [sum(lengths[i] for i in c.tolist()) for c in chunks] == PARTIAL_CHUNK_TOKENS[kind]
     check(method, hparams, trained=True, batch=len(lengths), seq=24, upstream=2.5, lengths=lengths)
 
@@ -128,7 +137,7 @@ def test_trained_head_partial_keep_across_token_blocks(method, hparams, long_gro
     assert module._walk_tiles(41, 77)[0] == 7  # 41 tokens in 6 blocks
     lengths = list(_partial_lengths(method))
     if long_group_first:  # the 41-token pair (rows 1 and 5) or the 24-token row (row 1) to the front
-        swap = [(0, 1), (4, 5)] if method in losses.PAIRED_METHODS else [(0, 1)]
+        swap = [(0, 1), (4, 5)] if losses.METHODS[method].paired else [(0, 1)]
         for i, j in swap:
             lengths[i], lengths[j] = lengths[j], lengths[i]
     check(method, hparams, trained=True, batch=len(lengths), seq=24, upstream=2.5, lengths=lengths)
@@ -205,7 +214,7 @@ def test_first_chunk_over_budget_keeps_its_logits_in_the_weight_gradient(method,
         return z, w
 
     monkeypatch.setattr(module, "logits_tile", counting_logits_tile)
-    kind = "paired" if method in losses.PAIRED_METHODS else "single"
+    kind = "paired" if losses.METHODS[method].paired else "single"
     lengths = FIRST_IN_GRADIENT_LENGTHS[kind + ("-later" if later else "")]
     check(method, hparams, trained=True, batch=len(lengths), seq=24, upstream=2.5, lengths=lengths, width=32)
     # Every valid token's logits once, plus the 11-token row's dropped ones (17-wide tiles, 3 of 5 kept).
@@ -225,7 +234,7 @@ def test_batch_of_at_most_h_tokens_is_one_chunk_kept_in_the_weight_gradient(meth
         return logits_tile(h, weight, bias, v0, tile, buffer)
 
     monkeypatch.setattr(module, "logits_tile", counting_logits_tile)
-    lengths = FIRST_IN_GRADIENT_LENGTHS["paired" if method in losses.PAIRED_METHODS else "single"]
+    lengths = FIRST_IN_GRADIENT_LENGTHS["paired" if losses.METHODS[method].paired else "single"]
     check(method, hparams, trained=True, batch=len(lengths), seq=24, upstream=2.5, lengths=lengths, width=64)
     assert set(rows_per_gemm) == {sum(lengths)}  # 40 (paired) or 45 tokens <= H = 64: one chunk
 
@@ -405,7 +414,7 @@ def test_bad_input_gets_a_clear_error(method, call, message, trained):
 
 @pytest.mark.parametrize(
     "kwargs,message",
-    [({"method": "orpo"}, "unknown method"), ({"method": "dpo", "alpha": 1.0}, "hyper-parameters"),
+    [({"method": "grpo"}, "unknown method"), ({"method": "dpo", "alpha": 1.0}, "hyper-parameters"),
      ({"method": "kto", "beta": 0.0}, "beta must be > 0")],
 )
 def test_bad_hyperparameters(kwargs, message):
@@ -533,7 +542,7 @@ def test_logit_transforms_on_every_path(method, hparams, path, transform, monkey
     """Soft-capped and scaled heads: the loss, its metrics and gradients match the materialised reference on the
     frozen-head path and on every form of the trained head's one pass (kept, partly kept and recomputed tiles,
     tiles kept in the weight gradient)."""
-    kind = "paired" if method in losses.PAIRED_METHODS else "single"
+    kind = "paired" if losses.METHODS[method].paired else "single"
     if path == "frozen-head":
         check(method, hparams, trained=False, upstream=2.5, transform=transform)
     elif path == "one-chunk":

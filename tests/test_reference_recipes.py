@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Qwen2Config, Qwen3Config
 
 from pyprefopt import data as D
-from pyprefopt import train
+from pyprefopt import losses, train
 
 from cli_fixtures import assert_refused_before_writing, data_dir, one_thread_and_private_cache  # noqa: F401
 from tiny_models import gemma3n_config, qwen_config, save_tiny_model
@@ -104,7 +104,7 @@ def run_command(command: str, tiny_models, data_dir, workdir: Path, index: int, 
     (unless the command names one) an --output-dir appended. (the run's output directory, its stderr)."""
     argv = shlex.split(command.replace(DATA, "DATA"))[len(PROGRAM):]
     method = argv[argv.index("--method") + 1]
-    argv[argv.index("--data") + 1] = str(data_dir / D.FORMATS[method])
+    argv[argv.index("--data") + 1] = str(data_dir / losses.METHODS[method].data_format)
     model = argv.index("--model") + 1
     argv[model] = str(tiny_models[argv[model]])
     argv += OVERRIDES
@@ -148,7 +148,7 @@ def test_a_qwen3_card_trains_as_written(card, tiny_models, data_dir, tmp_path, m
 
 def sequence_logps(model, data_dir, tokenizer, method="dpo"):
     """Summed completion log-probs [N, 2] (chosen, rejected) of the held-out pairs, from the model's own logits."""
-    _, rows, source = D.load_splits(str(data_dir / D.FORMATS[method]), method, None, 0)
+    _, rows, source = D.load_splits(str(data_dir / losses.METHODS[method].data_format), method, None, 0)
     data = D.tokenize(D.normalise_rows(rows, method, source), method, tokenizer, 512, source, None)
     columns = []
     for which in range(2):

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from pyprefopt import data as D
-from pyprefopt import train
+from pyprefopt import losses, train
 from pyprefopt.packed_attention import use_packed_attention
 
 from synthetic_data import write_data
@@ -36,7 +36,6 @@ QUICK = os.environ.get("PYPREFOPT_BENCH_QUICK", "1").strip().lower() not in ("0"
 PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                 "logps/rejected")
 STEP_METRICS = ("grad_norm", "learning_rate", "tokens_per_second", "peak_memory_mib")
-FORMAT_OF = {"sft": "sft", "dpo": "preference", "ipo": "preference", "cpo": "preference", "kto": "kto"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -65,8 +64,13 @@ def subprocess_env():
     return env
 
 
+def method_data(method, data_dir):
+    """The synthetic data set of the method's format (`Method.data_format`)."""
+    return str(data_dir / losses.METHODS[method].data_format)
+
+
 def run(method, data_dir, out, *extra):
-    argv = ["--method", method, "--data", str(data_dir / FORMAT_OF[method]), "--output-dir", str(out), *extra]
+    argv = ["--method", method, "--data", method_data(method, data_dir), "--output-dir", str(out), *extra]
     assert train.main(argv) == 0
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
 
@@ -74,7 +78,7 @@ def run(method, data_dir, out, *extra):
 def torchrun(method, data_dir, out, *extra, env=None):
     """`torchrun --nproc_per_node 2 -m pyprefopt.train` (2 gloo CPU processes); the metrics records."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "pyprefopt.train", "--method", method, "--data", str(data_dir / FORMAT_OF[method]), "--output-dir", str(out),
+           "pyprefopt.train", "--method", method, "--data", method_data(method, data_dir), "--output-dir", str(out),
            *extra]
     result = subprocess.run(cmd, env=env or subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -92,11 +96,11 @@ def trained_weights(out):
 
 # ------------------------------------------------------------------------------------------- training
 
-EMBEDDED_DATA = all((D.default_data_dir(m) / "train.jsonl").is_file() for m in FORMAT_OF)
+EMBEDDED_DATA = all((D.default_data_dir(m) / "train.jsonl").is_file() for m in losses.METHODS)
 
 
 @pytest.mark.skipif(not EMBEDDED_DATA, reason="the embedded data (pyprefopt/data/*/train.jsonl) has not landed yet")
-@pytest.mark.parametrize("method", ["sft", "dpo", "ipo", "cpo", "kto"])
+@pytest.mark.parametrize("method", list(losses.METHODS))
 def test_embedded_default_trains(method, tmp_path):
     """What a newcomer runs: no --model, no --data."""
     out = tmp_path / "run"
@@ -107,19 +111,24 @@ def test_embedded_default_trains(method, tmp_path):
 
 
 
-@pytest.mark.parametrize("method", ["sft", "dpo", "ipo", "cpo", "kto"])
+@pytest.mark.parametrize("method", list(losses.METHODS))
 def test_each_method_trains_and_writes_its_outputs(method, data_dir, tmp_path):
     out = tmp_path / "run"
     records = run(method, data_dir, out, "--max-steps", "3", "--batch-size", "4", "--eval-every", "2")
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
     expected = {"sft": ("loss", "nll_loss"), "cpo": PAIR_METRICS + ("nll_loss",),
-                "kto": ("loss", "kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")}
+                "kto": ("loss", "kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"),
+                "orpo": PAIR_METRICS + ("nll_loss", "log_odds_ratio", "log_odds_chosen")}
     for record in steps:
         for name in expected.get(method, PAIR_METRICS) + STEP_METRICS:
             assert name in record and torch.isfinite(torch.tensor(record[name])), (name, record)
-    evals = [r["step"] for r in records if "eval_loss" in r]
-    assert evals == [0, 2, 3]
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 2, 3]
+    held_out = ("loss", "perplexity") if method == "sft" else expected.get(method, PAIR_METRICS)
+    for record in evals:
+        for name in held_out:
+            assert torch.isfinite(torch.tensor(record[f"eval_{name}"])), (name, record)
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md"):
         assert (out / name).is_file(), name
     assert not (out / "checkpoints").exists()
@@ -510,7 +519,7 @@ def test_standard_string_formats_are_accepted(tmp_path):
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize("method", ["sft", "dpo", "ipo", "cpo", "kto"])
+@pytest.mark.parametrize("method", list(losses.METHODS))
 def test_eval_metrics_move_the_right_way(method, tmp_path):
     data = tmp_path / "data"
     write_data(data, n_train=48 if QUICK else 400, n_test=16 if QUICK else 64, seed=1)

@@ -1,6 +1,7 @@
 """TRL's own trainers as the oracle for pyprefopt's losses, metrics and gradients.
 
-For each method a real TRL 1.16 trainer (`DPOTrainer`, `trl.experimental.cpo.CPOTrainer`, `KTOTrainer`) is built
+For each method a real TRL 1.16 trainer (`DPOTrainer`, `trl.experimental.cpo.CPOTrainer`, `KTOTrainer`,
+`trl.experimental.orpo.ORPOTrainer`) is built
 on a tiny Qwen3 model and an in-memory dataset, one collated batch is taken from the trainer's own dataloader, and
 the trainer's own `compute_loss` gives the loss, the logged metrics and (after `backward`) the gradient of every
 parameter. pyprefopt then computes the same loss from the same batch: the policy's last hidden states (after the
@@ -24,6 +25,7 @@ pytest.importorskip("trl")
 import torch  # noqa: E402
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer  # noqa: E402
 from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
+from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402
 
 from pyprefopt import FusedLinearPreferenceLoss  # noqa: E402
 
@@ -395,3 +397,37 @@ def test_kto_trainer(case, tmp_path, qwen3_config, policy_state, ref_state, toke
         return loss, metrics
 
     _check_against_trl(trainer, trl_loss, trl_metrics, trl_grads, metric_names, ours)
+
+
+# ---------------------------------------------------------------------------------------------- ORPO
+
+ORPO_METRICS = PAIR_METRICS + ("nll_loss", "log_odds_ratio", "log_odds_chosen")
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_orpo_trainer(beta, tmp_path, qwen3_config, policy_state, tokenizer, preference_dataset):
+    """ORPO's odds-ratio term on the completions' length-averaged log-probs, and its NLL over every non-padding token
+    of the chosen rows, prompt included (TRL's choice): pyprefopt takes those tokens as `nll_labels`."""
+    args = ORPOConfig(**_common_args(tmp_path, batch_size=4), max_length=64, beta=beta)
+    trainer = ORPOTrainer(model=_model(qwen3_config, policy_state), args=args, train_dataset=preference_dataset,
+                          processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    trl_loss, trl_metrics, trl_grads = _trl_step(trainer, batch, lambda t: t._stored_metrics["train"])
+    assert abs(trl_metrics["rewards/margins"]) > 1e-2 and 0 < trl_metrics["rewards/accuracies"] < 1
+    assert trl_metrics["nll_loss"] > 1.0
+
+    concat = ORPOTrainer.concatenated_inputs(batch, padding_value=trainer.padding_value)
+    input_ids, attention_mask = concat["concatenated_input_ids"], concat["concatenated_attention_mask"]
+    labels = concat["concatenated_labels"][:, 1:]
+    assert (labels != -100).sum(-1).min() > 0
+    chosen = torch.arange(len(labels))[:, None] < len(labels) // 2
+    every_token = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+    nll_labels = torch.where(chosen, every_token, labels)
+    assert (nll_labels != -100).sum() > (labels != -100).sum()  # the chosen prompts count
+    loss_fn = FusedLinearPreferenceLoss("orpo", beta=beta)
+
+    def ours(weight):
+        hidden = _last_hidden(trainer.model, input_ids, attention_mask)[:, :-1]
+        return loss_fn(hidden, weight, labels, nll_labels=nll_labels)
+
+    _check_against_trl(trainer, trl_loss, trl_metrics, trl_grads, ORPO_METRICS, ours)
