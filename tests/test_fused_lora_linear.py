@@ -20,7 +20,7 @@ import torch
 import transformers
 from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 
-from pyprefopt import lora
+from pyprefopt import lora, peft_format
 from pyprefopt.kernels import fused_lora_linear as kernels
 from pyprefopt.reference import lora_linear_reference
 
@@ -302,7 +302,7 @@ def test_peft_saved_loads_in_ours_with_identical_outputs(case, tmp_path):
     ids = torch.randint(0, 101, (2, 9))
     assert_close_verbose(_logits(ours, ids), _logits(theirs.eval(), ids), rtol=1e-5, atol=1e-5, name="logits")
     trainable = {name for name, p in ours.named_parameters() if p.requires_grad}
-    peft_trainable = {name.removeprefix(lora.PEFT_PREFIX).replace(".default", "")
+    peft_trainable = {name.removeprefix(peft_format.PEFT_PREFIX).replace(".default", "")
                       for name, p in theirs.named_parameters() if p.requires_grad}
     assert trainable == {name.replace("lora_A.weight", "lora_A").replace("lora_B.weight", "lora_B")
                          for name in peft_trainable}
