@@ -7,9 +7,11 @@ vocabulary (V=151936, Qwen's), and the same head on paper for 8 GPUs.
 1. `python -m pyprefopt.train` on a small Qwen3-architecture model with Qwen3's vocabulary and tied head (so the
    embedding/head, 151936 x 512, is most of the weights): one process; two processes data parallel (DDP, a full
    copy each); two processes `--fsdp` (FSDP2: weights, gradients and optimizer state sharded). Full fine-tuning
-   and LoRA, DPO, the same global batch in every case. Each run is torchrun in a fresh process tree; "peak RSS
-   per process" is the largest high-water resident set of any of its processes (getrusage of the children),
-   step time the median of the run's own `step_seconds`.
+   and LoRA, DPO, the same global batch in every case, each run torchrun in a fresh process tree. Per process,
+   the largest over its processes of two high-water resident sets: "setup", from the start through loading the
+   model and sharding it (every process loads the whole checkpoint before `fully_shard` cuts it), and "training",
+   from then through the reference pass, the steps and the evaluations, up to the final gather of the outputs
+   (Linux's clear_refs resets the mark between them); step time is the median of the run's `step_seconds`.
 2. `fused_linear_logprobs` forward + backward with a trained head: the whole [V, H] head in one process, against
    each of two processes holding a [V/2, H] shard (`process_group=`): peak RSS growth over the call, and time.
 3. On paper, 8 GPUs: what the vocabulary-parallel head moves per step (one all-reduce of [N] label logits and
@@ -23,9 +25,9 @@ on a shared 2-core machine the times are noisy, the memory is not.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -39,21 +41,21 @@ H100_BF16_FLOPS = 989.4e12
 H100_NVLINK_BYTES_PER_S = 450e9
 
 
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _high_water_mib() -> float:
+    """VmHWM: the resident set's high-water mark since the start or the last clear_refs reset."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def _torchrun(nproc: int, args: list[str], env: dict) -> tuple[subprocess.CompletedProcess, float]:
-    """Run `args` under torchrun in a fresh child; (result, the largest peak RSS in MiB of any process it ran)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+def _torchrun(nproc: int, args: list[str], env: dict):
+    """Run `args` under torchrun with `nproc` processes, in a fresh process tree."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    # ru_maxrss of the children is the largest of any: it grows only when this run's largest process outgrew
-    # every earlier one, so each case runs in its own measuring interpreter (see main's --case).
-    return proc, max(before, after) / 1024
 
 
 # ----------------------------------------------------------------------------------------- 1. the train CLI
@@ -91,17 +93,61 @@ TRAIN_CASES = [  # (label, processes, extra CLI options)
 ]
 
 
+def train_worker(out: str, argv: list[str]):
+    """One process of a torchrun'd `python -m pyprefopt.train argv`, writing its setup and training peaks."""
+    import gc
+
+    from pyprefopt import train
+
+    peaks = {}
+
+    def wrap(name, before=None, after=None):
+        original = getattr(train, name)
+
+        def wrapped(*args, **kwargs):
+            if before:
+                before()
+            result = original(*args, **kwargs)
+            if after:
+                after()
+            return result
+
+        setattr(train, name, wrapped)
+
+    def end_of_setup():
+        peaks["setup_mib"] = _high_water_mib()
+        gc.collect()
+        # The whole checkpoint each process loaded before sharding, freed, would stay resident in malloc's arenas and
+        # count as the training's: handed back to the system first.
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+
+    def end_of_training():
+        peaks.setdefault("training_mib", _high_water_mib())
+
+    wrap("data_parallel", after=end_of_setup)  # the model loaded, and sharded with --fsdp
+    for name in ("gather_trainable", "whole_parameters"):  # the outputs' gather (by every process, or rank 0)
+        wrap(name, before=end_of_training)
+    code = train.main(argv)
+    end_of_training()
+    rank = int(os.environ.get("RANK", "0"))
+    Path(f"{out}.{rank}").write_text(json.dumps(peaks))
+    sys.exit(code)
+
+
 def train_case(model: Path, data: Path, nproc: int, extra: list[str], full: bool, steps: int, global_batch: int):
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     with tempfile.TemporaryDirectory() as out:
-        args = ["-m", "pyprefopt.train", "--method", "dpo", "--model", str(model), "--data", str(data / "preference"),
+        argv = ["--method", "dpo", "--model", str(model), "--data", str(data / "preference"),
                 "--output-dir", f"{out}/run", "--max-steps", str(steps), "--batch-size", str(global_batch // nproc),
                 "--max-length", "256", "--seed", "0"] + extra + (["--full"] if full else [])
-        _, peak = _torchrun(nproc, args, env)
+        _torchrun(nproc, [os.path.abspath(__file__), "--train-worker", f"{out}/peaks", *argv], env)
+        peaks = [json.loads(Path(f"{out}/peaks.{rank}").read_text()) for rank in range(nproc)]
         records = [json.loads(line) for line in open(f"{out}/run/metrics.jsonl", encoding="utf-8")]
     step_s = [r["step_seconds"] for r in records if "step_seconds" in r][1:]  # the first step warms up
-    return {"peak_rss_mib": peak, "median_step_s": statistics.median(step_s),
-            "final_loss": [r["loss"] for r in records if "loss" in r][-1]}
+    return {"setup_peak_mib": max(p["setup_mib"] for p in peaks),
+            "training_peak_mib": max(p["training_mib"] for p in peaks),
+            "median_step_s": statistics.median(step_s), "final_loss": [r["loss"] for r in records if "loss" in r][-1]}
 
 
 # ------------------------------------------------------------------------------- 2. the vocabulary-parallel head
@@ -124,14 +170,14 @@ def head_worker(tokens: int, hidden_size: int, out: str):
     weight = (torch.randn(len(rows), hidden_size) / hidden_size**0.5).requires_grad_()
     group = dist.group.WORLD if world > 1 else None
     times = []
-    baseline = _peak_rss_mib()
+    baseline = _high_water_mib()
     for _ in range(3):
         dist.barrier()
         t0 = time.perf_counter()
         fused_linear_logprobs(hidden, weight, labels, process_group=group).sum().backward()
         times.append(time.perf_counter() - t0)
         hidden.grad = weight.grad = None
-    result = {"rank": rank, "weight_mib": weight.numel() * 4 / 2**20, "peak_growth_mib": _peak_rss_mib() - baseline,
+    result = {"rank": rank, "weight_mib": weight.numel() * 4 / 2**20, "peak_growth_mib": _high_water_mib() - baseline,
               "median_s": statistics.median(times[1:])}
     Path(f"{out}.{rank}").write_text(json.dumps(result))
     dist.destroy_process_group()
@@ -182,48 +228,28 @@ def main(argv=None):
     p.add_argument("--hidden", type=int, default=512, help="hidden size of the head case")
     p.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "pyprefopt-bench-distributed")
     p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # one measurement, in a fresh interpreter
     a = p.parse_args(argv)
     from pyprefopt.data import PACKAGE_DATA
-
-    if a.case is not None:
-        kind, *rest = json.loads(a.case)
-        if kind == "train":
-            model, nproc, extra, full = rest
-            result = train_case(Path(model), PACKAGE_DATA, nproc, extra, full, a.steps, a.global_batch)
-        else:
-            result = head_case(*rest)
-        print(json.dumps(result))
-        return
-
-    def measured(case):
-        # Each case in its own interpreter: getrusage's children maximum never goes down.
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--case", json.dumps(case),
-                               "--steps", str(a.steps), "--global-batch", str(a.global_batch)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr[-4000:])
-        return json.loads(proc.stdout.strip().splitlines()[-1])
 
     results = {}
     if a.only in (None, "train"):
         a.dir.mkdir(parents=True, exist_ok=True)
         model = build_model(a.dir, PACKAGE_DATA)
-        lines = ["| fine-tuning | processes | peak RSS per process MiB | median step s | final loss |",
-                 "|---|---|---:|---:|---:|"]
+        lines = ["| fine-tuning | processes | setup peak RSS per process MiB | training peak RSS per process MiB | "
+                 "median step s | final loss |", "|---|---|---:|---:|---:|---:|"]
         for full in (True, False):
             for label, nproc, extra in TRAIN_CASES:
-                r = measured(["train", str(model), nproc, extra, full])
+                r = train_case(model, PACKAGE_DATA, nproc, extra, full, a.steps, a.global_batch)
                 results[f"train {'full' if full else 'lora'} {label}"] = r
-                lines.append(f"| {'full' if full else 'LoRA'} | {label} | {r['peak_rss_mib']:.0f} | "
-                             f"{r['median_step_s']:.2f} | {r['final_loss']:.4f} |")
+                lines.append(f"| {'full' if full else 'LoRA'} | {label} | {r['setup_peak_mib']:.0f} | "
+                             f"{r['training_peak_mib']:.0f} | {r['median_step_s']:.2f} | {r['final_loss']:.4f} |")
                 print(lines[-1], file=sys.stderr, flush=True)
         print("\n".join(lines))
     if a.only in (None, "head"):
         lines = [f"| head [V={VOCAB}, H={a.hidden}], N={a.tokens}, fp32, trained | weight per process MiB | "
                  "peak RSS growth per process MiB | median fwd+bwd s |", "|---|---:|---:|---:|"]
         for nproc in (1, 2):
-            r = measured(["head", nproc, a.tokens, a.hidden])
+            r = head_case(nproc, a.tokens, a.hidden)
             results[f"head {nproc}"] = r
             lines.append(f"| {nproc} process{'es' if nproc > 1 else ''} | {r['weight_mib']:.0f} | "
                          f"{r['peak_growth_mib']:.0f} | {r['median_s']:.2f} |")
@@ -248,5 +274,7 @@ def main(argv=None):
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--head-worker"]:
         head_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    elif sys.argv[1:2] == ["--train-worker"]:
+        train_worker(sys.argv[2], sys.argv[3:])
     else:
         main()
