@@ -35,19 +35,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_train import peak_rss_mib, reset_peak_rss
+
 VOCAB = 151936
 # H100 SXM5: dense bf16 tensor-core peak, and NVLink 4's 900 GB/s counted per direction.
 H100_BF16_FLOPS = 989.4e12
 H100_NVLINK_BYTES_PER_S = 450e9
-
-
-def _high_water_mib() -> float:
-    """VmHWM: the resident set's high-water mark since the start or the last clear_refs reset."""
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def _torchrun(nproc: int, args: list[str], env: dict):
@@ -115,15 +108,15 @@ def train_worker(out: str, argv: list[str]):
         setattr(train, name, wrapped)
 
     def end_of_setup():
-        peaks["setup_mib"] = _high_water_mib()
+        peaks["setup_mib"] = peak_rss_mib()
         gc.collect()
         # The whole checkpoint each process loaded before sharding, freed, would stay resident in malloc's arenas and
         # count as the training's: handed back to the system first.
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-        Path("/proc/self/clear_refs").write_text("5")
+        reset_peak_rss()
 
     def end_of_training():
-        peaks.setdefault("training_mib", _high_water_mib())
+        peaks.setdefault("training_mib", peak_rss_mib())
 
     wrap("data_parallel", after=end_of_setup)  # the model loaded, and sharded with --fsdp
     for name in ("gather_trainable", "whole_parameters"):  # the outputs' gather (by every process, or rank 0)
@@ -170,14 +163,14 @@ def head_worker(tokens: int, hidden_size: int, out: str):
     weight = (torch.randn(len(rows), hidden_size) / hidden_size**0.5).requires_grad_()
     group = dist.group.WORLD if world > 1 else None
     times = []
-    baseline = _high_water_mib()
+    baseline = peak_rss_mib()
     for _ in range(3):
         dist.barrier()
         t0 = time.perf_counter()
         fused_linear_logprobs(hidden, weight, labels, process_group=group).sum().backward()
         times.append(time.perf_counter() - t0)
         hidden.grad = weight.grad = None
-    result = {"rank": rank, "weight_mib": weight.numel() * 4 / 2**20, "peak_growth_mib": _high_water_mib() - baseline,
+    result = {"rank": rank, "weight_mib": weight.numel() * 4 / 2**20, "peak_growth_mib": peak_rss_mib() - baseline,
               "median_s": statistics.median(times[1:])}
     Path(f"{out}.{rank}").write_text(json.dumps(result))
     dist.destroy_process_group()

@@ -77,12 +77,12 @@ def _rss_mib() -> float:
     return _status_mib("VmRSS")
 
 
-def _peak_rss_mib() -> float:
-    """The resident set's high-water mark since the process started or since the last _reset_peak_rss."""
+def peak_rss_mib() -> float:
+    """The resident set's high-water mark since the process started or since the last reset_peak_rss."""
     return _status_mib("VmHWM")
 
 
-def _reset_peak_rss():
+def reset_peak_rss():
     """Start the high-water mark afresh from the current resident set (Linux's clear_refs 5). Loading a checkpoint
     maps its file while it copies the weights out (into another dtype, too): a transient of the loader, the same for
     both trainers, that would otherwise decide the peak of a training run at real size."""
@@ -93,8 +93,8 @@ def _reset_peak_rss():
 
 
 def _memory(baseline: float, load_peak: float) -> dict:
-    return {"peak_extra_mib": max(load_peak, _peak_rss_mib()) - baseline,
-            "train_peak_extra_mib": _peak_rss_mib() - baseline}
+    return {"peak_extra_mib": max(load_peak, peak_rss_mib()) - baseline,
+            "train_peak_extra_mib": peak_rss_mib() - baseline}
 
 
 # ------------------------------------------------------------------------------------------------ workers
@@ -124,8 +124,8 @@ def run_pyprefopt(method, data_dir, steps, warmup, batch_size, checkpointing, re
 
     def load_then_reset_peak(*args, **kwargs):
         loaded = load_model(*args, **kwargs)
-        load_peak.append(_peak_rss_mib())
-        _reset_peak_rss()
+        load_peak.append(peak_rss_mib())
+        reset_peak_rss()
         return loaded
 
     train.load_model = load_then_reset_peak
@@ -220,8 +220,8 @@ def run_trl(method, data_dir, steps, warmup, batch_size, checkpointing, recipe):
 
         trainer.data_collator = counting_collator
         trainer.add_callback(StepTimer())
-        load_peak = _peak_rss_mib()
-        _reset_peak_rss()
+        load_peak = peak_rss_mib()
+        reset_peak_rss()
         trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     # The collator runs once per step (no accumulation, no prefetching worker), in step order.
