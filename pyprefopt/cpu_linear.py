@@ -5,9 +5,15 @@ sgemm runs far below the FMA peak, while oneDNN (`torch.ops.mkldnn._linear_point
 backend uses) reaches it with the same fp32 accuracy class; so large fp32 GEMMs go through oneDNN here. oneDNN
 builds a kernel per new shape, so small GEMMs, which change shape from batch to batch in training, stay on
 `torch.mm`.
+
+The blocked fused head upcasts a bf16 model's operands to fp32 to keep fp32 logits; `operand_precision` then tells
+oneDNN that bf16 products are enough, which sends torch's own fp32 GEMMs to oneDNN's matmul (bf16 instructions where
+the CPU has bf16 matrix units, its fp32 kernels elsewhere), in place and without the copies below.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -26,9 +32,31 @@ ONEDNN_MIN_ACCUMULATE_DEPTH = 64
 ONEDNN_TRANSIENT_BYTES = 4 * 2**20
 
 
+@contextlib.contextmanager
+def operand_precision(dtype: torch.dtype):
+    """Within: fp32 GEMMs on CPU may round their operands to `dtype` when that is bfloat16 (oneDNN's bf16 fp32-math
+    mode: it does so where the CPU has bf16 matrix units, and runs its fp32 kernels elsewhere); they accumulate in
+    fp32 and return fp32. Any other dtype changes nothing. For operands that hold bf16 values (a bf16 model's hidden
+    states and head, upcast tile by tile) each product is exact either way, so the logits are those of an fp32 GEMM;
+    an fp32 operand such as a softmax gradient is at worst rounded to bf16, as torch's own bf16 autograd rounds it."""
+    if dtype != torch.bfloat16:
+        yield
+        return
+    matmul = torch.backends.mkldnn.matmul
+    previous = matmul.fp32_precision
+    matmul.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = previous
+
+
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    # Under `operand_precision` torch's own GEMMs take oneDNN's matmul, which writes or accumulates in place: the
+    # blocked copies below would only slow it down.
     return (
-        x.device.type == "cpu"
+        torch.backends.mkldnn.matmul.fp32_precision != "bf16"
+        and x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and x.dim() == 2

@@ -94,3 +94,29 @@ def test_onednn_blocks_tile_the_whole_output(monkeypatch, transposed):
     # Rows in blocks of 3 (3 x 29 outputs), depth in blocks of 8: 13 * 3 products.
     assert len(calls) == 39
     assert_within_fp32_dot_bound(acc, deep, deep_weight, start)
+
+
+def test_operand_precision_multiplies_bf16_values_exactly_and_restores():
+    """Under `operand_precision(torch.bfloat16)` fp32 operands holding bf16 values still give fp32-accurate products
+    (each product is exact), in `linear`, `linear(out=)` and `addmm_`; other dtypes leave the GEMMs alone, and the
+    setting is restored on exit, an exception included."""
+    torch.manual_seed(0)
+    x, weight = torch.randn(300, 1000).bfloat16().float(), torch.randn(600, 1000).bfloat16().float()
+    matmul = torch.backends.mkldnn.matmul
+    before = matmul.fp32_precision
+    with cpu_linear.operand_precision(torch.bfloat16):
+        assert matmul.fp32_precision == "bf16"
+        assert not cpu_linear._use_onednn(x, weight)
+        assert_within_fp32_dot_bound(cpu_linear.linear(x, weight), x, weight, None)
+        out = torch.empty(300, 600)
+        assert_within_fp32_dot_bound(cpu_linear.linear(x, weight, out=out), x, weight, None)
+        start = torch.randn(300, 600)
+        assert_within_fp32_dot_bound(cpu_linear.addmm_(start.clone(), x, weight), x, weight, start)
+    assert matmul.fp32_precision == before
+    with cpu_linear.operand_precision(torch.float16):
+        assert matmul.fp32_precision == before
+    with pytest.raises(RuntimeError, match="inside"):
+        with cpu_linear.operand_precision(torch.bfloat16):
+            raise RuntimeError("inside")
+    assert matmul.fp32_precision == before
+

@@ -198,6 +198,18 @@ def test_low_precision_within_twice_torch_error(backend, dtype):
         assert_within_torch_error(g, tg, t, name=f"grad {name}")
 
 
+def test_bf16_operands_give_fp32_logits_on_cpu():
+    """bf16 hidden states and head multiply exactly on CPU (`cpu_linear.operand_precision`) and the logits stay fp32:
+    the log-probs' error against fp64 on the same values is that of fp32 logits, far below bf16 logits' error."""
+    hidden, weight, _, labels = make_inputs(4, 128, 256, 3000, dtype=torch.bfloat16, with_bias=False)
+    out = fused_linear_logprobs(hidden, weight, labels, backend="torch")
+    truth = reference_logprobs(*float64_copies(hidden, weight), labels, dtype=torch.float64)
+    fp32_logits = reference_logprobs(hidden.float(), weight.float(), labels)
+    bf16_logits = reference_logprobs(hidden, weight, labels, dtype=torch.bfloat16)
+    assert_within_torch_error(out, truth, fp32_logits, name="logp")
+    assert (out - truth).abs().max() * 100 < (bf16_logits - truth).abs().max()
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_all_positions_ignored(backend):
     hidden, weight, bias, labels = make_inputs(2, 3, 16, 50, grads=("hidden", "weight"))
