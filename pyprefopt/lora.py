@@ -42,7 +42,15 @@ from torch.autograd.function import once_differentiable
 from pyprefopt import cpu_linear
 from pyprefopt.files import replace_dir, staging_dir
 from pyprefopt.nf4 import lora_scale
-from pyprefopt.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_config, lora_keys, names_module, saved_key
+from pyprefopt.peft_format import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    check_config,
+    checkpoint_name,
+    lora_keys,
+    names_module,
+    saved_key,
+)
 
 BIAS_MODES = ("none", "all", "lora_only")
 
@@ -418,19 +426,19 @@ def inject_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float 
 
 
 def _adapter_state_dict(model: nn.Module, bias: str) -> dict[str, torch.Tensor]:
-    """Our trainable tensors under PEFT's saved key names."""
+    """Our trainable tensors under PEFT's saved key names (those of the model's checkpoint: `checkpoint_name`)."""
     layers = lora_layers(model)
     state = {}
     for name, layer in layers.items():
-        key_a, key_b = lora_keys(name)
+        key_a, key_b = lora_keys(checkpoint_name(model, name))
         state[key_a], state[key_b] = layer.lora_A, layer.lora_B
         if bias == "lora_only" and layer.base_layer.bias is not None:
-            state[saved_key(f"{name}.base_layer.bias")] = layer.base_layer.bias
+            state[saved_key(checkpoint_name(model, f"{name}.base_layer.bias"))] = layer.base_layer.bias
     if bias == "all":
         # Our module names are PEFT's (`<name>.base_layer.bias` inside a LoRA layer, `<name>.bias` elsewhere).
         for name, param in model.named_parameters():
             if "bias" in name:  # PEFT's test for bias="all"
-                state[saved_key(name)] = param
+                state[saved_key(checkpoint_name(model, name))] = param
     return {key: tensor.detach().contiguous() for key, tensor in state.items()}
 
 
@@ -503,7 +511,7 @@ def load_lora_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Modu
     missing = sorted(key for key in set(expected) - set(tensors) if ".lora_" in key)
     if missing:
         raise ValueError(f"{directory}: LoRA weights missing for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    params = {saved_key(name): param for name, param in _peft_named_parameters(model)}
+    params = {saved_key(checkpoint_name(model, name)): param for name, param in _peft_named_parameters(model)}
     with torch.no_grad():
         for key, tensor in tensors.items():
             param = params[key]

@@ -155,6 +155,11 @@ def _base_weight_files(base: Path) -> list[Path]:
     raise MergeError(f"{base} has no model.safetensors or model.safetensors.index.json")
 
 
+def checkpoint_tensor_names(base: Path) -> list[str]:
+    """The names of the tensors a safetensors checkpoint directory holds (read from the file headers alone)."""
+    return list(_read_headers(_base_weight_files(base)))
+
+
 def _check_quantization(config: dict, path: Path):
     quant = config.get("quantization_config")
     if quant is None:

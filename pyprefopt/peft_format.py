@@ -19,9 +19,23 @@ PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias)$")
 
 
+# Set on a language model loaded out of a multimodal checkpoint (`pyprefopt.text_model`): the prefix under which that
+# checkpoint, and PEFT in the whole multimodal model, name what the model names `<base_model_prefix>.`.
+CHECKPOINT_PREFIX = "pyprefopt_checkpoint_prefix"
+
+
 def saved_key(name: str) -> str:
     """The key under which PEFT saves the tensor named `name` in the wrapped model."""
     return PEFT_PREFIX + name
+
+
+def checkpoint_name(model, name: str) -> str:
+    """`name`, of a module or tensor of `model`, as the model's checkpoint names it (see `CHECKPOINT_PREFIX`)."""
+    prefix = getattr(model, CHECKPOINT_PREFIX, None)
+    own = f"{getattr(model, 'base_model_prefix', '')}."
+    if prefix is None or not name.startswith(own):
+        return name
+    return prefix + name.removeprefix(own)
 
 
 def lora_keys(module: str) -> tuple[str, str]:

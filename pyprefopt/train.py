@@ -382,10 +382,13 @@ def check_adapter_base(adapter_dir, trained_on, base):
 def load_model(args, train_rows, device, adapter=None):
     """(model, tokenizer, base path or hub id). LoRA layers are injected unless --full: fresh ones, or with
     `adapter` (read_adapter_options' config) those of --adapter with its weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig
 
     from pyprefopt.default_model import default_model_path
     from pyprefopt.lora import inject_lora, load_lora_adapter
+    from pyprefopt.merge import checkpoint_tensor_names
+    from pyprefopt.peft_format import CHECKPOINT_PREFIX
+    from pyprefopt.text_model import causal_lm_class, checkpoint_prefix
 
     base = args.model
     if base is None:
@@ -416,11 +419,15 @@ def load_model(args, train_rows, device, adapter=None):
         check_fused_head_support(config, f"--model {base}")
     except NotImplementedError as e:
         raise RunError(str(e)) from e
+    model_class, model_config = causal_lm_class(config)
+    if model_config is not config:
+        log(0, f"--model {base}: a multimodal checkpoint; its language model is trained alone ({model_class.__name__})"
+            + (", and written alone" if args.full else ", and the adapter named as in the whole model"))
     dtype = compute_dtype(args, device)
     # Frozen weights are stored in the compute dtype; --full trains every weight, and trained weights stay fp32.
     kwargs = {"dtype": torch.float32 if args.full else dtype}
     if args.load_in_4bit:
-        kept, head = layers_left_16bit(config)
+        kept, head = layers_left_16bit(model_config)
         if kept:
             log(0, f"--load-in-4bit: {len(kept)} linear layers stay 16-bit (fewer than {NF4_MIN_WEIGHTS} weights, "
                 f"or outputs not a multiple of {NF4_CPU_ROW_BLOCK}): {', '.join(kept)}")
@@ -428,7 +435,14 @@ def load_model(args, train_rows, device, adapter=None):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=kept + head,
             bnb_4bit_compute_dtype=dtype)
         kwargs["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    model = model_class.from_pretrained(base, config=model_config, **kwargs)
+    if model_config is not config:
+        try:
+            prefix = checkpoint_prefix(model, checkpoint_tensor_names(Path(base if Path(base).is_dir()
+                                                                           else _hub_snapshot(base))))
+        except (ValueError, OSError) as e:
+            raise RunError(f"--model {base}: {e}") from e
+        setattr(model, CHECKPOINT_PREFIX, prefix)
     if not args.load_in_4bit:
         model.to(device)
     model.config.use_cache = False

@@ -27,7 +27,7 @@ from pyprefopt import data as D
 from pyprefopt import losses, train
 
 from cli_fixtures import assert_refused_before_writing, data_dir, one_thread_and_private_cache  # noqa: F401
-from tiny_models import gemma3n_config, qwen_config, save_tiny_model
+from tiny_models import gemma3n_config, qwen_config, save_as_multimodal_gemma3n, save_tiny_model
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 PROGRAM = ["python", "-m", "pyprefopt.train"]
@@ -202,10 +202,15 @@ import sys
 sys.modules["peft"] = sys.modules["bitsandbytes"] = None
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-merged, inputs, outputs = sys.argv[1:]
-model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+merged, inputs, outputs, part = sys.argv[1:]
+if part == "whole":
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+else:  # a multimodal model's language model alone (its towers are not built)
+    config = AutoConfig.from_pretrained(merged).get_text_config()
+    model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(merged, config=config, dtype=torch.float32)
 with torch.no_grad():
     logits = model(input_ids=load_file(inputs)["input_ids"]).logits
 save_file({"logits": logits.contiguous()}, outputs)
@@ -229,7 +234,12 @@ def test_the_gemma3n_qlora_card_trains_and_merges_into_a_standalone_16bit_model(
     records = [json.loads(line) for line in (out / train.METRICS_FILE).read_text(encoding="utf-8").splitlines()]
     assert [r["learning_rate"] for r in records if "loss" in r] == pytest.approx([0.0, 2e-6], rel=1e-12)
 
-    merged = out / "merged"
+    check_merged_model(out / "merged", model, tmp_path, "whole")
+
+
+def check_merged_model(merged: Path, model, tmp_path: Path, part: str):
+    """`merged` is a standalone 16-bit model whose (`part`: "whole" or "language model") logits, in a process with
+    neither PEFT nor bitsandbytes, are those of `model`, PEFT's model of the base and the adapter."""
     assert not (merged / "adapter_config.json").exists()
     assert "quantization_config" not in json.loads((merged / "config.json").read_text(encoding="utf-8"))
     for shard in merged.glob("*.safetensors"):
@@ -239,7 +249,7 @@ def test_the_gemma3n_qlora_card_trains_and_merges_into_a_standalone_16bit_model(
     input_ids = torch.randint(2, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     save_file({"input_ids": input_ids}, tmp_path / "inputs.safetensors")
     result = subprocess.run([sys.executable, "-c", LOAD_MERGED_STANDALONE, str(merged),
-                             str(tmp_path / "inputs.safetensors"), str(tmp_path / "logits.safetensors")],
+                             str(tmp_path / "inputs.safetensors"), str(tmp_path / "logits.safetensors"), part],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.split() == ["Gemma3nForCausalLM"]
@@ -262,6 +272,50 @@ def test_the_gemma3n_qlora_card_trains_and_merges_into_a_standalone_16bit_model(
     assert rounding > 1e-2
     torch.testing.assert_close(got, rounded, rtol=0, atol=1e-3)
     assert (got - exact).abs().max() <= rounding + 1e-3
+
+
+def test_the_gemma3n_card_on_a_multimodal_checkpoint_trains_the_language_model_and_merges_the_whole(
+        tiny_models, data_dir, tmp_path, monkeypatch, capsys):
+    """google/gemma-3n-E4B is multimodal: vision and audio towers beside the language model, all of which
+    AutoModelForCausalLM would build (the vision tower with timm). The card's command trains the language model alone,
+    saves the adapter under the names PEFT gives its tensors in the whole model, and merges it into the whole
+    checkpoint: the towers kept, the language model that of PEFT's base + adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from pyprefopt.merge import checkpoint_tensor_names
+
+    monkeypatch.chdir(tmp_path)
+    card = "Gemma-3n-E4B QLoRA SFT, merged to 16-bit"
+    text_dir = tiny_models["google/gemma-3n-E4B"]
+    base_dir = save_as_multimodal_gemma3n(text_dir, tmp_path / "gemma-3n-multimodal")
+    (command,) = RECIPES[card]
+    out, err = run_command(command, {"google/gemma-3n-E4B": base_dir}, data_dir, tmp_path, 0, capsys)
+    assert "a multimodal checkpoint; its language model is trained alone (Gemma3nForCausalLM)" in err
+
+    base_tensors = load_file(base_dir / "model.safetensors")
+    adapter = load_file(out / "adapter_model.safetensors")
+    modules = {key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for key in adapter}
+    assert modules and all(m.startswith("model.language_model.") and f"{m}.weight" in base_tensors for m in modules)
+
+    merged = out / "merged"
+    assert json.loads((merged / "config.json").read_text(encoding="utf-8"))["model_type"] == "gemma3n"
+    assert set(checkpoint_tensor_names(merged)) == set(base_tensors)
+    merged_tensors = {name: t for shard in merged.glob("*.safetensors") for name, t in load_file(shard).items()}
+    for name in ("model.vision_tower.timm_model.conv_stem.conv.weight",
+                 "model.audio_tower.subsample_conv_projection.conv_0.conv.weight"):
+        assert torch.equal(merged_tensors[name], base_tensors[name].bfloat16()), name
+
+    # PEFT's model of base + adapter on the language model alone: the same weights, the adapter's keys named as
+    # in the text checkpoint.
+    text_adapter = tmp_path / "text-adapter"
+    text_adapter.mkdir()
+    (text_adapter / "adapter_config.json").write_bytes((out / "adapter_config.json").read_bytes())
+    save_file({key.replace("model.language_model.", "model.", 1): t for key, t in adapter.items()},
+              text_adapter / "adapter_model.safetensors")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(text_dir, dtype=torch.float32),
+                                      text_adapter)
+    check_merged_model(merged, model, tmp_path, "language model")
 
 
 # ------------------------------------------------------------------------------------------ bad input

@@ -3,6 +3,8 @@ for the CLI tests that pass a local `--model`: tests/test_bad_inputs_train.py an
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 
@@ -46,4 +48,26 @@ def save_tiny_model(directory, data_dir, make_config):
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    return directory
+
+
+def save_as_multimodal_gemma3n(text_dir, directory):
+    """The tiny Gemma-3n text checkpoint `text_dir` laid out as google/gemma-3n-E4B is: a `gemma3n` config around its
+    text config, its weights under `model.language_model.` (the head tied, so not stored), and small vision and audio
+    tower tensors beside them (their modules are never built: the vision tower needs timm)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, AutoTokenizer, Gemma3nConfig
+
+    text_dir, directory = Path(text_dir), Path(directory)
+    tensors = load_file(text_dir / "model.safetensors")
+    assert all(name.startswith("model.") for name in tensors), sorted(tensors)[:4]
+    layout = {f"model.language_model.{name.removeprefix('model.')}": t for name, t in tensors.items()}
+    generator = torch.Generator().manual_seed(0)
+    layout["model.vision_tower.timm_model.conv_stem.conv.weight"] = torch.randn(8, 3, 3, 3, generator=generator)
+    layout["model.audio_tower.subsample_conv_projection.conv_0.conv.weight"] = torch.randn(8, 1, 3, 3,
+                                                                                            generator=generator)
+    directory.mkdir(parents=True)
+    save_file(layout, directory / "model.safetensors", metadata={"format": "pt"})
+    Gemma3nConfig(text_config=AutoConfig.from_pretrained(text_dir).to_dict()).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(text_dir).save_pretrained(directory)
     return directory
