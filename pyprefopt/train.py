@@ -60,7 +60,7 @@ from pyprefopt import data as D
 from pyprefopt import losses
 from pyprefopt.files import atomic_write, atomic_write_text, publishable, remove_stale_staging, staging_dir
 from pyprefopt.fused_linear_preference_loss import FusedLinearPreferenceLoss
-from pyprefopt.head_config import check_fused_head_support, head_logit_transform
+from pyprefopt.head_config import check_fused_head_support, head_logit_transform, head_operands
 from pyprefopt.memory import bound_onednn_caches
 from pyprefopt.packed_attention import PACKED_ATTENTION, packed_last_hidden, use_packed_attention
 
@@ -478,12 +478,6 @@ def layers_left_16bit(config) -> tuple[list[str], list[str]]:
     return kept, [name for name, module in skeleton.named_modules() if module is head]
 
 
-def head_operands(hidden, head, dtype):
-    """(hidden, head weight, head bias) in the compute dtype, as autocast gives them to a model's own lm_head; the
-    fused head accumulates and keeps its logits in fp32 whatever the operands."""
-    return tuple(None if t is None else t.to(dtype) for t in (hidden, head.weight, head.bias))
-
-
 def decoder_and_head(model):
     """The model body (returning last hidden states) and its LM head."""
     head = model.get_output_embeddings()
@@ -644,7 +638,7 @@ def sequence_logps_all(model, run, data, pad_id, batch_size, device, rank, world
                 input_ids, labels, input_lengths = collate_rows(data, indices, which, pad_id)
                 labels = labels.to(device)
                 hidden, weight, bias = head_operands(last_hidden(decoder, input_ids, input_lengths, device, dtype),
-                                                     head, dtype)
+                                                     head.weight, head.bias, dtype)
                 with_prompt = nll and which == 0
                 scored = collate_rows(data, indices, which, pad_id, score_prompt=True)[1].to(device) \
                     if with_prompt else labels
@@ -745,7 +739,8 @@ def micro_batch_loss(model, loss_fn, batch, reference, args, device):
         # as TRL gathers it (Ethayarajh et al. 2024, Eq. 7); under no grad, as TRL computes it.
         with torch.no_grad():
             kl_hidden, weight, bias = head_operands(
-                last_hidden(decoder, batch["kl_input_ids"], batch["kl_input_lengths"], device, dtype), head, dtype)
+                last_hidden(decoder, batch["kl_input_ids"], batch["kl_input_lengths"], device, dtype), head.weight,
+                head.bias, dtype)
             kl_logps, _ = loss_fn.sequence_logps(kl_hidden, weight, batch["kl_labels"].to(device), bias)
             del kl_hidden
             stats = torch.stack([(kl_logps.double() - reference[index, 1].double()).sum(),
@@ -753,7 +748,7 @@ def micro_batch_loss(model, loss_fn, batch, reference, args, device):
             all_reduce_sum(stats)
             kwargs["kl"] = (stats[0] / stats[1]).float().clamp(min=0)
     hidden = last_hidden(decoder, batch["input_ids"], batch["input_lengths"], device, dtype)
-    hidden, weight, bias = head_operands(hidden, head, dtype)
+    hidden, weight, bias = head_operands(hidden, head.weight, head.bias, dtype)
     return loss_fn(hidden, weight, batch["labels"].to(device), bias, **kwargs)
 
 
