@@ -2,21 +2,24 @@
 full fine-tuning with pyprefopt's fused losses, on the embedded default (tiny Qwen3 + the bundled Arabic/Persian
 data) or on any local checkpoint and data set. `--help` lists every option with its default.
 
-One flat loop, in order:
-1. data: load, check, tokenise (pyprefopt.data);
+`train()` is the loop; `Recipe` holds the run's state and one method per stage, in order:
+1. data (`Recipe.setup`): load, check, tokenise (pyprefopt.data);
 2. model: `--model` or the cached default (pyprefopt.default_model), LoRA layers injected
-   (pyprefopt.lora) or loaded from --adapter, NF4 base with --load-in-4bit;
+   (pyprefopt.lora) or loaded from --adapter, NF4 base with --load-in-4bit; wrapped for the processes
+   (pyprefopt.distributed);
 3. reference log-probs (the methods with a reference: dpo, ipo, kto): every example's, once, from the same model
    with its adapters disabled (for --full: before the first update), cached in the run's directory;
-4. steps: each micro-batch runs the decoder to its last hidden state and `FusedLinearPreferenceLoss` on
-   the LM head's weight (no logits tensor), gradients accumulate, are summed over processes, clipped,
+4. steps (`Recipe.step`): each micro-batch runs the decoder to its last hidden state and `FusedLinearPreferenceLoss`
+   on the LM head's weight (no logits tensor), gradients accumulate, are summed over processes, clipped,
    and AdamW (torch's fused kernel, as the HF Trainer's default) steps; metrics go to metrics.jsonl every
    step. On CPU the decoder runs a micro-batch's sequences packed into one row without padding, each with
    its own positions and causal attention (see last_hidden): the same states, no padded tokens computed.
    Which examples share a micro-batch does not change;
-5. evaluation on the held-out split before the first step, every --eval-every steps and at the end;
-6. checkpoints every --save-every steps (atomic; --resume continues bit-for-bit);
-7. output: PEFT adapter (or full model), tokenizer, metrics, plots, model card; --merge.
+5. evaluation (`Recipe.evaluate`) on the held-out split before the first step, every --eval-every steps and at the
+   end;
+6. checkpoints (`Recipe.checkpoint`, pyprefopt.checkpoint) every --save-every steps (atomic; --resume continues
+   bit-for-bit);
+7. output (`Recipe.write_outputs`): PEFT adapter (or full model), tokenizer, metrics, plots, model card; --merge.
 
 Data parallel: under `torchrun --nproc_per_node N`, each process takes its slice of every global batch.
 Every process holds the whole model and DDP all-reduces the trainable gradients at the end of each
@@ -24,11 +27,11 @@ accumulation window; with --fsdp the model is sharded instead (FSDP2's `fully_sh
 then the root with the embeddings, final norm and LM head), each process holding its shard of the weights,
 gradients and optimizer state, and checkpoints are sharded (torch.distributed.checkpoint) so that a
 --resume may use another number of processes. The decoder and the fused head run in one function that runs
-as a forward of the DDP module or of the FSDP root (see data_parallel). Every loss is a mean over "items"
-(`Method.mean_over`: target tokens for sft, pairs for dpo/ipo/cpo/orpo, rows for kto), and each micro-batch's loss is
-weighted by its share of the global batch's items, so N processes with batch B compute the same step as one process
-with batch N*B (for a loss with a token-mean term, the NLL of cpo and orpo, a per-batch token mean as TRL's, it matches
-only approximately).
+as a forward of the DDP module or of the FSDP root (see pyprefopt.distributed.data_parallel). Every loss is a mean
+over "items" (`Method.mean_over`: target tokens for sft, pairs for dpo/ipo/cpo/orpo, rows for kto), and each
+micro-batch's loss is weighted by its share of the global batch's items, so N processes with batch B compute the same
+step as one process with batch N*B (for a loss with a token-mean term, the NLL of cpo and orpo, a per-batch token mean
+as TRL's, it matches only approximately).
 """
 
 from __future__ import annotations
@@ -783,200 +786,35 @@ class StopAtStepBoundary:
 
 
 def train(args, rank, world, device) -> int:
+    """The run: Recipe's setup, an evaluation before the first step, the optimizer steps (each evaluated, logged and
+    checkpointed as the options ask) until the last or a stop signal, then the outputs."""
     from tqdm.auto import tqdm
-    from transformers import get_scheduler
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    started = time.perf_counter()
-    output_dir = Path(args.output_dir)
-    # Before the output directory's check: a --resume compares the LoRA options the adapter sets.
-    adapter = read_adapter_options(args) if args.adapter is not None else None
-    check_output_dir(output_dir, args)
-    resuming = args.resume and bool(checkpoints_newest_first(output_dir))
-    if world > 1:
-        # Every process has looked at output_dir before rank 0 may create anything in it.
-        dist.barrier()
-
-    # 1. data
-    # KTO's KL completions rotate within chunks of the global micro-batch (TRL's rule; see pyprefopt.data).
-    kl_chunk = args.batch_size * world
-    if losses.METHODS[args.method].kl_batch and kl_chunk < 2:
-        raise RunError("kto needs a global micro-batch (--batch-size x processes) of at least 2: its KL "
-                         "completions rotate within it, so with one example each would be paired with its own "
-                         "completion (TRL's KTOTrainer likewise refuses a batch size of 1)")
-    train_rows, eval_rows, data_source = D.load_splits(args.data, args.method, args.eval_data, args.seed)
-    train_rows = D.normalise_rows(train_rows, args.method, f"{data_source} (train)")
-    eval_rows = D.normalise_rows(eval_rows, args.method, f"{data_source} (eval)")
-
-    # 2. model: seeded first, so the adapter's init depends on --seed alone
-    torch.manual_seed(args.seed)
-    model, tokenizer, base = load_model(args, train_rows, device, adapter)
-    pad_id = tokenizer.pad_token_id
-    train_data = D.tokenize(train_rows, args.method, tokenizer, args.max_length, f"{data_source} (train)", kl_chunk)
-    eval_data = D.tokenize(eval_rows, args.method, tokenizer, args.max_length, f"{data_source} (eval)", kl_chunk)
-    global_batch = args.batch_size * args.grad_accum * world
-    steps_per_epoch = len(train_data) // global_batch
-    if steps_per_epoch == 0:
-        raise RunError(f"{len(train_data)} training examples are fewer than one global batch of {global_batch} "
-                         f"(--batch-size {args.batch_size} x --grad-accum {args.grad_accum} x {world} processes)")
-    total_steps = args.max_steps or max(1, math.floor(args.epochs * steps_per_epoch))
-    for name, split in (("train", train_data), ("eval", eval_data)):
-        if split.truncated or split.dropped:
-            log(rank, f"{name}: {split.truncated} of {split.sequences} sequences cut at --max-length "
-                f"{args.max_length}; {split.dropped} examples dropped (prompt alone fills it)")
-    if world > 1:
-        # Same seed, same init everywhere; broadcasting makes it so whatever the initialisers do.
-        for param in trainable_parameters(model).values():
-            dist.broadcast(param.data, 0)
-    run, no_sync = data_parallel(model, args.fsdp, world, device)
-    trainable = trainable_parameters(model)  # after sharding, which replaces them by their shards (DTensors)
-
-    # 3. optimizer and schedule
-    if args.optim == "adamw_8bit":
-        import bitsandbytes as bnb
-
-        optimizer = bnb.optim.AdamW8bit(trainable.values(), lr=args.lr, weight_decay=args.weight_decay)
-    else:
-        # The fused kernel: what the HF Trainer (and so TRL) uses by default, one pass over all the adapters.
-        optimizer = torch.optim.AdamW(trainable.values(), lr=args.lr, weight_decay=args.weight_decay,
-                                      fused=device.type in ("cpu", "cuda") or None)
-    if args.warmup_steps is None:
-        warmup_steps = round(args.warmup_ratio * total_steps)
-    else:
-        warmup_steps = args.warmup_steps
-        if warmup_steps >= total_steps:
-            log(rank, f"--warmup-steps {warmup_steps} is not less than the run's {total_steps} steps: the learning "
-                f"rate never reaches --lr {args.lr}")
-    scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=warmup_steps,
-                              num_training_steps=total_steps)
-
-    if rank == 0:
-        make_output_dir(output_dir, rank)
-
-    # 4. reference log-probs: once per example, before any update, kept beside the checkpoints
-    reference_path = output_dir / CHECKPOINTS / REFERENCE_FILE
-    method_record = losses.METHODS[args.method]
-    needs_reference = method_record.needs_reference
-    reference_seconds = 0.0
-    train_reference = eval_reference = saved = None
-    if needs_reference:
-        from safetensors.torch import save_file
-
-        saved = read_reference(reference_path, device, rank) if resuming else None
-        if saved is not None:
-            train_reference, eval_reference = saved["train"], saved["eval"]
-        else:
-            t0 = time.perf_counter()
-            with reference_context(model, args.full):
-                train_reference, _ = sequence_logps_all(model, run, train_data, pad_id, args.eval_batch_size, device,
-                                                        rank, world, compute_dtype(args, device))
-                eval_reference, _ = sequence_logps_all(model, run, eval_data, pad_id, args.eval_batch_size, device,
-                                                       rank, world, compute_dtype(args, device))
-            reference_seconds = time.perf_counter() - t0
-    if rank == 0:
-        (output_dir / CHECKPOINTS).mkdir(exist_ok=True)
-        if not (output_dir / RUN_ARGS_FILE).exists():
-            atomic_write_text(output_dir / RUN_ARGS_FILE, json.dumps(vars(args), indent=1))
-        if needs_reference and saved is None:
-            atomic_write(reference_path, lambda tmp: save_file({"train": train_reference.cpu(),
-                                                                 "eval": eval_reference.cpu()}, tmp))
-
-    start_step, checkpoint = 0, None
-    metrics_path = output_dir / METRICS_FILE
-    if resuming:
-        start_step, checkpoint = resume_from_checkpoint(output_dir, model, optimizer, scheduler, device, args, world,
-                                                        total_steps, rank)
-    if checkpoint is not None:
-        log(rank, f"resuming from {checkpoint} (step {start_step} of {total_steps})")
-        if rank == 0:
-            kept = read_metrics(metrics_path, start_step)
-            atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
-    elif rank == 0 and metrics_path.exists():
-        metrics_path.unlink()
-
-    # 5. steps
-    loss_fn = FusedLinearPreferenceLoss(args.method, **loss_hparams(args), **head_logit_transform(model.config))
-    names = method_record.step_metrics
-    initial = evaluate(model, run, eval_data, eval_reference, args, pad_id, device, rank, world) \
-        if start_step == 0 else None
-    metrics_file = open(metrics_path, "a", encoding="utf-8") if rank == 0 else None
+    recipe = Recipe(args, rank, world, device)
+    recipe.setup()
+    initial = recipe.evaluate() if recipe.start_step == 0 else None
+    metrics_file = open(recipe.metrics_path, "a", encoding="utf-8") if rank == 0 else None
     if metrics_file and initial is not None:
         metrics_file.write(json.dumps({"step": 0, **initial}) + "\n")
-    model.train()
-    bar = tqdm(total=total_steps, initial=start_step, disable=rank != 0, desc=f"{args.method}", unit="step")
-    train_seconds, train_tokens = 0.0, 0
+    recipe.model.train()
+    bar = tqdm(total=recipe.total_steps, initial=recipe.start_step, disable=rank != 0, desc=f"{args.method}",
+               unit="step")
     stopped_at = None
     stop = StopAtStepBoundary()
     try:
-        for step in range(start_step, total_steps):
-            t0 = time.perf_counter()
-            indices, epoch = global_batch_indices(step, len(train_data), global_batch, args.seed)
-            micro_batches = []
-            for micro in range(args.grad_accum):
-                first = (micro * world + rank) * args.batch_size
-                micro_batches.append(D.collate(train_data, indices[first:first + args.batch_size], pad_id))
-            counts = torch.tensor([sum(b["items"] for b in micro_batches), sum(b["num_tokens"] for b in micro_batches)],
-                                  dtype=torch.float64, device=device)
-            all_reduce_sum(counts)
-            global_items, global_tokens = counts.tolist()
-            # [loss, per metric: weighted sum and weight, then whether any process was asked to stop]
-            sums = torch.zeros(2 + 2 * len(names), dtype=torch.float64, device=device)
-            for micro, batch in enumerate(micro_batches):
-                with no_sync() if micro < args.grad_accum - 1 else contextlib.nullcontext():
-                    loss, metrics = run(lambda: micro_batch_loss(model, loss_fn, batch, train_reference, args, device))
-                    share = batch["items"] / global_items
-                    # DDP and FSDP average the processes' gradients: weighted by `world` too, the average is the
-                    # global batch's gradient.
-                    (loss * (share * world)).backward()
-                sums[0] += loss.detach().double() * share
-                for i, name in enumerate(names):
-                    weight = metric_weight(method_record, name, batch)
-                    if name in metrics and weight > 0:
-                        sums[1 + 2 * i] += metrics[name].double() * weight
-                        sums[2 + 2 * i] += weight
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable.values(),
-                                                       args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
-            if args.fsdp:  # a DTensor: the norm over every process's shards
-                grad_norm = grad_norm.full_tensor()
-            learning_rate = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            sums[-1] = float(stop.requested)
-            all_reduce_sum(sums)
-            elapsed = time.perf_counter() - t0
-            train_seconds += elapsed
-            train_tokens += int(global_tokens)
-            record = {"step": step + 1, "epoch": round(epoch + (step % steps_per_epoch + 1) / steps_per_epoch, 4),
-                      "loss": sums[0].item()}
-            for i, name in enumerate(names):
-                if sums[2 + 2 * i] > 0:
-                    record[name] = (sums[1 + 2 * i] / sums[2 + 2 * i]).item()
-            if method_record.desirable and "rewards/chosen" in record and "rewards/rejected" in record:
-                record["rewards/margins"] = record["rewards/chosen"] - record["rewards/rejected"]
-            record.update(grad_norm=grad_norm.item(), learning_rate=learning_rate,
-                          tokens_per_second=global_tokens / elapsed, num_tokens=int(global_tokens),
-                          step_seconds=elapsed, peak_memory_mib=peak_memory_mib(device))
-            if not math.isfinite(record["loss"]):
-                raise RunError(f"step {step + 1}: the loss is {record['loss']}; lower --lr or check the data")
+        for step in range(recipe.start_step, recipe.total_steps):
+            record, stopping = recipe.step(step, stop)
             done = step + 1
-            if (args.eval_every and done % args.eval_every == 0) or done == total_steps:
-                record.update(evaluate(model, run, eval_data, eval_reference, args, pad_id, device, rank, world))
+            if (args.eval_every and done % args.eval_every == 0) or done == recipe.total_steps:
+                record.update(recipe.evaluate())
             if metrics_file:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
-            stopping = sums[-1].item() > 0
-            if (rank == 0 or args.fsdp) and \
-                    (stopping or done == total_steps or (args.save_every and done % args.save_every == 0)):
-                position = {"epoch": done // steps_per_epoch, "batch_in_epoch": done % steps_per_epoch,
-                            "examples_per_step": global_batch, "batch_size": args.batch_size, "processes": world,
-                            "seed": args.seed}
-                save_checkpoint(output_dir, done, model, None if done == total_steps else optimizer, scheduler,
-                                args.save_total_limit, position, rank)
+            if stopping or done == recipe.total_steps or (args.save_every and done % args.save_every == 0):
+                recipe.checkpoint(done)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_second']:.0f}")
             bar.update(1)
-            if stopping and done < total_steps:
+            if stopping and done < recipe.total_steps:
                 stopped_at = done
                 break
     finally:
@@ -986,52 +824,309 @@ def train(args, rank, world, device) -> int:
             metrics_file.close()
 
     if stopped_at is not None:
-        log(rank, f"stopped at step {stopped_at} of {total_steps}; its checkpoint is in {output_dir / CHECKPOINTS}: "
-            "rerun the same command with --resume to continue")
+        log(rank, f"stopped at step {stopped_at} of {recipe.total_steps}; its checkpoint is in "
+            f"{recipe.output_dir / CHECKPOINTS}: rerun the same command with --resume to continue")
         return 130
-
-    # 6. outputs, by rank 0 (a sharded model's trainable weights gathered to it first, by every process)
-    gathered = gather_trainable(model) if args.fsdp else None
-    if rank != 0:
-        return 0
-    from pyprefopt import model_card
-
-    with whole_parameters(model, gathered):
-        save_outputs(output_dir, model, tokenizer, args.full)
-    if args.merge:
-        from pyprefopt.merge import merge_adapter
-
-        base_dir = base if Path(base).is_dir() else _hub_snapshot(base)
-        merge_adapter(base_dir, output_dir, output_dir / "merged", overwrite=True)
-    if not args.save_every:
-        # Without checkpoints the directory holds only the reference cache, which nothing reads any more.
-        shutil.rmtree(output_dir / CHECKPOINTS)
-    all_records = read_metrics(metrics_path)
-    last_train_record = next((r for r in reversed(all_records) if "loss" in r), {})
-    summary = {
-        "method": args.method, "base_model": base, "data": data_source, "steps": total_steps,
-        "resumed_from_step": start_step or None,
-        "examples_seen": total_steps * global_batch, "train_examples": len(train_data),
-        "eval_examples": len(eval_data), "sequences_truncated": train_data.truncated + eval_data.truncated,
-        "examples_dropped": train_data.dropped + eval_data.dropped,
-        "wall_seconds": time.perf_counter() - started, "train_step_seconds": train_seconds,
-        "reference_seconds": reference_seconds,
-        "tokens_per_second": train_tokens / train_seconds if train_seconds else None,
-        "peak_memory_mib": peak_memory_mib(device), "hardware": hardware_description(device, world),
-        "processes": world, "compute_dtype": str(compute_dtype(args, device)).removeprefix("torch."),
-        "final": {k: v for k, v in last_train_record.items() if not k.startswith("eval_")},
-        "evaluations": [{"step": r["step"], **{k: v for k, v in r.items() if k.startswith("eval_")}}
-                        for r in all_records if "eval_loss" in r],
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "trainable_parameters": sum(p.numel() for p in trainable.values()),
-        "torch": torch.__version__,
-    }
-    # Last: a README.md in the output directory means the run completed.
-    model_card.write(output_dir, args, summary, all_records)
-    log(rank, eval_summary(summary["evaluations"]))
-    speed = f", {summary['tokens_per_second']:.0f} tokens/s" if summary["tokens_per_second"] else ""
-    log(rank, f"done: {output_dir} ({summary['wall_seconds']:.1f} s{speed} over {total_steps - start_step} steps)")
+    recipe.write_outputs()
     return 0
+
+
+class Recipe:
+    """What `train()` runs, one method a stage: `setup()` reads the data, loads the model, wraps it for the processes,
+    builds the optimizer and schedule, computes (or reads back) the reference log-probs and resumes from the newest
+    checkpoint; `step()` is one optimizer step over its micro-batches; `evaluate()` the held-out metrics;
+    `checkpoint()` a checkpoint; `write_outputs()` the adapter (or model), merged model, model card and plots.
+    What a stage makes, the next reads off the recipe (`model`, `optimizer`, `train_data`, ...)."""
+
+    def __init__(self, args, rank, world, device):
+        self.args, self.rank, self.world, self.device = args, rank, world, device
+        self.started = time.perf_counter()
+        self.output_dir = Path(args.output_dir)
+        self.metrics_path = self.output_dir / METRICS_FILE
+        self.method_record = losses.METHODS[args.method]
+        self.dtype = compute_dtype(args, device)
+        self.global_batch = args.batch_size * args.grad_accum * world
+        self.reference_seconds = self.train_seconds = 0.0
+        self.train_tokens = 0
+
+    # ------------------------------------------------------------------------------------------ setup
+
+    def setup(self):
+        from transformers.utils import logging as hf_logging
+
+        args, rank, world = self.args, self.rank, self.world
+        hf_logging.disable_progress_bar()
+        # Before the output directory's check: a --resume compares the LoRA options the adapter sets.
+        adapter = read_adapter_options(args) if args.adapter is not None else None
+        check_output_dir(self.output_dir, args)
+        resuming = args.resume and bool(checkpoints_newest_first(self.output_dir))
+        if world > 1:
+            # Every process has looked at output_dir before rank 0 may create anything in it.
+            dist.barrier()
+        train_rows, eval_rows = self._read_rows()
+        # Seeded first, so the adapter's init depends on --seed alone.
+        torch.manual_seed(args.seed)
+        self.model, self.tokenizer, self.base = load_model(args, train_rows, self.device, adapter)
+        self._tokenize(train_rows, eval_rows)
+        self._wrap_model()
+        self._optimizer_and_schedule()
+        if rank == 0:
+            make_output_dir(self.output_dir, rank)
+        self._reference_logps(resuming)
+        self._resume(resuming)
+        self.loss_fn = FusedLinearPreferenceLoss(args.method, **loss_hparams(args),
+                                                 **head_logit_transform(self.model.config))
+
+    def _read_rows(self):
+        """The training and held-out rows, checked and normalised (pyprefopt.data)."""
+        args = self.args
+        # KTO's KL completions rotate within chunks of the global micro-batch (TRL's rule; see pyprefopt.data).
+        self.kl_chunk = args.batch_size * self.world
+        if self.method_record.kl_batch and self.kl_chunk < 2:
+            raise RunError("kto needs a global micro-batch (--batch-size x processes) of at least 2: its KL "
+                           "completions rotate within it, so with one example each would be paired with its own "
+                           "completion (TRL's KTOTrainer likewise refuses a batch size of 1)")
+        train_rows, eval_rows, self.data_source = D.load_splits(args.data, args.method, args.eval_data, args.seed)
+        train_rows = D.normalise_rows(train_rows, args.method, f"{self.data_source} (train)")
+        eval_rows = D.normalise_rows(eval_rows, args.method, f"{self.data_source} (eval)")
+        return train_rows, eval_rows
+
+    def _tokenize(self, train_rows, eval_rows):
+        """Both splits tokenised, and the run's length in optimizer steps."""
+        args, tokenizer = self.args, self.tokenizer
+        self.pad_id = tokenizer.pad_token_id
+        self.train_data = D.tokenize(train_rows, args.method, tokenizer, args.max_length,
+                                     f"{self.data_source} (train)", self.kl_chunk)
+        self.eval_data = D.tokenize(eval_rows, args.method, tokenizer, args.max_length, f"{self.data_source} (eval)",
+                                    self.kl_chunk)
+        self.steps_per_epoch = len(self.train_data) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise RunError(f"{len(self.train_data)} training examples are fewer than one global batch of "
+                           f"{self.global_batch} (--batch-size {args.batch_size} x --grad-accum {args.grad_accum} "
+                           f"x {self.world} processes)")
+        self.total_steps = args.max_steps or max(1, math.floor(args.epochs * self.steps_per_epoch))
+        for name, split in (("train", self.train_data), ("eval", self.eval_data)):
+            if split.truncated or split.dropped:
+                log(self.rank, f"{name}: {split.truncated} of {split.sequences} sequences cut at --max-length "
+                    f"{args.max_length}; {split.dropped} examples dropped (prompt alone fills it)")
+
+    def _wrap_model(self):
+        """The model wrapped for the processes (data_parallel's `run` and `no_sync`) and its trainable parameters."""
+        if self.world > 1:
+            # Same seed, same init everywhere; broadcasting makes it so whatever the initialisers do.
+            for param in trainable_parameters(self.model).values():
+                dist.broadcast(param.data, 0)
+        self.run, self.no_sync = data_parallel(self.model, self.args.fsdp, self.world, self.device)
+        self.trainable = trainable_parameters(self.model)  # after sharding, which replaces them by their shards
+
+    def _optimizer_and_schedule(self):
+        from transformers import get_scheduler
+
+        args, trainable = self.args, self.trainable
+        if args.optim == "adamw_8bit":
+            import bitsandbytes as bnb
+
+            self.optimizer = bnb.optim.AdamW8bit(trainable.values(), lr=args.lr, weight_decay=args.weight_decay)
+        else:
+            # The fused kernel: what the HF Trainer (and so TRL) uses by default, one pass over all the adapters.
+            self.optimizer = torch.optim.AdamW(trainable.values(), lr=args.lr, weight_decay=args.weight_decay,
+                                               fused=self.device.type in ("cpu", "cuda") or None)
+        if args.warmup_steps is None:
+            warmup_steps = round(args.warmup_ratio * self.total_steps)
+        else:
+            warmup_steps = args.warmup_steps
+            if warmup_steps >= self.total_steps:
+                log(self.rank, f"--warmup-steps {warmup_steps} is not less than the run's {self.total_steps} steps: "
+                    f"the learning rate never reaches --lr {args.lr}")
+        self.scheduler = get_scheduler(args.lr_scheduler, self.optimizer, num_warmup_steps=warmup_steps,
+                                       num_training_steps=self.total_steps)
+
+    def _reference_logps(self, resuming: bool):
+        """The reference log-probs of every example (the methods with a reference), once, before any update: read back
+        from the run's cache when resuming, else computed and cached beside the checkpoints. Also writes the run's
+        arguments, which mark the directory as a run's."""
+        args, rank, output_dir = self.args, self.rank, self.output_dir
+        reference_path = output_dir / CHECKPOINTS / REFERENCE_FILE
+        self.train_reference = self.eval_reference = saved = None
+        if self.method_record.needs_reference:
+            saved = read_reference(reference_path, self.device, rank) if resuming else None
+            if saved is not None:
+                self.train_reference, self.eval_reference = saved["train"], saved["eval"]
+            else:
+                t0 = time.perf_counter()
+                with reference_context(self.model, args.full):
+                    self.train_reference, _ = self._sequence_logps(self.train_data)
+                    self.eval_reference, _ = self._sequence_logps(self.eval_data)
+                self.reference_seconds = time.perf_counter() - t0
+        if rank == 0:
+            (output_dir / CHECKPOINTS).mkdir(exist_ok=True)
+            if not (output_dir / RUN_ARGS_FILE).exists():
+                atomic_write_text(output_dir / RUN_ARGS_FILE, json.dumps(vars(args), indent=1))
+            if self.method_record.needs_reference and saved is None:
+                from safetensors.torch import save_file
+
+                train_reference, eval_reference = self.train_reference.cpu(), self.eval_reference.cpu()
+                atomic_write(reference_path, lambda tmp: save_file({"train": train_reference, "eval": eval_reference},
+                                                                   tmp))
+
+    def _sequence_logps(self, data):
+        return sequence_logps_all(self.model, self.run, data, self.pad_id, self.args.eval_batch_size, self.device,
+                                  self.rank, self.world, self.dtype)
+
+    def _resume(self, resuming: bool):
+        """The newest intact checkpoint's state restored (start_step its step, else 0), and metrics.jsonl cut back
+        to it (or removed for a run from step 0)."""
+        self.start_step, checkpoint = 0, None
+        if resuming:
+            self.start_step, checkpoint = resume_from_checkpoint(
+                self.output_dir, self.model, self.optimizer, self.scheduler, self.device, self.args, self.world,
+                self.total_steps, self.rank)
+        if checkpoint is not None:
+            log(self.rank, f"resuming from {checkpoint} (step {self.start_step} of {self.total_steps})")
+            if self.rank == 0:
+                kept = read_metrics(self.metrics_path, self.start_step)
+                atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        elif self.rank == 0 and self.metrics_path.exists():
+            self.metrics_path.unlink()
+
+    # ------------------------------------------------------------------------------------------ training
+
+    def step(self, step: int, stop: StopAtStepBoundary) -> tuple[dict, bool]:
+        """Optimizer step `step` (from 0): this process's micro-batches of the global batch, their gradients
+        accumulated (and summed over the processes), clipped, AdamW and the schedule stepped. Returns the step's
+        metrics record and whether any process was asked to stop (`stop`, read after the update)."""
+        args, device = self.args, self.device
+        t0 = time.perf_counter()
+        indices, epoch = global_batch_indices(step, len(self.train_data), self.global_batch, args.seed)
+        micro_batches = []
+        for micro in range(args.grad_accum):
+            first = (micro * self.world + self.rank) * args.batch_size
+            micro_batches.append(D.collate(self.train_data, indices[first:first + args.batch_size], self.pad_id))
+        counts = torch.tensor([sum(b["items"] for b in micro_batches), sum(b["num_tokens"] for b in micro_batches)],
+                              dtype=torch.float64, device=device)
+        all_reduce_sum(counts)
+        global_items, global_tokens = counts.tolist()
+        sums = self._accumulate_gradients(micro_batches, global_items)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable.values(),
+                                                   args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
+        if args.fsdp:  # a DTensor: the norm over every process's shards
+            grad_norm = grad_norm.full_tensor()
+        learning_rate = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums[-1] = float(stop.requested)
+        all_reduce_sum(sums)
+        elapsed = time.perf_counter() - t0
+        self.train_seconds += elapsed
+        self.train_tokens += int(global_tokens)
+        record = {"step": step + 1,
+                  "epoch": round(epoch + (step % self.steps_per_epoch + 1) / self.steps_per_epoch, 4),
+                  "loss": sums[0].item()}
+        names = self.method_record.step_metrics
+        for i, name in enumerate(names):
+            if sums[2 + 2 * i] > 0:
+                record[name] = (sums[1 + 2 * i] / sums[2 + 2 * i]).item()
+        if self.method_record.desirable and "rewards/chosen" in record and "rewards/rejected" in record:
+            record["rewards/margins"] = record["rewards/chosen"] - record["rewards/rejected"]
+        record.update(grad_norm=grad_norm.item(), learning_rate=learning_rate,
+                      tokens_per_second=global_tokens / elapsed, num_tokens=int(global_tokens),
+                      step_seconds=elapsed, peak_memory_mib=peak_memory_mib(device))
+        if not math.isfinite(record["loss"]):
+            raise RunError(f"step {step + 1}: the loss is {record['loss']}; lower --lr or check the data")
+        return record, sums[-1].item() > 0
+
+    def _accumulate_gradients(self, micro_batches, global_items) -> torch.Tensor:
+        """Forward and backward of each micro-batch, each loss weighted by its share of the global batch's items;
+        the gradients reduced over the processes with the last one. Returns [loss, per step metric: weighted sum and
+        weight, then a slot for the stop request], this process's part."""
+        names = self.method_record.step_metrics
+        sums = torch.zeros(2 + 2 * len(names), dtype=torch.float64, device=self.device)
+        for micro, batch in enumerate(micro_batches):
+            with self.no_sync() if micro < self.args.grad_accum - 1 else contextlib.nullcontext():
+                loss, metrics = self.run(lambda: micro_batch_loss(self.model, self.loss_fn, batch,
+                                                                  self.train_reference, self.args, self.device))
+                share = batch["items"] / global_items
+                # DDP and FSDP average the processes' gradients: weighted by `world` too, the average is the
+                # global batch's gradient.
+                (loss * (share * self.world)).backward()
+            sums[0] += loss.detach().double() * share
+            for i, name in enumerate(names):
+                weight = metric_weight(self.method_record, name, batch)
+                if name in metrics and weight > 0:
+                    sums[1 + 2 * i] += metrics[name].double() * weight
+                    sums[2 + 2 * i] += weight
+        return sums
+
+    def evaluate(self) -> dict:
+        return evaluate(self.model, self.run, self.eval_data, self.eval_reference, self.args, self.pad_id, self.device,
+                        self.rank, self.world)
+
+    def checkpoint(self, done: int):
+        """The checkpoint after `done` steps, by rank 0 (every process with --fsdp, each writing its shards); the
+        final step's holds no optimizer state (nothing steps again)."""
+        if self.rank != 0 and not self.args.fsdp:
+            return
+        args = self.args
+        position = {"epoch": done // self.steps_per_epoch, "batch_in_epoch": done % self.steps_per_epoch,
+                    "examples_per_step": self.global_batch, "batch_size": args.batch_size, "processes": self.world,
+                    "seed": args.seed}
+        save_checkpoint(self.output_dir, done, self.model, None if done == self.total_steps else self.optimizer,
+                        self.scheduler, args.save_total_limit, position, self.rank)
+
+    # ------------------------------------------------------------------------------------------ output
+
+    def write_outputs(self):
+        """By rank 0 (a sharded model's trainable weights gathered to it first, by every process): the adapter or
+        model and tokenizer, the merged model with --merge, then the model card (with the plots), which says the run
+        completed."""
+        args, output_dir = self.args, self.output_dir
+        gathered = gather_trainable(self.model) if args.fsdp else None
+        if self.rank != 0:
+            return
+        from pyprefopt import model_card
+
+        with whole_parameters(self.model, gathered):
+            save_outputs(output_dir, self.model, self.tokenizer, args.full)
+        if args.merge:
+            from pyprefopt.merge import merge_adapter
+
+            base_dir = self.base if Path(self.base).is_dir() else _hub_snapshot(self.base)
+            merge_adapter(base_dir, output_dir, output_dir / "merged", overwrite=True)
+        if not args.save_every:
+            # Without checkpoints the directory holds only the reference cache, which nothing reads any more.
+            shutil.rmtree(output_dir / CHECKPOINTS)
+        all_records = read_metrics(self.metrics_path)
+        summary = self._summary(all_records)
+        # Last: a README.md in the output directory means the run completed.
+        model_card.write(output_dir, args, summary, all_records)
+        log(self.rank, eval_summary(summary["evaluations"]))
+        speed = f", {summary['tokens_per_second']:.0f} tokens/s" if summary["tokens_per_second"] else ""
+        log(self.rank, f"done: {output_dir} ({summary['wall_seconds']:.1f} s{speed} over "
+            f"{self.total_steps - self.start_step} steps)")
+
+    def _summary(self, all_records: list[dict]) -> dict:
+        """What the model card reports of the run (pyprefopt.model_card)."""
+        args, train_data, eval_data = self.args, self.train_data, self.eval_data
+        last_train_record = next((r for r in reversed(all_records) if "loss" in r), {})
+        return {
+            "method": args.method, "base_model": self.base, "data": self.data_source, "steps": self.total_steps,
+            "resumed_from_step": self.start_step or None,
+            "examples_seen": self.total_steps * self.global_batch, "train_examples": len(train_data),
+            "eval_examples": len(eval_data), "sequences_truncated": train_data.truncated + eval_data.truncated,
+            "examples_dropped": train_data.dropped + eval_data.dropped,
+            "wall_seconds": time.perf_counter() - self.started, "train_step_seconds": self.train_seconds,
+            "reference_seconds": self.reference_seconds,
+            "tokens_per_second": self.train_tokens / self.train_seconds if self.train_seconds else None,
+            "peak_memory_mib": peak_memory_mib(self.device), "hardware": hardware_description(self.device, self.world),
+            "processes": self.world, "compute_dtype": str(self.dtype).removeprefix("torch."),
+            "final": {k: v for k, v in last_train_record.items() if not k.startswith("eval_")},
+            "evaluations": [{"step": r["step"], **{k: v for k, v in r.items() if k.startswith("eval_")}}
+                            for r in all_records if "eval_loss" in r],
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "trainable_parameters": sum(p.numel() for p in self.trainable.values()),
+            "torch": torch.__version__,
+        }
 
 
 def _hub_snapshot(model_id: str) -> str:
