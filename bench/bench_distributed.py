@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_train import peak_rss_mib, reset_peak_rss
+from resident_memory import peak_rss_mib, reset_peak_rss
 
 VOCAB = 151936
 # H100 SXM5: dense bf16 tensor-core peak, and NVLink 4's 900 GB/s counted per direction.

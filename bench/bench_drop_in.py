@@ -5,8 +5,9 @@ as the vocabulary grows (fp32, a 2-layer Qwen3 of hidden 512, 4 pairs of 256 tok
     python bench/bench_drop_in.py --table [--quick] [--json FILE]   # the table: 32000, 64000, 151936
 
 Each (variant, vocabulary) runs in its own process: one warm-up `training_step` (forward + backward through
-the trainer, no optimizer step), then ROUNDS timed ones; peak extra memory is `ru_maxrss` after them minus the
-RSS before the first step. With and without pyprefopt alternate per vocabulary, so drift hits both alike.
+the trainer, no optimizer step), then ROUNDS timed ones; peak extra memory is the resident set's high-water mark
+(VmHWM) after them minus the RSS before the first step. With and without pyprefopt alternate per vocabulary, so
+drift hits both alike.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 
 import pytest
+
+from resident_memory import peak_rss_mib, rss_mib
 
 QUICK = os.environ.get("PYPREFOPT_BENCH_QUICK", "1").strip().lower() not in ("0", "false", "no", "off")
 FULL_VOCABS = (32000, 64000, 151936)
@@ -71,11 +73,6 @@ def build_trainer(vocab, variant, output_dir, hidden=HIDDEN, pairs=PAIRS, prompt
     return DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tokenizer)
 
 
-def rss_bytes():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-
-
 def measure(vocab, variant, rounds, sizes):
     """In this process: seconds per training_step (median), peak extra MiB, the loss."""
     import tempfile
@@ -85,15 +82,16 @@ def measure(vocab, variant, rounds, sizes):
         batch = next(iter(trainer.get_train_dataloader()))
         trainer.current_gradient_accumulation_steps = 1  # set by train(), which this bypasses
         tokens = int(batch["input_ids"].numel()) if "input_ids" in batch else None
-        before = rss_bytes()
+        before = rss_mib()
         loss = trainer.training_step(trainer.model, batch)
         times = []
         for _ in range(rounds):
             start = time.perf_counter()
             trainer.training_step(trainer.model, batch)
             times.append(time.perf_counter() - start)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    return {"vocab": vocab, "variant": variant, "seconds": statistics.median(times), "peak_extra_mib": peak / 2**20,
+        # The high-water mark, not ru_maxrss: an exec'd process's ru_maxrss counts the peak of the one that spawned it.
+        peak = peak_rss_mib() - before
+    return {"vocab": vocab, "variant": variant, "seconds": statistics.median(times), "peak_extra_mib": peak,
             "loss": float(loss), "tokens": tokens}
 
 

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from resident_memory import peak_rss_mib, reset_peak_rss, rss_mib
+
 R = 16
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # frozen_base_onednn: the frozen base linear with its two GEMMs through pyprefopt.cpu_linear, the GEMM library
@@ -222,14 +224,6 @@ def gpu_cost(tokens: int, in_features: int, out_features: int, r: int, element_s
     }
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _peak_extra_memory(variant, shape_name, dtype_name, quick_mode, threads) -> float:
     """Peak RSS above the pre-step RSS over one step (after a warm-up step), MiB, in a fresh process."""
     code = (
@@ -245,12 +239,10 @@ def _measure_memory_here(variant, shape_name, dtype_name, quick_mode):
     shape = next(s for s in (QUICK_SHAPES if quick_mode else FULL_SHAPES) if s.name == shape_name)
     step = step_fn(*build(variant, shape, DTYPES[dtype_name]))
     step()
-    before = _rss_kib("VmRSS")
-    # Writing 5 to clear_refs resets the high-water mark (VmHWM) to the current RSS.
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    before = rss_mib()
+    reset_peak_rss()
     step()
-    return (_rss_kib("VmHWM") - before) / 1024
+    return peak_rss_mib() - before
 
 
 FAMILIES = {"lora": LORA_VARIANTS, "qlora": QLORA_VARIANTS}

@@ -35,6 +35,7 @@ on the same prompt/completion split as pyprefopt's (completion-only loss on the 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -54,6 +55,7 @@ sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
 from pyprefopt.losses import METHODS  # noqa: E402
 
 import variants as V  # noqa: E402
+from resident_memory import peak_rss_mib, reset_peak_rss, rss_mib  # noqa: E402
 from synthetic_data import write_data  # noqa: E402
 
 IMPLS = ("pyprefopt", "trl")
@@ -65,31 +67,12 @@ DEFAULT_RECIPE = dict(base=None, lora_r=16, lora_alpha=32.0, lora_dropout=0.0, t
 SYNTHETIC_WORDS = dict(prompt_words=(8, 40), answer_words=(10, 60))
 
 
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _rss_mib() -> float:
-    return _status_mib("VmRSS")
-
-
-def peak_rss_mib() -> float:
-    """The resident set's high-water mark since the process started or since the last reset_peak_rss."""
-    return _status_mib("VmHWM")
-
-
-def reset_peak_rss():
-    """Start the high-water mark afresh from the current resident set (Linux's clear_refs 5). Loading a checkpoint
-    maps its file while it copies the weights out (into another dtype, too): a transient of the loader, the same for
-    both trainers, that would otherwise decide the peak of a training run at real size."""
-    import gc
-
+def reset_peak_after_loading():
+    """The high-water mark started afresh once the model is loaded. Loading a checkpoint maps its file while it copies
+    the weights out (into another dtype, too): a transient of the loader, the same for both trainers, that would
+    otherwise decide the peak of a training run at real size."""
     gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")
+    reset_peak_rss()
 
 
 def _memory(baseline: float, load_peak: float) -> dict:
@@ -119,13 +102,13 @@ def run_pyprefopt(method, data_dir, steps, warmup, batch_size, checkpointing, re
     from pyprefopt import lora, model_card, train  # noqa: F401
 
     base, _ = _base_model_and_rows(method, data_dir, recipe["base"])  # builds the cached base beforehand
-    baseline = _rss_mib()
+    baseline = rss_mib()
     load_model, load_peak = train.load_model, []
 
     def load_then_reset_peak(*args, **kwargs):
         loaded = load_model(*args, **kwargs)
         load_peak.append(peak_rss_mib())
-        reset_peak_rss()
+        reset_peak_after_loading()
         return loaded
 
     train.load_model = load_then_reset_peak
@@ -159,7 +142,7 @@ def run_trl(method, data_dir, steps, warmup, batch_size, checkpointing, recipe):
     from pyprefopt.train import loss_hparams, parse_args
 
     base, rows = _base_model_and_rows(method, data_dir, recipe["base"])
-    baseline = _rss_mib()
+    baseline = rss_mib()
     # As pyprefopt's --dtype: bf16 loads the model in bf16 and autocasts (PEFT keeps the adapter in fp32).
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[recipe["dtype"]]
     dataset = Dataset.from_list(rows)
@@ -221,7 +204,7 @@ def run_trl(method, data_dir, steps, warmup, batch_size, checkpointing, recipe):
         trainer.data_collator = counting_collator
         trainer.add_callback(StepTimer())
         load_peak = peak_rss_mib()
-        reset_peak_rss()
+        reset_peak_after_loading()
         trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     # The collator runs once per step (no accumulation, no prefetching worker), in step order.

@@ -32,6 +32,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import variants as V  # noqa: E402
+from resident_memory import status_mib  # noqa: E402
 
 FULL_STEPS = (20, 100, 500)
 # Quick mode (CI): an 80-step run, measured from step 25, once the bounded caches have filled (they grow the
@@ -47,13 +48,9 @@ POLL_SECONDS = 0.02
 
 def _vm_rss_mib(pid: int) -> float | None:
     try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
+        return status_mib("VmRSS", pid)
     except OSError:  # the process has exited
         return None
-    return None
 
 
 def measure(steps, method: str = "dpo", extra_args=(), env=None) -> dict:

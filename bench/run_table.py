@@ -58,15 +58,10 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import variants as V  # noqa: E402
+from resident_memory import rss_mib  # noqa: E402
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
 MiB = 2**20
 CASE_TIMEOUT_S = 1800  # --case-timeout; a forked child that hangs (e.g. in OpenMP) is killed after it
-
-
-def current_rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE
 
 
 def max_rss() -> int:
@@ -116,7 +111,7 @@ def run_case(case: dict) -> dict:
     row["projected_tokens"] = step.projected_tokens
     row["note"] = step.note
     gc.collect()
-    rss0, hw0 = current_rss(), max_rss()
+    rss0, hw0 = rss_mib() * MiB, max_rss()
     t = time.perf_counter()
     step()
     row["first_call_ms"] = (time.perf_counter() - t) * 1e3

@@ -41,7 +41,7 @@ from packaging.version import Version
 from transformers.utils import ModelOutput
 
 from pyprefopt.fused_linear_logprobs import STATISTICS, fused_linear_logprobs
-from pyprefopt.head_config import check_fused_head_support, head_logit_transform
+from pyprefopt.head_config import check_fused_head_support, head_logit_transform, head_operands
 
 TRANSFORMERS_MIN = Version("5.0")
 HEAD_OUTPUTS = ("log_probs", *STATISTICS)
@@ -117,20 +117,6 @@ def _run_head(lm_head, compute, *inputs):
     return compute(lm_head.weight, lm_head.bias, *inputs)
 
 
-def _projection_operands(hidden, weight, bias, cast_lm_head_to_fp32=False):
-    """hidden, weight and bias in the dtype the head projects in. Under autocast that is autocast's dtype, as for
-    TRL's head and the model's own lm_head Linear (TRL's configs turn bf16 autocast on by default, CPUs with bf16
-    included); `cast_lm_head_to_fp32` asks for fp32 instead; otherwise the head weight's dtype. Whatever the
-    operands, the kernel accumulates and keeps the logits in fp32, where TRL rounds them to the operands' dtype."""
-    if cast_lm_head_to_fp32:
-        dtype = torch.float32
-    elif torch.is_autocast_enabled(hidden.device.type):
-        dtype = torch.get_autocast_dtype(hidden.device.type)
-    else:
-        dtype = weight.dtype
-    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
-
-
 def _load_balancing_loss(text_config, router_logits, attention_mask):
     """The MoE router's load-balancing loss (Switch Transformer, Fedus et al. 2021, Eq. 4), as the model's own forward
     adds it: transformers' function, which every MoE family shares."""
@@ -141,8 +127,12 @@ def _load_balancing_loss(text_config, router_logits, attention_mask):
 
 
 def _fused_logprobs(hidden, weight, labels, bias, cast_lm_head_to_fp32=False, **kwargs):
-    """`fused_linear_logprobs` on the operands the head projects (`_projection_operands`), outside autocast."""
-    hidden, weight, bias = _projection_operands(hidden.to(weight.device), weight, bias, cast_lm_head_to_fp32)
+    """`fused_linear_logprobs` outside autocast on the operands the head projects (`head_operands`): in autocast's
+    dtype under autocast, as for TRL's head and the model's own lm_head Linear (TRL's configs turn bf16 autocast on by
+    default, CPUs with bf16 included), in fp32 with `cast_lm_head_to_fp32`, otherwise in the head weight's dtype.
+    The logits stay in fp32 where TRL rounds them to the operands' dtype."""
+    hidden, weight, bias = head_operands(hidden.to(weight.device), weight, bias,
+                                         torch.float32 if cast_lm_head_to_fp32 else None)
     with torch.autocast(hidden.device.type, enabled=False):
         return fused_linear_logprobs(hidden, weight, labels.to(weight.device), bias, **kwargs)
 

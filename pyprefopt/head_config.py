@@ -1,8 +1,10 @@
-"""What a transformers model config says about its LM head beyond `hidden @ W.T + b`: the logit transform its
-forward applies, and what the fused head cannot compute. Config reading only (no model, no transformers import),
-shared by the train CLI and the drop-in."""
+"""What a transformers model's LM head is beyond `hidden @ W.T + b`, as the fused head must reproduce it: the logit
+transform its forward applies and what the fused head cannot compute (read off the config), and the dtype its
+operands are projected in. No model and no transformers import; shared by the train CLI and the drop-in."""
 
 from __future__ import annotations
+
+import torch
 
 # Config fields that multiply a model's head output, in the order they are looked for; Granite's and MiniCPM3's
 # `logits_scaling` divides it (HyperCLOVA X's multiplies).
@@ -31,3 +33,13 @@ def check_fused_head_support(config, what, router_losses: bool = False):
         raise NotImplementedError(f"{what}: MoE router auxiliary losses (output_router_logits) are not supported")
     if getattr(config, "is_encoder_decoder", False):
         raise NotImplementedError(f"{what}: encoder-decoder models are not supported")
+
+
+def head_operands(hidden, weight, bias, dtype=None):
+    """(hidden, weight, bias) in the dtype the head projects in, for the fused op called outside autocast: `dtype`
+    when given, else what a model's own lm_head Linear gets, autocast's dtype under autocast and the weight's
+    otherwise. Whatever the operands, the fused head accumulates and keeps its logits in fp32."""
+    if dtype is None:
+        device_type = hidden.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)

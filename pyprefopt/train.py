@@ -2,21 +2,24 @@
 full fine-tuning with pyprefopt's fused losses, on the embedded default (tiny Qwen3 + the bundled Arabic/Persian
 data) or on any local checkpoint and data set. `--help` lists every option with its default.
 
-One flat loop, in order:
-1. data: load, check, tokenise (pyprefopt.data);
+`train()` is the loop; `Recipe` holds the run's state and one method per stage, in order:
+1. data (`Recipe.setup`): load, check, tokenise (pyprefopt.data);
 2. model: `--model` or the cached default (pyprefopt.default_model), LoRA layers injected
-   (pyprefopt.lora) or loaded from --adapter, NF4 base with --load-in-4bit;
+   (pyprefopt.lora) or loaded from --adapter, NF4 base with --load-in-4bit; wrapped for the processes
+   (pyprefopt.distributed);
 3. reference log-probs (the methods with a reference: dpo, ipo, kto): every example's, once, from the same model
    with its adapters disabled (for --full: before the first update), cached in the run's directory;
-4. steps: each micro-batch runs the decoder to its last hidden state and `FusedLinearPreferenceLoss` on
-   the LM head's weight (no logits tensor), gradients accumulate, are summed over processes, clipped,
+4. steps (`Recipe.step`): each micro-batch runs the decoder to its last hidden state and `FusedLinearPreferenceLoss`
+   on the LM head's weight (no logits tensor), gradients accumulate, are summed over processes, clipped,
    and AdamW (torch's fused kernel, as the HF Trainer's default) steps; metrics go to metrics.jsonl every
    step. On CPU the decoder runs a micro-batch's sequences packed into one row without padding, each with
    its own positions and causal attention (see last_hidden): the same states, no padded tokens computed.
    Which examples share a micro-batch does not change;
-5. evaluation on the held-out split before the first step, every --eval-every steps and at the end;
-6. checkpoints every --save-every steps (atomic; --resume continues bit-for-bit);
-7. output: PEFT adapter (or full model), tokenizer, metrics, plots, model card; --merge.
+5. evaluation (`Recipe.evaluate`) on the held-out split before the first step, every --eval-every steps and at the
+   end;
+6. checkpoints (`Recipe.checkpoint`, pyprefopt.checkpoint) every --save-every steps (atomic; --resume continues
+   bit-for-bit);
+7. output (`Recipe.write_outputs`): PEFT adapter (or full model), tokenizer, metrics, plots, model card; --merge.
 
 Data parallel: under `torchrun --nproc_per_node N`, each process takes its slice of every global batch.
 Every process holds the whole model and DDP all-reduces the trainable gradients at the end of each
@@ -24,11 +27,11 @@ accumulation window; with --fsdp the model is sharded instead (FSDP2's `fully_sh
 then the root with the embeddings, final norm and LM head), each process holding its shard of the weights,
 gradients and optimizer state, and checkpoints are sharded (torch.distributed.checkpoint) so that a
 --resume may use another number of processes. The decoder and the fused head run in one function that runs
-as a forward of the DDP module or of the FSDP root (see data_parallel). Every loss is a mean over "items"
-(`Method.mean_over`: target tokens for sft, pairs for dpo/ipo/cpo/orpo, rows for kto), and each micro-batch's loss is
-weighted by its share of the global batch's items, so N processes with batch B compute the same step as one process
-with batch N*B (for a loss with a token-mean term, the NLL of cpo and orpo, a per-batch token mean as TRL's, it matches
-only approximately).
+as a forward of the DDP module or of the FSDP root (see pyprefopt.distributed.data_parallel). Every loss is a mean
+over "items" (`Method.mean_over`: target tokens for sft, pairs for dpo/ipo/cpo/orpo, rows for kto), and each
+micro-batch's loss is weighted by its share of the global batch's items, so N processes with batch B compute the same
+step as one process with batch N*B (for a loss with a token-mean term, the NLL of cpo and orpo, a per-batch token mean
+as TRL's, it matches only approximately).
 """
 
 from __future__ import annotations
@@ -45,10 +48,8 @@ import resource
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
-import types
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -58,28 +59,40 @@ from safetensors import SafetensorError
 
 from pyprefopt import data as D
 from pyprefopt import losses
-from pyprefopt.files import atomic_write, atomic_write_text, publishable, remove_stale_staging, staging_dir
+from pyprefopt.checkpoint import (
+    CHECKPOINTS,
+    REFERENCE_FILE,
+    RUN_ARGS_FILE,
+    check_output_dir,
+    checkpoints_newest_first,
+    make_output_dir,
+    read_reference,
+    resume_from_checkpoint,
+    save_checkpoint,
+    trainable_parameters,
+)
+from pyprefopt.distributed import (
+    all_reduce_sum,
+    data_parallel,
+    gather_trainable,
+    is_sharded,
+    log,
+    setup_distributed,
+    whole_parameters,
+)
+from pyprefopt.errors import RunError
+from pyprefopt.files import atomic_write, atomic_write_text, publishable, staging_dir
 from pyprefopt.fused_linear_preference_loss import FusedLinearPreferenceLoss
-from pyprefopt.head_config import check_fused_head_support, head_logit_transform
+from pyprefopt.head_config import check_fused_head_support, head_logit_transform, head_operands
 from pyprefopt.memory import bound_onednn_caches
 from pyprefopt.packed_attention import PACKED_ATTENTION, packed_last_hidden, use_packed_attention
 
 # The LoRA options' defaults; with --adapter they come from the adapter's adapter_config.json instead.
 LORA_DEFAULTS = {"lora_r": 16, "lora_alpha": 32.0, "lora_dropout": 0.0, "target_modules": "all-linear"}
 DEFAULT_WARMUP_RATIO = 0.1
-CHECKPOINTS = "checkpoints"
-REFERENCE_FILE = "reference_logps.safetensors"
-# A --fsdp checkpoint's trainable weights and optimizer state: torch.distributed.checkpoint's directory.
-SHARDED_STATE = "sharded"
 METRICS_FILE = "metrics.jsonl"
-RUN_ARGS_FILE = "run_args.json"
 # Most decoder calls one micro-batch is split into when its rows are not packed (see last_hidden).
 MAX_LENGTH_GROUPS = 4
-# Options that may differ between a run and its --resume (they do not change what is computed).
-RESUMABLE_CHANGES = {"resume", "eval_every", "save_every", "save_total_limit", "merge", "output_dir"}
-# Options a --resume may change with the number of processes, as long as the checkpoint's global batch, and the
-# split that the method's loss depends on, stay the same (check_batch_split).
-BATCH_SPLIT_OPTIONS = {"batch_size", "grad_accum"}
 
 
 # --------------------------------------------------------------------------------------------- options
@@ -99,11 +112,6 @@ class _ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message} (`{self.prog} --help` lists every option)\n")
-
-
-class RunError(Exception):
-    """A problem the user can fix (an option, a file, the output directory): main() prints `error: <message>` and
-    exits with status 2, having written nothing that a corrected rerun would trip over."""
 
 
 def _methods_with_option(dest):
@@ -245,7 +253,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-# ------------------------------------------------------------------------------------------ processes
+# ------------------------------------------------------------------------------------------ device
 
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -254,32 +262,6 @@ COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def compute_dtype(args, device) -> torch.dtype:
     """The dtype the model computes in: --dtype, or by default bf16 on CUDA (tensor cores) and fp32 on CPU."""
     return COMPUTE_DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-
-
-def setup_distributed(fsdp=False):
-    """(rank, world size, device): torchrun's environment, else one process (in a process group of its own with
-    `fsdp`, which shards over a group, so that one process can resume a sharded run)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if world > 1:
-        dist.init_process_group(backend)
-        return dist.get_rank(), world, device
-    if fsdp:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return 0, 1, device
-
-
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over processes, in place (a no-op with one process)."""
-    if dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor
 
 
 def peak_memory_mib(device) -> float:
@@ -492,12 +474,6 @@ def layers_left_16bit(config) -> tuple[list[str], list[str]]:
     return kept, [name for name, module in skeleton.named_modules() if module is head]
 
 
-def head_operands(hidden, head, dtype):
-    """(hidden, head weight, head bias) in the compute dtype, as autocast gives them to a model's own lm_head; the
-    fused head accumulates and keeps its logits in fp32 whatever the operands."""
-    return tuple(None if t is None else t.to(dtype) for t in (hidden, head.weight, head.bias))
-
-
 def decoder_and_head(model):
     """The model body (returning last hidden states) and its LM head."""
     head = model.get_output_embeddings()
@@ -547,76 +523,6 @@ def reference_context(model, full: bool):
     return contextlib.nullcontext() if full else disable_adapters(model)
 
 
-class _Forward(torch.nn.Module):
-    """A module whose forward is `compute()`, over `model`'s parameters: DDP prepares a step's gradient all-reduce in
-    its module's forward, and the loop runs the decoder and the fused head on the LM head's weight in one function
-    rather than through the model's own forward."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, compute):
-        return compute()
-
-
-def _call(compute):
-    return compute()
-
-
-def data_parallel(model, fsdp: bool, world: int, device):
-    """(run, no_sync) for the loop: `run(compute)` returns `compute()`, which runs the decoder and reads the LM head's
-    weight, with the parameters whole and their gradients reduced over the processes by the end of backward;
-    `no_sync()` holds back that reduction for the micro-batches before an accumulation window's last one.
-
-    One process: `compute()` itself. Several: DDP over a module whose forward is `compute()`. With `fsdp`, the
-    model sharded (shard_model) and `compute()` run as a forward method of its root, where the root's own
-    parameters (embeddings, final norm, LM head) are whole: FSDP unshards them for the root's forwards only, and
-    the head's weight is read outside the model's forward. FSDP reduce-scatters each micro-batch's gradients into
-    the shards (no_sync does nothing), so no whole gradient is kept between them."""
-    if fsdp:
-        shard_model(model, world, device)
-        return model.pyprefopt_forward, contextlib.nullcontext
-    if world == 1:
-        return _call, contextlib.nullcontext
-    from torch.nn.parallel import DistributedDataParallel
-
-    # The trainable weights were broadcast from rank 0 already (init_sync would send the frozen ones too), and no
-    # buffer changes while training.
-    ddp = DistributedDataParallel(_Forward(model), device_ids=[device] if device.type == "cuda" else None,
-                                  init_sync=False, forward_sync_buffers=False)
-    return ddp, ddp.no_sync
-
-
-def shard_model(model, world: int, device):
-    """FSDP2 over the processes: each decoder layer (the classes in the model's `_no_split_modules`) sharded as a
-    group of its own, then the root with the rest; `model.pyprefopt_forward(compute)` runs `compute()` as a forward
-    of the root. Raises RunError for a model that names no layer class."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-
-    layer_classes = set(getattr(model, "_no_split_modules", None) or ())
-    layers = [module for module in model.modules() if type(module).__name__ in layer_classes]
-    if not layers:
-        raise RunError(f"--fsdp: {type(model).__name__} names no decoder layer class (_no_split_modules) to shard "
-                       "by; train it without --fsdp")
-    mesh = init_device_mesh(device.type, (world,))
-    # The CLI trains fp32 weights (under bf16 autocast on CUDA, see last_hidden): gathered in fp32, they compute
-    # what they do without --fsdp, and gradients are reduced in fp32.
-    policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
-    for layer in reversed(layers):  # a layer inside another is sharded first
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
-    model.pyprefopt_forward = types.MethodType(lambda self, compute: compute(), model)
-    register_fsdp_forward_method(model, "pyprefopt_forward")
-
-
-def is_sharded(model) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
 # ------------------------------------------------------------------------------------------ batches
 
 
@@ -658,7 +564,7 @@ def sequence_logps_all(model, run, data, pad_id, batch_size, device, rank, world
                 input_ids, labels, input_lengths = collate_rows(data, indices, which, pad_id)
                 labels = labels.to(device)
                 hidden, weight, bias = head_operands(last_hidden(decoder, input_ids, input_lengths, device, dtype),
-                                                     head, dtype)
+                                                     head.weight, head.bias, dtype)
                 with_prompt = nll and which == 0
                 scored = collate_rows(data, indices, which, pad_id, score_prompt=True)[1].to(device) \
                     if with_prompt else labels
@@ -759,7 +665,8 @@ def micro_batch_loss(model, loss_fn, batch, reference, args, device):
         # as TRL gathers it (Ethayarajh et al. 2024, Eq. 7); under no grad, as TRL computes it.
         with torch.no_grad():
             kl_hidden, weight, bias = head_operands(
-                last_hidden(decoder, batch["kl_input_ids"], batch["kl_input_lengths"], device, dtype), head, dtype)
+                last_hidden(decoder, batch["kl_input_ids"], batch["kl_input_lengths"], device, dtype), head.weight,
+                head.bias, dtype)
             kl_logps, _ = loss_fn.sequence_logps(kl_hidden, weight, batch["kl_labels"].to(device), bias)
             del kl_hidden
             stats = torch.stack([(kl_logps.double() - reference[index, 1].double()).sum(),
@@ -767,7 +674,7 @@ def micro_batch_loss(model, loss_fn, batch, reference, args, device):
             all_reduce_sum(stats)
             kwargs["kl"] = (stats[0] / stats[1]).float().clamp(min=0)
     hidden = last_hidden(decoder, batch["input_ids"], batch["input_lengths"], device, dtype)
-    hidden, weight, bias = head_operands(hidden, head, dtype)
+    hidden, weight, bias = head_operands(hidden, head.weight, head.bias, dtype)
     return loss_fn(hidden, weight, batch["labels"].to(device), bias, **kwargs)
 
 
@@ -781,314 +688,7 @@ def global_batch_indices(step, n_examples, global_batch, seed):
     return order[position * global_batch:(position + 1) * global_batch].tolist(), epoch
 
 
-# --------------------------------------------------------------------------------- checkpoints
-
-
-def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-
-def _flatten_state(state, prefix="", seen=None):
-    """A nested state dict split into tensors keyed by their slash-joined path (for safetensors) and the nested
-    plain JSON values. A tensor whose storage was met before (bitsandbytes' 8-bit AdamW shares its quantisation
-    maps between parameters) is saved as a copy, since safetensors stores no shared tensors."""
-    seen = set() if seen is None else seen
-    tensors, plain = {}, {}
-    for key, value in state.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, torch.Tensor):
-            tensor = value.detach().cpu().contiguous()
-            storage = tensor.untyped_storage().data_ptr()
-            tensors[name] = tensor.clone() if storage in seen else tensor
-            seen.add(storage)
-        elif isinstance(value, dict):
-            sub_tensors, sub_plain = _flatten_state(value, name + "/", seen)
-            tensors.update(sub_tensors)
-            plain[str(key)] = sub_plain
-        else:
-            plain[str(key)] = value
-    return tensors, plain
-
-
-def _unflatten_optimizer_state(tensors, plain):
-    """The optimizer state dict back from _flatten_state's halves (JSON turned its parameter ids into strings)."""
-    state = json.loads(json.dumps(plain))
-    for path, tensor in tensors.items():
-        *parents, leaf = path.split("/")
-        node = state
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = tensor
-    return {"state": {int(k): v for k, v in state.get("state", {}).items()}, "param_groups": state["param_groups"]}
-
-
-def save_checkpoint(output_dir: Path, step, model, optimizer, scheduler, keep: int, data_position: dict, rank=0):
-    """checkpoints/step-<N>/: trainable weights, optimizer state and RNG in safetensors, the rest in JSON (the
-    scheduler, and the data position: the epoch's seeded order is rebuilt from it); written to a staging
-    directory and renamed into place, then the oldest beyond `keep` removed. `optimizer=None` for the final
-    step's checkpoint: nothing will step again, and it keeps the trained weights safe while the outputs are
-    written (a resume from it only writes them).
-
-    A sharded (--fsdp) model's trainable weights and optimizer state go to SHARDED_STATE/ instead, written by
-    torch.distributed.checkpoint, each process its own shards (any number of processes reads them back): every
-    process calls this then, rank 0 alone otherwise."""
-    from safetensors.torch import save_file
-
-    sharded = is_sharded(model)
-    root = output_dir / CHECKPOINTS
-    final = root / f"step-{step:08d}"
-    staging = staging_dir(root, "step") if rank == 0 else None
-    if sharded:
-        shared = [staging]
-        dist.broadcast_object_list(shared, 0)
-        staging = shared[0]
-    try:
-        if sharded:
-            save_sharded_state(staging / SHARDED_STATE, model, optimizer)
-        if rank == 0:
-            if sharded:
-                opt_plain = None if optimizer is None else {}  # its state is all in SHARDED_STATE/
-            else:
-                save_file({k: v.detach().cpu().contiguous() for k, v in trainable_parameters(model).items()},
-                          staging / "trainable.safetensors")
-                opt_plain = None
-                if optimizer is not None:
-                    opt_tensors, opt_plain = _flatten_state(optimizer.state_dict())
-                    save_file(opt_tensors, staging / "optimizer.safetensors")
-            rng = {"cpu": torch.get_rng_state()}
-            if torch.cuda.is_available():
-                rng["cuda"] = torch.cuda.get_rng_state()
-            save_file(rng, staging / "rng.safetensors")
-            state = {"step": step, "data_position": data_position, "optimizer": opt_plain,
-                     "scheduler": scheduler.state_dict()}
-            (staging / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
-            if final.exists():
-                # A damaged checkpoint of this step, skipped by the --resume that led here.
-                shutil.rmtree(final)
-            os.rename(publishable(staging), final)
-    finally:
-        if rank == 0 and staging.exists():
-            shutil.rmtree(staging)
-    if rank == 0:
-        for old in sorted(root.glob("step-*"))[:-keep] if keep else []:
-            shutil.rmtree(old)
-    return final
-
-
-def _sharded_state(model, optimizer) -> dict:
-    """A sharded model's trainable weights and, unless `optimizer` is None, the optimizer's state, as
-    torch.distributed.checkpoint's state dict: this process's shards, keyed by parameter name."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
-
-    options = StateDictOptions(ignore_frozen_params=True)
-    if optimizer is None:
-        return {"model": get_model_state_dict(model, options=options)}
-    model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
-    return {"model": model_state, "optimizer": optimizer_state}
-
-
-def _first_failure(error) -> BaseException:
-    """The exception of the first process that failed, from torch.distributed.checkpoint's CheckpointException."""
-    return next(iter(error.failures.values()))[0]
-
-
-def save_sharded_state(directory: Path, model, optimizer):
-    """torch.distributed.checkpoint's files of _sharded_state in `directory` (every process writes its own)."""
-    import torch.distributed.checkpoint as dcp
-
-    try:
-        dcp.save(_sharded_state(model, optimizer), checkpoint_id=directory)
-    except dcp.CheckpointException as e:
-        failure = _first_failure(e)
-        if isinstance(failure, OSError):
-            raise failure from None  # main() reports it (a full disk, say) as it reports any other write's
-        raise
-
-
-def load_sharded_state(directory: Path, model, optimizer):
-    """save_sharded_state's files read into the model (and the optimizer unless None), resharded for this run's
-    processes. Raises DamagedCheckpoint when they cannot be read."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
-
-    state = _sharded_state(model, optimizer)
-    try:
-        dcp.load(state, checkpoint_id=directory)
-    except dcp.CheckpointException as e:
-        failure = _first_failure(e)
-        raise DamagedCheckpoint(f"{directory} is damaged ({type(failure).__name__}: {failure})") from None
-    # Not strict: the frozen weights, never in the checkpoint, are the base's (apply_checkpoint compared the rest).
-    options = StateDictOptions(ignore_frozen_params=True, strict=False)
-    if optimizer is None:
-        set_model_state_dict(model, state["model"], options=options)
-    else:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                       options=options)
-
-
-def read_reference(path: Path, device, rank) -> dict | None:
-    """The cached reference log-probs, or None (recomputed then) when the file is missing or damaged."""
-    from safetensors.torch import load_file
-
-    try:
-        saved = load_file(path, device=str(device))
-    except (OSError, SafetensorError) as e:
-        if path.exists():
-            log(rank, f"recomputing the reference log-probs: {path} is damaged ({e})")
-        return None
-    return saved if {"train", "eval"} <= set(saved) else None
-
-
-def checkpoints_newest_first(output_dir: Path) -> list[Path]:
-    return sorted((output_dir / CHECKPOINTS).glob("step-*"), reverse=True)
-
-
-class DamagedCheckpoint(RunError):
-    """A checkpoint's file is missing or cannot be read: a --resume tries the one before it."""
-
-
-def read_checkpoint(path: Path, device) -> dict:
-    """Every file of a checkpoint read and parsed, nothing applied yet: a damaged one (a truncated file, say) is
-    found before it has changed the model. Of a sharded (--fsdp) checkpoint only the index of SHARDED_STATE/ is
-    read here (its trainable tensors' names, under SHARDED_STATE), its shards by load_sharded_state. Raises
-    DamagedCheckpoint naming the file."""
-    import pickle
-
-    from safetensors.torch import load_file
-
-    current = path / "state.json"
-    try:
-        state = json.loads(current.read_text(encoding="utf-8"))
-        if (path / SHARDED_STATE).is_dir():
-            from torch.distributed.checkpoint import FileSystemReader
-
-            current = path / SHARDED_STATE / ".metadata"
-            keys = FileSystemReader(path / SHARDED_STATE).read_metadata().state_dict_metadata
-            state[SHARDED_STATE] = {key.removeprefix("model.") for key in keys if key.startswith("model.")}
-        else:
-            current = path / "trainable.safetensors"
-            state["trainable"] = load_file(current)
-            if state["optimizer"] is not None:
-                current = path / "optimizer.safetensors"
-                state["optimizer_tensors"] = load_file(current, device=str(device))
-        current = path / "rng.safetensors"
-        state["rng"] = load_file(current)
-    except (OSError, ValueError, SafetensorError, pickle.UnpicklingError, EOFError) as e:
-        raise DamagedCheckpoint(f"{current} is damaged or missing ({type(e).__name__}: {e})") from e
-    fields = {"step": int, "data_position": dict, "optimizer": (dict, type(None)), "scheduler": dict}
-    if any(not isinstance(state.get(key), kind) for key, kind in fields.items()) or \
-            "examples_per_step" not in state["data_position"]:
-        raise DamagedCheckpoint(f"{path / 'state.json'} is damaged: it lacks one of {sorted(fields)}")
-    return state
-
-
-def check_batch_split(path: Path, position: dict, args, world: int):
-    """Refuse a checkpoint whose steps this run would compute differently: another global batch; for a method with a KL
-    batch (kto) another global micro-batch (--batch-size x processes: its KL completions rotate, and its KL point is
-    taken, within each); for one with a token-mean term (cpo, orpo) another --batch-size (its NLL term is a mean over
-    each micro-batch's tokens). Otherwise how the
-    global batch is split into micro-batches and processes may change, so a run resumes with another number of
-    processes."""
-    global_batch = args.batch_size * args.grad_accum * world
-    # A checkpoint from before splits were recorded was resumable only with its run's split (check_resume_args).
-    position = {"batch_size": args.batch_size, "processes": world} | position
-    if position["examples_per_step"] != global_batch:
-        raise RunError(f"{path} was written with {position['examples_per_step']} examples per step, this run takes "
-                       f"{global_batch} (batch size x accumulation x processes): resume with the same global batch")
-    written_micro = position["batch_size"] * position["processes"]
-    record = losses.METHODS[args.method]
-    if record.kl_batch and written_micro != args.batch_size * world:
-        raise RunError(f"{path} was written with a global micro-batch of {written_micro} examples (--batch-size x "
-                       f"processes), this run takes {args.batch_size * world}: kto's KL completions and KL point "
-                       f"come from each, so resume with --batch-size x processes = {written_micro}")
-    if record.token_mean_term and position["batch_size"] != args.batch_size:
-        raise RunError(f"{path} was written with --batch-size {position['batch_size']}, this run has "
-                       f"{args.batch_size}: {args.method}'s NLL term is a mean over each micro-batch's tokens, so "
-                       f"resume with --batch-size {position['batch_size']}")
-
-
-def apply_checkpoint(path: Path, state: dict, model, optimizer, scheduler, args, world, total_steps) -> int:
-    """Restore what read_checkpoint read; returns the checkpoint's step. Nothing is unpickled but the index of a
-    sharded checkpoint's SHARDED_STATE/ (torch.distributed.checkpoint's format pickles it)."""
-    params = trainable_parameters(model)
-    sharded = SHARDED_STATE in state
-    saved = state[SHARDED_STATE] if sharded else set(state["trainable"])
-    # A sharded state dict names a parameter under each of its names (a tied head's too).
-    names = set(_sharded_state(model, None)["model"]) if sharded else set(params)
-    if saved != names:
-        raise RunError(f"{path}: its trainable tensors do not match this model's "
-                       f"(missing {sorted(names - saved)[:3]}, extra {sorted(saved - names)[:3]})")
-    check_batch_split(path, state["data_position"], args, world)
-    if state["optimizer"] is None and state["step"] != total_steps:
-        raise RunError(f"{path} is the final checkpoint of a {state['step']}-step run; this run has {total_steps} "
-                       "steps")
-    if sharded:
-        load_sharded_state(path / SHARDED_STATE, model, None if state["optimizer"] is None else optimizer)
-    else:
-        with torch.no_grad():
-            for name, param in params.items():
-                param.copy_(state["trainable"][name])
-        if state["optimizer"] is not None:
-            optimizer.load_state_dict(_unflatten_optimizer_state(state["optimizer_tensors"], state["optimizer"]))
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["cpu"])
-    if "cuda" in state["rng"]:
-        torch.cuda.set_rng_state(state["rng"]["cuda"])
-    return state["step"]
-
-
-def resume_from_checkpoint(output_dir: Path, model, optimizer, scheduler, device, args, world, total_steps,
-                           rank) -> tuple[int, Path | None]:
-    """(step, checkpoint) of the newest intact checkpoint, (0, None) when there is none; a damaged one is
-    reported and the one before it tried (which sets everything a damaged sharded one may have half loaded)."""
-    damaged = []
-    for path in checkpoints_newest_first(output_dir):
-        try:
-            state = read_checkpoint(path, device)
-            return apply_checkpoint(path, state, model, optimizer, scheduler, args, world, total_steps), path
-        except DamagedCheckpoint as e:
-            log(rank, f"skipping checkpoint {path.name}: {e}")
-            damaged.append(str(e))
-    if damaged:
-        raise RunError(f"no intact checkpoint in {output_dir / CHECKPOINTS}: {'; '.join(damaged)}. Delete the "
-                       "damaged ones to restart from step 0, or rerun without --resume in a new --output-dir")
-    return 0, None
-
-
 # --------------------------------------------------------------------------------------- output
-
-
-def gather_trainable(model) -> dict[str, torch.Tensor]:
-    """A sharded model's trainable weights, whole, on rank 0's CPU (empty elsewhere); every process calls this."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                                ignore_frozen_params=True))
-
-
-@contextlib.contextmanager
-def whole_parameters(model, whole: dict[str, torch.Tensor] | None):
-    """Within the block, the model's parameters named in `whole` (gather_trainable's) are those whole tensors
-    instead of their shards, a parameter shared under two names (a tied head) still one, so that what writes
-    the model's files reads them as any model's; None leaves the model as it is."""
-    if whole is None:
-        yield model
-        return
-    named = list(model.named_parameters(remove_duplicate=False))
-    replacement = {id(param): torch.nn.Parameter(whole[name], requires_grad=False)
-                   for name, param in named if name in whole}
-    swapped = []
-    for name, param in named:
-        if id(param) in replacement:
-            owner_name, _, leaf = name.rpartition(".")
-            owner = model.get_submodule(owner_name)
-            swapped.append((owner, leaf, param))
-            owner._parameters[leaf] = replacement[id(param)]
-    try:
-        yield model
-    finally:
-        for owner, leaf, param in swapped:
-            owner._parameters[leaf] = param
 
 
 def save_outputs(output_dir: Path, model, tokenizer, full: bool):
@@ -1110,49 +710,6 @@ def save_outputs(output_dir: Path, model, tokenizer, full: bool):
             os.replace(f, output_dir / f.name)
     finally:
         shutil.rmtree(staging)
-
-
-def check_output_dir(output_dir: Path, args):
-    """Refuse an output directory this run may not write to, before anything is read or written."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise RunError(f"--output-dir {output_dir} is a file, not a directory")
-    has_content = output_dir.is_dir() and any(output_dir.iterdir())
-    if has_content and not args.resume:
-        raise RunError(f"--output-dir {output_dir} is not empty: pass --resume to continue the run there, or "
-                       "name another --output-dir")
-    if has_content and not (output_dir / RUN_ARGS_FILE).is_file():
-        raise RunError(f"--resume: {output_dir} is not a pyprefopt run (it has no {RUN_ARGS_FILE}), so nothing "
-                       "there was touched: name the run's directory, or a new --output-dir")
-    if args.resume and (output_dir / RUN_ARGS_FILE).is_file():
-        check_resume_args(output_dir, args)
-
-
-def make_output_dir(output_dir: Path, rank):
-    """The output directory, created and shown writable, cleared of what a killed earlier run left half-written."""
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        for directory in (output_dir, output_dir / CHECKPOINTS):
-            for path in remove_stale_staging(directory):
-                log(rank, f"removed {path}, left half-written by an interrupted run")
-        with tempfile.TemporaryFile(dir=output_dir):
-            pass
-    except OSError as e:
-        raise RunError(f"--output-dir {output_dir}: cannot write there ({e.strerror}); name a writable "
-                       "directory") from e
-
-
-def check_resume_args(output_dir: Path, args):
-    path = output_dir / RUN_ARGS_FILE
-    saved = json.loads(path.read_text(encoding="utf-8"))
-    current = vars(args)
-    # A run from before an option existed ran without it: its absence matches the option left off. Such a run also
-    # predates resuming with another batch split, so its split must stay.
-    fixed = RESUMABLE_CHANGES if "fsdp" not in saved else RESUMABLE_CHANGES | BATCH_SPLIT_OPTIONS
-    changed = {k: (saved.get(k), v) for k, v in current.items()
-               if k not in fixed and saved.get(k) != v and not (k not in saved and v in (None, False))}
-    if changed:
-        raise RunError(f"--resume with different options than the run in {output_dir}: "
-                         + ", ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}" for k, (a, b) in changed.items()))
 
 
 def read_metrics(path: Path, up_to_step: int | None = None) -> list[dict]:
@@ -1242,206 +799,36 @@ class StopAtStepBoundary:
             signal.signal(s, handler)
 
 
-def log(rank, message):
-    if rank == 0:
-        print(message, file=sys.stderr, flush=True)
-
-
 def train(args, rank, world, device) -> int:
+    """The run: Recipe's setup, an evaluation before the first step, the optimizer steps (each evaluated, logged and
+    checkpointed as the options ask) until the last or a stop signal, then the outputs."""
     from tqdm.auto import tqdm
-    from transformers import get_scheduler
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    started = time.perf_counter()
-    output_dir = Path(args.output_dir)
-    # Before the output directory's check: a --resume compares the LoRA options the adapter sets.
-    adapter = read_adapter_options(args) if args.adapter is not None else None
-    check_output_dir(output_dir, args)
-    resuming = args.resume and bool(checkpoints_newest_first(output_dir))
-    if world > 1:
-        # Every process has looked at output_dir before rank 0 may create anything in it.
-        dist.barrier()
-
-    # 1. data
-    # KTO's KL completions rotate within chunks of the global micro-batch (TRL's rule; see pyprefopt.data).
-    kl_chunk = args.batch_size * world
-    if losses.METHODS[args.method].kl_batch and kl_chunk < 2:
-        raise RunError("kto needs a global micro-batch (--batch-size x processes) of at least 2: its KL "
-                         "completions rotate within it, so with one example each would be paired with its own "
-                         "completion (TRL's KTOTrainer likewise refuses a batch size of 1)")
-    train_rows, eval_rows, data_source = D.load_splits(args.data, args.method, args.eval_data, args.seed)
-    train_rows = D.normalise_rows(train_rows, args.method, f"{data_source} (train)")
-    eval_rows = D.normalise_rows(eval_rows, args.method, f"{data_source} (eval)")
-
-    # 2. model: seeded first, so the adapter's init depends on --seed alone
-    torch.manual_seed(args.seed)
-    model, tokenizer, base = load_model(args, train_rows, device, adapter)
-    pad_id = tokenizer.pad_token_id
-    train_data = D.tokenize(train_rows, args.method, tokenizer, args.max_length, f"{data_source} (train)", kl_chunk)
-    eval_data = D.tokenize(eval_rows, args.method, tokenizer, args.max_length, f"{data_source} (eval)", kl_chunk)
-    global_batch = args.batch_size * args.grad_accum * world
-    steps_per_epoch = len(train_data) // global_batch
-    if steps_per_epoch == 0:
-        raise RunError(f"{len(train_data)} training examples are fewer than one global batch of {global_batch} "
-                         f"(--batch-size {args.batch_size} x --grad-accum {args.grad_accum} x {world} processes)")
-    total_steps = args.max_steps or max(1, math.floor(args.epochs * steps_per_epoch))
-    for name, split in (("train", train_data), ("eval", eval_data)):
-        if split.truncated or split.dropped:
-            log(rank, f"{name}: {split.truncated} of {split.sequences} sequences cut at --max-length "
-                f"{args.max_length}; {split.dropped} examples dropped (prompt alone fills it)")
-    if world > 1:
-        # Same seed, same init everywhere; broadcasting makes it so whatever the initialisers do.
-        for param in trainable_parameters(model).values():
-            dist.broadcast(param.data, 0)
-    run, no_sync = data_parallel(model, args.fsdp, world, device)
-    trainable = trainable_parameters(model)  # after sharding, which replaces them by their shards (DTensors)
-
-    # 3. optimizer and schedule
-    if args.optim == "adamw_8bit":
-        import bitsandbytes as bnb
-
-        optimizer = bnb.optim.AdamW8bit(trainable.values(), lr=args.lr, weight_decay=args.weight_decay)
-    else:
-        # The fused kernel: what the HF Trainer (and so TRL) uses by default, one pass over all the adapters.
-        optimizer = torch.optim.AdamW(trainable.values(), lr=args.lr, weight_decay=args.weight_decay,
-                                      fused=device.type in ("cpu", "cuda") or None)
-    if args.warmup_steps is None:
-        warmup_steps = round(args.warmup_ratio * total_steps)
-    else:
-        warmup_steps = args.warmup_steps
-        if warmup_steps >= total_steps:
-            log(rank, f"--warmup-steps {warmup_steps} is not less than the run's {total_steps} steps: the learning "
-                f"rate never reaches --lr {args.lr}")
-    scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=warmup_steps,
-                              num_training_steps=total_steps)
-
-    if rank == 0:
-        make_output_dir(output_dir, rank)
-
-    # 4. reference log-probs: once per example, before any update, kept beside the checkpoints
-    reference_path = output_dir / CHECKPOINTS / REFERENCE_FILE
-    method_record = losses.METHODS[args.method]
-    needs_reference = method_record.needs_reference
-    reference_seconds = 0.0
-    train_reference = eval_reference = saved = None
-    if needs_reference:
-        from safetensors.torch import save_file
-
-        saved = read_reference(reference_path, device, rank) if resuming else None
-        if saved is not None:
-            train_reference, eval_reference = saved["train"], saved["eval"]
-        else:
-            t0 = time.perf_counter()
-            with reference_context(model, args.full):
-                train_reference, _ = sequence_logps_all(model, run, train_data, pad_id, args.eval_batch_size, device,
-                                                        rank, world, compute_dtype(args, device))
-                eval_reference, _ = sequence_logps_all(model, run, eval_data, pad_id, args.eval_batch_size, device,
-                                                       rank, world, compute_dtype(args, device))
-            reference_seconds = time.perf_counter() - t0
-    if rank == 0:
-        (output_dir / CHECKPOINTS).mkdir(exist_ok=True)
-        if not (output_dir / RUN_ARGS_FILE).exists():
-            atomic_write_text(output_dir / RUN_ARGS_FILE, json.dumps(vars(args), indent=1))
-        if needs_reference and saved is None:
-            atomic_write(reference_path, lambda tmp: save_file({"train": train_reference.cpu(),
-                                                                 "eval": eval_reference.cpu()}, tmp))
-
-    start_step, checkpoint = 0, None
-    metrics_path = output_dir / METRICS_FILE
-    if resuming:
-        start_step, checkpoint = resume_from_checkpoint(output_dir, model, optimizer, scheduler, device, args, world,
-                                                        total_steps, rank)
-    if checkpoint is not None:
-        log(rank, f"resuming from {checkpoint} (step {start_step} of {total_steps})")
-        if rank == 0:
-            kept = read_metrics(metrics_path, start_step)
-            atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
-    elif rank == 0 and metrics_path.exists():
-        metrics_path.unlink()
-
-    # 5. steps
-    loss_fn = FusedLinearPreferenceLoss(args.method, **loss_hparams(args), **head_logit_transform(model.config))
-    names = method_record.step_metrics
-    initial = evaluate(model, run, eval_data, eval_reference, args, pad_id, device, rank, world) \
-        if start_step == 0 else None
-    metrics_file = open(metrics_path, "a", encoding="utf-8") if rank == 0 else None
+    recipe = Recipe(args, rank, world, device)
+    recipe.setup()
+    initial = recipe.evaluate() if recipe.start_step == 0 else None
+    metrics_file = open(recipe.metrics_path, "a", encoding="utf-8") if rank == 0 else None
     if metrics_file and initial is not None:
         metrics_file.write(json.dumps({"step": 0, **initial}) + "\n")
-    model.train()
-    bar = tqdm(total=total_steps, initial=start_step, disable=rank != 0, desc=f"{args.method}", unit="step")
-    train_seconds, train_tokens = 0.0, 0
+    recipe.model.train()
+    bar = tqdm(total=recipe.total_steps, initial=recipe.start_step, disable=rank != 0, desc=f"{args.method}",
+               unit="step")
     stopped_at = None
     stop = StopAtStepBoundary()
     try:
-        for step in range(start_step, total_steps):
-            t0 = time.perf_counter()
-            indices, epoch = global_batch_indices(step, len(train_data), global_batch, args.seed)
-            micro_batches = []
-            for micro in range(args.grad_accum):
-                first = (micro * world + rank) * args.batch_size
-                micro_batches.append(D.collate(train_data, indices[first:first + args.batch_size], pad_id))
-            counts = torch.tensor([sum(b["items"] for b in micro_batches), sum(b["num_tokens"] for b in micro_batches)],
-                                  dtype=torch.float64, device=device)
-            all_reduce_sum(counts)
-            global_items, global_tokens = counts.tolist()
-            # [loss, per metric: weighted sum and weight, then whether any process was asked to stop]
-            sums = torch.zeros(2 + 2 * len(names), dtype=torch.float64, device=device)
-            for micro, batch in enumerate(micro_batches):
-                with no_sync() if micro < args.grad_accum - 1 else contextlib.nullcontext():
-                    loss, metrics = run(lambda: micro_batch_loss(model, loss_fn, batch, train_reference, args, device))
-                    share = batch["items"] / global_items
-                    # DDP and FSDP average the processes' gradients: weighted by `world` too, the average is the
-                    # global batch's gradient.
-                    (loss * (share * world)).backward()
-                sums[0] += loss.detach().double() * share
-                for i, name in enumerate(names):
-                    weight = metric_weight(method_record, name, batch)
-                    if name in metrics and weight > 0:
-                        sums[1 + 2 * i] += metrics[name].double() * weight
-                        sums[2 + 2 * i] += weight
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable.values(),
-                                                       args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
-            if args.fsdp:  # a DTensor: the norm over every process's shards
-                grad_norm = grad_norm.full_tensor()
-            learning_rate = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            sums[-1] = float(stop.requested)
-            all_reduce_sum(sums)
-            elapsed = time.perf_counter() - t0
-            train_seconds += elapsed
-            train_tokens += int(global_tokens)
-            record = {"step": step + 1, "epoch": round(epoch + (step % steps_per_epoch + 1) / steps_per_epoch, 4),
-                      "loss": sums[0].item()}
-            for i, name in enumerate(names):
-                if sums[2 + 2 * i] > 0:
-                    record[name] = (sums[1 + 2 * i] / sums[2 + 2 * i]).item()
-            if method_record.desirable and "rewards/chosen" in record and "rewards/rejected" in record:
-                record["rewards/margins"] = record["rewards/chosen"] - record["rewards/rejected"]
-            record.update(grad_norm=grad_norm.item(), learning_rate=learning_rate,
-                          tokens_per_second=global_tokens / elapsed, num_tokens=int(global_tokens),
-                          step_seconds=elapsed, peak_memory_mib=peak_memory_mib(device))
-            if not math.isfinite(record["loss"]):
-                raise RunError(f"step {step + 1}: the loss is {record['loss']}; lower --lr or check the data")
+        for step in range(recipe.start_step, recipe.total_steps):
+            record, stopping = recipe.step(step, stop)
             done = step + 1
-            if (args.eval_every and done % args.eval_every == 0) or done == total_steps:
-                record.update(evaluate(model, run, eval_data, eval_reference, args, pad_id, device, rank, world))
+            if (args.eval_every and done % args.eval_every == 0) or done == recipe.total_steps:
+                record.update(recipe.evaluate())
             if metrics_file:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
-            stopping = sums[-1].item() > 0
-            if (rank == 0 or args.fsdp) and \
-                    (stopping or done == total_steps or (args.save_every and done % args.save_every == 0)):
-                position = {"epoch": done // steps_per_epoch, "batch_in_epoch": done % steps_per_epoch,
-                            "examples_per_step": global_batch, "batch_size": args.batch_size, "processes": world,
-                            "seed": args.seed}
-                save_checkpoint(output_dir, done, model, None if done == total_steps else optimizer, scheduler,
-                                args.save_total_limit, position, rank)
+            if stopping or done == recipe.total_steps or (args.save_every and done % args.save_every == 0):
+                recipe.checkpoint(done)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_second']:.0f}")
             bar.update(1)
-            if stopping and done < total_steps:
+            if stopping and done < recipe.total_steps:
                 stopped_at = done
                 break
     finally:
@@ -1451,52 +838,309 @@ def train(args, rank, world, device) -> int:
             metrics_file.close()
 
     if stopped_at is not None:
-        log(rank, f"stopped at step {stopped_at} of {total_steps}; its checkpoint is in {output_dir / CHECKPOINTS}: "
-            "rerun the same command with --resume to continue")
+        log(rank, f"stopped at step {stopped_at} of {recipe.total_steps}; its checkpoint is in "
+            f"{recipe.output_dir / CHECKPOINTS}: rerun the same command with --resume to continue")
         return 130
-
-    # 6. outputs, by rank 0 (a sharded model's trainable weights gathered to it first, by every process)
-    gathered = gather_trainable(model) if args.fsdp else None
-    if rank != 0:
-        return 0
-    from pyprefopt import model_card
-
-    with whole_parameters(model, gathered):
-        save_outputs(output_dir, model, tokenizer, args.full)
-    if args.merge:
-        from pyprefopt.merge import merge_adapter
-
-        base_dir = base if Path(base).is_dir() else _hub_snapshot(base)
-        merge_adapter(base_dir, output_dir, output_dir / "merged", overwrite=True)
-    if not args.save_every:
-        # Without checkpoints the directory holds only the reference cache, which nothing reads any more.
-        shutil.rmtree(output_dir / CHECKPOINTS)
-    all_records = read_metrics(metrics_path)
-    last_train_record = next((r for r in reversed(all_records) if "loss" in r), {})
-    summary = {
-        "method": args.method, "base_model": base, "data": data_source, "steps": total_steps,
-        "resumed_from_step": start_step or None,
-        "examples_seen": total_steps * global_batch, "train_examples": len(train_data),
-        "eval_examples": len(eval_data), "sequences_truncated": train_data.truncated + eval_data.truncated,
-        "examples_dropped": train_data.dropped + eval_data.dropped,
-        "wall_seconds": time.perf_counter() - started, "train_step_seconds": train_seconds,
-        "reference_seconds": reference_seconds,
-        "tokens_per_second": train_tokens / train_seconds if train_seconds else None,
-        "peak_memory_mib": peak_memory_mib(device), "hardware": hardware_description(device, world),
-        "processes": world, "compute_dtype": str(compute_dtype(args, device)).removeprefix("torch."),
-        "final": {k: v for k, v in last_train_record.items() if not k.startswith("eval_")},
-        "evaluations": [{"step": r["step"], **{k: v for k, v in r.items() if k.startswith("eval_")}}
-                        for r in all_records if "eval_loss" in r],
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "trainable_parameters": sum(p.numel() for p in trainable.values()),
-        "torch": torch.__version__,
-    }
-    # Last: a README.md in the output directory means the run completed.
-    model_card.write(output_dir, args, summary, all_records)
-    log(rank, eval_summary(summary["evaluations"]))
-    speed = f", {summary['tokens_per_second']:.0f} tokens/s" if summary["tokens_per_second"] else ""
-    log(rank, f"done: {output_dir} ({summary['wall_seconds']:.1f} s{speed} over {total_steps - start_step} steps)")
+    recipe.write_outputs()
     return 0
+
+
+class Recipe:
+    """What `train()` runs, one method a stage: `setup()` reads the data, loads the model, wraps it for the processes,
+    builds the optimizer and schedule, computes (or reads back) the reference log-probs and resumes from the newest
+    checkpoint; `step()` is one optimizer step over its micro-batches; `evaluate()` the held-out metrics;
+    `checkpoint()` a checkpoint; `write_outputs()` the adapter (or model), merged model, model card and plots.
+    What a stage makes, the next reads off the recipe (`model`, `optimizer`, `train_data`, ...)."""
+
+    def __init__(self, args, rank, world, device):
+        self.args, self.rank, self.world, self.device = args, rank, world, device
+        self.started = time.perf_counter()
+        self.output_dir = Path(args.output_dir)
+        self.metrics_path = self.output_dir / METRICS_FILE
+        self.method_record = losses.METHODS[args.method]
+        self.dtype = compute_dtype(args, device)
+        self.global_batch = args.batch_size * args.grad_accum * world
+        self.reference_seconds = self.train_seconds = 0.0
+        self.train_tokens = 0
+
+    # ------------------------------------------------------------------------------------------ setup
+
+    def setup(self):
+        from transformers.utils import logging as hf_logging
+
+        args, rank, world = self.args, self.rank, self.world
+        hf_logging.disable_progress_bar()
+        # Before the output directory's check: a --resume compares the LoRA options the adapter sets.
+        adapter = read_adapter_options(args) if args.adapter is not None else None
+        check_output_dir(self.output_dir, args)
+        resuming = args.resume and bool(checkpoints_newest_first(self.output_dir))
+        if world > 1:
+            # Every process has looked at output_dir before rank 0 may create anything in it.
+            dist.barrier()
+        train_rows, eval_rows = self._read_rows()
+        # Seeded first, so the adapter's init depends on --seed alone.
+        torch.manual_seed(args.seed)
+        self.model, self.tokenizer, self.base = load_model(args, train_rows, self.device, adapter)
+        self._tokenize(train_rows, eval_rows)
+        self._wrap_model()
+        self._optimizer_and_schedule()
+        if rank == 0:
+            make_output_dir(self.output_dir, rank)
+        self._reference_logps(resuming)
+        self._resume(resuming)
+        self.loss_fn = FusedLinearPreferenceLoss(args.method, **loss_hparams(args),
+                                                 **head_logit_transform(self.model.config))
+
+    def _read_rows(self):
+        """The training and held-out rows, checked and normalised (pyprefopt.data)."""
+        args = self.args
+        # KTO's KL completions rotate within chunks of the global micro-batch (TRL's rule; see pyprefopt.data).
+        self.kl_chunk = args.batch_size * self.world
+        if self.method_record.kl_batch and self.kl_chunk < 2:
+            raise RunError("kto needs a global micro-batch (--batch-size x processes) of at least 2: its KL "
+                           "completions rotate within it, so with one example each would be paired with its own "
+                           "completion (TRL's KTOTrainer likewise refuses a batch size of 1)")
+        train_rows, eval_rows, self.data_source = D.load_splits(args.data, args.method, args.eval_data, args.seed)
+        train_rows = D.normalise_rows(train_rows, args.method, f"{self.data_source} (train)")
+        eval_rows = D.normalise_rows(eval_rows, args.method, f"{self.data_source} (eval)")
+        return train_rows, eval_rows
+
+    def _tokenize(self, train_rows, eval_rows):
+        """Both splits tokenised, and the run's length in optimizer steps."""
+        args, tokenizer = self.args, self.tokenizer
+        self.pad_id = tokenizer.pad_token_id
+        self.train_data = D.tokenize(train_rows, args.method, tokenizer, args.max_length,
+                                     f"{self.data_source} (train)", self.kl_chunk)
+        self.eval_data = D.tokenize(eval_rows, args.method, tokenizer, args.max_length, f"{self.data_source} (eval)",
+                                    self.kl_chunk)
+        self.steps_per_epoch = len(self.train_data) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise RunError(f"{len(self.train_data)} training examples are fewer than one global batch of "
+                           f"{self.global_batch} (--batch-size {args.batch_size} x --grad-accum {args.grad_accum} "
+                           f"x {self.world} processes)")
+        self.total_steps = args.max_steps or max(1, math.floor(args.epochs * self.steps_per_epoch))
+        for name, split in (("train", self.train_data), ("eval", self.eval_data)):
+            if split.truncated or split.dropped:
+                log(self.rank, f"{name}: {split.truncated} of {split.sequences} sequences cut at --max-length "
+                    f"{args.max_length}; {split.dropped} examples dropped (prompt alone fills it)")
+
+    def _wrap_model(self):
+        """The model wrapped for the processes (data_parallel's `run` and `no_sync`) and its trainable parameters."""
+        if self.world > 1:
+            # Same seed, same init everywhere; broadcasting makes it so whatever the initialisers do.
+            for param in trainable_parameters(self.model).values():
+                dist.broadcast(param.data, 0)
+        self.run, self.no_sync = data_parallel(self.model, self.args.fsdp, self.world, self.device)
+        self.trainable = trainable_parameters(self.model)  # after sharding, which replaces them by their shards
+
+    def _optimizer_and_schedule(self):
+        from transformers import get_scheduler
+
+        args, trainable = self.args, self.trainable
+        if args.optim == "adamw_8bit":
+            import bitsandbytes as bnb
+
+            self.optimizer = bnb.optim.AdamW8bit(trainable.values(), lr=args.lr, weight_decay=args.weight_decay)
+        else:
+            # The fused kernel: what the HF Trainer (and so TRL) uses by default, one pass over all the adapters.
+            self.optimizer = torch.optim.AdamW(trainable.values(), lr=args.lr, weight_decay=args.weight_decay,
+                                               fused=self.device.type in ("cpu", "cuda") or None)
+        if args.warmup_steps is None:
+            warmup_steps = round(args.warmup_ratio * self.total_steps)
+        else:
+            warmup_steps = args.warmup_steps
+            if warmup_steps >= self.total_steps:
+                log(self.rank, f"--warmup-steps {warmup_steps} is not less than the run's {self.total_steps} steps: "
+                    f"the learning rate never reaches --lr {args.lr}")
+        self.scheduler = get_scheduler(args.lr_scheduler, self.optimizer, num_warmup_steps=warmup_steps,
+                                       num_training_steps=self.total_steps)
+
+    def _reference_logps(self, resuming: bool):
+        """The reference log-probs of every example (the methods with a reference), once, before any update: read back
+        from the run's cache when resuming, else computed and cached beside the checkpoints. Also writes the run's
+        arguments, which mark the directory as a run's."""
+        args, rank, output_dir = self.args, self.rank, self.output_dir
+        reference_path = output_dir / CHECKPOINTS / REFERENCE_FILE
+        self.train_reference = self.eval_reference = saved = None
+        if self.method_record.needs_reference:
+            saved = read_reference(reference_path, self.device, rank) if resuming else None
+            if saved is not None:
+                self.train_reference, self.eval_reference = saved["train"], saved["eval"]
+            else:
+                t0 = time.perf_counter()
+                with reference_context(self.model, args.full):
+                    self.train_reference, _ = self._sequence_logps(self.train_data)
+                    self.eval_reference, _ = self._sequence_logps(self.eval_data)
+                self.reference_seconds = time.perf_counter() - t0
+        if rank == 0:
+            (output_dir / CHECKPOINTS).mkdir(exist_ok=True)
+            if not (output_dir / RUN_ARGS_FILE).exists():
+                atomic_write_text(output_dir / RUN_ARGS_FILE, json.dumps(vars(args), indent=1))
+            if self.method_record.needs_reference and saved is None:
+                from safetensors.torch import save_file
+
+                train_reference, eval_reference = self.train_reference.cpu(), self.eval_reference.cpu()
+                atomic_write(reference_path, lambda tmp: save_file({"train": train_reference, "eval": eval_reference},
+                                                                   tmp))
+
+    def _sequence_logps(self, data):
+        return sequence_logps_all(self.model, self.run, data, self.pad_id, self.args.eval_batch_size, self.device,
+                                  self.rank, self.world, self.dtype)
+
+    def _resume(self, resuming: bool):
+        """The newest intact checkpoint's state restored (start_step its step, else 0), and metrics.jsonl cut back
+        to it (or removed for a run from step 0)."""
+        self.start_step, checkpoint = 0, None
+        if resuming:
+            self.start_step, checkpoint = resume_from_checkpoint(
+                self.output_dir, self.model, self.optimizer, self.scheduler, self.device, self.args, self.world,
+                self.total_steps, self.rank)
+        if checkpoint is not None:
+            log(self.rank, f"resuming from {checkpoint} (step {self.start_step} of {self.total_steps})")
+            if self.rank == 0:
+                kept = read_metrics(self.metrics_path, self.start_step)
+                atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        elif self.rank == 0 and self.metrics_path.exists():
+            self.metrics_path.unlink()
+
+    # ------------------------------------------------------------------------------------------ training
+
+    def step(self, step: int, stop: StopAtStepBoundary) -> tuple[dict, bool]:
+        """Optimizer step `step` (from 0): this process's micro-batches of the global batch, their gradients
+        accumulated (and summed over the processes), clipped, AdamW and the schedule stepped. Returns the step's
+        metrics record and whether any process was asked to stop (`stop`, read after the update)."""
+        args, device = self.args, self.device
+        t0 = time.perf_counter()
+        indices, epoch = global_batch_indices(step, len(self.train_data), self.global_batch, args.seed)
+        micro_batches = []
+        for micro in range(args.grad_accum):
+            first = (micro * self.world + self.rank) * args.batch_size
+            micro_batches.append(D.collate(self.train_data, indices[first:first + args.batch_size], self.pad_id))
+        counts = torch.tensor([sum(b["items"] for b in micro_batches), sum(b["num_tokens"] for b in micro_batches)],
+                              dtype=torch.float64, device=device)
+        all_reduce_sum(counts)
+        global_items, global_tokens = counts.tolist()
+        sums = self._accumulate_gradients(micro_batches, global_items)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable.values(),
+                                                   args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
+        if args.fsdp:  # a DTensor: the norm over every process's shards
+            grad_norm = grad_norm.full_tensor()
+        learning_rate = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums[-1] = float(stop.requested)
+        all_reduce_sum(sums)
+        elapsed = time.perf_counter() - t0
+        self.train_seconds += elapsed
+        self.train_tokens += int(global_tokens)
+        record = {"step": step + 1,
+                  "epoch": round(epoch + (step % self.steps_per_epoch + 1) / self.steps_per_epoch, 4),
+                  "loss": sums[0].item()}
+        names = self.method_record.step_metrics
+        for i, name in enumerate(names):
+            if sums[2 + 2 * i] > 0:
+                record[name] = (sums[1 + 2 * i] / sums[2 + 2 * i]).item()
+        if self.method_record.desirable and "rewards/chosen" in record and "rewards/rejected" in record:
+            record["rewards/margins"] = record["rewards/chosen"] - record["rewards/rejected"]
+        record.update(grad_norm=grad_norm.item(), learning_rate=learning_rate,
+                      tokens_per_second=global_tokens / elapsed, num_tokens=int(global_tokens),
+                      step_seconds=elapsed, peak_memory_mib=peak_memory_mib(device))
+        if not math.isfinite(record["loss"]):
+            raise RunError(f"step {step + 1}: the loss is {record['loss']}; lower --lr or check the data")
+        return record, sums[-1].item() > 0
+
+    def _accumulate_gradients(self, micro_batches, global_items) -> torch.Tensor:
+        """Forward and backward of each micro-batch, each loss weighted by its share of the global batch's items;
+        the gradients reduced over the processes with the last one. Returns [loss, per step metric: weighted sum and
+        weight, then a slot for the stop request], this process's part."""
+        names = self.method_record.step_metrics
+        sums = torch.zeros(2 + 2 * len(names), dtype=torch.float64, device=self.device)
+        for micro, batch in enumerate(micro_batches):
+            with self.no_sync() if micro < self.args.grad_accum - 1 else contextlib.nullcontext():
+                loss, metrics = self.run(lambda: micro_batch_loss(self.model, self.loss_fn, batch,
+                                                                  self.train_reference, self.args, self.device))
+                share = batch["items"] / global_items
+                # DDP and FSDP average the processes' gradients: weighted by `world` too, the average is the
+                # global batch's gradient.
+                (loss * (share * self.world)).backward()
+            sums[0] += loss.detach().double() * share
+            for i, name in enumerate(names):
+                weight = metric_weight(self.method_record, name, batch)
+                if name in metrics and weight > 0:
+                    sums[1 + 2 * i] += metrics[name].double() * weight
+                    sums[2 + 2 * i] += weight
+        return sums
+
+    def evaluate(self) -> dict:
+        return evaluate(self.model, self.run, self.eval_data, self.eval_reference, self.args, self.pad_id, self.device,
+                        self.rank, self.world)
+
+    def checkpoint(self, done: int):
+        """The checkpoint after `done` steps, by rank 0 (every process with --fsdp, each writing its shards); the
+        final step's holds no optimizer state (nothing steps again)."""
+        if self.rank != 0 and not self.args.fsdp:
+            return
+        args = self.args
+        position = {"epoch": done // self.steps_per_epoch, "batch_in_epoch": done % self.steps_per_epoch,
+                    "examples_per_step": self.global_batch, "batch_size": args.batch_size, "processes": self.world,
+                    "seed": args.seed}
+        save_checkpoint(self.output_dir, done, self.model, None if done == self.total_steps else self.optimizer,
+                        self.scheduler, args.save_total_limit, position, self.rank)
+
+    # ------------------------------------------------------------------------------------------ output
+
+    def write_outputs(self):
+        """By rank 0 (a sharded model's trainable weights gathered to it first, by every process): the adapter or
+        model and tokenizer, the merged model with --merge, then the model card (with the plots), which says the run
+        completed."""
+        args, output_dir = self.args, self.output_dir
+        gathered = gather_trainable(self.model) if args.fsdp else None
+        if self.rank != 0:
+            return
+        from pyprefopt import model_card
+
+        with whole_parameters(self.model, gathered):
+            save_outputs(output_dir, self.model, self.tokenizer, args.full)
+        if args.merge:
+            from pyprefopt.merge import merge_adapter
+
+            base_dir = self.base if Path(self.base).is_dir() else _hub_snapshot(self.base)
+            merge_adapter(base_dir, output_dir, output_dir / "merged", overwrite=True)
+        if not args.save_every:
+            # Without checkpoints the directory holds only the reference cache, which nothing reads any more.
+            shutil.rmtree(output_dir / CHECKPOINTS)
+        all_records = read_metrics(self.metrics_path)
+        summary = self._summary(all_records)
+        # Last: a README.md in the output directory means the run completed.
+        model_card.write(output_dir, args, summary, all_records)
+        log(self.rank, eval_summary(summary["evaluations"]))
+        speed = f", {summary['tokens_per_second']:.0f} tokens/s" if summary["tokens_per_second"] else ""
+        log(self.rank, f"done: {output_dir} ({summary['wall_seconds']:.1f} s{speed} over "
+            f"{self.total_steps - self.start_step} steps)")
+
+    def _summary(self, all_records: list[dict]) -> dict:
+        """What the model card reports of the run (pyprefopt.model_card)."""
+        args, train_data, eval_data = self.args, self.train_data, self.eval_data
+        last_train_record = next((r for r in reversed(all_records) if "loss" in r), {})
+        return {
+            "method": args.method, "base_model": self.base, "data": self.data_source, "steps": self.total_steps,
+            "resumed_from_step": self.start_step or None,
+            "examples_seen": self.total_steps * self.global_batch, "train_examples": len(train_data),
+            "eval_examples": len(eval_data), "sequences_truncated": train_data.truncated + eval_data.truncated,
+            "examples_dropped": train_data.dropped + eval_data.dropped,
+            "wall_seconds": time.perf_counter() - self.started, "train_step_seconds": self.train_seconds,
+            "reference_seconds": self.reference_seconds,
+            "tokens_per_second": self.train_tokens / self.train_seconds if self.train_seconds else None,
+            "peak_memory_mib": peak_memory_mib(self.device), "hardware": hardware_description(self.device, self.world),
+            "processes": self.world, "compute_dtype": str(self.dtype).removeprefix("torch."),
+            "final": {k: v for k, v in last_train_record.items() if not k.startswith("eval_")},
+            "evaluations": [{"step": r["step"], **{k: v for k, v in r.items() if k.startswith("eval_")}}
+                            for r in all_records if "eval_loss" in r],
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "trainable_parameters": sum(p.numel() for p in self.trainable.values()),
+            "torch": torch.__version__,
+        }
 
 
 def _hub_snapshot(model_id: str) -> str:

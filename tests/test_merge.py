@@ -33,6 +33,7 @@ from pyprefopt import merge
 from pyprefopt.safetensors_io import StreamingWriter, read_header
 
 TARGETS = ["q_proj", "v_proj", "gate_proj", "down_proj"]
+BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
 def tiny_config():
@@ -436,20 +437,20 @@ def test_streaming_merge_peak_memory_is_a_few_tensors(tmp_path):
               adapter / "adapter_model.safetensors")
     (adapter / "adapter_config.json").write_text(json.dumps(
         {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["proj"]}))
-    # The peak is measured in a fresh process from after its imports: VmHWM reset through clear_refs.
+    # The peak is measured in a fresh process from after its imports (bench/resident_memory.py's high-water mark).
     script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(BENCH)!r})
         import torch
         from pyprefopt import merge
-        def status(key):
-            return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
-        before = status("VmRSS:")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+        from resident_memory import peak_rss_mib, reset_peak_rss, rss_mib
+        before = rss_mib()
+        reset_peak_rss()
         merge.merge_adapter({str(base)!r}, {str(adapter)!r}, {str(tmp_path / 'out')!r}, torch.bfloat16, progress=False)
-        print(status("VmHWM:") - before)
+        print(peak_rss_mib() - before)
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    peak = int(result.stdout.split()[-1])
+    peak = float(result.stdout.split()[-1]) * 2**20
     tensor_bytes = out_features * in_features * 2
     model_bytes = n_layers * tensor_bytes
     assert peak <= 3 * tensor_bytes, (

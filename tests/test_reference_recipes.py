@@ -23,8 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import Qwen2Config, Qwen3Config
 
+from pyprefopt import checkpoint, losses, train
 from pyprefopt import data as D
-from pyprefopt import losses, train
 
 from cli_fixtures import assert_refused_before_writing, data_dir, one_thread_and_private_cache  # noqa: F401
 from tiny_models import gemma3n_config, qwen_config, save_as_multimodal_gemma3n, save_tiny_model
@@ -122,7 +122,7 @@ def check_card_form(out: Path, card: dict, base_dir: Path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    run_args = json.loads((out / train.RUN_ARGS_FILE).read_text(encoding="utf-8"))
+    run_args = json.loads((out / checkpoint.RUN_ARGS_FILE).read_text(encoding="utf-8"))
     assert {k: run_args[k] for k in card if k != "target_modules"} == \
         {k: v for k, v in card.items() if k != "target_modules"}
     config = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
@@ -175,7 +175,7 @@ def test_the_qwen25_sft_then_dpo_card_continues_from_the_sft_adapter(tiny_models
                                   for i, command in enumerate(RECIPES[card])]
     sft_model = check_card_form(sft_out, CARDS[card][0], base_dir)
     check_card_form(dpo_out, CARDS[card][1], base_dir)
-    assert json.loads((dpo_out / train.RUN_ARGS_FILE).read_text(encoding="utf-8"))["adapter"] == str(
+    assert json.loads((dpo_out / checkpoint.RUN_ARGS_FILE).read_text(encoding="utf-8"))["adapter"] == str(
         sft_out.relative_to(tmp_path))
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -183,7 +183,7 @@ def test_the_qwen25_sft_then_dpo_card_continues_from_the_sft_adapter(tiny_models
     policy = sequence_logps(sft_model, data_dir, tokenizer)
     with sft_model.disable_adapter():
         reference = sequence_logps(sft_model, data_dir, tokenizer)
-    beta = json.loads((dpo_out / train.RUN_ARGS_FILE).read_text(encoding="utf-8"))["beta"]
+    beta = json.loads((dpo_out / checkpoint.RUN_ARGS_FILE).read_text(encoding="utf-8"))["beta"]
     rewards = beta * (policy - reference).mean(0)
     step0 = json.loads((dpo_out / train.METRICS_FILE).read_text(encoding="utf-8").splitlines()[0])
     assert step0["step"] == 0

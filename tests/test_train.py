@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 
 from pyprefopt import data as D
 from pyprefopt import losses, train
+from pyprefopt.checkpoint import checkpoints_newest_first
 from pyprefopt.packed_attention import use_packed_attention
 
 from synthetic_data import write_data
@@ -276,7 +277,7 @@ def test_a_run_from_before_the_newer_options_resumes(data_dir, tmp_path, capsys)
     for newer in ("fsdp", "adapter", "warmup_steps"):
         saved.pop(newer)
     args_file.write_text(json.dumps(saved), encoding="utf-8")
-    checkpoints = train.checkpoints_newest_first(out)[::-1]
+    checkpoints = checkpoints_newest_first(out)[::-1]
     for checkpoint in checkpoints:
         state = json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))
         for newer in ("batch_size", "processes"):

@@ -18,7 +18,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from pyprefopt import train
+from pyprefopt import checkpoint, train
+from pyprefopt.errors import RunError
 
 from test_train import assert_same_training, data_dir, one_thread_and_private_cache, run, torchrun  # noqa: F401
 from tiny_models import qwen_config, save_tiny_model
@@ -61,7 +62,7 @@ def case(request, data_dir, tied_qwen3, tmp_path_factory):
 
 def test_two_processes_with_fsdp_train_what_one_process_does(case):
     assert_same_training(case.two, case.one, case.two_records, case.one_records, LR)
-    sharded = case.two / "checkpoints" / "step-00000002" / train.SHARDED_STATE
+    sharded = case.two / "checkpoints" / "step-00000002" / checkpoint.SHARDED_STATE
     assert sorted(p.name for p in sharded.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
 
 
@@ -96,15 +97,15 @@ def test_a_resume_may_split_the_global_batch_otherwise_where_the_steps_stay_the_
 
     def check(method, batch_size, grad_accum):
         args = SimpleNamespace(method=method, batch_size=batch_size, grad_accum=grad_accum)
-        train.check_batch_split(Path("step-00000002"), written, args, world=1)
+        checkpoint.check_batch_split(Path("step-00000002"), written, args, world=1)
 
     for method in ("sft", "dpo", "ipo"):
         check(method, 1, 4)
     check("kto", 4, 1)
     check("cpo", 2, 2)
-    with pytest.raises(train.RunError, match="4 examples per step, this run takes 8"):
+    with pytest.raises(RunError, match="4 examples per step, this run takes 8"):
         check("dpo", 4, 2)
-    with pytest.raises(train.RunError, match=r"global micro-batch of 4 .* resume with --batch-size x processes = 4"):
+    with pytest.raises(RunError, match=r"global micro-batch of 4 .* resume with --batch-size x processes = 4"):
         check("kto", 2, 2)
-    with pytest.raises(train.RunError, match="cpo's NLL term .* resume with --batch-size 2"):
+    with pytest.raises(RunError, match="cpo's NLL term .* resume with --batch-size 2"):
         check("cpo", 4, 1)

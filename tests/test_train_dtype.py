@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from pyprefopt import FusedLinearPreferenceLoss, train
-from pyprefopt.head_config import head_logit_transform
+from pyprefopt.head_config import head_logit_transform, head_operands
 from pyprefopt.lora import lora_layers
 
 from cli_fixtures import data_dir, one_thread_and_private_cache  # noqa: F401 (fixtures)
@@ -52,8 +52,9 @@ def test_bf16_loss_and_adapter_gradients_are_within_twice_torchs_bf16_error(make
 
     def ours():
         decoder, head = train.decoder_and_head(model)
-        hidden, weight, bias = train.head_operands(train.last_hidden(decoder, input_ids, lengths, device,
-                                                                     torch.bfloat16)[:, :-1], head, torch.bfloat16)
+        hidden, weight, bias = head_operands(train.last_hidden(decoder, input_ids, lengths, device,
+                                                               torch.bfloat16)[:, :-1], head.weight, head.bias,
+                                             torch.bfloat16)
         loss, _ = FusedLinearPreferenceLoss("sft", **head_logit_transform(model.config))(hidden, weight,
                                                                                         labels[:, 1:], bias)
         return loss
