@@ -104,8 +104,9 @@ def _run_head(lm_head, compute, *inputs):
     `compute` runs as an FSDP forward method of the head (`register_fsdp_forward_method`): unsharded for it,
     resharded after, unsharded again for backward, the gradient reduce-scattered and averaged like any FSDP
     module's. A head in the root's group is unsharded already, since the fused head runs inside the model's
-    forward. A head sharded along the vocabulary by tensor parallelism (a `Shard(0)` DTensor over processes that
-    share the batch) reaches `fused_linear_logprobs` as it is, which computes over the shards."""
+    forward. Under DeepSpeed ZeRO-3 the head's parameters are partitioned too; `compute` runs as the head's forward
+    (`_run_as_zero3_forward`). A head sharded along the vocabulary by tensor parallelism (a `Shard(0)` DTensor over
+    processes that share the batch) reaches `fused_linear_logprobs` as it is, which computes over the shards."""
     from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 
     if isinstance(lm_head, FSDPModule):
@@ -114,7 +115,36 @@ def _run_head(lm_head, compute, *inputs):
                 lambda self, run, *args: run(self.weight, self.bias, *args), lm_head)
             register_fsdp_forward_method(lm_head, "pyprefopt_fused_head")
         return lm_head.pyprefopt_fused_head(compute, *inputs)
+    # A module DeepSpeed ZeRO-3 hooks carries its `ds_id`. Asked of the module, not its weight: reading the weight
+    # here, while the model's forward runs, would make DeepSpeed gather it for the whole forward (see below).
+    if hasattr(lm_head, "ds_id"):
+        return _run_as_zero3_forward(lm_head, compute, *inputs)
     return compute(lm_head.weight, lm_head.bias, *inputs)
+
+
+def _run_as_zero3_forward(lm_head, compute, *inputs):
+    """`compute(weight, bias, *inputs)` as the forward of a head whose parameters DeepSpeed ZeRO-3 partitions.
+
+    Outside its module's forward such a parameter is an empty placeholder (`ds_status` NOT_AVAILABLE). DeepSpeed's
+    hooks on every module gather the module's parameters before its forward and release them after; on the forward's
+    outputs they gather them again before the module's backward, and on its inputs release them after it, while each
+    parameter's own gradient hook reduce-scatters its gradient into the partitions. So `compute` runs as the head's
+    forward, through the module's `__call__`: the full weight exists only while the head computes, as for the
+    model's own `lm_head(hidden)`, and its gradient reaches the partitions as any module's does.
+    `deepspeed.zero.GatheredParameters` would give the forward a full weight, but the backward needs it again after
+    the context has released it. Read directly while the model's forward runs, the weight is gathered by DeepSpeed's
+    fallback for parameters used outside their module, which makes it an external parameter of the calling module:
+    gathered for that module's whole forward and backward, the backbone's included. Read while no model forward runs
+    (the backbone and the head called on their own, as the CPO and ORPO forwards call them), it stays empty."""
+    own_forward = lm_head.__dict__.get("forward")
+    lm_head.forward = lambda *args: compute(lm_head.weight, lm_head.bias, *args)
+    try:
+        return lm_head(*inputs)
+    finally:
+        if own_forward is None:
+            del lm_head.forward
+        else:
+            lm_head.forward = own_forward
 
 
 def _load_balancing_loss(text_config, router_logits, attention_mask):
