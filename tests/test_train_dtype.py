@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pyprefopt import FusedLinearPreferenceLoss, train
+from pyprefopt import FusedLinearPreferenceLoss, model_loading, train
 from pyprefopt.head_config import head_logit_transform, head_operands
 from pyprefopt.lora import lora_layers
 
@@ -36,7 +36,7 @@ def test_bf16_loss_and_adapter_gradients_are_within_twice_torchs_bf16_error(make
     args = train.parse_args(["--method", "sft", "--model", str(model_dir), "--dtype", "bf16",
                              "--target-modules", "all-linear", "--output-dir", str(tmp_path / "run")])
     device = torch.device("cpu")
-    model, _, _ = train.load_model(args, [], device)
+    model, _, _ = model_loading.load_model(args, [], device)
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
     trained = {p.dtype for p in model.parameters() if p.requires_grad}
     assert frozen == {torch.bfloat16} and trained == {torch.float32}
