@@ -1,9 +1,15 @@
 """The train CLI's model: --model (a local checkpoint or a hub id) or the embedded default, with its tokenizer, its
 frozen weights in the compute dtype or NF4 (--load-in-4bit), and LoRA layers (fresh, or --adapter's) unless --full.
+
+With --fsdp over several processes only the first process reads the checkpoint: the others build the model's skeleton
+(parameters and buffers on the meta device, the same LoRA layers), checked to have the loaded model's tensors, shapes
+and ties and given its dtypes; pyprefopt.distributed.shard_model then shards both and fills every process's shards
+from the first process's weights, so no other process ever holds the whole model.
 """
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import torch
@@ -93,16 +99,20 @@ def check_adapter_base(adapter_dir, trained_on, base):
                        f"{trained_on}")
 
 
+def first_process_loads(args, world: int) -> bool:
+    """Whether the first process alone reads the checkpoint (the others build a skeleton, see load_model): with --fsdp
+    over several processes, which then fills every process's shards from the first one's weights."""
+    return args.fsdp and world > 1
+
+
 def load_model(args, train_rows, device, adapter=None):
     """(model, tokenizer, base path or hub id). LoRA layers are injected unless --full: fresh ones, or with
-    `adapter` (read_adapter_options' config) those of --adapter with its weights."""
-    from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig
+    `adapter` (read_adapter_options' config) those of --adapter with its weights. Where first_process_loads, the
+    processes but the first return the model's skeleton instead (see _load_on_first_process)."""
+    from transformers import AutoConfig, AutoTokenizer
 
     from pyprefopt.default_model import default_model_path
-    from pyprefopt.lora import inject_lora, load_lora_adapter
-    from pyprefopt.merge import checkpoint_tensor_names
-    from pyprefopt.peft_format import CHECKPOINT_PREFIX
-    from pyprefopt.text_model import causal_lm_class, checkpoint_prefix
+    from pyprefopt.text_model import causal_lm_class
 
     base = args.model
     if base is None:
@@ -137,9 +147,29 @@ def load_model(args, train_rows, device, adapter=None):
     if model_config is not config:
         log(0, f"--model {base}: a multimodal checkpoint; its language model is trained alone ({model_class.__name__})"
             + (", and written alone" if args.full else ", and the adapter named as in the whole model"))
+
+    def load():
+        return _prepared(_from_checkpoint(args, base, model_class, model_config, config is not model_config, device),
+                         args, base, device, adapter)
+
+    if dist.is_initialized() and first_process_loads(args, dist.get_world_size()):
+        model = _load_on_first_process(load, lambda: _prepared(_skeleton(args, model_config, device), args, base,
+                                                               device, adapter, skeleton=True))
+    else:
+        model = load()
+    return model, tokenizer, base
+
+
+def _from_checkpoint(args, base, model_class, model_config, multimodal, device):
+    """The model read from the checkpoint at `base`: frozen weights in the compute dtype (or NF4), on `device`."""
+    from transformers import BitsAndBytesConfig
+
+    from pyprefopt.merge import checkpoint_tensor_names
+    from pyprefopt.peft_format import CHECKPOINT_PREFIX
+    from pyprefopt.text_model import checkpoint_prefix
+
     dtype = compute_dtype(args, device)
-    # Frozen weights are stored in the compute dtype; --full trains every weight, and trained weights stay fp32.
-    kwargs = {"dtype": torch.float32 if args.full else dtype}
+    kwargs = {"dtype": _weights_dtype(args, device)}
     if args.load_in_4bit:
         kept, head = layers_left_16bit(model_config)
         if kept:
@@ -150,7 +180,7 @@ def load_model(args, train_rows, device, adapter=None):
             bnb_4bit_compute_dtype=dtype)
         kwargs["device_map"] = {"": device}
     model = model_class.from_pretrained(base, config=model_config, **kwargs)
-    if model_config is not config:
+    if multimodal:
         try:
             prefix = checkpoint_prefix(model, checkpoint_tensor_names(checkpoint_dir(base)))
         except (ValueError, OSError) as e:
@@ -158,6 +188,32 @@ def load_model(args, train_rows, device, adapter=None):
         setattr(model, CHECKPOINT_PREFIX, prefix)
     if not args.load_in_4bit:
         model.to(device)
+    return model
+
+
+def _weights_dtype(args, device) -> torch.dtype:
+    """Frozen weights are stored in the compute dtype; --full trains every weight, and trained weights stay fp32."""
+    return torch.float32 if args.full else compute_dtype(args, device)
+
+
+def _skeleton(args, model_config, device):
+    """The model from_pretrained would load, with its parameters and buffers on the meta device (no memory), in eval
+    mode as from_pretrained leaves it. Without the checkpoint prefix of a multimodal checkpoint: only what the first
+    process writes reads it."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        # The class causal_lm_class picks: the text model's own one for a multimodal config's text config.
+        model = AutoModelForCausalLM.from_config(model_config, dtype=_weights_dtype(args, device))
+    return model.eval()
+
+
+def _prepared(model, args, base, device, adapter, skeleton=False):
+    """`model` made ready to train: no KV cache, packed attention on CPU, gradient checkpointing if asked, and every
+    weight trainable (--full) or LoRA layers injected, fresh or --adapter's (a skeleton gets the adapter's layers
+    alone: the first process reads their weights)."""
+    from pyprefopt.lora import inject_lora, load_lora_adapter
+
     model.config.use_cache = False
     if device.type == "cpu":
         use_packed_attention(model)
@@ -166,13 +222,17 @@ def load_model(args, train_rows, device, adapter=None):
     if args.full:
         for param in model.parameters():
             param.requires_grad_(True)
-        return model, tokenizer, base
+        return model
     if adapter is None:
         inject_lora(model, target_spec(args.target_modules), r=args.lora_r, lora_alpha=args.lora_alpha,
                     lora_dropout=args.lora_dropout)
     else:
         try:
-            load_lora_adapter(model, args.adapter)
+            if skeleton:
+                inject_lora(model, adapter.target_modules, r=adapter.r, lora_alpha=adapter.lora_alpha,
+                            lora_dropout=adapter.lora_dropout, use_rslora=adapter.use_rslora, bias=adapter.bias)
+            else:
+                load_lora_adapter(model, args.adapter)
         except (ValueError, TypeError, OSError, SafetensorError) as e:
             raise RunError(f"--adapter {args.adapter} does not fit --model {base}: {e}") from e
     # The adapter is created in its base's dtype: fp32 master weights for AdamW (LoRALinear casts them to the
@@ -181,7 +241,47 @@ def load_model(args, train_rows, device, adapter=None):
         if param.requires_grad:
             param.data = param.data.float()
     model.pyprefopt_lora_config.base_model_name_or_path = base
-    return model, tokenizer, base
+    return model
+
+
+def _load_on_first_process(load, build_skeleton):
+    """The first process's `load()`, the others' `build_skeleton()`, given the loaded model's dtypes (transformers
+    keeps some weights of some models in fp32 when it loads them in another dtype). Where a process fails with what
+    an `error:` line reports, every process raises that error (its own, else the first one's), rather than wait for
+    the others; and a RunError where a skeleton's tensors differ from the loaded model's in names, shapes or ties."""
+    model = failure = None
+    try:
+        model = load() if dist.get_rank() == 0 else build_skeleton()
+    except (RunError, OSError, SafetensorError) as e:
+        failure = e
+    layouts = [None] * dist.get_world_size()
+    dist.all_gather_object(layouts, failure or _layout(model))
+    failures = [layout for layout in layouts if isinstance(layout, BaseException)]
+    if failures:
+        raise failure or failures[0]
+    loaded = layouts[0]
+    for layout in layouts[1:]:
+        for a, b in itertools.zip_longest(loaded, layout, fillvalue=(None,) * 4):
+            if (a[0], a[1], a[3]) != (b[0], b[1], b[3]):
+                raise RunError(f"--fsdp: {type(model).__name__} built without its checkpoint differs from the loaded "
+                               f"one (name, shape, dtype, first name: loaded {a}, built {b}); train it without --fsdp")
+    if dist.get_rank() != 0:
+        tensors = dict(_named_tensors(model))
+        for name, _, dtype, _ in loaded:
+            tensors[name].data = tensors[name].data.to(dtype)
+    return model
+
+
+def _named_tensors(model):
+    """Every parameter and buffer of `model` under each of its names (a tied weight under both)."""
+    return itertools.chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
+
+
+def _layout(model) -> list[tuple]:
+    """(name, shape, dtype, the first name of the same tensor) of every parameter and buffer of `model`."""
+    first_name = {}
+    return [(name, tuple(tensor.shape), tensor.dtype, first_name.setdefault(id(tensor), name))
+            for name, tensor in _named_tensors(model)]
 
 
 def checkpoint_dir(base: str) -> Path:

@@ -25,7 +25,8 @@ Data parallel: under `torchrun --nproc_per_node N`, each process takes its slice
 Every process holds the whole model and DDP all-reduces the trainable gradients at the end of each
 accumulation window; with --fsdp the model is sharded instead (FSDP2's `fully_shard`: each decoder layer,
 then the root with the embeddings, final norm and LM head), each process holding its shard of the weights,
-gradients and optimizer state, and checkpoints are sharded (torch.distributed.checkpoint) so that a
+gradients and optimizer state (the first process alone reads the checkpoint, the others receive their shards of
+it), and checkpoints are sharded (torch.distributed.checkpoint) so that a
 --resume may use another number of processes. The decoder and the fused head run in one function that runs
 as a forward of the DDP module or of the FSDP root (see pyprefopt.distributed.data_parallel). Every loss is a mean
 over "items" (`Method.mean_over`: target tokens for sft, pairs for dpo/ipo/cpo/orpo, rows for kto), and each
@@ -89,6 +90,7 @@ from pyprefopt.model_loading import (
     COMPUTE_DTYPES,
     checkpoint_dir,
     compute_dtype,
+    first_process_loads,
     load_model,
     read_adapter_options,
 )
@@ -743,11 +745,12 @@ class Recipe:
 
     def _wrap_model(self):
         """The model wrapped for the processes (data_parallel's `run` and `no_sync`) and its trainable parameters."""
-        if self.world > 1:
+        from_first_process = first_process_loads(self.args, self.world)
+        if self.world > 1 and not from_first_process:
             # Same seed, same init everywhere; broadcasting makes it so whatever the initialisers do.
             for param in trainable_parameters(self.model).values():
                 dist.broadcast(param.data, 0)
-        self.run, self.no_sync = data_parallel(self.model, self.args.fsdp, self.world, self.device)
+        self.run, self.no_sync = data_parallel(self.model, self.args.fsdp, self.world, self.device, from_first_process)
         self.trainable = trainable_parameters(self.model)  # after sharding, which replaces them by their shards
 
     def _optimizer_and_schedule(self):
