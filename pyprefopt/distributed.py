@@ -111,9 +111,13 @@ def shard_model(model, world: int, device, from_first_process: bool = False):
     # The CLI trains fp32 weights (under bf16 autocast on CUDA, see last_hidden): gathered in fp32, they compute
     # what they do without --fsdp, and gradients are reduced in fp32.
     policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
+    # bitsandbytes' 4-bit weights (Params4bit) hold their quantisation state, which the plain DTensor shards
+    # fully_shard makes of a weight would drop: left whole on every process (frozen, and a quarter of 16-bit's size).
+    bnb = sys.modules.get("bitsandbytes")
+    whole_4bit = {param for param in model.parameters() if bnb is not None and isinstance(param, bnb.nn.Params4bit)}
     for layer in reversed(layers):  # a layer inside another is sharded first
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard(layer, mesh=mesh, mp_policy=policy, ignored_params=whole_4bit)
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=whole_4bit)
     if from_first_process:
         _fill_from_first_process(model, loaded, device)
     model.pyprefopt_forward = types.MethodType(lambda self, compute: compute(), model)

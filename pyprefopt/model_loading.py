@@ -4,7 +4,8 @@ frozen weights in the compute dtype or NF4 (--load-in-4bit), and LoRA layers (fr
 With --fsdp over several processes only the first process reads the checkpoint: the others build the model's skeleton
 (parameters and buffers on the meta device, the same LoRA layers), checked to have the loaded model's tensors, shapes
 and ties and given its dtypes; pyprefopt.distributed.shard_model then shards both and fills every process's shards
-from the first process's weights, so no other process ever holds the whole model.
+from the first process's weights, so no other process ever holds the whole model. A --load-in-4bit base, which FSDP
+leaves whole on every process, each process loads itself.
 """
 
 from __future__ import annotations
@@ -101,8 +102,9 @@ def check_adapter_base(adapter_dir, trained_on, base):
 
 def first_process_loads(args, world: int) -> bool:
     """Whether the first process alone reads the checkpoint (the others build a skeleton, see load_model): with --fsdp
-    over several processes, which then fills every process's shards from the first one's weights."""
-    return args.fsdp and world > 1
+    over several processes, which then fills every process's shards from the first one's weights. Not for a 4-bit
+    base, which FSDP leaves whole on every process (pyprefopt.distributed.shard_model): each process loads it."""
+    return args.fsdp and world > 1 and not args.load_in_4bit
 
 
 def load_model(args, train_rows, device, adapter=None):

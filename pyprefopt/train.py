@@ -26,9 +26,10 @@ Every process holds the whole model and DDP all-reduces the trainable gradients 
 accumulation window; with --fsdp the model is sharded instead (FSDP2's `fully_shard`: each decoder layer,
 then the root with the embeddings, final norm and LM head), each process holding its shard of the weights,
 gradients and optimizer state (the first process alone reads the checkpoint, the others receive their shards of
-it), and checkpoints are sharded (torch.distributed.checkpoint) so that a
---resume may use another number of processes. The decoder and the fused head run in one function that runs
-as a forward of the DDP module or of the FSDP root (see pyprefopt.distributed.data_parallel). Every loss is a mean
+it; a --load-in-4bit base stays whole on each process, which loads it), and checkpoints are sharded
+(torch.distributed.checkpoint) so that a --resume may use another number of processes. The decoder and the fused
+head run in one function that runs as a forward of the DDP module or of the FSDP root (see
+pyprefopt.distributed.data_parallel). Every loss is a mean
 over "items" (`Method.mean_over`: target tokens for sft, pairs for dpo/ipo/cpo/orpo, rows for kto), and each
 micro-batch's loss is weighted by its share of the global batch's items, so N processes with batch B compute the same
 step as one process with batch N*B (for a loss with a token-mean term, the NLL of cpo and orpo, a per-batch token mean
@@ -200,8 +201,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "state stay fp32, and the head accumulates in fp32 either way; default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun, shard the weights, gradients and optimizer state over the processes (PyTorch "
-                   "FSDP2) instead of a full copy each; checkpoints are sharded and a --resume may use another number "
-                   "of processes (keeping the global batch)")
+                   "FSDP2) instead of a full copy each (a --load-in-4bit base stays whole on each); checkpoints are "
+                   "sharded and a --resume may use another number of processes (keeping the global batch)")
     p.add_argument("--merge", action="store_true",
                    help="also write the base merged with the adapter (bf16) to <output-dir>/merged")
     args = p.parse_args(argv)
@@ -244,9 +245,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--warmup-ratio must be in [0, 1)")
     if args.warmup_steps is not None and args.warmup_steps < 0:
         p.error(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
-    if args.fsdp and args.load_in_4bit:
-        p.error("--fsdp cannot shard a --load-in-4bit base: FSDP2's fully_shard re-creates every weight as a plain "
-                "tensor, which drops the quantisation state of bitsandbytes' 4-bit weights (Params4bit)")
     if args.fsdp and args.optim == "adamw_8bit":
         p.error("--fsdp cannot step with --optim adamw_8bit: bitsandbytes' 8-bit AdamW takes plain tensors, not the "
                 "DTensor shards FSDP2 gives an optimizer; use --optim adamw")
