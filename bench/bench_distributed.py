@@ -9,7 +9,9 @@ vocabulary (V=151936, Qwen's), and the same head on paper for 8 GPUs.
    copy each); two processes `--fsdp` (FSDP2: weights, gradients and optimizer state sharded). Full fine-tuning
    and LoRA, DPO, the same global batch in every case, each run torchrun in a fresh process tree. Per process,
    the largest over its processes of two high-water resident sets: "setup", from the start through loading the
-   model and sharding it (every process loads the whole checkpoint before `fully_shard` cuts it), and "training",
+   model and sharding it (without --fsdp every process loads the whole checkpoint; with it the first alone does, the
+   other building the model on the meta device and receiving its shards; each process's setup peak is listed),
+   and "training",
    from then through the reference pass, the steps and the evaluations, up to the final gather of the outputs
    (Linux's clear_refs resets the mark between them); step time is the median of the run's `step_seconds`.
 2. `fused_linear_logprobs` forward + backward with a trained head: the whole [V, H] head in one process, against
@@ -110,7 +112,7 @@ def train_worker(out: str, argv: list[str]):
     def end_of_setup():
         peaks["setup_mib"] = peak_rss_mib()
         gc.collect()
-        # The whole checkpoint each process loaded before sharding, freed, would stay resident in malloc's arenas and
+        # The whole checkpoint a process loaded before sharding, freed, would stay resident in malloc's arenas and
         # count as the training's: handed back to the system first.
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         reset_peak_rss()
@@ -139,6 +141,7 @@ def train_case(model: Path, data: Path, nproc: int, extra: list[str], full: bool
         records = [json.loads(line) for line in open(f"{out}/run/metrics.jsonl", encoding="utf-8")]
     step_s = [r["step_seconds"] for r in records if "step_seconds" in r][1:]  # the first step warms up
     return {"setup_peak_mib": max(p["setup_mib"] for p in peaks),
+            "setup_peak_mib_per_process": [p["setup_mib"] for p in peaks],
             "training_peak_mib": max(p["training_mib"] for p in peaks),
             "median_step_s": statistics.median(step_s), "final_loss": [r["loss"] for r in records if "loss" in r][-1]}
 
@@ -228,13 +231,15 @@ def main(argv=None):
     if a.only in (None, "train"):
         a.dir.mkdir(parents=True, exist_ok=True)
         model = build_model(a.dir, PACKAGE_DATA)
-        lines = ["| fine-tuning | processes | setup peak RSS per process MiB | training peak RSS per process MiB | "
-                 "median step s | final loss |", "|---|---|---:|---:|---:|---:|"]
+        lines = ["| fine-tuning | processes | setup peak RSS per process MiB | setup peak RSS by process MiB | "
+                 "training peak RSS per process MiB | median step s | final loss |",
+                 "|---|---|---:|---:|---:|---:|---:|"]
         for full in (True, False):
             for label, nproc, extra in TRAIN_CASES:
                 r = train_case(model, PACKAGE_DATA, nproc, extra, full, a.steps, a.global_batch)
                 results[f"train {'full' if full else 'lora'} {label}"] = r
-                lines.append(f"| {'full' if full else 'LoRA'} | {label} | {r['setup_peak_mib']:.0f} | "
+                by_process = " / ".join(f"{mib:.0f}" for mib in r["setup_peak_mib_per_process"])
+                lines.append(f"| {'full' if full else 'LoRA'} | {label} | {r['setup_peak_mib']:.0f} | {by_process} | "
                              f"{r['training_peak_mib']:.0f} | {r['median_step_s']:.2f} | {r['final_loss']:.4f} |")
                 print(lines[-1], file=sys.stderr, flush=True)
         print("\n".join(lines))

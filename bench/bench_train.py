@@ -151,7 +151,7 @@ def run_trl(method, data_dir, steps, warmup, batch_size, checkpointing, recipe):
     if recipe["load_in_4bit"]:
         from transformers import AutoConfig
 
-        from pyprefopt.train import layers_left_16bit
+        from pyprefopt.model_loading import layers_left_16bit
 
         # As pyprefopt's --load-in-4bit: NF4 computing in --dtype, and the same layers left 16-bit (bitsandbytes'
         # CPU kernel cannot run Gemma-3n's Linear(hidden, 4) router at all).

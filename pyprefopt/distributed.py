@@ -64,7 +64,7 @@ def _call(compute):
     return compute()
 
 
-def data_parallel(model, fsdp: bool, world: int, device):
+def data_parallel(model, fsdp: bool, world: int, device, from_first_process: bool = False):
     """(run, no_sync) for the loop: `run(compute)` returns `compute()`, which runs the decoder and reads the LM head's
     weight, with the parameters whole and their gradients reduced over the processes by the end of backward;
     `no_sync()` holds back that reduction for the micro-batches before an accumulation window's last one.
@@ -73,9 +73,10 @@ def data_parallel(model, fsdp: bool, world: int, device):
     model sharded (shard_model) and `compute()` run as a forward method of its root, where the root's own
     parameters (embeddings, final norm, LM head) are whole: FSDP unshards them for the root's forwards only, and
     the head's weight is read outside the model's forward. FSDP reduce-scatters each micro-batch's gradients into
-    the shards (no_sync does nothing), so no whole gradient is kept between them."""
+    the shards (no_sync does nothing), so no whole gradient is kept between them. `from_first_process`: see
+    shard_model."""
     if fsdp:
-        shard_model(model, world, device)
+        shard_model(model, world, device, from_first_process)
         return model.pyprefopt_forward, contextlib.nullcontext
     if world == 1:
         return _call, contextlib.nullcontext
@@ -88,10 +89,15 @@ def data_parallel(model, fsdp: bool, world: int, device):
     return ddp, ddp.no_sync
 
 
-def shard_model(model, world: int, device):
+def shard_model(model, world: int, device, from_first_process: bool = False):
     """FSDP2 over the processes: each decoder layer (the classes in the model's `_no_split_modules`) sharded as a
     group of its own, then the root with the rest; `model.pyprefopt_forward(compute)` runs `compute()` as a forward
-    of the root. Raises RunError for a model that names no layer class."""
+    of the root. Raises RunError for a model that names no layer class.
+
+    `from_first_process`: the first process holds the loaded model and the others its skeleton, with parameters and
+    buffers on the meta device (pyprefopt.model_loading). Once sharded, the skeletons get memory for their shards
+    and buffers alone, and every process's shards and buffers are filled from the first process's, whose whole copy
+    is then dropped."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
@@ -100,15 +106,56 @@ def shard_model(model, world: int, device):
     if not layers:
         raise RunError(f"--fsdp: {type(model).__name__} names no decoder layer class (_no_split_modules) to shard "
                        "by; train it without --fsdp")
+    loaded = dict(model.named_parameters()) if from_first_process and dist.get_rank() == 0 else None
     mesh = init_device_mesh(device.type, (world,))
     # The CLI trains fp32 weights (under bf16 autocast on CUDA, see last_hidden): gathered in fp32, they compute
     # what they do without --fsdp, and gradients are reduced in fp32.
     policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
+    # bitsandbytes' 4-bit weights (Params4bit) hold their quantisation state, which the plain DTensor shards
+    # fully_shard makes of a weight would drop: left whole on every process (frozen, and a quarter of 16-bit's size).
+    bnb = sys.modules.get("bitsandbytes")
+    whole_4bit = {param for param in model.parameters() if bnb is not None and isinstance(param, bnb.nn.Params4bit)}
     for layer in reversed(layers):  # a layer inside another is sharded first
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard(layer, mesh=mesh, mp_policy=policy, ignored_params=whole_4bit)
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=whole_4bit)
+    if from_first_process:
+        _fill_from_first_process(model, loaded, device)
     model.pyprefopt_forward = types.MethodType(lambda self, compute: compute(), model)
     register_fsdp_forward_method(model, "pyprefopt_forward")
+
+
+def _fill_from_first_process(model, loaded: dict[str, torch.Tensor] | None, device):
+    """A sharded model's shards and buffers on every process set from the first process's: `loaded` holds its
+    parameters as they were before sharding (None on the others, whose model is still on the meta device). Each process
+    receives its own shard of each parameter alone (a scatter, where a broadcast would put every whole tensor, the
+    embedding among them, on every process), and the buffers whole, the non-persistent ones (a rotary embedding's
+    inv_freq) included."""
+    from torch.distributed.tensor import DTensor
+
+    if loaded is None:
+        model.to_empty(device=device)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not isinstance(param, DTensor):
+                dist.broadcast(param.data, 0)
+                continue
+            # fully_shard (given no shard_placement_fn) shards dim 0 as torch.chunk does: `rows` rows a process, the
+            # last ones shorter or empty.
+            local, rows = param.to_local(), -(-param.shape[0] // world)
+            received = local if len(local) == rows else local.new_empty((rows, *param.shape[1:]))
+            chunks = None
+            if rank == 0:
+                whole = loaded[name].to(received.device, received.dtype)
+                chunks = [whole[r * rows:(r + 1) * rows] for r in range(world)]
+                chunks = [chunk if len(chunk) == rows else torch.cat([chunk, chunk.new_zeros(rows - len(chunk),
+                                                                                                *chunk.shape[1:])])
+                          for chunk in chunks]
+            dist.scatter(received, chunks, src=0)
+            if received is not local:
+                local.copy_(received[:len(local)])
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
 
 
 def is_sharded(model) -> bool:

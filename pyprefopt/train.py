@@ -4,7 +4,7 @@ data) or on any local checkpoint and data set. `--help` lists every option with 
 
 `train()` is the loop; `Recipe` holds the run's state and one method per stage, in order:
 1. data (`Recipe.setup`): load, check, tokenise (pyprefopt.data);
-2. model: `--model` or the cached default (pyprefopt.default_model), LoRA layers injected
+2. model (pyprefopt.model_loading): `--model` or the cached default (pyprefopt.default_model), LoRA layers injected
    (pyprefopt.lora) or loaded from --adapter, NF4 base with --load-in-4bit; wrapped for the processes
    (pyprefopt.distributed);
 3. reference log-probs (the methods with a reference: dpo, ipo, kto): every example's, once, from the same model
@@ -25,9 +25,11 @@ Data parallel: under `torchrun --nproc_per_node N`, each process takes its slice
 Every process holds the whole model and DDP all-reduces the trainable gradients at the end of each
 accumulation window; with --fsdp the model is sharded instead (FSDP2's `fully_shard`: each decoder layer,
 then the root with the embeddings, final norm and LM head), each process holding its shard of the weights,
-gradients and optimizer state, and checkpoints are sharded (torch.distributed.checkpoint) so that a
---resume may use another number of processes. The decoder and the fused head run in one function that runs
-as a forward of the DDP module or of the FSDP root (see pyprefopt.distributed.data_parallel). Every loss is a mean
+gradients and optimizer state (the first process alone reads the checkpoint, the others receive their shards of
+it; a --load-in-4bit base stays whole on each process, which loads it), and checkpoints are sharded
+(torch.distributed.checkpoint) so that a --resume may use another number of processes. The decoder and the fused
+head run in one function that runs as a forward of the DDP module or of the FSDP root (see
+pyprefopt.distributed.data_parallel). Every loss is a mean
 over "items" (`Method.mean_over`: target tokens for sft, pairs for dpo/ipo/cpo/orpo, rows for kto), and each
 micro-batch's loss is weighted by its share of the global batch's items, so N processes with batch B compute the same
 step as one process with batch N*B (for a loss with a token-mean term, the NLL of cpo and orpo, a per-batch token mean
@@ -83,9 +85,17 @@ from pyprefopt.distributed import (
 from pyprefopt.errors import RunError
 from pyprefopt.files import atomic_write, atomic_write_text, publishable, staging_dir
 from pyprefopt.fused_linear_preference_loss import FusedLinearPreferenceLoss
-from pyprefopt.head_config import check_fused_head_support, head_logit_transform, head_operands
+from pyprefopt.head_config import head_logit_transform, head_operands
 from pyprefopt.memory import bound_onednn_caches
-from pyprefopt.packed_attention import PACKED_ATTENTION, packed_last_hidden, use_packed_attention
+from pyprefopt.model_loading import (
+    COMPUTE_DTYPES,
+    checkpoint_dir,
+    compute_dtype,
+    first_process_loads,
+    load_model,
+    read_adapter_options,
+)
+from pyprefopt.packed_attention import PACKED_ATTENTION, packed_last_hidden
 
 # The LoRA options' defaults; with --adapter they come from the adapter's adapter_config.json instead.
 LORA_DEFAULTS = {"lora_r": 16, "lora_alpha": 32.0, "lora_dropout": 0.0, "target_modules": "all-linear"}
@@ -191,8 +201,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "state stay fp32, and the head accumulates in fp32 either way; default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun, shard the weights, gradients and optimizer state over the processes (PyTorch "
-                   "FSDP2) instead of a full copy each; checkpoints are sharded and a --resume may use another number "
-                   "of processes (keeping the global batch)")
+                   "FSDP2) instead of a full copy each (a --load-in-4bit base stays whole on each); checkpoints are "
+                   "sharded and a --resume may use another number of processes (keeping the global batch)")
     p.add_argument("--merge", action="store_true",
                    help="also write the base merged with the adapter (bf16) to <output-dir>/merged")
     args = p.parse_args(argv)
@@ -235,9 +245,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--warmup-ratio must be in [0, 1)")
     if args.warmup_steps is not None and args.warmup_steps < 0:
         p.error(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
-    if args.fsdp and args.load_in_4bit:
-        p.error("--fsdp cannot shard a --load-in-4bit base: FSDP2's fully_shard re-creates every weight as a plain "
-                "tensor, which drops the quantisation state of bitsandbytes' 4-bit weights (Params4bit)")
     if args.fsdp and args.optim == "adamw_8bit":
         p.error("--fsdp cannot step with --optim adamw_8bit: bitsandbytes' 8-bit AdamW takes plain tensors, not the "
                 "DTensor shards FSDP2 gives an optimizer; use --optim adamw")
@@ -254,14 +261,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------ device
-
-
-COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def compute_dtype(args, device) -> torch.dtype:
-    """The dtype the model computes in: --dtype, or by default bf16 on CUDA (tensor cores) and fp32 on CPU."""
-    return COMPUTE_DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
 
 
 def peak_memory_mib(device) -> float:
@@ -290,188 +289,6 @@ def hardware_description(device, world) -> str:
 
 
 # ------------------------------------------------------------------------------------------ model
-
-
-def target_spec(targets: str):
-    """--target-modules as inject_lora takes it: 'all-linear', a regex, or the list of comma-separated names."""
-    if targets != "all-linear" and "," in targets:
-        return [t.strip() for t in targets.split(",") if t.strip()]
-    return targets
-
-
-def read_adapter_options(args):
-    """With --adapter: the adapter's config (pyprefopt.lora.LoRAConfig), its rank, alpha, dropout and targets put
-    into args, which then say what the run trains (the run's arguments, a --resume's comparison, the card). An
-    explicitly given LoRA option that differs is refused: the adapter's weights fix them. Raises RunError when the
-    directory holds no adapter."""
-    from pyprefopt.lora import read_adapter_config
-    from pyprefopt.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-
-    directory = Path(args.adapter)
-    if not directory.is_dir():
-        raise RunError(f"--adapter {directory}: no such directory")
-    missing = [name for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (directory / name).is_file()]
-    if missing:
-        raise RunError(f"--adapter {directory} holds no LoRA adapter (no {' and no '.join(missing)}); name a PEFT "
-                       "adapter directory, such as a LoRA run's --output-dir")
-    try:
-        config = read_adapter_config(directory)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise RunError(f"--adapter {directory}: cannot read its {ADAPTER_CONFIG} as a PEFT LoRA config "
-                       f"({type(e).__name__}: {e})") from e
-    targets = config.target_modules
-    adapter_options = {"lora_r": config.r, "lora_alpha": float(config.lora_alpha), "lora_dropout": config.lora_dropout,
-                       "target_modules": targets if isinstance(targets, str) else ",".join(sorted(targets))}
-
-    def comparable(name, value):  # a list of target names in any order, or the value itself
-        spec = target_spec(value) if name == "target_modules" else value
-        return sorted(spec) if isinstance(spec, list) else spec
-
-    for name, value in adapter_options.items():
-        given = getattr(args, name)
-        if given is not None and comparable(name, given) != comparable(name, value):
-            option = f"--{name.replace('_', '-')}"
-            raise RunError(f"{option} {given} differs from the --adapter's {value} ({directory / ADAPTER_CONFIG}): "
-                           f"the adapter sets it; drop {option}")
-        setattr(args, name, value)
-    return config
-
-
-def is_hub_id(name: str) -> bool:
-    """Whether `name`, not a local directory, has the form of a hub id (name or org/name) rather than of a path."""
-    return not name.startswith((".", "/", "~")) and name.count("/") <= 1
-
-
-def check_adapter_base(adapter_dir, trained_on, base):
-    """Refuse an adapter trained on another model than `base` where the names tell (two local checkpoints, or two hub
-    ids); where they cannot (a hub id and a path, or a path not on this machine), say which was which. Whether its
-    weights fit the model's layers is checked when they are loaded."""
-    if trained_on is None or trained_on == base:
-        return
-    local = Path(trained_on).is_dir(), Path(base).is_dir()
-    if local == (True, True):
-        different = not Path(trained_on).samefile(base)
-    elif local == (False, False) and is_hub_id(trained_on) and is_hub_id(base):
-        different = trained_on.casefold() != base.casefold()  # the hub's names ignore case
-    else:
-        log(0, f"--adapter {adapter_dir} was trained on {trained_on}; this run continues it on --model {base}")
-        return
-    if different:
-        raise RunError(f"--adapter {adapter_dir} was trained on {trained_on}, not on --model {base}: pass --model "
-                       f"{trained_on}")
-
-
-def load_model(args, train_rows, device, adapter=None):
-    """(model, tokenizer, base path or hub id). LoRA layers are injected unless --full: fresh ones, or with
-    `adapter` (read_adapter_options' config) those of --adapter with its weights."""
-    from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig
-
-    from pyprefopt.default_model import default_model_path
-    from pyprefopt.lora import inject_lora, load_lora_adapter
-    from pyprefopt.merge import checkpoint_tensor_names
-    from pyprefopt.peft_format import CHECKPOINT_PREFIX
-    from pyprefopt.text_model import causal_lm_class, checkpoint_prefix
-
-    base = args.model
-    if base is None:
-        # transformers writes a checkpoint from the first process of a distributed run only: that one builds the
-        # cached default, the others read it once it is there.
-        first = not dist.is_initialized() or dist.get_rank() == 0
-        if not first:
-            dist.barrier()
-        base = str(default_model_path(D.corpus(train_rows)))
-        if first and dist.is_initialized():
-            dist.barrier()
-    elif not Path(base).is_dir() and not is_hub_id(base):
-        raise RunError(f"--model {base}: no such directory (a hub id has the form name or org/name)")
-    if adapter is not None:
-        check_adapter_base(args.adapter, adapter.base_model_name_or_path, base)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(base)
-    except (OSError, ValueError) as e:
-        # transformers and huggingface_hub report a missing local model, an unknown hub id and an unreachable
-        # hub as OSError (or ValueError for a malformed id), with long multi-line texts.
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RunError(f"--model {base}: cannot load its tokenizer ({reason}); name a local checkpoint directory, "
-                       "or a hub id reachable from here") from e
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    config = AutoConfig.from_pretrained(base)
-    try:
-        check_fused_head_support(config, f"--model {base}")
-    except NotImplementedError as e:
-        raise RunError(str(e)) from e
-    model_class, model_config = causal_lm_class(config)
-    if model_config is not config:
-        log(0, f"--model {base}: a multimodal checkpoint; its language model is trained alone ({model_class.__name__})"
-            + (", and written alone" if args.full else ", and the adapter named as in the whole model"))
-    dtype = compute_dtype(args, device)
-    # Frozen weights are stored in the compute dtype; --full trains every weight, and trained weights stay fp32.
-    kwargs = {"dtype": torch.float32 if args.full else dtype}
-    if args.load_in_4bit:
-        kept, head = layers_left_16bit(model_config)
-        if kept:
-            log(0, f"--load-in-4bit: {len(kept)} linear layers stay 16-bit (fewer than {NF4_MIN_WEIGHTS} weights, "
-                f"or outputs not a multiple of {NF4_CPU_ROW_BLOCK}): {', '.join(kept)}")
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=kept + head,
-            bnb_4bit_compute_dtype=dtype)
-        kwargs["device_map"] = {"": device}
-    model = model_class.from_pretrained(base, config=model_config, **kwargs)
-    if model_config is not config:
-        try:
-            prefix = checkpoint_prefix(model, checkpoint_tensor_names(Path(base if Path(base).is_dir()
-                                                                           else _hub_snapshot(base))))
-        except (ValueError, OSError) as e:
-            raise RunError(f"--model {base}: {e}") from e
-        setattr(model, CHECKPOINT_PREFIX, prefix)
-    if not args.load_in_4bit:
-        model.to(device)
-    model.config.use_cache = False
-    if device.type == "cpu":
-        use_packed_attention(model)
-    if args.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if args.full:
-        for param in model.parameters():
-            param.requires_grad_(True)
-        return model, tokenizer, base
-    if adapter is None:
-        inject_lora(model, target_spec(args.target_modules), r=args.lora_r, lora_alpha=args.lora_alpha,
-                    lora_dropout=args.lora_dropout)
-    else:
-        try:
-            load_lora_adapter(model, args.adapter)
-        except (ValueError, TypeError, OSError, SafetensorError) as e:
-            raise RunError(f"--adapter {args.adapter} does not fit --model {base}: {e}") from e
-    # The adapter is created in its base's dtype: fp32 master weights for AdamW (LoRALinear casts them to the
-    # input's dtype in forward, and autograd brings their gradients back in fp32).
-    for param in model.parameters():
-        if param.requires_grad:
-            param.data = param.data.float()
-    model.pyprefopt_lora_config.base_model_name_or_path = base
-    return model, tokenizer, base
-
-
-# --load-in-4bit leaves a linear layer in 16-bit when 4-bit would save next to nothing (its weights at 4 bits
-# save under 96 KiB, while it still pays a dequantise per call) or when bitsandbytes' CPU kernel cannot run it
-# (it packs output rows in blocks of 32): routers and gates such as Gemma-3n's AltUp `Linear(hidden, 4)`.
-NF4_MIN_WEIGHTS = 2**16
-NF4_CPU_ROW_BLOCK = 32
-
-
-def layers_left_16bit(config) -> tuple[list[str], list[str]]:
-    """(the linear layers --load-in-4bit leaves 16-bit, the LM head's name), read off the model built on the meta
-    device. The head is named because bitsandbytes' skip list replaces transformers' default one, which holds it."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    head = skeleton.get_output_embeddings()
-    kept = [name for name, module in skeleton.named_modules()
-            if isinstance(module, torch.nn.Linear) and module is not head
-            and (module.weight.numel() < NF4_MIN_WEIGHTS or module.out_features % NF4_CPU_ROW_BLOCK)]
-    return kept, [name for name, module in skeleton.named_modules() if module is head]
 
 
 def decoder_and_head(model):
@@ -926,11 +743,12 @@ class Recipe:
 
     def _wrap_model(self):
         """The model wrapped for the processes (data_parallel's `run` and `no_sync`) and its trainable parameters."""
-        if self.world > 1:
+        from_first_process = first_process_loads(self.args, self.world)
+        if self.world > 1 and not from_first_process:
             # Same seed, same init everywhere; broadcasting makes it so whatever the initialisers do.
             for param in trainable_parameters(self.model).values():
                 dist.broadcast(param.data, 0)
-        self.run, self.no_sync = data_parallel(self.model, self.args.fsdp, self.world, self.device)
+        self.run, self.no_sync = data_parallel(self.model, self.args.fsdp, self.world, self.device, from_first_process)
         self.trainable = trainable_parameters(self.model)  # after sharding, which replaces them by their shards
 
     def _optimizer_and_schedule(self):
@@ -1105,8 +923,7 @@ class Recipe:
         if args.merge:
             from pyprefopt.merge import merge_adapter
 
-            base_dir = self.base if Path(self.base).is_dir() else _hub_snapshot(self.base)
-            merge_adapter(base_dir, output_dir, output_dir / "merged", overwrite=True)
+            merge_adapter(checkpoint_dir(self.base), output_dir, output_dir / "merged", overwrite=True)
         if not args.save_every:
             # Without checkpoints the directory holds only the reference cache, which nothing reads any more.
             shutil.rmtree(output_dir / CHECKPOINTS)
@@ -1141,13 +958,6 @@ class Recipe:
             "trainable_parameters": sum(p.numel() for p in self.trainable.values()),
             "torch": torch.__version__,
         }
-
-
-def _hub_snapshot(model_id: str) -> str:
-    """The local snapshot directory of a hub model (downloaded when not cached and a network is there)."""
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(model_id)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from pyprefopt import train
+from pyprefopt import model_loading, train
 
 from cli_fixtures import assert_refused_before_writing, data_dir, one_thread_and_private_cache  # noqa: F401
 from tiny_models import gemma3n_config, save_tiny_model
@@ -232,7 +232,7 @@ def test_qlora_keeps_linear_layers_4bit_cannot_serve_in_16bit(data_dir, tmp_path
     Here a Qwen3 whose MLP is 72 wide, its MLP not a LoRA target, so bitsandbytes' own forward would run it."""
     from transformers import Qwen3Config
 
-    kept, head = train.layers_left_16bit(gemma3n_config(512))
+    kept, head = model_loading.layers_left_16bit(gemma3n_config(512))
     assert "model.layers.0.altup.modality_router" in kept and head == ["lm_head"] and "lm_head" not in kept
 
     def odd_mlp_qwen3(vocab_size, **ids):

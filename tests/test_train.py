@@ -76,10 +76,11 @@ def run(method, data_dir, out, *extra):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
-def torchrun(method, data_dir, out, *extra, env=None):
-    """`torchrun --nproc_per_node 2 -m pyprefopt.train` (2 gloo CPU processes); the metrics records."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "pyprefopt.train", "--method", method, "--data", method_data(method, data_dir), "--output-dir", str(out),
+def torchrun(method, data_dir, out, *extra, env=None, worker=("-m", "pyprefopt.train")):
+    """`torchrun --nproc_per_node 2 -m pyprefopt.train` (2 gloo CPU processes), or another `worker` taking the train
+    CLI's arguments; the metrics records."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *worker,
+           "--method", method, "--data", method_data(method, data_dir), "--output-dir", str(out),
            *extra]
     result = subprocess.run(cmd, env=env or subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pyprefopt import FusedLinearPreferenceLoss, train
+from pyprefopt import FusedLinearPreferenceLoss, model_loading, train
 from pyprefopt.head_config import head_logit_transform, head_operands
 from pyprefopt.lora import lora_layers
 
@@ -36,7 +36,7 @@ def test_bf16_loss_and_adapter_gradients_are_within_twice_torchs_bf16_error(make
     args = train.parse_args(["--method", "sft", "--model", str(model_dir), "--dtype", "bf16",
                              "--target-modules", "all-linear", "--output-dir", str(tmp_path / "run")])
     device = torch.device("cpu")
-    model, _, _ = train.load_model(args, [], device)
+    model, _, _ = model_loading.load_model(args, [], device)
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
     trained = {p.dtype for p in model.parameters() if p.requires_grad}
     assert frozen == {torch.bfloat16} and trained == {torch.float32}
@@ -89,3 +89,24 @@ def test_cli_bf16_trains_fp32_weights_and_says_so(data_dir, tmp_path):
         assert "| compute dtype (trained weights and optimizer state: fp32) | bfloat16 |" in \
             (out / "README.md").read_text(encoding="utf-8")
         assert json.loads((out / "run_args.json").read_text(encoding="utf-8"))["dtype"] == "bf16"
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("make_config", [_qwen3, _gemma3n_bent], ids=["qwen3-tied", "gemma3n"])
+def test_the_fsdp_skeleton_is_the_loaded_model_on_the_meta_device(make_config, dtype, data_dir, tmp_path):
+    """What the processes of an --fsdp run but the first build instead of reading the checkpoint: the loaded model's
+    parameters and buffers (names, shapes, dtypes, ties), LoRA layers included, with no memory behind them."""
+    from transformers import AutoConfig
+
+    from pyprefopt.text_model import causal_lm_class
+
+    model_dir = save_tiny_model(tmp_path / "model", data_dir, make_config)
+    args = train.parse_args(["--method", "sft", "--model", str(model_dir), "--dtype", dtype,
+                             "--output-dir", str(tmp_path / "run")])
+    device = torch.device("cpu")
+    loaded, _, _ = model_loading.load_model(args, [], device)
+    _, model_config = causal_lm_class(AutoConfig.from_pretrained(model_dir))
+    skeleton = model_loading._prepared(model_loading._skeleton(args, model_config, device), args, str(model_dir),
+                                       device, None, skeleton=True)
+    assert model_loading._layout(skeleton) == model_loading._layout(loaded)
+    assert all(tensor.is_meta for _, tensor in model_loading._named_tensors(skeleton))
