@@ -28,6 +28,7 @@ entropy bonus). Not supported (a clear error, never a silent difference): encode
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.metadata
@@ -134,17 +135,25 @@ def _run_as_zero3_forward(lm_head, compute, *inputs):
     `deepspeed.zero.GatheredParameters` would give the forward a full weight, but the backward needs it again after
     the context has released it. Read directly while the model's forward runs, the weight is gathered by DeepSpeed's
     fallback for parameters used outside their module, which makes it an external parameter of the calling module:
-    gathered for that module's whole forward and backward, the backbone's included. Read while no model forward runs
-    (the backbone and the head called on their own, as the CPO and ORPO forwards call them), it stays empty."""
-    own_forward = lm_head.__dict__.get("forward")
-    lm_head.forward = lambda *args: compute(lm_head.weight, lm_head.bias, *args)
-    try:
+    gathered for that module's whole forward and backward, the backbone's included."""
+    with _forward_replaced(lm_head, lambda *args: compute(lm_head.weight, lm_head.bias, *args)):
         return lm_head(*inputs)
+
+
+@contextlib.contextmanager
+def _forward_replaced(module, forward):
+    """`module.forward` is `forward` inside the block, so that `module(...)` runs it with every hook that wraps the
+    module's call; after it, the module's own again (an instance attribute where one was set, such as accelerate's
+    autocast wrapper, otherwise its class's)."""
+    own_forward = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
     finally:
         if own_forward is None:
-            del lm_head.forward
+            del module.forward
         else:
-            lm_head.forward = own_forward
+            module.forward = own_forward
 
 
 def _load_balancing_loss(text_config, router_logits, attention_mask):
@@ -224,56 +233,73 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
     model.forward = types.MethodType(forward, model)
 
 
-def _concatenated_hidden(trainer, model, batch, trainer_name, padding_value):
-    """What TRL's CPO and ORPO forwards share: their concatenated batch (chosen rows first), the backbone's last hidden
-    states of it, the LM head and the model's logit transform."""
-    from accelerate.utils import is_peft_model  # noqa: PLC0415 (a TRL dependency)
-
+def _concatenated_inputs(trainer, batch, trainer_name, padding_value):
+    """TRL's CPO and ORPO concatenated batch: the chosen rows, then the rejected ones."""
     if trainer.is_encoder_decoder:
         raise NotImplementedError(f"pyprefopt's {trainer_name} forward supports decoder-only models")
-    check_fused_head_support(model.config, trainer_name)
-    concatenated = trainer.concatenated_inputs(batch, is_encoder_decoder=False, padding_value=padding_value,
-                                               device=trainer.accelerator.device)
-    causal_lm = model.get_base_model() if is_peft_model(model) else model
-    hidden = causal_lm.base_model(concatenated["concatenated_input_ids"],
-                                  attention_mask=concatenated["concatenated_attention_mask"],
-                                  use_cache=False).last_hidden_state
-    return concatenated, hidden, causal_lm.get_output_embeddings(), head_logit_transform(model.config)
+    return trainer.concatenated_inputs(batch, is_encoder_decoder=False, padding_value=padding_value,
+                                       device=trainer.accelerator.device)
 
 
-def _token_logps(lm_head, hidden, labels, transform):
+def _fused_forward(trainer, model, trainer_name, concatenated, labels, mean_over_last):
+    """What TRL's CPO and ORPO forwards share: the concatenated batch run through `model(...)`, whatever wraps it (DDP,
+    FSDP2, a DeepSpeed engine, PEFT), with the head's outputs from the fused op in place of the logits. Returns the
+    per-token log-probs of `labels` [B, T-1] (labels[:, t] scored at position t) and the per-position means over the
+    vocabulary of the logits: [B, T] with `mean_over_last`, else [B, T-1].
+
+    For the call, the causal LM's own forward is replaced by one that computes these, so the wrapper's forward runs
+    as for TRL's `model(...)`: DDP prepares its gradient reduction, FSDP2 unshards and reshards, DeepSpeed ZeRO-3
+    gathers and releases each module's parameters; calling the backbone and the head on their own would skip that."""
+    from accelerate.utils import is_peft_model  # noqa: PLC0415 (a TRL dependency)
+
+    # The wrapper's attributes are not the model's (a DeepSpeed engine's `config` is its own dict).
+    unwrapped = trainer.accelerator.unwrap_model(model)
+    causal_lm = unwrapped.get_base_model() if is_peft_model(unwrapped) else unwrapped
+    check_fused_head_support(causal_lm.config, trainer_name)
+    transform = head_logit_transform(causal_lm.config)
+    mean_end = None if mean_over_last else -1
+
     def head(weight, bias, hidden, labels):
-        return _fused_logprobs(hidden, weight, labels, bias, **transform)
+        per_token = _fused_logprobs(hidden[:, :-1], weight, labels, bias, **transform)
+        return per_token, _mean_logits(weight, bias, hidden[:, :mean_end], transform)
 
-    return _run_head(lm_head, head, hidden, labels)
+    # PeftModel's forward passes its other arguments (inputs_embeds, output_attentions, ...), all None here.
+    def forward(input_ids, attention_mask, labels, **_):
+        # accelerate's mixed precision is an autocast around the prepared model's forward, which this one takes the
+        # place of when no PEFT model stands between them.
+        with trainer.accelerator.autocast():
+            hidden = causal_lm.base_model(input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            log_probs, mean_logits = _run_head(causal_lm.get_output_embeddings(), head, hidden, labels)
+        return FusedCausalLMOutput(log_probs=log_probs, mean_logits=mean_logits)
+
+    with _forward_replaced(causal_lm, forward):
+        outputs = model(input_ids=concatenated["concatenated_input_ids"],
+                        attention_mask=concatenated["concatenated_attention_mask"], labels=labels)
+    return outputs.log_probs, outputs.mean_logits
 
 
 @torch.no_grad()
-def _mean_logits(lm_head, hidden, transform):
-    """The mean over the vocabulary of the logits at each position [B, T]: what TRL's CPO and ORPO trainers log the
-    mean of (as logits/chosen and logits/rejected), without the logits."""
-    def mean_logits_of(weight, bias, hidden):
-        if transform["softcap"] is None:
-            # Linear in the logits: mean_v z_v = (h . mean_v W_v + mean_v b_v) * scale.
-            mean = hidden @ weight.mean(0) + (0.0 if bias is None else bias.mean())
-            return mean * transform["logit_scale"]
-        # A capped mean is not: one more pass over the vocabulary, at every position as TRL's mean takes it.
-        every_position = torch.zeros(hidden.shape[:-1], dtype=torch.long, device=hidden.device)
-        return _fused_logprobs(hidden, weight, every_position, bias, statistics=("mean_logits",),
-                               **transform)[1]["mean_logits"]
-
-    return _run_head(lm_head, mean_logits_of, hidden)
+def _mean_logits(weight, bias, hidden, transform):
+    """The mean over the vocabulary of the logits at each position: what TRL's CPO and ORPO trainers log the mean of
+    (as logits/chosen and logits/rejected), without the logits."""
+    if transform["softcap"] is None:
+        # Linear in the logits: mean_v z_v = (h . mean_v W_v + mean_v b_v) * scale.
+        mean = hidden @ weight.mean(0) + (0.0 if bias is None else bias.mean())
+        return mean * transform["logit_scale"]
+    # A capped mean is not: one more pass over the vocabulary, at every position as TRL's mean takes it.
+    every_position = torch.zeros(hidden.shape[:-1], dtype=torch.long, device=hidden.device)
+    return _fused_logprobs(hidden, weight, every_position, bias, statistics=("mean_logits",),
+                           **transform)[1]["mean_logits"]
 
 
 def _cpo_concatenated_forward(self, model, batch):
     """`CPOTrainer.concatenated_forward` without the `[B, T, V]` logits: the same five outputs, where the
     two "logits" are the per-position means over the vocabulary (TRL only logs their mean, which is the
     same number: the mean over (B, T, V) of the logits)."""
-    concatenated, hidden, lm_head, transform = _concatenated_hidden(self, model, batch, "CPOTrainer",
-                                                                    self.pad_token_id)
+    concatenated = _concatenated_inputs(self, batch, "CPOTrainer", self.pad_token_id)
     len_chosen = batch["chosen_labels"].shape[0]
     labels = concatenated["concatenated_labels"][:, 1:]
-    per_token = _token_logps(lm_head, hidden[:, :-1], labels, transform)
+    per_token, mean_logits = _fused_forward(self, model, "CPOTrainer", concatenated, labels, mean_over_last=True)
     mask = labels != -100
     all_logps = per_token.sum(-1)
     if self.loss_type in ("ipo", "simpo"):
@@ -283,7 +309,6 @@ def _cpo_concatenated_forward(self, model, batch):
     else:
         # TRL: mean cross-entropy over the chosen rows' scored tokens.
         nll_loss = -per_token[:len_chosen].sum() / mask[:len_chosen].sum()
-    mean_logits = _mean_logits(lm_head, hidden, transform)
     return all_logps[:len_chosen], all_logps[len_chosen:], mean_logits[:len_chosen], mean_logits[len_chosen:], nll_loss
 
 
@@ -291,19 +316,17 @@ def _orpo_concatenated_forward(self, model, batch):
     """`ORPOTrainer.concatenated_forward` without the `[B, T, V]` logits: the completions' length-averaged
     log-probs, the chosen rows' NLL over every non-padding token (prompt included, as TRL takes it), and as the two
     "logits" the per-position means over the vocabulary at the positions TRL's logits keep (all but the last)."""
-    concatenated, hidden, lm_head, transform = _concatenated_hidden(self, model, batch, "ORPOTrainer",
-                                                                    self.padding_value)
+    concatenated = _concatenated_inputs(self, batch, "ORPOTrainer", self.padding_value)
     len_chosen = batch["chosen_labels"].shape[0]
     labels = concatenated["concatenated_labels"][:, 1:]
     attention_mask = concatenated["concatenated_attention_mask"][:, 1:]
     every_token = concatenated["concatenated_input_ids"][:, 1:].masked_fill(attention_mask == 0, -100)
     # The rejected rows' prompts are not scored: no term takes them.
     scored = torch.cat([every_token[:len_chosen], labels[len_chosen:]])
-    per_token = _token_logps(lm_head, hidden[:, :-1], scored, transform)
+    per_token, mean_logits = _fused_forward(self, model, "ORPOTrainer", concatenated, scored, mean_over_last=False)
     completion = labels != -100
     all_logps = torch.where(completion, per_token, 0.0).sum(-1) / completion.sum(-1)
     nll_loss = -per_token[:len_chosen].sum() / (scored[:len_chosen] != -100).sum()
-    mean_logits = _mean_logits(lm_head, hidden[:, :-1], transform)
     return all_logps[:len_chosen], all_logps[len_chosen:], mean_logits[:len_chosen], mean_logits[len_chosen:], nll_loss
 
 

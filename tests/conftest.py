@@ -2,6 +2,9 @@ import os
 
 # The Triton kernels run on CPU tensors under the interpreter; it must be set before triton is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# DeepSpeed picks its accelerator when first imported, and the processes the distributed tests spawn import it with
+# their test module: the CPU one, which those gloo tests run on, whatever the machine has.
+os.environ["DS_ACCELERATOR"] = "cpu"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -9,14 +9,11 @@ import copy
 import math
 
 import pytest
-
-pytest.importorskip("trl")
-
-import torch  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from peft import LoraConfig  # noqa: E402
-from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments  # noqa: E402
-from trl import (  # noqa: E402
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+from trl import (
     DPOConfig,
     DPOTrainer,
     GRPOConfig,
@@ -28,12 +25,12 @@ from trl import (  # noqa: E402
     SFTConfig,
     SFTTrainer,
 )
-from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
-from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402
+from trl.experimental.cpo import CPOConfig, CPOTrainer
+from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-from pyprefopt import drop_in  # noqa: E402
+from pyprefopt import drop_in
 
-from tiny_trl_setup import (  # noqa: E402,F401 (all but common_args, model, random_state, tiny_config: pytest fixtures)
+from tiny_trl_setup import (  # noqa: F401 (all but common_args, model, random_state, tiny_config: pytest fixtures)
     common_args,
     model,
     policy_state,

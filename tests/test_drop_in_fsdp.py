@@ -8,16 +8,13 @@ import os
 import tempfile
 
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-pytest.importorskip("trl")
+from pyprefopt import drop_in
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-
-from pyprefopt import drop_in  # noqa: E402
-
-from tiny_trl_setup import model, random_state, tiny_config  # noqa: E402
+from tiny_trl_setup import model, random_state, tiny_config
 
 WORLD = 2
 CHECKED = ("lm_head.weight", "model.layers.1.mlp.down_proj.weight")

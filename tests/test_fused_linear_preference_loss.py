@@ -362,8 +362,9 @@ def test_kto_kl_is_detached_and_clamped():
 
 def test_cpo_matches_trl_cpo_loss():
     """TRL's own CPOTrainer.cpo_loss as the oracle for the preference term and rewards."""
-    trl_cpo = pytest.importorskip("trl.experimental.cpo.cpo_trainer")
     from types import SimpleNamespace
+
+    from trl.experimental.cpo import cpo_trainer as trl_cpo
 
     chosen, rejected = torch.tensor([-10.0, -20.0, -3.0]), torch.tensor([-12.0, -15.0, -9.0])
     lengths = torch.tensor([4, 5, 2])

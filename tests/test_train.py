@@ -464,7 +464,6 @@ def test_kto_kl_pairs_are_trls(tmp_path, capsys):
     prompts, then `add_kl_completion_ids`: a `Dataset.map(batched=True, batch_size=per_device_train_batch_size)`
     rotating completions by one per chunk; trl/trainer/kto_trainer.py, near line 1141) runs on a stand-in trainer
     and must give our prompts, completions and KL completions, with a chunk that does not divide the data set."""
-    pytest.importorskip("trl")
     from types import SimpleNamespace
 
     from datasets import Dataset

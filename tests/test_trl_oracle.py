@@ -19,19 +19,16 @@ model is built from a `Qwen3Config`.
 from __future__ import annotations
 
 import pytest
+import torch
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
+from trl.experimental.cpo import CPOConfig, CPOTrainer
+from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-pytest.importorskip("trl")
+from pyprefopt import FusedLinearPreferenceLoss
 
-import torch  # noqa: E402
-from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer  # noqa: E402
-from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
-from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402
-
-from pyprefopt import FusedLinearPreferenceLoss  # noqa: E402
-
-from tiny_trl_setup import common_args as _common_args  # noqa: E402
-from tiny_trl_setup import model as _model  # noqa: E402
-from tiny_trl_setup import (  # noqa: E402,F401 (pytest fixtures)
+from tiny_trl_setup import common_args as _common_args
+from tiny_trl_setup import model as _model
+from tiny_trl_setup import (  # noqa: F401 (pytest fixtures)
     policy_state,
     preference_dataset,
     qwen3_config,
