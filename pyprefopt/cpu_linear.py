@@ -53,13 +53,17 @@ def operand_precision(dtype: torch.dtype):
 
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     # Under `operand_precision` torch's own GEMMs take oneDNN's matmul, which writes or accumulates in place: the
-    # blocked copies below would only slow it down.
+    # blocked copies below would only slow it down. Transposed operands (the weight gradient's z.T @ h, the hidden
+    # gradient's z @ W) stay with torch.mm, whose BLAS reads either layout at full speed: oneDNN's inner product
+    # falls back to a kernel orders of magnitude slower for some of their shapes and strides.
     return (
         torch.backends.mkldnn.matmul.fp32_precision != "bf16"
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and x.dim() == 2
+        and x.stride(-1) == 1
+        and weight.stride(-1) == 1
         and x.shape[0] * x.shape[1] * weight.shape[0] >= ONEDNN_MIN_MACS
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled

@@ -33,7 +33,7 @@ def test_linear_within_fp32_error_bound(m, k, n, with_bias, transposed):
     weight = torch.randn(k, n).t() if transposed else torch.randn(n, k)
     bias = torch.randn(n) if with_bias else None
     large = m * k * n >= cpu_linear.ONEDNN_MIN_MACS
-    assert cpu_linear._use_onednn(x, weight) == (large and torch.backends.mkldnn.is_available())
+    assert cpu_linear._use_onednn(x, weight) == (large and not transposed and torch.backends.mkldnn.is_available())
     out = cpu_linear.linear(x, weight, bias)
     assert out.shape == (m, n) and out.dtype == torch.float32
     assert_within_fp32_dot_bound(out, x, weight, bias)
@@ -60,11 +60,10 @@ def test_out_and_addmm_on_both_paths(m, k, n):
     assert_within_fp32_dot_bound(acc, x, weight, start)
 
 
-@pytest.mark.parametrize("transposed", [False, True], ids=["x", "x.t()"])
-def test_onednn_blocks_tile_the_whole_output(monkeypatch, transposed):
+def test_onednn_blocks_tile_the_whole_output(monkeypatch):
     """With a tiny transient budget, `linear(out=)` runs in ragged blocks of output columns and rows, and `addmm_`
-    in ragged blocks of rows and depth (a transposed x, like the weight gradient's z.T, included): every element
-    is written, or added to, once, and nothing outside the output is touched."""
+    in ragged blocks of rows and depth: every element is written, or added to, once, and nothing outside the output
+    is touched. Transposed operands (the weight gradient's z.T) take torch.mm instead, none of these blocks."""
     if not torch.backends.mkldnn.is_available():
         pytest.skip("this torch build has no oneDNN")
     monkeypatch.setattr(cpu_linear, "ONEDNN_MIN_MACS", 0)
@@ -74,7 +73,7 @@ def test_onednn_blocks_tile_the_whole_output(monkeypatch, transposed):
     onednn = cpu_linear._onednn
     monkeypatch.setattr(cpu_linear, "_onednn", lambda *args: calls.append(args[0].shape) or onednn(*args))
     m, n = 37, 29
-    x = torch.randn(7, m).t() if transposed else torch.randn(m, 7)
+    x = torch.randn(m, 7)
     weight = torch.randn(n, 7)
     framed = torch.full((m + 2, n + 2), float("nan"))
     out = framed[1 : m + 1, 1 : n + 1]
@@ -87,13 +86,20 @@ def test_onednn_blocks_tile_the_whole_output(monkeypatch, transposed):
     frame[1 : m + 1, 1 : n + 1] = False
     assert framed[frame].isnan().all()
     calls.clear()
-    deep, deep_weight = (torch.randn(20, m).t() if transposed else torch.randn(m, 20)), torch.randn(n, 20)
+    deep, deep_weight = torch.randn(m, 20), torch.randn(n, 20)
     start = torch.randn(m, n)
     acc = start.clone()
     assert cpu_linear.addmm_(acc, deep, deep_weight) is acc
     # Rows in blocks of 3 (3 x 29 outputs), depth in blocks of 8: 13 * 3 products.
     assert len(calls) == 39
     assert_within_fp32_dot_bound(acc, deep, deep_weight, start)
+    calls.clear()
+    transposed, transposed_weight = torch.randn(20, m).t(), torch.randn(20, n).t()
+    assert_within_fp32_dot_bound(cpu_linear.linear(transposed, weight=deep_weight, out=out), transposed, deep_weight,
+                                 None)
+    acc = start.clone()
+    assert_within_fp32_dot_bound(cpu_linear.addmm_(acc, deep, transposed_weight), deep, transposed_weight, start)
+    assert calls == []
 
 
 def test_operand_precision_multiplies_bf16_values_exactly_and_restores():
