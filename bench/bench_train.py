@@ -288,7 +288,8 @@ def build_real_model(name: str, directory: Path, tokenizer_dir: Path) -> Path:
 
 
 def run_real_shapes(directory: Path, data: Path, steps, warmup, batch_size, threads, cache, checkpointing,
-                    dtype="fp32"):
+                    dtype="fp32", cards=None):
+    """REAL_CARDS (those named "MODEL:METHOD" in `cards`, when given) through both trainers."""
     from pyprefopt import data as D
     from pyprefopt.default_model import default_model_path
 
@@ -296,6 +297,8 @@ def run_real_shapes(directory: Path, data: Path, steps, warmup, batch_size, thre
     tokenizer_dir = default_model_path(D.corpus(rows))
     results = []
     for name, method, recipe in REAL_CARDS:
+        if cards is not None and f"{name}:{method}" not in cards:
+            continue
         base = build_real_model(name, directory, tokenizer_dir)
         # The cards' batches: 2 examples (Gemma-3n's card accumulates 4 of them).
         for impl in IMPLS:
@@ -367,6 +370,9 @@ def main(argv=None):
     p.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     p.add_argument("--real-shapes", type=Path, default=None, metavar="DIR",
                    help="run the reference cards at their real shapes (random weights built into DIR once)")
+    p.add_argument("--cards", nargs="+", default=None, metavar="MODEL:METHOD",
+                   choices=[f"{name}:{method}" for name, method, _ in REAL_CARDS],
+                   help="with --real-shapes: only these cards")
     a = p.parse_args(argv)
     if a.batch_size is None:
         a.batch_size = 2 if a.real_shapes else 8
@@ -389,7 +395,7 @@ def main(argv=None):
         if a.real_shapes:
             a.real_shapes.mkdir(parents=True, exist_ok=True)
             results = run_real_shapes(a.real_shapes, data, a.steps, a.warmup, a.batch_size, a.threads, cache,
-                                      a.gradient_checkpointing, a.dtype)
+                                      a.gradient_checkpointing, a.dtype, a.cards)
             a.methods = []
         for method in a.methods:
             for impl in IMPLS:
