@@ -14,16 +14,9 @@ import torch.multiprocessing as mp
 
 from pyprefopt import drop_in
 
-from tiny_trl_setup import model, random_state, tiny_config
+from tiny_trl_setup import CHECKED, model, random_state, rank_batch, tiny_config
 
 WORLD = 2
-CHECKED = ("lm_head.weight", "model.layers.1.mlp.down_proj.weight")
-
-
-def _batch(rank):
-    g = torch.Generator().manual_seed(rank)
-    input_ids = torch.randint(2, 300, (3, 10), generator=g)
-    return input_ids, input_ids.masked_fill(torch.arange(10) < 3, -100)
 
 
 def _worker(rank, init_file, head_group):
@@ -41,7 +34,7 @@ def _worker(rank, init_file, head_group):
         if head_group:
             fully_shard(sharded.lm_head)
         fully_shard(sharded)
-        input_ids, labels = _batch(rank)
+        input_ids, labels = rank_batch(rank)
         loss = sharded(input_ids=input_ids, labels=labels, fused_lm_head=True).loss
         loss.backward()
         want = plain(input_ids=input_ids, labels=labels, fused_lm_head=True).loss

@@ -21,25 +21,19 @@ from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from pyprefopt import drop_in
 
-from tiny_trl_setup import (  # noqa: F401 (all but model, random_state, tiny_config: pytest fixtures)
+from tiny_trl_setup import (  # noqa: F401 (all but CHECKED, model, random_state, rank_batch, tiny_config: fixtures)
+    CHECKED,
     model,
     policy_state,
     preference_dataset,
     qwen3_config,
     random_state,
+    rank_batch,
     ref_state,
     tiny_config,
     tokenizer,
 )
 from trl_parallel import WORLD, ZERO3, assert_same_training, init_env, spawn, train_with_and_without_pyprefopt
-
-CHECKED = ("lm_head.weight", "model.layers.1.mlp.down_proj.weight")
-
-
-def _batch(rank):
-    g = torch.Generator().manual_seed(rank)
-    input_ids = torch.randint(2, 300, (3, 10), generator=g)
-    return input_ids, input_ids.masked_fill(torch.arange(10) < 3, -100)
 
 
 def _engine_worker(rank, port, architecture):
@@ -63,7 +57,7 @@ def _engine_worker(rank, port, architecture):
     first_layer = partitioned.model.layers[0]
     first_layer.register_forward_pre_hook(lambda *_: head_during_backbone.append(head_weight.ds_status))
     first_layer.register_full_backward_hook(lambda *_: head_during_backbone.append(head_weight.ds_status))
-    input_ids, labels = _batch(rank)
+    input_ids, labels = rank_batch(rank)
     try:
         # Twice: DeepSpeed records the order modules run in on the first step and fetches by it after.
         for step in range(2):

@@ -179,3 +179,12 @@ def common_args(tmp_path, batch_size):
     )
 
 
+# The weights whose gradients the two-process drop-in tests compare: the head and a decoder layer's.
+CHECKED = ("lm_head.weight", "model.layers.1.mlp.down_proj.weight")
+
+
+def rank_batch(rank):
+    """Process `rank`'s own batch: 3 rows of 10 tokens, the first 3 of each a prompt (label -100)."""
+    g = torch.Generator().manual_seed(rank)
+    input_ids = torch.randint(2, 300, (3, 10), generator=g)
+    return input_ids, input_ids.masked_fill(torch.arange(10) < 3, -100)
