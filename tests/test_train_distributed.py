@@ -13,6 +13,7 @@ process a batch short (sequence_logps_all fills it up)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -129,7 +130,8 @@ def test_what_the_first_fsdp_process_fails_to_load_is_every_process_error(sft_ad
            "pyprefopt.train", "--method", "sft", "--data", method_data("sft", data_dir), "--output-dir",
            str(tmp_path / "run"), "--adapter", str(adapter), "--fsdp", "--max-steps", "1", "--batch-size", "2"]
     result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    # Both processes write their line to the one stderr pipe, where the two writes can land on one line.
+    errors = re.findall(r"error: .*?(?=error: |$)", result.stderr, flags=re.M)
     assert result.returncode != 0 and len(errors) == 2, result.stderr[-4000:]
     assert errors[0] == errors[1] and "does not fit --model" in errors[0]
 
