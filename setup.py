@@ -102,8 +102,9 @@ setup(
         "test": ["pytest>=8", "pytest-benchmark>=4", "pybind11>=2.12", "kernels>=0.10", "ruff>=0.17,<0.18"],
         # Peers our tests use as oracles and our benches measure against, and DeepSpeed, whose ZeRO-3 the drop-in
         # head is tested under (pyprefopt.drop_in runs the head through the hooks ZeRO-3 puts on each module, which
-        # are DeepSpeed's internals: the releases tested). On CPU DeepSpeed compiles its shared-memory communication
+        # are DeepSpeed's internals: the releases tested), and accelerate, which the two-process TRL tests drive
+        # directly (TRL brings it too). On CPU DeepSpeed compiles its shared-memory communication
         # op on first use, with ninja (a dependency of it) and the C++ compiler pyprefopt's own extension needs.
-        "peers": ["trl>=1.16,<1.17", "liger-kernel>=0.8,<0.9", "deepspeed>=0.19,<0.20"],
+        "peers": ["trl>=1.16,<1.17", "liger-kernel>=0.8,<0.9", "deepspeed>=0.19,<0.20", "accelerate>=1.16,<1.17"],
     },
 )
