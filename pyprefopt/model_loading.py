@@ -166,8 +166,8 @@ def _from_checkpoint(args, base, model_class, model_config, multimodal, device):
     """The model read from the checkpoint at `base`: frozen weights in the compute dtype (or NF4), on `device`."""
     from transformers import BitsAndBytesConfig
 
-    from pyprefopt.merge import checkpoint_tensor_names
     from pyprefopt.peft_format import CHECKPOINT_PREFIX
+    from pyprefopt.safetensors_io import checkpoint_tensor_names
     from pyprefopt.text_model import checkpoint_prefix
 
     dtype = compute_dtype(args, device)

@@ -527,6 +527,34 @@ def test_bf16_within_twice_torch_error(trained):
         assert_within_torch_error(g, tg, t, name=f"grad {name}")
 
 
+def test_trained_head_tiles_run_in_bf16_operand_precision(monkeypatch):
+    """The one-pass trained-head loss, which walks the tiles itself (neither `cpu_forward` nor `cpu_backward`),
+    multiplies a bf16 model's tiles in bf16 operand precision: every logits tile and every tile's gradient GEMMs."""
+    blocked = sys.modules["pyprefopt.fused_linear_logprobs"]
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    precisions = []
+
+    def in_precision(tile_function):
+        def run(*args, **kwargs):
+            precisions.append((tile_function.__name__, torch.backends.mkldnn.matmul.fp32_precision))
+            return tile_function(*args, **kwargs)
+        return run
+
+    def not_called(*args, **kwargs):
+        raise AssertionError("the one-pass loss ran the blocked fused_linear_logprobs path")
+
+    for name in ("logits_tile", "tile_backward"):
+        monkeypatch.setattr(module, name, in_precision(getattr(module, name)))
+    monkeypatch.setattr(blocked, "cpu_forward", not_called)
+    monkeypatch.setattr(blocked, "cpu_backward", not_called)
+    (hidden, weight, labels, bias), _, _ = make_batch("sft", trained=True)
+    params = [t.detach().bfloat16().requires_grad_() for t in (hidden, weight, bias)]
+    FusedLinearPreferenceLoss("sft")(params[0], params[1], labels, params[2])[0].backward()
+    assert {name for name, _ in precisions} == {"logits_tile", "tile_backward"}
+    assert {precision for _, precision in precisions} == {"bf16"}
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+
+
 # Model heads' own logit transforms. make_batch's logits have a standard deviation of about 1.3: a scale of 8 takes
 # them into a cap of 20, and a temperature of 0.25 then spreads them over +-80, where exp(logit - max) underflows.
 TRANSFORMS = {

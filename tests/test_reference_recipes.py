@@ -283,7 +283,7 @@ def test_the_gemma3n_card_on_a_multimodal_checkpoint_trains_the_language_model_a
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from pyprefopt.merge import checkpoint_tensor_names
+    from pyprefopt.safetensors_io import checkpoint_tensor_names
 
     monkeypatch.chdir(tmp_path)
     card = "Gemma-3n-E4B QLoRA SFT, merged to 16-bit"
