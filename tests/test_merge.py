@@ -33,7 +33,7 @@ from pyprefopt import merge
 from pyprefopt.safetensors_io import StreamingWriter, read_header
 
 TARGETS = ["q_proj", "v_proj", "gate_proj", "down_proj"]
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def tiny_config():
@@ -437,19 +437,18 @@ def test_streaming_merge_peak_memory_is_a_few_tensors(tmp_path):
               adapter / "adapter_model.safetensors")
     (adapter / "adapter_config.json").write_text(json.dumps(
         {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["proj"]}))
-    # The peak is measured in a fresh process from after its imports (bench/resident_memory.py's high-water mark).
+    # The peak is measured in a fresh process from after its imports (bench/resident_memory.py's high-water mark), run
+    # from the repository root, where `bench` is a package.
     script = textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {str(BENCH)!r})
         import torch
         from pyprefopt import merge
-        from resident_memory import peak_rss_mib, reset_peak_rss, rss_mib
+        from bench.resident_memory import peak_rss_mib, reset_peak_rss, rss_mib
         before = rss_mib()
         reset_peak_rss()
         merge.merge_adapter({str(base)!r}, {str(adapter)!r}, {str(tmp_path / 'out')!r}, torch.bfloat16, progress=False)
         print(peak_rss_mib() - before)
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
     peak = float(result.stdout.split()[-1]) * 2**20
     tensor_bytes = out_features * in_features * 2
     model_bytes = n_layers * tensor_bytes
