@@ -125,7 +125,7 @@ def our_logits(out_dir, input_ids):
 
 def run_cli(*args, timeout=None):
     return subprocess.run([sys.executable, "-m", "pyprefopt.merge", *map(str, args)],
-                          capture_output=True, text=True, cwd=os.path.dirname(__file__), timeout=timeout)
+                          capture_output=True, text=True, cwd=ROOT, timeout=timeout)
 
 
 INPUT_IDS = torch.tensor([[5, 17, 99, 3, 150, 42, 7, 201], [0, 1, 2, 3, 4, 5, 6, 7]])
