@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from pyprefopt import cpu_linear
-
-from tensor_asserts import assert_within_torch_error
+from tests.tensor_asserts import assert_within_torch_error
 
 
 def assert_within_fp32_dot_bound(out, x, weight, addend):

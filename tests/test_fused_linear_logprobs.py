@@ -5,8 +5,7 @@ import torch
 
 from pyprefopt import fused_linear_logprobs
 from pyprefopt.reference import reference_logprobs, reference_token_statistics
-
-from tensor_asserts import assert_close_verbose, assert_within_torch_error
+from tests.tensor_asserts import assert_close_verbose, assert_within_torch_error
 
 # (batch, seq, hidden, vocab): odd widths, GPT-2's and a Qwen-like vocabulary at tiny hidden sizes,
 # length-1 sequences, hidden sizes that are not multiples of 16.

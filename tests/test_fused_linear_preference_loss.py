@@ -8,8 +8,7 @@ import torch
 
 from pyprefopt import FusedLinearPreferenceLoss, fused_linear_logprobs, losses
 from pyprefopt.reference import reference_logprobs, reference_preference_loss
-
-from tensor_asserts import assert_close_verbose
+from tests.tensor_asserts import assert_close_verbose
 
 module = sys.modules["pyprefopt.fused_linear_preference_loss"]
 
@@ -502,7 +501,7 @@ def test_only_fp32_weight_gradients_are_kept():
 @pytest.mark.parametrize("trained", [False, True], ids=["frozen-head", "trained-head"])
 def test_bf16_within_twice_torch_error(trained):
     """bf16 inputs: loss and gradients within 2x the error of PyTorch's bf16 materialised logits."""
-    from tensor_asserts import assert_within_torch_error
+    from tests.tensor_asserts import assert_within_torch_error
 
     (hidden, weight, labels, _), _, _ = make_batch("dpo", seq=12, trained=trained)
     ref_logps = torch.randn(4) - 30

@@ -25,9 +25,8 @@ from transformers import Qwen2Config, Qwen3Config
 
 from pyprefopt import checkpoint, losses, train
 from pyprefopt import data as D
-
-from cli_fixtures import assert_refused_before_writing, data_dir, one_thread_and_private_cache  # noqa: F401
-from tiny_models import gemma3n_config, qwen_config, save_as_multimodal_gemma3n, save_tiny_model
+from tests.cli_fixtures import assert_refused_before_writing, data_dir, one_thread_and_private_cache  # noqa: F401
+from tests.tiny_models import gemma3n_config, qwen_config, save_as_multimodal_gemma3n, save_tiny_model
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 PROGRAM = ["python", "-m", "pyprefopt.train"]

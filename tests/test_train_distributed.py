@@ -27,8 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from pyprefopt import checkpoint, train
 from pyprefopt.errors import RunError
-
-from test_train import (  # noqa: F401
+from tests.test_train import (  # noqa: F401
     assert_same_training,
     data_dir,
     method_data,
@@ -37,9 +36,9 @@ from test_train import (  # noqa: F401
     subprocess_env,
     torchrun,
 )
-from tiny_models import qwen_config, save_tiny_model
+from tests.tiny_models import qwen_config, save_tiny_model
 
-READ_GUARD = Path(__file__).with_name("checkpoint_read_guard.py")
+READ_GUARD = ("-m", "tests.checkpoint_read_guard")
 LR = 1e-2
 COMMON = ["--max-steps", "3", "--lr", str(LR), "--eval-batch-size", "3", "--eval-every", "2"]
 # --batch-size and --grad-accum of the two processes; one process takes --batch-size 4.
@@ -78,7 +77,7 @@ def case(request, data_dir, tied_qwen3, tmp_path_factory):
     # The second process may not read the checkpoint, but a 4-bit base each process loads itself.
     reads = "count" if training == "qlora" else "fail"
     two_records = torchrun(method, data_dir, root / "two", *options, *TWO_PROCESS_SPLIT[method], "--fsdp",
-                           "--save-every", "2", worker=(str(READ_GUARD), str(counts), reads))
+                           "--save-every", "2", worker=(*READ_GUARD, str(counts), reads))
     reads = [int(Path(f"{counts}.{rank}").read_text()) for rank in range(2)]
     return Case(method, options, root / "one", root / "two", one_records, two_records, reads)
 
@@ -113,7 +112,7 @@ def test_two_fsdp_processes_continue_an_adapter_as_one_process_does(sft_adapter,
     one = run("sft", data_dir, tmp_path / "one", *options, "--batch-size", "4")
     counts = tmp_path / "reads"
     two = torchrun("sft", data_dir, tmp_path / "two", *options, *TWO_PROCESS_SPLIT["dpo"], "--fsdp",
-                   worker=(str(READ_GUARD), str(counts), "fail"))
+                   worker=(*READ_GUARD, str(counts), "fail"))
     assert_same_training(tmp_path / "two", tmp_path / "one", two, one, LR)
     assert int(Path(f"{counts}.1").read_text()) == 0
 
