@@ -155,9 +155,14 @@ def _base_weight_files(base: Path) -> list[Path]:
     raise MergeError(f"{base} has no model.safetensors or model.safetensors.index.json")
 
 
+def checkpoint_entries(base: Path) -> dict[str, TensorEntry]:
+    """Where each tensor of a safetensors checkpoint directory lies (read from the file headers alone)."""
+    return _read_headers(_base_weight_files(base))
+
+
 def checkpoint_tensor_names(base: Path) -> list[str]:
     """The names of the tensors a safetensors checkpoint directory holds (read from the file headers alone)."""
-    return list(_read_headers(_base_weight_files(base)))
+    return list(checkpoint_entries(base))
 
 
 def _check_quantization(config: dict, path: Path):
