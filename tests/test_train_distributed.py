@@ -156,8 +156,15 @@ def test_a_checkpoint_unlike_its_config_is_every_fsdp_process_error(tied_qwen3, 
     config["intermediate_size"] += 1
     (model / "config.json").write_text(json.dumps(config), encoding="utf-8")
     error = two_fsdp_processes_error(data_dir, tmp_path / "run", "--model", str(model))
-    assert f"--model {model}: its checkpoint's model.layers.0.mlp.gate_proj.weight is [128, 64], where the model its " \
-           "config.json describes has model.layers.0.mlp.gate_proj.weight [129, 64]" in error
+    # The first such weight in the checkpoint's file order: one of a layer's three MLP weights.
+    shapes = {"gate_proj": ("[128, 64]", "[129, 64]"), "up_proj": ("[128, 64]", "[129, 64]"),
+              "down_proj": ("[64, 128]", "[64, 129]")}
+    weight = re.search(r"its checkpoint's model\.layers\.\d+\.mlp\.(\w+)\.weight", error)
+    assert weight and weight.group(1) in shapes, error
+    stored, built = shapes[weight.group(1)]
+    name = weight.group(0).removeprefix("its checkpoint's ")
+    assert f"--model {model}: its checkpoint's {name} is {stored}, where the model its config.json describes has " \
+           f"{name} {built}" in error
 
 
 @pytest.fixture(scope="module")
