@@ -3,7 +3,7 @@
 
     pytest bench/bench_dequant_merge_nf4.py                                  # quick shapes (default, CI)
     PYPREFOPT_BENCH_QUICK=0 pytest bench/bench_dequant_merge_nf4.py -m heavy  # 4096x4096, 4096x11008, 8192x8192
-    python bench/bench_dequant_merge_nf4.py --table [--quick] [--peft]       # the table with both floors
+    python -m bench.bench_dequant_merge_nf4 --table [--quick] [--peft]       # the table with both floors
 
 Floors (the larger one is the limit): memory traffic, 0.5 byte read + 2 bytes written per weight over the
 measured copy bandwidth (a large torch copy into a reused buffer, read + write bytes); and the rank-r delta's

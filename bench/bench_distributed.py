@@ -1,8 +1,8 @@
 """Beyond one process, measured: per-process peak memory and step time with 1 and 2 CPU processes (gloo) at a real
 vocabulary (V=151936, Qwen's), and the same head on paper for 8 GPUs.
 
-    python bench/bench_distributed.py --json /tmp/distributed.json          # all three tables
-    python bench/bench_distributed.py --only head                            # the vocabulary-parallel head alone
+    python -m bench.bench_distributed --json /tmp/distributed.json          # all three tables
+    python -m bench.bench_distributed --only head                            # the vocabulary-parallel head alone
 
 1. `python -m pyprefopt.train` on a small Qwen3-architecture model with Qwen3's vocabulary and tied head (so the
    embedding/head, 151936 x 512, is most of the weights): one process; two processes data parallel (DDP, a full
@@ -38,8 +38,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from resident_memory import peak_rss_mib, reset_peak_rss
+from bench.resident_memory import peak_rss_mib, reset_peak_rss
 
+ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 151936
 # H100 SXM5: dense bf16 tensor-core peak, and NVLink 4's 900 GB/s counted per direction.
 H100_BF16_FLOPS = 989.4e12
@@ -47,9 +48,11 @@ H100_NVLINK_BYTES_PER_S = 450e9
 
 
 def _torchrun(nproc: int, args: list[str], env: dict):
-    """Run `args` under torchrun with `nproc` processes, in a fresh process tree."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    """`torchrun -m bench.bench_distributed args` with `nproc` processes, in a fresh process tree, from the repository
+    root (the paths in `args` are absolute)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+           "bench.bench_distributed", *args]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
 
@@ -134,10 +137,10 @@ def train_worker(out: str, argv: list[str]):
 def train_case(model: Path, data: Path, nproc: int, extra: list[str], full: bool, steps: int, global_batch: int):
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     with tempfile.TemporaryDirectory() as out:
-        argv = ["--method", "dpo", "--model", str(model), "--data", str(data / "preference"),
+        argv = ["--method", "dpo", "--model", str(model.resolve()), "--data", str(data / "preference"),
                 "--output-dir", f"{out}/run", "--max-steps", str(steps), "--batch-size", str(global_batch // nproc),
                 "--max-length", "256", "--seed", "0"] + extra + (["--full"] if full else [])
-        _torchrun(nproc, [os.path.abspath(__file__), "--train-worker", f"{out}/peaks", *argv], env)
+        _torchrun(nproc, ["--train-worker", f"{out}/peaks", *argv], env)
         peaks = [json.loads(Path(f"{out}/peaks.{rank}").read_text()) for rank in range(nproc)]
         records = [json.loads(line) for line in open(f"{out}/run/metrics.jsonl", encoding="utf-8")]
     step_s = [r["step_seconds"] for r in records if "step_seconds" in r][1:]  # the first step warms up
@@ -184,7 +187,7 @@ def head_case(nproc: int, tokens: int, hidden_size: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with tempfile.TemporaryDirectory() as tmp:
         out = f"{tmp}/head"
-        _torchrun(nproc, [os.path.abspath(__file__), "--head-worker", str(tokens), str(hidden_size), out], env)
+        _torchrun(nproc, ["--head-worker", str(tokens), str(hidden_size), out], env)
         ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(nproc)]
     return {"weight_mib": max(r["weight_mib"] for r in ranks),
             "peak_growth_mib": max(r["peak_growth_mib"] for r in ranks),

@@ -2,7 +2,7 @@
 as the vocabulary grows (fp32, a 2-layer Qwen3 of hidden 512, 4 pairs of 256 tokens, 192 completion tokens).
 
     pytest bench/bench_drop_in.py                                   # quick: a small vocabulary (CI)
-    python bench/bench_drop_in.py --table [--quick] [--json FILE]   # the table: 32000, 64000, 151936
+    python -m bench.bench_drop_in --table [--quick] [--json FILE]   # the table: 32000, 64000, 151936
 
 Each (variant, vocabulary) runs in its own process: one warm-up `training_step` (forward + backward through
 the trainer, no optimizer step), then ROUNDS timed ones; peak extra memory is the resident set's high-water mark
@@ -22,8 +22,9 @@ import time
 
 import pytest
 
-from resident_memory import peak_rss_mib, rss_mib
+from bench.resident_memory import peak_rss_mib, rss_mib
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.environ.get("PYPREFOPT_BENCH_QUICK", "1").strip().lower() not in ("0", "false", "no", "off")
 FULL_VOCABS = (32000, 64000, 151936)
 QUICK_VOCABS = (4096,)
@@ -96,10 +97,9 @@ def measure(vocab, variant, rounds, sizes):
 
 
 def measure_in_subprocess(vocab, variant, rounds, quick):
-    code = (f"import json, sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
-            f"import bench_drop_in as b; print(json.dumps(b.measure({vocab}, {variant!r}, {rounds}, "
-            f"{QUICK_SIZES if quick else {}!r})))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    code = (f"import json; import bench.bench_drop_in as b; print(json.dumps(b.measure({vocab}, {variant!r}, "
+            f"{rounds}, {QUICK_SIZES if quick else {}!r})))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 

@@ -9,8 +9,8 @@ pyprefopt, trl: checked against the naive reference (fp32 allclose, log-probs an
 
 import pytest
 
-import variants as V
-from benchlib import run_variant, shape_params
+from bench import variants as V
+from bench.benchlib import run_variant, shape_params
 
 
 @pytest.mark.parametrize("head", V.HEADS)

@@ -20,8 +20,8 @@ and for the losses beyond DPO with the frozen head only.
 
 import pytest
 
-import variants as V
-from benchlib import loss_shape_params, run_variant
+from bench import variants as V
+from bench.benchlib import loss_shape_params, run_variant
 
 
 @pytest.mark.parametrize("head", V.HEADS)

@@ -4,7 +4,7 @@ over it. CPU; every variant is checked against the plain reference before it is 
 
     python -m pytest bench/bench_fused_lora_linear.py                       # quick shapes (CI)
     PYPREFOPT_BENCH_QUICK=0 python -m pytest bench/bench_fused_lora_linear.py -m heavy   # full shapes
-    python bench/bench_fused_lora_linear.py [--quick] [--rounds N] [--threads T]        # the table
+    python -m bench.bench_fused_lora_linear [--quick] [--rounds N] [--threads T]        # the table
 
 The table times all variants of one (shape, dtype) in interleaved rounds in one process (a shared
 machine drifts; ratios are medians of per-round ratios) and measures each variant's peak extra memory
@@ -27,8 +27,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from resident_memory import peak_rss_mib, reset_peak_rss, rss_mib
+from bench.resident_memory import peak_rss_mib, reset_peak_rss, rss_mib
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 R = 16
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # frozen_base_onednn: the frozen base linear with its two GEMMs through pyprefopt.cpu_linear, the GEMM library
@@ -227,11 +228,11 @@ def gpu_cost(tokens: int, in_features: int, out_features: int, r: int, element_s
 def _peak_extra_memory(variant, shape_name, dtype_name, quick_mode, threads) -> float:
     """Peak RSS above the pre-step RSS over one step (after a warm-up step), MiB, in a fresh process."""
     code = (
-        "import sys, json, warnings; sys.path.insert(0, %r); warnings.simplefilter('ignore');"
-        "import torch; torch.set_num_threads(%d); import bench_fused_lora_linear as b;"
+        "import json, warnings; warnings.simplefilter('ignore');"
+        "import torch; torch.set_num_threads(%d); import bench.bench_fused_lora_linear as b;"
         "print(json.dumps(b._measure_memory_here(%r, %r, %r, %r)))"
-    ) % (os.path.dirname(os.path.abspath(__file__)), threads, variant, shape_name, dtype_name, quick_mode)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    ) % (threads, variant, shape_name, dtype_name, quick_mode)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     return json.loads(out.splitlines()[-1])
 
 

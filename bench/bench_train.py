@@ -2,10 +2,10 @@
 `trl_trainer` in `pyprefopt.losses.METHODS`: SFTTrainer, DPOTrainer for dpo and ipo, CPOTrainer, KTOTrainer,
 ORPOTrainer) on the same tiny Qwen3, data and hyper-parameters.
 
-    python bench/bench_train.py                          # every method, the embedded data, the table
-    python bench/bench_train.py --synthetic 256          # on a synthetic Arabic/Persian set of 256 rows per split
-    python bench/bench_train.py --methods dpo --steps 10 --json bench/results/train.json
-    python bench/bench_train.py --real-shapes /tmp/real --threads 2 --steps 2 --warmup 1   # the reference cards
+    python -m bench.bench_train                          # every method, the embedded data, the table
+    python -m bench.bench_train --synthetic 256          # on a synthetic Arabic/Persian set of 256 rows per split
+    python -m bench.bench_train --methods dpo --steps 10 --json bench/results/train.json
+    python -m bench.bench_train --real-shapes /tmp/real --threads 2 --steps 2 --warmup 1   # the reference cards
     PYPREFOPT_BENCH_QUICK=0 pytest bench/bench_train.py -m heavy   # the pytest version at full size
 
 `--real-shapes DIR` runs the reference model cards' recipes (`REAL_CARDS`) on their base architectures at the
@@ -48,16 +48,12 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-# tests/ last, so that its modules (conftest.py among them) shadow nothing of bench/'s.
-sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from bench import variants as V
+from bench.resident_memory import peak_rss_mib, reset_peak_rss, rss_mib
+from pyprefopt.losses import METHODS
+from tests.synthetic_data import write_data
 
-from pyprefopt.losses import METHODS  # noqa: E402
-
-import variants as V  # noqa: E402
-from resident_memory import peak_rss_mib, reset_peak_rss, rss_mib  # noqa: E402
-from synthetic_data import write_data  # noqa: E402
-
+ROOT = Path(__file__).resolve().parent.parent
 IMPLS = ("pyprefopt", "trl")
 BETA, MAX_LENGTH, WARMUP_RATIO = 0.1, 512, 0.1
 # The settings both trainers get: the tiny default model's (`base` None) unless a card says otherwise.
@@ -299,7 +295,7 @@ def run_real_shapes(directory: Path, data: Path, steps, warmup, batch_size, thre
     for name, method, recipe in REAL_CARDS:
         if cards is not None and f"{name}:{method}" not in cards:
             continue
-        base = build_real_model(name, directory, tokenizer_dir)
+        base = build_real_model(name, directory, tokenizer_dir).resolve()
         # The cards' batches: 2 examples (Gemma-3n's card accumulates 4 of them).
         for impl in IMPLS:
             result = run_case(impl, method, data, steps, warmup, batch_size, threads, cache, checkpointing,
@@ -316,16 +312,17 @@ def run_real_shapes(directory: Path, data: Path, steps, warmup, batch_size, thre
 
 def run_case(impl, method, data, steps, warmup, batch_size, threads, cache, checkpointing=False,
              recipe=None) -> dict:
-    """One case in a fresh interpreter; its result dict. `recipe`: DEFAULT_RECIPE's keys to override."""
+    """One case in a fresh interpreter, `python -m bench.bench_train --worker` from the repository root (so the paths
+    it is given are absolute); its result dict. `recipe`: DEFAULT_RECIPE's keys to override."""
     recipe = DEFAULT_RECIPE | (recipe or {})
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYPREFOPT_CACHE=str(cache), TRL_EXPERIMENTAL_SILENCE="1",
-               TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYPREFOPT_CACHE=str(Path(cache).resolve()),
+               TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false")
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--impl", impl, "--method", method, "--data",
-               str(data), "--steps", str(steps), "--warmup", str(warmup), "--batch-size", str(batch_size),
-               "--out", out.name, "--recipe", json.dumps(recipe)] + (
+        cmd = [sys.executable, "-m", "bench.bench_train", "--worker", "--impl", impl, "--method", method, "--data",
+               str(Path(data).resolve()), "--steps", str(steps), "--warmup", str(warmup), "--batch-size",
+               str(batch_size), "--out", out.name, "--recipe", json.dumps(recipe)] + (
                    ["--gradient-checkpointing"] if checkpointing else [])
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{impl} {method} failed:\n{proc.stderr[-4000:]}")
         return json.load(open(out.name, encoding="utf-8"))

@@ -1,8 +1,8 @@
 """Resident memory of a long default DPO run: `python -m pyprefopt.train --method dpo` on the embedded model and
 the bundled data (which it loops over, epoch after epoch) must hold a flat resident set, not grow step after step.
 
-    python bench/bench_train_memory.py                    # RSS at steps 20, 100 and 500: the table
-    python bench/bench_train_memory.py --steps 20 100 300 --json /tmp/train_memory.json
+    python -m bench.bench_train_memory                    # RSS at steps 20, 100 and 500: the table
+    python -m bench.bench_train_memory --steps 20 100 300 --json /tmp/train_memory.json
     PYPREFOPT_BENCH_QUICK=0 pytest bench/bench_train_memory.py -m heavy   # the pytest version at full size
 
 The run is the CLI itself in a fresh interpreter (default settings, `--max-steps` the last step asked for), so it
@@ -29,10 +29,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import variants as V  # noqa: E402
-from resident_memory import status_mib  # noqa: E402
+from bench import variants as V
+from bench.resident_memory import status_mib
 
 FULL_STEPS = (20, 100, 500)
 # Quick mode (CI): an 80-step run, measured from step 25, once the bounded caches have filled (they grow the

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-import variants as V
+from bench import variants as V
 
 QUICK = V.env_quick()
 ROUNDS = 3 if QUICK else 5

@@ -1,8 +1,8 @@
 """Every CUDA path of pyprefopt in one prepared run, for a session that is lent a GPU (15 minutes of device time
 for all tries together: one call of this script, then read its output).
 
-    python bench/gpu_check.py --out "$OUT"                               # on the GPU machine
-    python bench/gpu_check.py --device cpu                               # the same checks here, Triton interpreted
+    python -m bench.gpu_check --out "$OUT"                               # on the GPU machine
+    python -m bench.gpu_check --device cpu                               # the same checks here, Triton interpreted
 
 The GPU machine's image has its own torch and triton (not our pins), transformers, peft and pytest, but
 neither pybind11 (which `setup.py` needs) nor bitsandbytes, TRL or Liger. So, here, once per session:
@@ -13,7 +13,7 @@ neither pybind11 (which `setup.py` needs) nor bitsandbytes, TRL or Liger. So, he
 and on the device, with `.gpu_carry` carried (this builds `pyprefopt._C_cuda` with its nvcc):
 
     export PYTHONPATH=$PWD/.gpu_carry; python -m pip install --no-deps --no-build-isolation -e . | tail -1 &&
-        PYTHONUNBUFFERED=1 python bench/gpu_check.py --out $OUT
+        PYTHONUNBUFFERED=1 python -m bench.gpu_check --out $OUT
 
 Correctness, each against the fp64 reference, within 2x the error of PyTorch's own same-dtype computation (the
 tests' rule, `tests/tensor_asserts.py`), or bit-exact where the maths is exact:

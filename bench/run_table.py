@@ -1,11 +1,11 @@
 """Time and memory table of `fused_linear_logprobs` and `FusedLinearPreferenceLoss(method)` vs their peers.
 
-    python bench/run_table.py                      # primitive + DPO at both full shapes, fresh interpreters
-    python bench/run_table.py --all-losses         # + SFT, IPO, CPO, KTO at the default shape (N2048 H1024 V32000)
-    python bench/run_table.py --quick              # small shapes, 2 rounds: a < 90 s smoke run
-    python bench/run_table.py --quick --all-losses # the same with every loss: < 120 s
-    python bench/run_table.py --all-completion     # loss batches without prompt mask
-    python bench/run_table.py --json bench/results/table.json
+    python -m bench.run_table                      # primitive + DPO at both full shapes, fresh interpreters
+    python -m bench.run_table --all-losses         # + SFT, IPO, CPO, KTO at the default shape (N2048 H1024 V32000)
+    python -m bench.run_table --quick              # small shapes, 2 rounds: a < 90 s smoke run
+    python -m bench.run_table --quick --all-losses # the same with every loss: < 120 s
+    python -m bench.run_table --all-completion     # loss batches without prompt mask
+    python -m bench.run_table --json bench/results/table.json
 
 Timing is interleaved, memory isolated. The CPU this runs on drifts: the same GEMM can take 1250 ms in
 one process and 1800 ms a few minutes later, so times taken in separate processes at different moments
@@ -30,7 +30,7 @@ passes:
   the CPU between rounds cancels out of the ratios. This process holds every variant's inputs and
   gradients at once (a few GiB at the full qwen shape); its memory is not measured.
 
-Isolation: `--isolation process` (default) starts `python bench/run_table.py --worker` per case and per
+Isolation: `--isolation process` (default) starts `python -m bench.run_table --worker` per case and per
 group. `--isolation fork` (default with --quick) starts two workers, which import what the variants
 need once (TRL's import alone takes 5-15 s) and fork a fresh child per case and per group: one runs
 the torch-only cases, then the trl cases, then the time groups, importing trl and then liger only when
@@ -55,11 +55,10 @@ import tempfile
 import time
 import traceback
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import variants as V
+from bench.resident_memory import rss_mib
 
-import variants as V  # noqa: E402
-from resident_memory import rss_mib  # noqa: E402
-
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB = 2**20
 CASE_TIMEOUT_S = 1800  # --case-timeout; a forked child that hangs (e.g. in OpenMP) is killed after it
 
@@ -307,9 +306,8 @@ def machine_info() -> dict:
         except metadata.PackageNotFoundError:
             info[dist] = None
     try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         info["git"] = subprocess.run(
-            ["git", "-C", root, "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=10
+            ["git", "-C", ROOT, "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=10
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         info["git"] = None
@@ -371,13 +369,13 @@ def _job_id(job: dict) -> tuple:
 
 
 def _spawn(jobs: list[dict], fork: bool, log, timeout_s: float) -> list[dict]:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(jobs), "--case-timeout", str(timeout_s)]
+    cmd = [sys.executable, "-m", "bench.run_table", "--worker", json.dumps(jobs), "--case-timeout", str(timeout_s)]
     if fork:
         cmd.append("--fork")
     timeout = sum(_job_timeout(j, timeout_s) for j in jobs) + 120
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         rows = [dict(j, status="error", error=f"worker timed out after {timeout} s") for j in jobs]
     else:

@@ -1,7 +1,7 @@
 """The soft-cap's cost on CPU: `fused_linear_logprobs` forward + backward (fp32), plain and with `softcap=30.0`,
 side by side in one process, alternated run by run (the GPU's figures come from `bench/gpu_check.py`).
 
-    OMP_NUM_THREADS=1 python bench/softcap_cost.py [--tokens 2048 --hidden 1024 --vocab 32000 --runs 5]
+    OMP_NUM_THREADS=1 python -m bench.softcap_cost [--tokens 2048 --hidden 1024 --vocab 32000 --runs 5]
 
 Prints one line per head (frozen, trained): the median over the runs after the first of each, and the ratio.
 """

@@ -3,7 +3,7 @@ kernels interpreted, so the script is known to run (and to pass) before a GPU is
 
 import json
 
-import gpu_check
+from bench import gpu_check
 
 
 def test_dry_run_passes_every_check(tmp_path):

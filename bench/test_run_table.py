@@ -5,8 +5,8 @@ import argparse
 
 import pytest
 
-import run_table as R
-import variants as V
+from bench import run_table as R
+from bench import variants as V
 
 
 def _group(**kw):

@@ -8,12 +8,15 @@ builds a kernel per new shape, so small GEMMs, which change shape from batch to 
 
 The blocked fused head upcasts a bf16 model's operands to fp32 to keep fp32 logits; `operand_precision` then tells
 oneDNN that bf16 products are enough, which sends torch's own fp32 GEMMs to oneDNN's matmul (bf16 instructions where
-the CPU has bf16 matrix units, its fp32 kernels elsewhere), in place and without the copies below.
+the CPU has bf16 matrix units, its fp32 kernels elsewhere), in place and without the copies below. Each blocked
+computation declares it once at its entry (`in_operand_precision_of`), so that no caller has to.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 
 import torch
 
@@ -49,6 +52,23 @@ def operand_precision(dtype: torch.dtype):
         yield
     finally:
         matmul.fp32_precision = previous
+
+
+def in_operand_precision_of(argument: str):
+    """Decorator: the function runs under `operand_precision` of the dtype of its tensor argument named `argument`
+    (the model's operands, before any upcast)."""
+
+    def decorate(function):
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def run(*args, **kwargs):
+            with operand_precision(signature.bind(*args, **kwargs).arguments[argument].dtype):
+                return function(*args, **kwargs)
+
+        return run
+
+    return decorate
 
 
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:

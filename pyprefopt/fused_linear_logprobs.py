@@ -285,6 +285,7 @@ def tile_backward(z, scale, g, y, v0, h, w, grad_hidden, grad_weight, grad_bias,
             cpu_linear.addmm_(rows, z_t, h.T)
 
 
+@cpu_linear.in_operand_precision_of("hidden")
 def cpu_forward(hidden, weight, bias, labels, transform, with_hidden_grad_factor: bool, statistics=(),
                 logits_store=None, lse_dtype=torch.float32):
     """Blocked forward on [N, H] rows whose labels are all valid, logits `transform`ed (a `LogitTransform`).
@@ -392,6 +393,7 @@ def cpu_forward(hidden, weight, bias, labels, transform, with_hidden_grad_factor
     return logp, lse, factor, stats, kept_max, label_slope
 
 
+@cpu_linear.in_operand_precision_of("hidden")
 def cpu_backward(grad_logp, hidden, weight, bias, labels, lse, transform, need_hidden, need_weight, need_bias,
                  kept=None, label_slope=None, grad_entropy=None, entropy=None):
     """Turn each tile into the logits gradient in place and run the gradient GEMMs: the tiles `cpu_forward` kept
@@ -517,18 +519,16 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
             # also gives an entropy gradient what the blocked backward needs (see `backward`).
             stats = {}
             if statistics:
-                with cpu_linear.operand_precision(hidden.dtype):
-                    _, blocked_lse, _, stats, _, label_slope = cpu_forward(hidden, weight, bias, labels, transform,
-                                                                           False, statistics)
+                _, blocked_lse, _, stats, _, label_slope = cpu_forward(hidden, weight, bias, labels, transform, False,
+                                                                       statistics)
         else:
             # A trained head keeps the first H tokens' logits in its weight gradient's buffer, where backward would
             # write their gradient anyway: up to H tokens cost 3 GEMMs, not 4. Only the buffer the last backward
             # left free: the forward never allocates one (see `weight_grad_buffer`).
             store = weight_grad_buffer(weight, only_if_free=True) if grad_enabled and need_weight else None
-            with cpu_linear.operand_precision(hidden.dtype):
-                logp, lse, factor, stats, kept_max, label_slope = cpu_forward(
-                    hidden, weight, bias, labels, transform, factorised, statistics, logits_store=store
-                )
+            logp, lse, factor, stats, kept_max, label_slope = cpu_forward(
+                hidden, weight, bias, labels, transform, factorised, statistics, logits_store=store
+            )
             blocked_lse = lse
         entropy = stats.get("entropy")
         # The factor serves the log-probs alone; an entropy that may yet get a gradient keeps the inputs as well.
@@ -571,9 +571,8 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
             # The Triton kernels differentiate the log-probs only: an entropy gradient takes the blocked PyTorch
             # backward, on whatever device the tensors are, with the blocked pass's own log-sum-exp (the softmax of
             # its tiles sums to 1 with it; with the Triton kernels', rounded from other logits, it does not).
-            with cpu_linear.operand_precision(hidden.dtype):
-                grads = cpu_backward(grad_logp, hidden, weight, bias, labels, blocked_lse, ctx.transform,
-                                     need_hidden, need_weight, need_bias, kept, label_slope, grad_entropy, entropy)
+            grads = cpu_backward(grad_logp, hidden, weight, bias, labels, blocked_lse, ctx.transform,
+                                 need_hidden, need_weight, need_bias, kept, label_slope, grad_entropy, entropy)
         grad_hidden, grad_weight, grad_bias = (None if g is None else g.to(hidden.dtype) for g in grads)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
@@ -642,8 +641,7 @@ class VocabParallelLogprobsFunction(torch.autograd.Function):
 
             local_lse = triton_kernels.forward(hidden, weight, bias, in_slice, transform)[1].double()
         else:
-            with cpu_linear.operand_precision(hidden.dtype):
-                local_lse = cpu_forward(hidden, weight, bias, in_slice, transform, False, lse_dtype=torch.float64)[1]
+            local_lse = cpu_forward(hidden, weight, bias, in_slice, transform, False, lse_dtype=torch.float64)[1]
         # Each label's logit, computed where its row of the head lives, zero elsewhere, summed over processes.
         rows = owned.nonzero().squeeze(1)
         label_logit = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device)
@@ -677,9 +675,8 @@ class VocabParallelLogprobsFunction(torch.autograd.Function):
             grads = triton_kernels.backward(grad_logp, hidden, weight, bias, local_labels, lse, ctx.transform,
                                             need_hidden, need_weight, need_bias)
         else:
-            with cpu_linear.operand_precision(hidden.dtype):
-                grads = cpu_backward(grad_logp, hidden, weight, bias, local_labels, lse, ctx.transform, need_hidden,
-                                     need_weight, need_bias, label_slope=label_slope)
+            grads = cpu_backward(grad_logp, hidden, weight, bias, local_labels, lse, ctx.transform, need_hidden,
+                                 need_weight, need_bias, label_slope=label_slope)
         grad_hidden, grad_weight, grad_bias = grads
         if grad_hidden is not None:
             dist.all_reduce(grad_hidden, group=ctx.group)

@@ -200,6 +200,7 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
     """Loss and all its gradients in the forward pass; backward scales them by the upstream gradient."""
 
     @staticmethod
+    @cpu_linear.in_operand_precision_of("hidden")
     def forward(ctx, hidden, weight, bias, labels, transform, ignore_index, chunks, loss_of_token_logps):
         rows, seq_len = labels.shape
         vocab = weight.shape[0]
@@ -261,80 +262,78 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
             """The buffer's slot i of [block, tile]."""
             return buffer[i * block * tile : (i + 1) * block * tile].view(block, tile)
 
-        # A bf16 model's operands, upcast to fp32 tiles, need only bf16 products (`cpu_linear.operand_precision`).
-        with cpu_linear.operand_precision(hidden.dtype):
-            for tokens, (block, tile, slots) in zip(token_lists, plans):
-                n = tokens.numel()
-                if n == 0:
-                    continue
-                h_all = as_fp32(flat_hidden.index_select(0, tokens))
-                y_all = flat_labels.index_select(0, tokens).long()
-                tiles = [(slice(t0, t0 + block), v0) for t0 in range(0, n, block) for v0 in range(0, vocab, tile)]
-                # Partial keep: the last `slots` tiles walked keep their logits in the buffer until the loss
-                # gradient is known; the earlier ones (none when the chunk fits the budget) keep only the
-                # log-sum-exp, sharing the first slot, and are recomputed. Except in the first chunk with tokens, if it
-                # is over the budget in one token block of at most H tokens: the weight gradient, not yet written and
-                # counted in the memory anyway, holds all its logits, each tile in the rows its own gradient goes to.
-                keep_in_gradient = (grad_weight is not None and not weight_grad_written and
-                                    _logits_kept_in_gradient(n, (block, tile, slots), vocab, grad_weight.shape[1]) > 0)
-                first_kept = 0 if keep_in_gradient else max(0, len(tiles) - slots)
-                running_max = torch.full((n,), float("-inf"), dtype=torch.float32, device=dev)
-                running_sum = torch.zeros(n, dtype=torch.float32, device=dev)
-                label_logit = torch.empty(n, dtype=torch.float32, device=dev)
-                kept = []
-                for i, (rows_, v0) in enumerate(tiles):
-                    y = y_all[rows_]
-                    out = (kept_logits_tile(grad_weight, v0, min(tile, vocab - v0), 0, n) if keep_in_gradient
-                           else slot(max(0, i - first_kept), block, tile))
-                    z, w_tile = logits(h_all[rows_], v0, tile, out)
-                    r = labels_in_tile(y, v0, w_tile.shape[0])
-                    label_logit[rows_][r] = z[r, y[r] - v0]
-                    # In place: z <- exp(z - max), the softmax's numerator (passes over the tile, no copies).
-                    tile_max, _ = fold_tile(z, running_max[rows_], running_sum[rows_])
-                    running_max[rows_] = tile_max
-                    if i >= first_kept:
-                        kept.append((rows_, v0, z, w_tile, tile_max))
-                lse = running_max.add_(running_sum.log_())
-                label_slope = transform.slope_from_logits_(label_logit.clone()) if transform.capped else None
-                token_logps.index_copy_(0, tokens, label_logit - lse)
-                # Separability: the loss's gradient w.r.t. this chunk's tokens depends on their rows alone
-                # (plus batch constants), so evaluating it now on the partly filled tensor is exact for them.
-                with torch.enable_grad():
-                    probe = token_logps.view(rows, seq_len).clone().requires_grad_()
-                    (grad_token_logps,) = torch.autograd.grad(loss_of_token_logps(probe), probe)
-                g_all = grad_token_logps.reshape(-1).index_select(0, tokens).mul_(transform.grad_factor)
-                grad_h = (None if grad_hidden is None else
-                          torch.zeros(n, h_all.shape[1], dtype=torch.float32, device=dev))
-                # The first chunk with tokens writes the weight gradient's rows (no zero-fill): each vocabulary tile's
-                # first visit writes, the later ones add. Kept tiles (of the last token blocks) come before the
-                # recomputed ones (of the first blocks), so the first visit is not always token block 0's.
-                unwritten = set() if weight_grad_written else {v0 for _, v0 in tiles}
+        for tokens, (block, tile, slots) in zip(token_lists, plans):
+            n = tokens.numel()
+            if n == 0:
+                continue
+            h_all = as_fp32(flat_hidden.index_select(0, tokens))
+            y_all = flat_labels.index_select(0, tokens).long()
+            tiles = [(slice(t0, t0 + block), v0) for t0 in range(0, n, block) for v0 in range(0, vocab, tile)]
+            # Partial keep: the last `slots` tiles walked keep their logits in the buffer until the loss
+            # gradient is known; the earlier ones (none when the chunk fits the budget) keep only the
+            # log-sum-exp, sharing the first slot, and are recomputed. Except in the first chunk with tokens, if it
+            # is over the budget in one token block of at most H tokens: the weight gradient, not yet written and
+            # counted in the memory anyway, holds all its logits, each tile in the rows its own gradient goes to.
+            keep_in_gradient = (grad_weight is not None and not weight_grad_written and
+                                _logits_kept_in_gradient(n, (block, tile, slots), vocab, grad_weight.shape[1]) > 0)
+            first_kept = 0 if keep_in_gradient else max(0, len(tiles) - slots)
+            running_max = torch.full((n,), float("-inf"), dtype=torch.float32, device=dev)
+            running_sum = torch.zeros(n, dtype=torch.float32, device=dev)
+            label_logit = torch.empty(n, dtype=torch.float32, device=dev)
+            kept = []
+            for i, (rows_, v0) in enumerate(tiles):
+                y = y_all[rows_]
+                out = (kept_logits_tile(grad_weight, v0, min(tile, vocab - v0), 0, n) if keep_in_gradient
+                       else slot(max(0, i - first_kept), block, tile))
+                z, w_tile = logits(h_all[rows_], v0, tile, out)
+                r = labels_in_tile(y, v0, w_tile.shape[0])
+                label_logit[rows_][r] = z[r, y[r] - v0]
+                # In place: z <- exp(z - max), the softmax's numerator (passes over the tile, no copies).
+                tile_max, _ = fold_tile(z, running_max[rows_], running_sum[rows_])
+                running_max[rows_] = tile_max
+                if i >= first_kept:
+                    kept.append((rows_, v0, z, w_tile, tile_max))
+            lse = running_max.add_(running_sum.log_())
+            label_slope = transform.slope_from_logits_(label_logit.clone()) if transform.capped else None
+            token_logps.index_copy_(0, tokens, label_logit - lse)
+            # Separability: the loss's gradient w.r.t. this chunk's tokens depends on their rows alone
+            # (plus batch constants), so evaluating it now on the partly filled tensor is exact for them.
+            with torch.enable_grad():
+                probe = token_logps.view(rows, seq_len).clone().requires_grad_()
+                (grad_token_logps,) = torch.autograd.grad(loss_of_token_logps(probe), probe)
+            g_all = grad_token_logps.reshape(-1).index_select(0, tokens).mul_(transform.grad_factor)
+            grad_h = (None if grad_hidden is None else
+                      torch.zeros(n, h_all.shape[1], dtype=torch.float32, device=dev))
+            # The first chunk with tokens writes the weight gradient's rows (no zero-fill): each vocabulary tile's
+            # first visit writes, the later ones add. Kept tiles (of the last token blocks) come before the
+            # recomputed ones (of the first blocks), so the first visit is not always token block 0's.
+            unwritten = set() if weight_grad_written else {v0 for _, v0 in tiles}
 
-                def first_visit(v0):
-                    first = v0 in unwritten
-                    unwritten.discard(v0)
-                    return first
+            def first_visit(v0):
+                first = v0 in unwritten
+                unwritten.discard(v0)
+                return first
 
-                for rows_, v0, z, w_tile, tile_max in kept:
-                    # softmax = exp(z - max) * exp(max - lse): a kept tile turns into its gradient directly.
-                    scale = g_all[rows_] * (tile_max - lse[rows_]).exp_()
-                    slope = None if slopes is None else slopes_of_kept_tile(transform, z, tile_max, slopes)
-                    tile_backward(z, scale, g_all[rows_], y_all[rows_], v0, h_all[rows_], w_tile,
-                                   None if grad_h is None else grad_h[rows_], grad_weight, grad_bias,
-                                   write_weight_grad=first_visit(v0), scratch=buffer if keep_in_gradient else None,
-                                   slope=slope, label_slope=None if label_slope is None else label_slope[rows_])
-                for rows_, v0 in tiles[:first_kept]:
-                    # A dropped tile: recompute its logits (one more GEMM); exp(z - lse) is the softmax itself.
-                    z, w_tile = logits(h_all[rows_], v0, tile, slot(0, block, tile), slopes)
-                    z.sub_(lse[rows_, None]).exp_()
-                    tile_backward(z, g_all[rows_], g_all[rows_], y_all[rows_], v0, h_all[rows_], w_tile,
-                                   None if grad_h is None else grad_h[rows_], grad_weight, grad_bias,
-                                   write_weight_grad=first_visit(v0),
-                                   slope=None if slopes is None else slopes[: z.shape[0], : z.shape[1]],
-                                   label_slope=None if label_slope is None else label_slope[rows_])
-                weight_grad_written = True
-                if grad_h is not None:
-                    grad_hidden.index_copy_(0, tokens, grad_h)
+            for rows_, v0, z, w_tile, tile_max in kept:
+                # softmax = exp(z - max) * exp(max - lse): a kept tile turns into its gradient directly.
+                scale = g_all[rows_] * (tile_max - lse[rows_]).exp_()
+                slope = None if slopes is None else slopes_of_kept_tile(transform, z, tile_max, slopes)
+                tile_backward(z, scale, g_all[rows_], y_all[rows_], v0, h_all[rows_], w_tile,
+                               None if grad_h is None else grad_h[rows_], grad_weight, grad_bias,
+                               write_weight_grad=first_visit(v0), scratch=buffer if keep_in_gradient else None,
+                               slope=slope, label_slope=None if label_slope is None else label_slope[rows_])
+            for rows_, v0 in tiles[:first_kept]:
+                # A dropped tile: recompute its logits (one more GEMM); exp(z - lse) is the softmax itself.
+                z, w_tile = logits(h_all[rows_], v0, tile, slot(0, block, tile), slopes)
+                z.sub_(lse[rows_, None]).exp_()
+                tile_backward(z, g_all[rows_], g_all[rows_], y_all[rows_], v0, h_all[rows_], w_tile,
+                               None if grad_h is None else grad_h[rows_], grad_weight, grad_bias,
+                               write_weight_grad=first_visit(v0),
+                               slope=None if slopes is None else slopes[: z.shape[0], : z.shape[1]],
+                               label_slope=None if label_slope is None else label_slope[rows_])
+            weight_grad_written = True
+            if grad_h is not None:
+                grad_hidden.index_copy_(0, tokens, grad_h)
         if grad_weight is not None and not weight_grad_written:
             grad_weight.zero_()  # no tokens to score
         # Held on ctx, not saved for backward: backward hands these buffers over as the gradients (no copy

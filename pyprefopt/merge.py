@@ -48,10 +48,12 @@ from pyprefopt.peft_format import (
     split_lora_key,
 )
 from pyprefopt.safetensors_io import (
+    INDEX_FILE,
     SafetensorsFormatError,
     StreamingWriter,
     TensorEntry,
-    read_header,
+    checkpoint_weight_files,
+    read_headers,
     read_tensor,
 )
 
@@ -59,7 +61,6 @@ OUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float
 # The tensors bitsandbytes stores beside a 4-bit weight `W.weight` (QuantState.as_dict(packed=True)).
 NF4_COMPANIONS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
 QUANT_STATE_MARK = ".quant_state.bitsandbytes__"
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 TOKENIZER_FILE = re.compile(
     r"(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|merges\.txt|chat_template\..*|.*\.model)$"
 )
@@ -123,46 +124,11 @@ def _load_json_object(path: Path, what: str) -> dict:
     return loaded
 
 
-def _read_headers(files: list[Path]) -> dict[str, TensorEntry]:
-    entries = {}
-    for path in files:
-        if not path.is_file():
-            raise MergeError(f"missing weight file {path}")
-        try:
-            header, _ = read_header(path)
-        except SafetensorsFormatError as err:
-            raise MergeError(str(err)) from None
-        for name in header.keys() & entries.keys():
-            raise MergeError(f"tensor {name!r} is stored twice: in {entries[name].path} and {path}")
-        entries.update(header)
-    return entries
-
-
 def _base_weight_files(base: Path) -> list[Path]:
-    index = base / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = _load_json_object(_within(index, base), "base index").get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise MergeError(f"{index} has no weight_map")
-        for tensor, file_name in weight_map.items():
-            if not isinstance(file_name, str) or not file_name:
-                raise MergeError(f"{index}: weight_map[{tensor!r}] must be a file name, got {file_name!r}")
-        return [_within(base / name, base) for name in dict.fromkeys(weight_map.values())]
-    if (base / "model.safetensors").is_file():
-        return [_within(base / "model.safetensors", base)]
-    if any(base.glob("*.bin")):
-        raise MergeError(f"{base} holds only .bin weights; save the base with safe_serialization=True")
-    raise MergeError(f"{base} has no model.safetensors or model.safetensors.index.json")
-
-
-def checkpoint_entries(base: Path) -> dict[str, TensorEntry]:
-    """Where each tensor of a safetensors checkpoint directory lies (read from the file headers alone)."""
-    return _read_headers(_base_weight_files(base))
-
-
-def checkpoint_tensor_names(base: Path) -> list[str]:
-    """The names of the tensors a safetensors checkpoint directory holds (read from the file headers alone)."""
-    return list(checkpoint_entries(base))
+    """The base's safetensors files (`checkpoint_weight_files`); its index and every file it names must lie inside
+    the base (`_within`)."""
+    _within(base / INDEX_FILE, base)
+    return [_within(path, base) for path in checkpoint_weight_files(base)]
 
 
 def _check_quantization(config: dict, path: Path):
@@ -374,7 +340,7 @@ def read_adapter(adapter_dir: Path) -> Adapter:
         hint = (" (only adapter_model.bin: re-save with safe_serialization=True)"
                 if (adapter_dir / "adapter_model.bin").is_file() else "")
         raise MergeError(f"adapter: {weights} does not exist{hint}")
-    entries = _read_headers([weights])
+    entries = read_headers([weights])
     pairs, replacements = {}, {}
     for name, entry in entries.items():
         if not name.startswith(PEFT_PREFIX):
@@ -637,7 +603,7 @@ def merge_adapter(
     try:
         config = _load_json_object(_within(base / "config.json", base), "base config")
         _check_quantization(config, base / "config.json")
-        base_tensors = read_base_tensors(_read_headers(_base_weight_files(base)))
+        base_tensors = read_base_tensors(read_headers(_base_weight_files(base)))
         quantized = any(t.is_nf4 for t in base_tensors.values())
         if quantized and "quantization_config" not in config:
             raise MergeError(f"{base} stores 4-bit weights but its config.json has no quantization_config")
@@ -645,6 +611,8 @@ def merge_adapter(
         _check_against_base(lora, base_tensors)
         _check_adapter_values(lora)
         side_files = _side_files(base, adapter_dir)
+    except SafetensorsFormatError as err:
+        raise MergeError(str(err)) from None
     except OSError as err:
         raise MergeError(f"cannot read {err.filename}: {err.strerror}; check that it exists and is readable") from None
 

@@ -199,7 +199,7 @@ def _weights_dtype(args, device) -> torch.dtype:
 def _checkpoint_entries(base) -> dict[str, TensorEntry]:
     """Where each tensor of the safetensors checkpoint at `base` lies (its files' headers); RunError where they
     cannot be read."""
-    from pyprefopt.merge import checkpoint_entries
+    from pyprefopt.safetensors_io import checkpoint_entries
 
     try:
         return checkpoint_entries(checkpoint_dir(base))

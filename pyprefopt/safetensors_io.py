@@ -10,6 +10,9 @@ is known in advance) and then each tensor's bytes as it is produced. The format
 (https://github.com/huggingface/safetensors): an 8-byte little-endian header length, a JSON header
 `{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}` padded with spaces to a
 multiple of 8, then the byte buffer the offsets index.
+
+A transformers checkpoint directory holds its weights in one such file or in shards an index maps tensor names to
+(`checkpoint_weight_files`); `read_headers` reads the headers of all of them.
 """
 
 from __future__ import annotations
@@ -43,10 +46,14 @@ DTYPES = {
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 # A header larger than this is not a safetensors header (the reference implementation's own limit).
 MAX_HEADER_BYTES = 100_000_000
+# transformers' names for a checkpoint's weights: a single file, or the index of its shards.
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
 
 
 class SafetensorsFormatError(ValueError):
-    """A file that is not valid safetensors; the message names the file and the problem."""
+    """A file that is not valid safetensors, or a checkpoint directory whose weights are not a set of them; the
+    message names the file and the problem."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +148,54 @@ def read_tensor(entry: TensorEntry, buffer: torch.Tensor | None = None,
                 raise SafetensorsFormatError(f"{entry.path}: tensor {entry.name!r} is cut short (file changed?)")
             done += n
     return data.view(entry.dtype).view(shape)
+
+
+def read_headers(files: list[Path]) -> dict[str, TensorEntry]:
+    """The tensors of one checkpoint's safetensors files by name, in file order, each file checked as `read_header`
+    checks it; a missing file, or a tensor stored in two of them, is refused."""
+    entries = {}
+    for path in files:
+        if not path.is_file():
+            raise SafetensorsFormatError(f"missing weight file {path}")
+        header, _ = read_header(path)
+        for name in header.keys() & entries.keys():
+            raise SafetensorsFormatError(f"tensor {name!r} is stored twice: in {entries[name].path} and {path}")
+        entries.update(header)
+    return entries
+
+
+def checkpoint_weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a transformers checkpoint directory: those its index maps tensors to, each once in
+    order of first mention, or its single file."""
+    index = directory / INDEX_FILE
+    if index.is_file():
+        try:
+            contents = json.loads(index.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise SafetensorsFormatError(f"{index} is not valid JSON ({err})") from None
+        weight_map = contents.get("weight_map") if isinstance(contents, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise SafetensorsFormatError(f"{index} has no weight_map")
+        for tensor, file_name in weight_map.items():
+            if not isinstance(file_name, str) or not file_name:
+                raise SafetensorsFormatError(f"{index}: weight_map[{tensor!r}] must be a file name, got {file_name!r}")
+        return [directory / name for name in dict.fromkeys(weight_map.values())]
+    if (directory / SINGLE_FILE).is_file():
+        return [directory / SINGLE_FILE]
+    if any(directory.glob("*.bin")):
+        raise SafetensorsFormatError(f"{directory} holds only .bin weights; save it with safe_serialization=True")
+    raise SafetensorsFormatError(f"{directory} has no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def checkpoint_entries(directory: Path) -> dict[str, TensorEntry]:
+    """Where each tensor of a safetensors checkpoint directory lies, in file order (read from the file headers
+    alone)."""
+    return read_headers(checkpoint_weight_files(directory))
+
+
+def checkpoint_tensor_names(directory: Path) -> list[str]:
+    """The names of the tensors a safetensors checkpoint directory holds (read from the file headers alone)."""
+    return list(checkpoint_entries(directory))
 
 
 class StreamingWriter:

@@ -1,6 +1,6 @@
 """`python -m pyprefopt.train` as a torchrun worker that watches which process reads the model's weights:
 
-    torchrun ... tests/checkpoint_read_guard.py COUNTS {fail,count} ARGS...
+    torchrun ... -m tests.checkpoint_read_guard COUNTS {fail,count} ARGS...
 
 runs the train CLI with ARGS and writes COUNTS.<rank>, the number of reads of a .safetensors file outside the run's
 --output-dir that the process attempted. With `fail`, such a read fails (AssertionError) on every process but the

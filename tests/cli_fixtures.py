@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from pyprefopt import train
-
-from synthetic_data import write_data
+from tests.synthetic_data import write_data
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1,5 +1,5 @@
 """Synthetic Arabic/Persian training data for `python -m pyprefopt.train`, shared by tests/test_train.py and
-bench/bench_train.py (which puts tests/ on sys.path to import it)."""
+bench/bench_train.py."""
 
 from __future__ import annotations
 

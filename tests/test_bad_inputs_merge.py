@@ -18,7 +18,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import Qwen3ForCausalLM
 
-from test_merge import TARGETS, copy_dir, run_cli, save_tokenizer, tiny_config
+from tests.test_merge import TARGETS, copy_dir, run_cli, save_tokenizer, tiny_config
 
 
 @pytest.fixture(scope="module")

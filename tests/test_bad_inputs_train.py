@@ -19,9 +19,8 @@ import pytest
 import torch
 
 from pyprefopt import model_loading, train
-
-from cli_fixtures import assert_refused_before_writing, data_dir, one_thread_and_private_cache  # noqa: F401
-from tiny_models import gemma3n_config, save_tiny_model
+from tests.cli_fixtures import assert_refused_before_writing, data_dir, one_thread_and_private_cache  # noqa: F401
+from tests.tiny_models import gemma3n_config, save_tiny_model
 
 
 def _rows(data_dir, kind="preference"):

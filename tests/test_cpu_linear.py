@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from pyprefopt import cpu_linear
-
-from tensor_asserts import assert_within_torch_error
+from tests.tensor_asserts import assert_within_torch_error
 
 
 def assert_within_fp32_dot_bound(out, x, weight, addend):
@@ -126,3 +125,24 @@ def test_operand_precision_multiplies_bf16_values_exactly_and_restores():
             raise RuntimeError("inside")
     assert matmul.fp32_precision == before
 
+
+
+def test_in_operand_precision_of_follows_the_named_argument_and_restores():
+    """The decorated function runs under `operand_precision` of its named argument's dtype, passed by position or
+    by keyword; the setting is restored on return and on an exception."""
+    matmul = torch.backends.mkldnn.matmul
+    before = matmul.fp32_precision
+
+    @cpu_linear.in_operand_precision_of("hidden")
+    def precision_inside(scale, hidden, fail=False):
+        if fail:
+            raise RuntimeError("inside")
+        return matmul.fp32_precision
+
+    assert precision_inside(1.0, torch.ones(1, dtype=torch.bfloat16)) == "bf16"
+    assert precision_inside(1.0, hidden=torch.ones(1, dtype=torch.bfloat16)) == "bf16"
+    assert precision_inside(1.0, torch.ones(1)) == before
+    assert matmul.fp32_precision == before
+    with pytest.raises(RuntimeError, match="inside"):
+        precision_inside(1.0, torch.ones(1, dtype=torch.bfloat16), fail=True)
+    assert matmul.fp32_precision == before

@@ -29,8 +29,7 @@ from trl.experimental.cpo import CPOConfig, CPOTrainer
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
 from pyprefopt import drop_in
-
-from tiny_trl_setup import (  # noqa: F401 (all but common_args, model, random_state, tiny_config: pytest fixtures)
+from tests.tiny_trl_setup import (  # noqa: F401 (all but common_args, model, random_state, tiny_config: pytest fixtures)
     common_args,
     model,
     policy_state,

@@ -13,8 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pyprefopt import drop_in
-
-from tiny_trl_setup import CHECKED, model, random_state, rank_batch, tiny_config
+from tests.tiny_trl_setup import CHECKED, model, random_state, rank_batch, tiny_config
 
 WORLD = 2
 

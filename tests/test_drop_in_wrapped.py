@@ -10,14 +10,14 @@ import pytest
 from trl.experimental.cpo import CPOConfig, CPOTrainer
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-from tiny_trl_setup import (  # noqa: F401 (all but model: pytest fixtures)
+from tests.tiny_trl_setup import (  # noqa: F401 (all but model: pytest fixtures)
     model,
     policy_state,
     preference_dataset,
     qwen3_config,
     tokenizer,
 )
-from trl_parallel import PARALLELISMS, assert_same_training, train_with_and_without_pyprefopt
+from tests.trl_parallel import PARALLELISMS, assert_same_training, train_with_and_without_pyprefopt
 
 TRAINERS = {"cpo": (CPOTrainer, CPOConfig, {}), "orpo": (ORPOTrainer, ORPOConfig, {"beta": 0.2})}
 CHECKED = ("lm_head.weight", "model.layers.1.mlp.down_proj.weight")

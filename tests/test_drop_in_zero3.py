@@ -20,8 +20,7 @@ from peft import LoraConfig
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from pyprefopt import drop_in
-
-from tiny_trl_setup import (  # noqa: F401 (all but CHECKED, model, random_state, rank_batch, tiny_config: fixtures)
+from tests.tiny_trl_setup import (  # noqa: F401 (all but CHECKED, model, random_state, rank_batch, tiny_config: fixtures)
     CHECKED,
     model,
     policy_state,
@@ -33,7 +32,7 @@ from tiny_trl_setup import (  # noqa: F401 (all but CHECKED, model, random_state
     tiny_config,
     tokenizer,
 )
-from trl_parallel import WORLD, ZERO3, assert_same_training, init_env, spawn, train_with_and_without_pyprefopt
+from tests.trl_parallel import WORLD, ZERO3, assert_same_training, init_env, spawn, train_with_and_without_pyprefopt
 
 
 def _engine_worker(rank, port, architecture):

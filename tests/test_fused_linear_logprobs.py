@@ -5,8 +5,7 @@ import torch
 
 from pyprefopt import fused_linear_logprobs
 from pyprefopt.reference import reference_logprobs, reference_token_statistics
-
-from tensor_asserts import assert_close_verbose, assert_within_torch_error
+from tests.tensor_asserts import assert_close_verbose, assert_within_torch_error
 
 # (batch, seq, hidden, vocab): odd widths, GPT-2's and a Qwen-like vocabulary at tiny hidden sizes,
 # length-1 sequences, hidden sizes that are not multiples of 16.
@@ -208,6 +207,32 @@ def test_bf16_operands_give_fp32_logits_on_cpu():
     bf16_logits = reference_logprobs(hidden, weight, labels, dtype=torch.bfloat16)
     assert_within_torch_error(out, truth, fp32_logits, name="logp")
     assert (out - truth).abs().max() * 100 < (bf16_logits - truth).abs().max()
+
+
+def gemm_precisions(monkeypatch):
+    """The oneDNN fp32 matmul precision in force at each of `cpu_linear`'s GEMMs, as they run."""
+    from pyprefopt import cpu_linear
+
+    seen = []
+    for name in ("linear", "addmm_"):
+        gemm = getattr(cpu_linear, name)
+        monkeypatch.setattr(cpu_linear, name, lambda *args, gemm=gemm, **kwargs: seen.append(
+            torch.backends.mkldnn.matmul.fp32_precision) or gemm(*args, **kwargs))
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("grads", [("hidden",), ("hidden", "weight", "bias")], ids=["frozen", "trained"])
+def test_blocked_gemms_run_in_the_operand_precision(grads, dtype, monkeypatch):
+    """Every GEMM of the blocked forward and backward (gradient factor, kept and recomputed logits, gradients) runs
+    in bf16 operand precision for bf16 operands and in the caller's precision otherwise, which is back on return."""
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    hidden, weight, bias, labels = make_inputs(2, 40, 16, 300, dtype=dtype, grads=grads)
+    seen = gemm_precisions(monkeypatch)
+    for _ in range(2):  # the second step keeps logits in the weight gradient the first left free
+        fused_linear_logprobs(hidden, weight, labels, bias, backend="torch").sum().backward()
+    assert seen and set(seen) == {"bf16" if dtype == torch.bfloat16 else before}
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

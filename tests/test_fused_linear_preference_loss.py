@@ -8,8 +8,7 @@ import torch
 
 from pyprefopt import FusedLinearPreferenceLoss, fused_linear_logprobs, losses
 from pyprefopt.reference import reference_logprobs, reference_preference_loss
-
-from tensor_asserts import assert_close_verbose
+from tests.tensor_asserts import assert_close_verbose
 
 module = sys.modules["pyprefopt.fused_linear_preference_loss"]
 
@@ -502,7 +501,7 @@ def test_only_fp32_weight_gradients_are_kept():
 @pytest.mark.parametrize("trained", [False, True], ids=["frozen-head", "trained-head"])
 def test_bf16_within_twice_torch_error(trained):
     """bf16 inputs: loss and gradients within 2x the error of PyTorch's bf16 materialised logits."""
-    from tensor_asserts import assert_within_torch_error
+    from tests.tensor_asserts import assert_within_torch_error
 
     (hidden, weight, labels, _), _, _ = make_batch("dpo", seq=12, trained=trained)
     ref_logps = torch.randn(4) - 30
@@ -525,6 +524,34 @@ def test_bf16_within_twice_torch_error(trained):
     for name, g, t, tg in zip(("hidden", "weight"), got, torch_grads, true_grads):
         assert g.dtype == torch.bfloat16
         assert_within_torch_error(g, tg, t, name=f"grad {name}")
+
+
+def test_trained_head_tiles_run_in_bf16_operand_precision(monkeypatch):
+    """The one-pass trained-head loss, which walks the tiles itself (neither `cpu_forward` nor `cpu_backward`),
+    multiplies a bf16 model's tiles in bf16 operand precision: every logits tile and every tile's gradient GEMMs."""
+    blocked = sys.modules["pyprefopt.fused_linear_logprobs"]
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    precisions = []
+
+    def in_precision(tile_function):
+        def run(*args, **kwargs):
+            precisions.append((tile_function.__name__, torch.backends.mkldnn.matmul.fp32_precision))
+            return tile_function(*args, **kwargs)
+        return run
+
+    def not_called(*args, **kwargs):
+        raise AssertionError("the one-pass loss ran the blocked fused_linear_logprobs path")
+
+    for name in ("logits_tile", "tile_backward"):
+        monkeypatch.setattr(module, name, in_precision(getattr(module, name)))
+    monkeypatch.setattr(blocked, "cpu_forward", not_called)
+    monkeypatch.setattr(blocked, "cpu_backward", not_called)
+    (hidden, weight, labels, bias), _, _ = make_batch("sft", trained=True)
+    params = [t.detach().bfloat16().requires_grad_() for t in (hidden, weight, bias)]
+    FusedLinearPreferenceLoss("sft")(params[0], params[1], labels, params[2])[0].backward()
+    assert {name for name, _ in precisions} == {"logits_tile", "tile_backward"}
+    assert {precision for _, precision in precisions} == {"bf16"}
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
 
 
 # Model heads' own logit transforms. make_batch's logits have a standard deviation of about 1.3: a scale of 8 takes

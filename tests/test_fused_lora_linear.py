@@ -23,8 +23,7 @@ from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 from pyprefopt import lora, peft_format
 from pyprefopt.kernels import fused_lora_linear as kernels
 from pyprefopt.reference import lora_linear_reference
-
-from tensor_asserts import assert_close_verbose, assert_within_torch_error
+from tests.tensor_asserts import assert_close_verbose, assert_within_torch_error
 
 # (tokens, in_features, out_features, r): features off multiples of 16, rank 1 and rank 64.
 KERNEL_SHAPES = [(37, 50, 70, 5), (19, 33, 24, 1), (24, 40, 36, 64), (16, 64, 48, 16)]

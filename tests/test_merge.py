@@ -33,7 +33,7 @@ from pyprefopt import merge
 from pyprefopt.safetensors_io import StreamingWriter, read_header
 
 TARGETS = ["q_proj", "v_proj", "gate_proj", "down_proj"]
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def tiny_config():
@@ -125,7 +125,7 @@ def our_logits(out_dir, input_ids):
 
 def run_cli(*args, timeout=None):
     return subprocess.run([sys.executable, "-m", "pyprefopt.merge", *map(str, args)],
-                          capture_output=True, text=True, cwd=os.path.dirname(__file__), timeout=timeout)
+                          capture_output=True, text=True, cwd=ROOT, timeout=timeout)
 
 
 INPUT_IDS = torch.tensor([[5, 17, 99, 3, 150, 42, 7, 201], [0, 1, 2, 3, 4, 5, 6, 7]])
@@ -437,19 +437,18 @@ def test_streaming_merge_peak_memory_is_a_few_tensors(tmp_path):
               adapter / "adapter_model.safetensors")
     (adapter / "adapter_config.json").write_text(json.dumps(
         {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["proj"]}))
-    # The peak is measured in a fresh process from after its imports (bench/resident_memory.py's high-water mark).
+    # The peak is measured in a fresh process from after its imports (bench/resident_memory.py's high-water mark), run
+    # from the repository root, where `bench` is a package.
     script = textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {str(BENCH)!r})
         import torch
         from pyprefopt import merge
-        from resident_memory import peak_rss_mib, reset_peak_rss, rss_mib
+        from bench.resident_memory import peak_rss_mib, reset_peak_rss, rss_mib
         before = rss_mib()
         reset_peak_rss()
         merge.merge_adapter({str(base)!r}, {str(adapter)!r}, {str(tmp_path / 'out')!r}, torch.bfloat16, progress=False)
         print(peak_rss_mib() - before)
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
     peak = float(result.stdout.split()[-1]) * 2**20
     tensor_bytes = out_features * in_features * 2
     model_bytes = n_layers * tensor_bytes

@@ -19,7 +19,7 @@ def test_plain_loop_example_runs():
     assert match, "README lost its plain-loop example block"
     code = match.group(1)
     assert len(code.strip().splitlines()) <= 25
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=README.parent / "tests")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=README.parent)
     assert result.returncode == 0, result.stderr
     losses = [float(m) for m in re.findall(r"loss (\d+\.\d+)", result.stdout)]
     assert len(losses) == 3 and losses[0] > losses[1] > losses[2], result.stdout

@@ -25,9 +25,8 @@ from transformers import Qwen2Config, Qwen3Config
 
 from pyprefopt import checkpoint, losses, train
 from pyprefopt import data as D
-
-from cli_fixtures import assert_refused_before_writing, data_dir, one_thread_and_private_cache  # noqa: F401
-from tiny_models import gemma3n_config, qwen_config, save_as_multimodal_gemma3n, save_tiny_model
+from tests.cli_fixtures import assert_refused_before_writing, data_dir, one_thread_and_private_cache  # noqa: F401
+from tests.tiny_models import gemma3n_config, qwen_config, save_as_multimodal_gemma3n, save_tiny_model
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 PROGRAM = ["python", "-m", "pyprefopt.train"]
@@ -283,7 +282,7 @@ def test_the_gemma3n_card_on_a_multimodal_checkpoint_trains_the_language_model_a
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from pyprefopt.merge import checkpoint_tensor_names
+    from pyprefopt.safetensors_io import checkpoint_tensor_names
 
     monkeypatch.chdir(tmp_path)
     card = "Gemma-3n-E4B QLoRA SFT, merged to 16-bit"

@@ -8,11 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 from pyprefopt.lora import inject_lora, load_lora_adapter, save_lora_adapter
-from pyprefopt.merge import checkpoint_tensor_names
 from pyprefopt.peft_format import CHECKPOINT_PREFIX, PEFT_PREFIX
+from pyprefopt.safetensors_io import checkpoint_tensor_names
 from pyprefopt.text_model import causal_lm_class, checkpoint_prefix
-
-from tiny_models import gemma3n_config, save_as_multimodal_gemma3n
+from tests.tiny_models import gemma3n_config, save_as_multimodal_gemma3n
 
 
 @pytest.fixture(scope="module")

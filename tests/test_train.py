@@ -30,9 +30,9 @@ from pyprefopt import data as D
 from pyprefopt import losses, train
 from pyprefopt.checkpoint import checkpoints_newest_first
 from pyprefopt.packed_attention import use_packed_attention
+from tests.synthetic_data import write_data
 
-from synthetic_data import write_data
-
+ROOT = Path(__file__).resolve().parent.parent
 QUICK = os.environ.get("PYPREFOPT_BENCH_QUICK", "1").strip().lower() not in ("0", "false", "no", "off")
 PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                 "logps/rejected")
@@ -78,11 +78,11 @@ def run(method, data_dir, out, *extra):
 
 def torchrun(method, data_dir, out, *extra, env=None, worker=("-m", "pyprefopt.train")):
     """`torchrun --nproc_per_node 2 -m pyprefopt.train` (2 gloo CPU processes), or another `worker` taking the train
-    CLI's arguments; the metrics records."""
+    CLI's arguments (`-m tests.NAME ...`: torchrun runs from the repository root); the metrics records."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *worker,
            "--method", method, "--data", method_data(method, data_dir), "--output-dir", str(out),
            *extra]
-    result = subprocess.run(cmd, env=env or subprocess_env(), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cmd, env=env or subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
 

@@ -29,8 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from pyprefopt import checkpoint, model_loading, train
 from pyprefopt.errors import RunError
-
-from test_train import (  # noqa: F401
+from tests.test_train import (  # noqa: F401
     assert_same_training,
     data_dir,
     method_data,
@@ -39,11 +38,11 @@ from test_train import (  # noqa: F401
     subprocess_env,
     torchrun,
 )
-from tiny_models import qwen_config, save_tiny_model
+from tests.tiny_models import qwen_config, save_tiny_model
 
-READ_GUARD = Path(__file__).with_name("checkpoint_read_guard.py")
+READ_GUARD = ("-m", "tests.checkpoint_read_guard")
 # Its --train-worker runs the train CLI under torchrun and writes each process's peak resident memory.
-BENCH_DISTRIBUTED = Path(__file__).parents[1] / "bench" / "bench_distributed.py"
+BENCH_DISTRIBUTED = ("-m", "bench.bench_distributed")
 LR = 1e-2
 COMMON = ["--max-steps", "3", "--lr", str(LR), "--eval-batch-size", "3", "--eval-every", "2"]
 # --batch-size and --grad-accum of the two processes; one process takes --batch-size 4.
@@ -82,7 +81,7 @@ def case(request, data_dir, tied_qwen3, tmp_path_factory):
     # The second process may not read the checkpoint, but a 4-bit base each process loads itself.
     reads = "count" if training == "qlora" else "fail"
     two_records = torchrun(method, data_dir, root / "two", *options, *TWO_PROCESS_SPLIT[method], "--fsdp",
-                           "--save-every", "2", worker=(str(READ_GUARD), str(counts), reads))
+                           "--save-every", "2", worker=(*READ_GUARD, str(counts), reads))
     reads = [int(Path(f"{counts}.{rank}").read_text()) for rank in range(2)]
     return Case(method, options, root / "one", root / "two", one_records, two_records, reads)
 
@@ -117,7 +116,7 @@ def test_two_fsdp_processes_continue_an_adapter_as_one_process_does(sft_adapter,
     one = run("sft", data_dir, tmp_path / "one", *options, "--batch-size", "4")
     counts = tmp_path / "reads"
     two = torchrun("sft", data_dir, tmp_path / "two", *options, *TWO_PROCESS_SPLIT["dpo"], "--fsdp",
-                   worker=(str(READ_GUARD), str(counts), "fail"))
+                   worker=(*READ_GUARD, str(counts), "fail"))
     assert_same_training(tmp_path / "two", tmp_path / "one", two, one, LR)
     assert int(Path(f"{counts}.1").read_text()) == 0
 
@@ -182,13 +181,13 @@ def deep_qwen3(data_dir, tmp_path_factory):
 
 
 def test_the_first_fsdp_process_never_holds_the_whole_checkpoint(deep_qwen3, data_dir, tmp_path):
-    """The first process's peak resident memory over setup (bench/bench_distributed.py's measure: from the start
+    """The first process's peak resident memory over setup (bench.bench_distributed's measure: from the start
     until the model is sharded and filled) stays within half the weights of the second's, which reads nothing and
     receives its shards: the first reads and sends a block of rows at a time (and holds the LoRA factors whole),
     where loading the whole model before sharding it put its peak more than the whole weights higher."""
     peaks = tmp_path / "peaks"
     torchrun("sft", data_dir, tmp_path / "run", "--model", str(deep_qwen3), "--fsdp", "--max-steps", "1",
-             "--batch-size", "2", "--max-length", "64", worker=(str(BENCH_DISTRIBUTED), "--train-worker", str(peaks)))
+             "--batch-size", "2", "--max-length", "64", worker=(*BENCH_DISTRIBUTED, "--train-worker", str(peaks)))
     first, second = (json.loads(Path(f"{peaks}.{rank}").read_text())["setup_mib"] for rank in range(2))
     weights_mib = (deep_qwen3 / "model.safetensors").stat().st_size / 2**20
     assert weights_mib > 64 and first - second < weights_mib / 2, (first, second, weights_mib)

@@ -14,9 +14,8 @@ from safetensors.torch import load_file
 from pyprefopt import FusedLinearPreferenceLoss, model_loading, train
 from pyprefopt.head_config import head_logit_transform, head_operands
 from pyprefopt.lora import lora_layers
-
-from cli_fixtures import data_dir, one_thread_and_private_cache  # noqa: F401 (fixtures)
-from tiny_models import gemma3n_config, qwen_config, save_tiny_model
+from tests.cli_fixtures import data_dir, one_thread_and_private_cache  # noqa: F401 (fixtures)
+from tests.tiny_models import gemma3n_config, qwen_config, save_tiny_model
 
 
 def _qwen3(vocab_size, **ids):

@@ -4,8 +4,8 @@ each row gives the kernel's resident programs per SM on that family. The soft-ca
 resident programs of the plain one, config by config (issue 16).
 
 The compile runs in a subprocess: this test session sets TRITON_INTERPRET=1, under which `@triton.jit`
-functions are interpreted and cannot be compiled. Run this file directly to print the table (kernel
-names as arguments compile only those).
+functions are interpreted and cannot be compiled. `python -m tests.test_triton_aot` from the repository root prints
+the table (kernel names as arguments compile only those).
 """
 
 import json
@@ -13,9 +13,11 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"bf16": ("*bf16", 2), "fp32": ("*fp32", 4)}
 FLOAT_SCALARS = {"out_scale", "in_scale", "scale", "nested_offset"}
 # Triton specialises a launch on which pointers and integers are multiples of 16. "aligned": the operands and the
@@ -165,7 +167,8 @@ def compile_all():
 def _compiled_rows():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=1800)
+    proc = subprocess.run([sys.executable, "-m", "tests.test_triton_aot"], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in proc.stdout.splitlines()]
 

@@ -12,8 +12,7 @@ import triton.language as tl
 from pyprefopt.fused_linear_logprobs import LogitTransform
 from pyprefopt.kernels import fused_linear_logprobs as kernels
 from pyprefopt.reference import reference_logprobs
-
-from tensor_asserts import assert_within_torch_error
+from tests.tensor_asserts import assert_within_torch_error
 
 # (tokens, hidden, vocab): vocabularies that are no multiple of the tiles, one of them split over two programs.
 SHAPES = [(7, 24, 300), (37, 32, 1000)]

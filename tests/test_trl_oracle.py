@@ -25,10 +25,9 @@ from trl.experimental.cpo import CPOConfig, CPOTrainer
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
 from pyprefopt import FusedLinearPreferenceLoss
-
-from tiny_trl_setup import common_args as _common_args
-from tiny_trl_setup import model as _model
-from tiny_trl_setup import (  # noqa: F401 (pytest fixtures)
+from tests.tiny_trl_setup import common_args as _common_args
+from tests.tiny_trl_setup import model as _model
+from tests.tiny_trl_setup import (  # noqa: F401 (pytest fixtures)
     policy_state,
     preference_dataset,
     qwen3_config,

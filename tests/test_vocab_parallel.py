@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,9 +16,9 @@ import torch.distributed as dist
 
 from pyprefopt import FusedLinearPreferenceLoss, fused_linear_logprobs
 from pyprefopt.reference import reference_logprobs, reference_preference_loss
+from tests.tensor_asserts import assert_within_torch_error
 
-from tensor_asserts import assert_within_torch_error
-
+ROOT = Path(__file__).resolve().parent.parent
 WORLD = 2
 # Odd, so the shards differ in size (DTensor's Shard(0) gives 151 + 150 rows).
 VOCAB, WIDTH = 301, 24
@@ -174,12 +175,11 @@ def _every_check_passed(result) -> bool:
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_vocabulary_sharded_head_matches_the_whole_head(backend):
     # Processes of their own (torchrun), as a user's job runs: not children of the test process.
-    env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD), __file__,
-               backend]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD), "-m",
+               "tests.test_vocab_parallel", backend]
     for _ in range(GLOO_ABORT_RETRIES + 1):
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
         if result.returncode == 0 or (_gloo_abort_only(result) and _every_check_passed(result)):
             return
         if not _gloo_abort_only(result):
