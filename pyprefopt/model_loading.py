@@ -382,11 +382,11 @@ def _stored_tensors(model, base, config, multimodal) -> tuple[dict[int, TensorEn
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
-    from pyprefopt.merge import WEIGHT_FILES
+    from pyprefopt.safetensors_io import INDEX_FILE, SINGLE_FILE
 
     if getattr(config, "quantization_config", None) is not None:
         return {}, "its config.json declares a quantization_config, which transformers undoes as it loads"
-    if not any((checkpoint_dir(base) / name).is_file() for name in WEIGHT_FILES):
+    if not any((checkpoint_dir(base) / name).is_file() for name in (SINGLE_FILE, INDEX_FILE)):
         return {}, "it holds no safetensors weights"
     entries = _checkpoint_entries(base)
     if multimodal:
