@@ -9,8 +9,9 @@ vocabulary (V=151936, Qwen's), and the same head on paper for 8 GPUs.
    copy each); two processes `--fsdp` (FSDP2: weights, gradients and optimizer state sharded). Full fine-tuning
    and LoRA, DPO, the same global batch in every case, each run torchrun in a fresh process tree. Per process,
    the largest over its processes of two high-water resident sets: "setup", from the start through loading the
-   model and sharding it (without --fsdp every process loads the whole checkpoint; with it the first alone does, the
-   other building the model on the meta device and receiving its shards; each process's setup peak is listed),
+   model and sharding it (without --fsdp every process loads the whole checkpoint; with it every process builds the
+   model on the meta device and the first alone reads the checkpoint, a block of rows at a time, sending the other its
+   shards; each process's setup peak is listed),
    and "training",
    from then through the reference pass, the steps and the evaluations, up to the final gather of the outputs
    (Linux's clear_refs resets the mark between them); step time is the median of the run's `step_seconds`.

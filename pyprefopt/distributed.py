@@ -19,6 +19,10 @@ import torch
 import torch.distributed as dist
 
 from pyprefopt.errors import RunError
+from pyprefopt.safetensors_io import TensorEntry, read_tensor
+
+# The attribute under which the first process's model carries its FirstProcessWeights until it is sharded.
+FIRST_PROCESS_WEIGHTS = "pyprefopt_first_process_weights"
 
 
 def setup_distributed(fsdp=False):
@@ -94,10 +98,10 @@ def shard_model(model, world: int, device, from_first_process: bool = False):
     group of its own, then the root with the rest; `model.pyprefopt_forward(compute)` runs `compute()` as a forward
     of the root. Raises RunError for a model that names no layer class.
 
-    `from_first_process`: the first process holds the loaded model and the others its skeleton, with parameters and
-    buffers on the meta device (pyprefopt.model_loading). Once sharded, the skeletons get memory for their shards
-    and buffers alone, and every process's shards and buffers are filled from the first process's, whose whole copy
-    is then dropped."""
+    `from_first_process`: every process holds the model's skeleton, its parameters on the meta device, but the first
+    process, whose model carries the FirstProcessWeights its weights come from (pyprefopt.model_loading). Once
+    sharded, every process gets memory for its shards and buffers alone, and the first process hands each process
+    its rows of each weight, and every buffer, one weight at a time."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
@@ -106,7 +110,10 @@ def shard_model(model, world: int, device, from_first_process: bool = False):
     if not layers:
         raise RunError(f"--fsdp: {type(model).__name__} names no decoder layer class (_no_split_modules) to shard "
                        "by; train it without --fsdp")
-    loaded = dict(model.named_parameters()) if from_first_process and dist.get_rank() == 0 else None
+    weights = None
+    if from_first_process and dist.get_rank() == 0:
+        weights = getattr(model, FIRST_PROCESS_WEIGHTS)
+        delattr(model, FIRST_PROCESS_WEIGHTS)  # what it holds is freed once handed out
     mesh = init_device_mesh(device.type, (world,))
     # The CLI trains fp32 weights (under bf16 autocast on CUDA, see last_hidden): gathered in fp32, they compute
     # what they do without --fsdp, and gradients are reduced in fp32.
@@ -119,42 +126,63 @@ def shard_model(model, world: int, device, from_first_process: bool = False):
         fully_shard(layer, mesh=mesh, mp_policy=policy, ignored_params=whole_4bit)
     fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=whole_4bit)
     if from_first_process:
-        _fill_from_first_process(model, loaded, device)
+        _fill_from_first_process(model, weights, device)
     model.pyprefopt_forward = types.MethodType(lambda self, compute: compute(), model)
     register_fsdp_forward_method(model, "pyprefopt_forward")
 
 
-def _fill_from_first_process(model, loaded: dict[str, torch.Tensor] | None, device):
-    """A sharded model's shards and buffers on every process set from the first process's: `loaded` holds its
-    parameters as they were before sharding (None on the others, whose model is still on the meta device). Each process
-    receives its own shard of each parameter alone (a scatter, where a broadcast would put every whole tensor, the
-    embedding among them, on every process), and the buffers whole, the non-persistent ones (a rotary embedding's
-    inv_freq) included."""
+class FirstProcessWeights:
+    """What the first process of a sharded run fills every process's shards and buffers from (see shard_model), by
+    the name of each parameter and buffer of its model: `held`, tensors it holds whole (a loaded model's own, or a
+    skeleton's LoRA factors, --adapter's weights and computed buffers), and `stored`, where the checkpoint keeps the
+    others (pyprefopt.safetensors_io entries), each read when its turn comes, a block of rows at a time."""
+
+    def __init__(self, held: dict[str, torch.Tensor], stored: dict[str, TensorEntry]):
+        self.held, self.stored = held, stored
+
+    def rows(self, name: str, rows: range | None = None) -> torch.Tensor:
+        """Rows `rows` of tensor `name` (all of it: None) as held or as stored, in the dtype it has there."""
+        if name in self.held:
+            whole = self.held[name]
+            return whole if rows is None else whole[rows.start:rows.stop]
+        return read_tensor(self.stored[name], rows=rows)
+
+
+def _fill_from_first_process(model, weights: FirstProcessWeights | None, device):
+    """A sharded model's shards and buffers on every process set from the first process's `weights` (None on the
+    others). Each process receives its own rows of each parameter alone, the first process reading and sending one
+    process's rows at a time, so that beyond its shards it never holds more than one process's rows of one weight
+    (the embedding's whole is as large as the rest of a small model); the buffers, the non-persistent ones (a rotary
+    embedding's inv_freq) included, are broadcast whole."""
     from torch.distributed.tensor import DTensor
 
-    if loaded is None:
-        model.to_empty(device=device)
+    model.to_empty(device=device)
     world, rank = dist.get_world_size(), dist.get_rank()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if not isinstance(param, DTensor):
+                if rank == 0:
+                    param.data.copy_(weights.rows(name))
                 dist.broadcast(param.data, 0)
                 continue
             # fully_shard (given no shard_placement_fn) shards dim 0 as torch.chunk does: `rows` rows a process, the
             # last ones shorter or empty.
             local, rows = param.to_local(), -(-param.shape[0] // world)
-            received = local if len(local) == rows else local.new_empty((rows, *param.shape[1:]))
-            chunks = None
+            if rank != 0:
+                if len(local):
+                    dist.recv(local, 0)
+                continue
+            for owner in range(world):
+                block = range(min(owner * rows, param.shape[0]), min((owner + 1) * rows, param.shape[0]))
+                if not block:
+                    continue
+                if owner == 0:
+                    local.copy_(weights.rows(name, block))
+                else:
+                    dist.send(weights.rows(name, block).to(device, param.dtype).contiguous(), owner)
+        for name, buffer in model.named_buffers():
             if rank == 0:
-                whole = loaded[name].to(received.device, received.dtype)
-                chunks = [whole[r * rows:(r + 1) * rows] for r in range(world)]
-                chunks = [chunk if len(chunk) == rows else torch.cat([chunk, chunk.new_zeros(rows - len(chunk),
-                                                                                                *chunk.shape[1:])])
-                          for chunk in chunks]
-            dist.scatter(received, chunks, src=0)
-            if received is not local:
-                local.copy_(received[:len(local)])
-        for buffer in model.buffers():
+                buffer.copy_(weights.rows(name))
             dist.broadcast(buffer, 0)
 
 

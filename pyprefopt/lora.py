@@ -250,10 +250,11 @@ class LoRALinear(nn.Module):
     """A frozen base `nn.Linear` or bitsandbytes `Linear4bit` plus a trainable rank-r update.
 
     Holds the base module itself as `base_layer` (no weight copy) and `lora_A` [r, in], `lora_B` [out, r],
-    initialised as PEFT does (A Kaiming-uniform, B zero: the layer starts equal to its base)."""
+    initialised as PEFT does (A Kaiming-uniform, B zero: the layer starts equal to its base), on `device`, by
+    default the base weight's: a base on the meta device, whose weights come later, may get real factors."""
 
     def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                 use_rslora: bool = False):
+                 use_rslora: bool = False, device: torch.device | None = None):
         super().__init__()
         is_4bit = _is_linear4bit(base_layer)
         if not (isinstance(base_layer, nn.Linear) or is_4bit):
@@ -279,8 +280,9 @@ class LoRALinear(nn.Module):
         base_layer.weight.requires_grad_(False)
         weight = base_layer.weight
         dtype = weight.dtype if weight.is_floating_point() else torch.float32
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=weight.device))
+        device = weight.device if device is None else device
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     # The base layer's parameters under the names a Linear has, as PEFT's LoRA layers give them: model code reads
@@ -381,11 +383,12 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def inject_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
-                use_rslora: bool = False, bias: str = "none") -> nn.Module:
+                use_rslora: bool = False, bias: str = "none", device: torch.device | None = None) -> nn.Module:
     """Replace the selected linear layers of `model` (in place) by `LoRALinear`s and freeze everything
     but the adapters (and the biases `bias` names: "all", or "lora_only" for the wrapped layers').
 
-    target_modules: "all-linear", a regex, or a list of module names / name suffixes (PEFT's rules)."""
+    target_modules: "all-linear", a regex, or a list of module names / name suffixes (PEFT's rules).
+    device: where the LoRA factors are made (see LoRALinear), by default on each base weight's device."""
     if bias not in BIAS_MODES:
         raise ValueError(f"bias must be one of {BIAS_MODES}, got {bias!r}")
     if lora_layers(model):
@@ -409,7 +412,7 @@ def inject_lora(model: nn.Module, target_modules, r: int = 8, lora_alpha: float 
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = LoRALinear(getattr(parent, child), r, lora_alpha, lora_dropout, use_rslora)
+        layer = LoRALinear(getattr(parent, child), r, lora_alpha, lora_dropout, use_rslora, device)
         setattr(parent, child, layer)
         if bias == "lora_only" and layer.base_layer.bias is not None:
             layer.base_layer.bias.requires_grad_(True)
@@ -491,8 +494,6 @@ def read_adapter_config(directory: str | os.PathLike) -> LoRAConfig:
 def load_lora_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load a PEFT-format LoRA adapter (ours or PEFT's) into `model`: injects the config's layers into a
     plain model, or loads into the LoRA layers it already has (same config). Returns `model`."""
-    from safetensors.torch import load_file
-
     directory = os.fspath(directory)
     config = read_adapter_config(directory)
     if not lora_layers(model):
@@ -502,6 +503,22 @@ def load_lora_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Modu
         mismatched = {name: layer.r for name, layer in lora_layers(model).items() if layer.r != config.r}
         if mismatched:
             raise ValueError(f"adapter r={config.r} does not match the model's LoRA layers: {mismatched}")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in adapter_weights(model, directory).items():
+            params[name].copy_(tensor)
+    return model
+
+
+def adapter_weights(model: nn.Module, directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of the PEFT-format adapter in `directory`, by the name of the parameter of `model` each sets
+    (its LoRA layers' factors, and the biases the adapter trains), for a model that has the adapter's LoRA layers,
+    its weights anywhere (the meta device included). ValueError for a key that matches no parameter, LoRA factors
+    missing, or a shape that differs from the parameter's."""
+    from safetensors.torch import load_file
+
+    directory = os.fspath(directory)
+    config = read_adapter_config(directory)
     tensors = load_file(os.path.join(directory, ADAPTER_WEIGHTS))
     expected = _adapter_state_dict(model, config.bias)
     unexpected = sorted(set(tensors) - set(expected))
@@ -512,14 +529,15 @@ def load_lora_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Modu
     if missing:
         raise ValueError(f"{directory}: LoRA weights missing for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     params = {saved_key(checkpoint_name(model, name)): param for name, param in _peft_named_parameters(model)}
-    with torch.no_grad():
-        for key, tensor in tensors.items():
-            param = params[key]
-            if param.shape != tensor.shape:
-                raise ValueError(f"{key}: saved shape {tuple(tensor.shape)} does not match the model's "
-                                 f"{tuple(param.shape)}")
-            param.copy_(tensor)
-    return model
+    param_names = {id(param): name for name, param in model.named_parameters()}
+    weights = {}
+    for key, tensor in tensors.items():
+        param = params[key]
+        if param.shape != tensor.shape:
+            raise ValueError(f"{key}: saved shape {tuple(tensor.shape)} does not match the model's "
+                             f"{tuple(param.shape)}")
+        weights[param_names[id(param)]] = tensor
+    return weights
 
 
 def _peft_named_parameters(model: nn.Module):

@@ -1,16 +1,19 @@
 """The train CLI's model: --model (a local checkpoint or a hub id) or the embedded default, with its tokenizer, its
 frozen weights in the compute dtype or NF4 (--load-in-4bit), and LoRA layers (fresh, or --adapter's) unless --full.
 
-With --fsdp over several processes only the first process reads the checkpoint: the others build the model's skeleton
-(parameters and buffers on the meta device, the same LoRA layers), checked to have the loaded model's tensors, shapes
-and ties and given its dtypes; pyprefopt.distributed.shard_model then shards both and fills every process's shards
-from the first process's weights, so no other process ever holds the whole model. A --load-in-4bit base, which FSDP
-leaves whole on every process, each process loads itself.
+With --fsdp over several processes only the first process reads the checkpoint, and never holds it whole: every
+process builds the model's skeleton (its weights on the meta device, its buffers computed, the same LoRA layers), and
+the first one finds where the checkpoint keeps each weight; pyprefopt.distributed.shard_model then shards the
+skeletons and the first process reads each weight a block of rows at a time, sending each process its rows. A
+checkpoint whose weights transformers converts as it loads them (a mixture of experts', one tensor an expert) the
+first process loads whole instead, handing out the loaded model's weights. A --load-in-4bit base, which FSDP leaves
+whole on every process, each process loads itself.
 """
 
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 import torch
@@ -18,10 +21,11 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 
 from pyprefopt import data as D
-from pyprefopt.distributed import log
+from pyprefopt.distributed import FIRST_PROCESS_WEIGHTS, FirstProcessWeights, log
 from pyprefopt.errors import RunError
 from pyprefopt.head_config import check_fused_head_support
 from pyprefopt.packed_attention import use_packed_attention
+from pyprefopt.safetensors_io import TensorEntry
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -101,16 +105,17 @@ def check_adapter_base(adapter_dir, trained_on, base):
 
 
 def first_process_loads(args, world: int) -> bool:
-    """Whether the first process alone reads the checkpoint (the others build a skeleton, see load_model): with --fsdp
-    over several processes, which then fills every process's shards from the first one's weights. Not for a 4-bit
+    """Whether the first process alone reads the checkpoint (every process builds a skeleton, see load_model): with
+    --fsdp over several processes, whose shards the first one then fills. Not for a 4-bit
     base, which FSDP leaves whole on every process (pyprefopt.distributed.shard_model): each process loads it."""
     return args.fsdp and world > 1 and not args.load_in_4bit
 
 
 def load_model(args, train_rows, device, adapter=None):
     """(model, tokenizer, base path or hub id). LoRA layers are injected unless --full: fresh ones, or with
-    `adapter` (read_adapter_options' config) those of --adapter with its weights. Where first_process_loads, the
-    processes but the first return the model's skeleton instead (see _load_on_first_process)."""
+    `adapter` (read_adapter_options' config) those of --adapter with its weights. Where first_process_loads, every
+    process returns the model's skeleton instead, the first one's carrying what fills the shards (see
+    _load_on_first_process)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from pyprefopt.default_model import default_model_path
@@ -150,13 +155,14 @@ def load_model(args, train_rows, device, adapter=None):
         log(0, f"--model {base}: a multimodal checkpoint; its language model is trained alone ({model_class.__name__})"
             + (", and written alone" if args.full else ", and the adapter named as in the whole model"))
 
+    multimodal = config is not model_config
+
     def load():
-        return _prepared(_from_checkpoint(args, base, model_class, model_config, config is not model_config, device),
-                         args, base, device, adapter)
+        return _prepared(_from_checkpoint(args, base, model_class, model_config, multimodal, device), args, base,
+                         device, adapter)
 
     if dist.is_initialized() and first_process_loads(args, dist.get_world_size()):
-        model = _load_on_first_process(load, lambda: _prepared(_skeleton(args, model_config, device), args, base,
-                                                               device, adapter, skeleton=True))
+        model = _load_on_first_process(load, args, base, config, model_config, device, adapter)
     else:
         model = load()
     return model, tokenizer, base
@@ -165,10 +171,6 @@ def load_model(args, train_rows, device, adapter=None):
 def _from_checkpoint(args, base, model_class, model_config, multimodal, device):
     """The model read from the checkpoint at `base`: frozen weights in the compute dtype (or NF4), on `device`."""
     from transformers import BitsAndBytesConfig
-
-    from pyprefopt.peft_format import CHECKPOINT_PREFIX
-    from pyprefopt.safetensors_io import checkpoint_tensor_names
-    from pyprefopt.text_model import checkpoint_prefix
 
     dtype = compute_dtype(args, device)
     kwargs = {"dtype": _weights_dtype(args, device)}
@@ -183,11 +185,7 @@ def _from_checkpoint(args, base, model_class, model_config, multimodal, device):
         kwargs["device_map"] = {"": device}
     model = model_class.from_pretrained(base, config=model_config, **kwargs)
     if multimodal:
-        try:
-            prefix = checkpoint_prefix(model, checkpoint_tensor_names(checkpoint_dir(base)))
-        except (ValueError, OSError) as e:
-            raise RunError(f"--model {base}: {e}") from e
-        setattr(model, CHECKPOINT_PREFIX, prefix)
+        _set_checkpoint_prefix(model, base, _checkpoint_entries(base))
     if not args.load_in_4bit:
         model.to(device)
     return model
@@ -198,22 +196,76 @@ def _weights_dtype(args, device) -> torch.dtype:
     return torch.float32 if args.full else compute_dtype(args, device)
 
 
-def _skeleton(args, model_config, device):
-    """The model from_pretrained would load, with its parameters and buffers on the meta device (no memory), in eval
-    mode as from_pretrained leaves it. Without the checkpoint prefix of a multimodal checkpoint: only what the first
-    process writes reads it."""
+def _checkpoint_entries(base) -> dict[str, TensorEntry]:
+    """Where each tensor of the safetensors checkpoint at `base` lies (its files' headers); RunError where they
+    cannot be read."""
+    from pyprefopt.safetensors_io import checkpoint_entries
+
+    try:
+        return checkpoint_entries(checkpoint_dir(base))
+    except (ValueError, OSError) as e:
+        raise RunError(f"--model {base}: {e}") from e
+
+
+def _set_checkpoint_prefix(model, base, names):
+    """The prefix under which a multimodal checkpoint, whose tensors are `names`, keeps `model`'s decoder, set on
+    the model (peft_format.CHECKPOINT_PREFIX)."""
+    from pyprefopt.peft_format import CHECKPOINT_PREFIX
+    from pyprefopt.text_model import checkpoint_prefix
+
+    try:
+        setattr(model, CHECKPOINT_PREFIX, checkpoint_prefix(model, names))
+    except ValueError as e:
+        raise RunError(f"--model {base}: {e}") from e
+
+
+def _skeleton(args, model_config, base, device):
+    """The model from_pretrained would load but for its weights, which are on the meta device (no memory): in the
+    dtypes from_pretrained gives them (_keep_in_fp32), tied as it ties them, with what it makes besides them, in
+    eval mode. Its buffers are computed as from_pretrained computes those a checkpoint does not hold (a rotary
+    embedding's inv_freq): on the CPU, by the model's own weight initialisation, told (transformers' mark) that every
+    parameter is loaded; that draws no random numbers, so a seeded LoRA init after it is the loaded model's. Without
+    the checkpoint prefix of a multimodal checkpoint: only the first process reads the checkpoint's names."""
     from transformers import AutoModelForCausalLM
 
+    dtype = _weights_dtype(args, device)
     with torch.device("meta"):
         # The class causal_lm_class picks: the text model's own one for a multimodal config's text config.
-        model = AutoModelForCausalLM.from_config(model_config, dtype=_weights_dtype(args, device))
+        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+    _keep_in_fp32(model, dtype)
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = torch.empty_like(buffer, device="cpu")
+    for param in model.parameters():
+        param._is_hf_initialized = True
+    model.initialize_weights()
+    model.config.name_or_path = base
+    if model.can_generate():
+        # from_pretrained's generation config: the checkpoint's generation_config.json, else its config.json's.
+        model.adjust_generation_fn(None, False, None, base, cache_dir=None, force_download=False, proxies=None,
+                                   local_files_only=False, token=None, revision="main", subfolder="",
+                                   trust_remote_code=None)
     return model.eval()
 
 
-def _prepared(model, args, base, device, adapter, skeleton=False):
+def _keep_in_fp32(model, dtype):
+    """The weights from_pretrained loads in fp32 whatever `dtype` made fp32: those its dtype plan names (the model's
+    `_keep_in_fp32_modules_strict` in 16-bit, and `_keep_in_fp32_modules` in fp16), whose entries transformers
+    matches as regular expressions in which `*` stands for any text."""
+    plan = model._get_dtype_plan(dtype)
+    patterns = [(re.compile(entry.replace("*", ".*")), kept) for entry, kept in plan.items()]
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        kept = next((kept for pattern, kept in patterns if pattern.search(name)), None)
+        if kept is not None:
+            tensor.data = tensor.data.to(kept)
+
+
+def _prepared(model, args, base, device, adapter, skeleton=False, lora_device=None):
     """`model` made ready to train: no KV cache, packed attention on CPU, gradient checkpointing if asked, and every
     weight trainable (--full) or LoRA layers injected, fresh or --adapter's (a skeleton gets the adapter's layers
-    alone: the first process reads their weights)."""
+    alone: the first process holds their weights, see _first_process_model). `lora_device`: where a skeleton's LoRA
+    factors are made (lora.inject_lora; by default on the meta device, as its weights)."""
     from pyprefopt.lora import inject_lora, load_lora_adapter
 
     model.config.use_cache = False
@@ -227,16 +279,17 @@ def _prepared(model, args, base, device, adapter, skeleton=False):
         return model
     if adapter is None:
         inject_lora(model, target_spec(args.target_modules), r=args.lora_r, lora_alpha=args.lora_alpha,
-                    lora_dropout=args.lora_dropout)
+                    lora_dropout=args.lora_dropout, device=lora_device)
     else:
         try:
             if skeleton:
                 inject_lora(model, adapter.target_modules, r=adapter.r, lora_alpha=adapter.lora_alpha,
-                            lora_dropout=adapter.lora_dropout, use_rslora=adapter.use_rslora, bias=adapter.bias)
+                            lora_dropout=adapter.lora_dropout, use_rslora=adapter.use_rslora, bias=adapter.bias,
+                            device=lora_device)
             else:
                 load_lora_adapter(model, args.adapter)
         except (ValueError, TypeError, OSError, SafetensorError) as e:
-            raise RunError(f"--adapter {args.adapter} does not fit --model {base}: {e}") from e
+            raise _adapter_misfit(args, base, e) from e
     # The adapter is created in its base's dtype: fp32 master weights for AdamW (LoRALinear casts them to the
     # input's dtype in forward, and autograd brings their gradients back in fp32).
     for param in model.parameters():
@@ -246,14 +299,25 @@ def _prepared(model, args, base, device, adapter, skeleton=False):
     return model
 
 
-def _load_on_first_process(load, build_skeleton):
-    """The first process's `load()`, the others' `build_skeleton()`, given the loaded model's dtypes (transformers
-    keeps some weights of some models in fp32 when it loads them in another dtype). Where a process fails with what
-    an `error:` line reports, every process raises that error (its own, else the first one's), rather than wait for
-    the others; and a RunError where a skeleton's tensors differ from the loaded model's in names, shapes or ties."""
+def _adapter_misfit(args, base, error) -> RunError:
+    return RunError(f"--adapter {args.adapter} does not fit --model {base}: {error}")
+
+
+def _load_on_first_process(load, args, base, config, model_config, device, adapter):
+    """Every process builds the model's skeleton (_skeleton) with its LoRA layers, the first one also what fills every
+    process's shards of it (_first_process_model). Where a process fails with what an `error:` line reports, every
+    process raises that error (its own, else the first one's), rather than wait for the others; and a RunError where
+    a skeleton's tensors differ from the first process's model in names, shapes or ties. A model the first process
+    loaded whole gives the skeletons its dtypes (transformers keeps some weights of some models in fp32 when it
+    loads them in another dtype)."""
     model = failure = None
     try:
-        model = load() if dist.get_rank() == 0 else build_skeleton()
+        skeleton = _skeleton(args, model_config, base, device)
+        if dist.get_rank() == 0:
+            model = _first_process_model(skeleton, load, args, base, config, config is not model_config, device,
+                                          adapter)
+        else:
+            model = _prepared(skeleton, args, base, device, adapter, skeleton=True)
     except (RunError, OSError, SafetensorError) as e:
         failure = e
     layouts = [None] * dist.get_world_size()
@@ -274,9 +338,91 @@ def _load_on_first_process(load, build_skeleton):
     return model
 
 
-def _named_tensors(model):
-    """Every parameter and buffer of `model` under each of its names (a tied weight under both)."""
-    return itertools.chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
+def _first_process_model(skeleton, load, args, base, config, multimodal, device, adapter):
+    """The first process's model, carrying (distributed.FIRST_PROCESS_WEIGHTS) what fills every process's shards of
+    it: the skeleton, with its LoRA factors made as a loaded model's are (the same seed draws the same values), which
+    it holds with --adapter's weights and its buffers, its other weights read from the checkpoint when their turn
+    comes; or, where the checkpoint does not keep every weight under the model's name of it (_stored_tensors), the
+    whole model loaded (`load()`), which holds them all."""
+    from pyprefopt.lora import adapter_weights
+
+    stored_by_tensor, not_streamed = _stored_tensors(skeleton, base, config, multimodal)
+    if not_streamed:
+        log(0, f"--fsdp: the first process loads --model {base} whole, then shards it: {not_streamed}")
+        model = load()
+        setattr(model, FIRST_PROCESS_WEIGHTS, FirstProcessWeights(dict(_named_tensors(model, every_name=False)), {}))
+        return model
+    model = _prepared(skeleton, args, base, device, adapter, skeleton=True, lora_device=device)
+    tensors = dict(_named_tensors(model, every_name=False))
+    stored = {name: stored_by_tensor[id(tensor)] for name, tensor in tensors.items() if id(tensor) in stored_by_tensor}
+    held = {name: tensor for name, tensor in tensors.items() if name not in stored}
+    if adapter is not None:
+        try:
+            from_adapter = adapter_weights(model, args.adapter)
+        except (ValueError, TypeError, OSError, SafetensorError) as e:
+            raise _adapter_misfit(args, base, e) from e
+        held.update(from_adapter)
+        for name in from_adapter:
+            stored.pop(name, None)
+    setattr(model, FIRST_PROCESS_WEIGHTS, FirstProcessWeights(held, stored))
+    return model
+
+
+def _stored_tensors(model, base, config, multimodal) -> tuple[dict[int, TensorEntry], str | None]:
+    """(where the checkpoint at `base` keeps each weight and persistent buffer of the skeleton `model`, by the
+    tensor's id; why not every weight can be read so, else None), the checkpoint's names made the model's as
+    from_pretrained makes them: by transformers' renamings of the model (a multimodal checkpoint's prefix of its
+    language model, older names), which it records on the model for save_pretrained to name the weights back as the
+    checkpoint did. Not every weight can be read so where the checkpoint is quantised (transformers undoes that as it
+    loads), not safetensors, or keeps some weights otherwise: transformers converts those as it loads them (a mixture
+    of experts' weights, one tensor an expert, into one), and initialises afresh a weight the checkpoint lacks. A
+    buffer the checkpoint does not keep is the skeleton's computed one (see _skeleton). Also sets a multimodal
+    checkpoint's prefix on the model (see _set_checkpoint_prefix). RunError for a weight the checkpoint keeps in
+    another shape, or for files it cannot read."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    from pyprefopt.safetensors_io import INDEX_FILE, SINGLE_FILE
+
+    if getattr(config, "quantization_config", None) is not None:
+        return {}, "its config.json declares a quantization_config, which transformers undoes as it loads"
+    if not any((checkpoint_dir(base) / name).is_file() for name in (SINGLE_FILE, INDEX_FILE)):
+        return {}, "it holds no safetensors weights"
+    entries = _checkpoint_entries(base)
+    if multimodal:
+        _set_checkpoint_prefix(model, base, entries)
+    conversions = get_model_conversion_mapping(model)
+    renamings = [conversion for conversion in conversions if isinstance(conversion, WeightRenaming)]
+    converters = [conversion for conversion in conversions if isinstance(conversion, WeightConverter)]
+    state = model.state_dict(keep_vars=True)
+    prefix = model.base_model_prefix
+    stored = {}
+    for key, entry in entries.items():
+        # As from_pretrained renames a checkpoint's key, falling back on the key itself (with or without the base
+        # model's prefix) where the renamings lead to no tensor of the model; `converted`: a converter's pattern.
+        name, converted = rename_source_key(key, renamings, converters, prefix, state)
+        if name not in state and key in state:
+            name, converted = rename_source_key(key, [], [], prefix, state)
+        if name not in state or converted is not None:
+            continue
+        tensor = state[name]
+        if entry.shape != tuple(tensor.shape):
+            raise RunError(f"--model {base}: its checkpoint's {key} is {list(entry.shape)}, where the model its "
+                           f"config.json describes has {name} {list(tensor.shape)}")
+        stored.setdefault(id(tensor), entry)
+    model._weight_conversions = [conversion for conversion in conversions if conversion.was_used()]
+    unstored = [name for name, param in model.named_parameters() if id(param) not in stored]
+    if unstored:
+        listed = ", ".join(unstored[:3]) + (" ..." if len(unstored) > 3 else "")
+        return stored, (f"it keeps {len(unstored)} weights under names other than the model's ({listed}), which "
+                        "transformers converts as it loads them")
+    return stored, None
+
+
+def _named_tensors(model, every_name=True):
+    """Every parameter and buffer of `model` under each of its names (a tied weight under both), or under its first."""
+    return itertools.chain(model.named_parameters(remove_duplicate=not every_name),
+                           model.named_buffers(remove_duplicate=not every_name))
 
 
 def _layout(model) -> list[tuple]:

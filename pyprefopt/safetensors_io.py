@@ -3,11 +3,13 @@
 The `safetensors` package maps a whole file and hands out tensors backed by that mapping: every page a
 caller touches stays resident (it counts in RSS) until the file is closed, so reading a shard tensor by
 tensor grows RSS to the shard's size. And it writes a file only from a dict holding every tensor. A
-streaming merge needs neither, so this module reads each tensor with `readinto` into a buffer the caller
-may reuse, and writes the header first (every name, dtype and shape is known in advance) and then each
-tensor's bytes as it is produced. The format (https://github.com/huggingface/safetensors): an 8-byte
-little-endian header length, a JSON header `{name: {dtype, shape, data_offsets: [begin, end]},
-"__metadata__": {...}}` padded with spaces to a multiple of 8, then the byte buffer the offsets index.
+streaming merge needs neither, nor does the first process of an --fsdp run handing each process its rows
+of the checkpoint (pyprefopt.distributed), so this module reads each tensor, or a block of its rows, with
+`readinto` into a buffer the caller may reuse, and writes the header first (every name, dtype and shape
+is known in advance) and then each tensor's bytes as it is produced. The format
+(https://github.com/huggingface/safetensors): an 8-byte little-endian header length, a JSON header
+`{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}` padded with spaces to a
+multiple of 8, then the byte buffer the offsets index.
 
 A transformers checkpoint directory holds its weights in one such file or in shards an index maps tensor names to
 (`checkpoint_weight_files`); `read_headers` reads the headers of all of them.
@@ -118,24 +120,34 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorEntry], dict[s
     return {e.name: e for e in entries}, metadata
 
 
-def read_tensor(entry: TensorEntry, buffer: torch.Tensor | None = None) -> torch.Tensor:
-    """The tensor's bytes read from disk, in `buffer` (a uint8 CPU tensor of at least `entry.nbytes`,
-    reused across calls to spare the page faults of a fresh allocation) or in a new tensor."""
+def read_tensor(entry: TensorEntry, buffer: torch.Tensor | None = None,
+                rows: range | None = None) -> torch.Tensor:
+    """The tensor's bytes read from disk, in `buffer` (a uint8 CPU tensor of at least the bytes read,
+    reused across calls to spare the page faults of a fresh allocation) or in a new tensor. `rows`: only
+    those rows (a step-1 range of the first dimension's indices), which lie contiguous in the file: a
+    tensor is read a block of rows at a time without ever being whole in memory."""
+    shape, offset = entry.shape, entry.offset
+    if rows is not None:
+        if not shape or rows.step != 1 or not 0 <= rows.start <= rows.stop <= shape[0]:
+            raise ValueError(f"rows {rows} are not a block of {entry.name!r}'s {list(shape)}")
+        row_bytes = math.prod(shape[1:]) * entry.dtype.itemsize
+        shape, offset = (len(rows), *shape[1:]), offset + rows.start * row_bytes
+    nbytes = math.prod(shape) * entry.dtype.itemsize
     if buffer is None:
-        buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
-    elif buffer.dtype != torch.uint8 or buffer.numel() < entry.nbytes or not buffer.is_contiguous():
-        raise ValueError(f"buffer must be contiguous uint8 with at least {entry.nbytes} bytes")
-    data = buffer[: entry.nbytes]
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+    elif buffer.dtype != torch.uint8 or buffer.numel() < nbytes or not buffer.is_contiguous():
+        raise ValueError(f"buffer must be contiguous uint8 with at least {nbytes} bytes")
+    data = buffer[:nbytes]
     with open(entry.path, "rb") as f:
-        f.seek(entry.offset)
+        f.seek(offset)
         view = memoryview(data.numpy())
         done = 0
-        while done < entry.nbytes:
+        while done < nbytes:
             n = f.readinto(view[done:])
             if not n:
                 raise SafetensorsFormatError(f"{entry.path}: tensor {entry.name!r} is cut short (file changed?)")
             done += n
-    return data.view(entry.dtype).view(entry.shape)
+    return data.view(entry.dtype).view(shape)
 
 
 def read_headers(files: list[Path]) -> dict[str, TensorEntry]:
@@ -175,9 +187,15 @@ def checkpoint_weight_files(directory: Path) -> list[Path]:
     raise SafetensorsFormatError(f"{directory} has no {SINGLE_FILE} or {INDEX_FILE}")
 
 
+def checkpoint_entries(directory: Path) -> dict[str, TensorEntry]:
+    """Where each tensor of a safetensors checkpoint directory lies, in file order (read from the file headers
+    alone)."""
+    return read_headers(checkpoint_weight_files(directory))
+
+
 def checkpoint_tensor_names(directory: Path) -> list[str]:
     """The names of the tensors a safetensors checkpoint directory holds (read from the file headers alone)."""
-    return list(read_headers(checkpoint_weight_files(directory)))
+    return list(checkpoint_entries(directory))
 
 
 class StreamingWriter:

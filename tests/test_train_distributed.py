@@ -2,8 +2,9 @@
 train what one process does with the same global batch, for a paired method (dpo) and an unpaired one (kto), LoRA,
 QLoRA (its 4-bit base left whole on each process) and --full, and continuing an --adapter; the sharded checkpoint two
 processes wrote resumes in one process and ends where the uninterrupted run did; only the first process reads the
-checkpoint (but a 4-bit base), and an error loading it is every process's; what --fsdp cannot do, and a resume that
-would compute other steps, are refused.
+checkpoint (but a 4-bit base), a block of rows at a time (its setup's peak memory stays near the second's), or whole
+where transformers converts the checkpoint as it loads it, and an error loading it is every process's; what --fsdp
+cannot do, and a resume that would compute other steps, are refused.
 
 Each case runs torchrun once (3 steps, checkpoints at steps 2 and 3), shared by its three tests. The --full cases train
 a tiny Qwen3 whose head is tied to its embeddings (one parameter under two names, in the FSDP root's group), the LoRA
@@ -13,6 +14,7 @@ process a batch short (sequence_logps_all fills it up)."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -25,7 +27,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pyprefopt import checkpoint, train
+from pyprefopt import checkpoint, model_loading, train
 from pyprefopt.errors import RunError
 from tests.test_train import (  # noqa: F401
     assert_same_training,
@@ -39,6 +41,8 @@ from tests.test_train import (  # noqa: F401
 from tests.tiny_models import qwen_config, save_tiny_model
 
 READ_GUARD = ("-m", "tests.checkpoint_read_guard")
+# Its --train-worker runs the train CLI under torchrun and writes each process's peak resident memory.
+BENCH_DISTRIBUTED = ("-m", "bench.bench_distributed")
 LR = 1e-2
 COMMON = ["--max-steps", "3", "--lr", str(LR), "--eval-batch-size", "3", "--eval-every", "2"]
 # --batch-size and --grad-accum of the two processes; one process takes --batch-size 4.
@@ -117,6 +121,20 @@ def test_two_fsdp_processes_continue_an_adapter_as_one_process_does(sft_adapter,
     assert int(Path(f"{counts}.1").read_text()) == 0
 
 
+def two_fsdp_processes_error(data_dir, out, *extra) -> str:
+    """The `error:` line of two --fsdp processes of an sft run with `extra` options that fails: the same from
+    each."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "pyprefopt.train", "--method", "sft", "--data", method_data("sft", data_dir), "--output-dir", str(out),
+           "--fsdp", "--max-steps", "1", "--batch-size", "2", *extra]
+    result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    # Both processes write their line to the one stderr pipe, where the two writes can land on one line.
+    errors = re.findall(r"error: .*?(?=error: |$)", result.stderr, flags=re.M)
+    assert result.returncode != 0 and len(errors) == 2, result.stderr[-4000:]
+    assert errors[0] == errors[1]
+    return errors[0]
+
+
 def test_what_the_first_fsdp_process_fails_to_load_is_every_process_error(sft_adapter, data_dir, tmp_path):
     """An adapter whose weights do not fit: the first process fails loading them, the second (which never reads them)
     reports the same error line instead of waiting for weights that will not come."""
@@ -125,14 +143,77 @@ def test_what_the_first_fsdp_process_fails_to_load_is_every_process_error(sft_ad
     weights = adapter / "adapter_model.safetensors"
     save_file({key: torch.zeros(tensor.shape[0] + 1, *tensor.shape[1:]) for key, tensor in load_file(weights).items()},
               weights)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "pyprefopt.train", "--method", "sft", "--data", method_data("sft", data_dir), "--output-dir",
-           str(tmp_path / "run"), "--adapter", str(adapter), "--fsdp", "--max-steps", "1", "--batch-size", "2"]
-    result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    # Both processes write their line to the one stderr pipe, where the two writes can land on one line.
-    errors = re.findall(r"error: .*?(?=error: |$)", result.stderr, flags=re.M)
-    assert result.returncode != 0 and len(errors) == 2, result.stderr[-4000:]
-    assert errors[0] == errors[1] and "does not fit --model" in errors[0]
+    assert "does not fit --model" in two_fsdp_processes_error(data_dir, tmp_path / "run", "--adapter", str(adapter))
+
+
+def test_a_checkpoint_unlike_its_config_is_every_fsdp_process_error(tied_qwen3, data_dir, tmp_path):
+    """The first process finds a weight of another shape in the checkpoint than the model its config describes, before
+    any process waits for its rows."""
+    model = tmp_path / "model"
+    shutil.copytree(tied_qwen3, model)
+    config = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    config["intermediate_size"] += 1
+    (model / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    error = two_fsdp_processes_error(data_dir, tmp_path / "run", "--model", str(model))
+    # The first such weight in the checkpoint's file order: one of a layer's three MLP weights.
+    shapes = {"gate_proj": ("[128, 64]", "[129, 64]"), "up_proj": ("[128, 64]", "[129, 64]"),
+              "down_proj": ("[64, 128]", "[64, 129]")}
+    weight = re.search(r"its checkpoint's model\.layers\.\d+\.mlp\.(\w+)\.weight", error)
+    assert weight and weight.group(1) in shapes, error
+    stored, built = shapes[weight.group(1)]
+    name = weight.group(0).removeprefix("its checkpoint's ")
+    assert f"--model {model}: its checkpoint's {name} is {stored}, where the model its config.json describes has " \
+           f"{name} {built}" in error
+
+
+@pytest.fixture(scope="module")
+def deep_qwen3(data_dir, tmp_path_factory):
+    """A Qwen3 of 12 layers whose weights, 80 MiB of them, dwarf what else its processes hold, its largest weight
+    2 MiB."""
+    from transformers import Qwen3Config
+
+    def make_config(vocab_size, **ids):
+        return Qwen3Config(vocab_size=vocab_size, hidden_size=256, intermediate_size=2048, num_hidden_layers=12,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True,
+                           bos_token_id=None, **ids)
+
+    return save_tiny_model(tmp_path_factory.mktemp("deep-qwen3"), data_dir, make_config)
+
+
+def test_the_first_fsdp_process_never_holds_the_whole_checkpoint(deep_qwen3, data_dir, tmp_path):
+    """The first process's peak resident memory over setup (bench.bench_distributed's measure: from the start
+    until the model is sharded and filled) stays within half the weights of the second's, which reads nothing and
+    receives its shards: the first reads and sends a block of rows at a time (and holds the LoRA factors whole),
+    where loading the whole model before sharding it put its peak more than the whole weights higher."""
+    peaks = tmp_path / "peaks"
+    torchrun("sft", data_dir, tmp_path / "run", "--model", str(deep_qwen3), "--fsdp", "--max-steps", "1",
+             "--batch-size", "2", "--max-length", "64", worker=(*BENCH_DISTRIBUTED, "--train-worker", str(peaks)))
+    first, second = (json.loads(Path(f"{peaks}.{rank}").read_text())["setup_mib"] for rank in range(2))
+    weights_mib = (deep_qwen3 / "model.safetensors").stat().st_size / 2**20
+    assert weights_mib > 64 and first - second < weights_mib / 2, (first, second, weights_mib)
+
+
+def test_a_checkpoint_transformers_converts_as_it_loads_is_loaded_whole_by_the_first_fsdp_process(data_dir, tmp_path):
+    """A mixture of experts' checkpoint keeps a tensor an expert, which transformers fuses into one as it loads them:
+    not every weight can be read under its name, so the first process loads the whole model and hands out its
+    weights, and two processes train what one does."""
+    from transformers import AutoConfig, Qwen3MoeConfig
+
+    def tiny_moe(vocab_size, **ids):
+        return Qwen3MoeConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                              num_experts=4, num_experts_per_tok=2, bos_token_id=None, **ids)
+
+    moe = save_tiny_model(tmp_path / "moe", data_dir, tiny_moe)
+    args = train.parse_args(["--method", "sft", "--model", str(moe), "--fsdp"])
+    config = AutoConfig.from_pretrained(moe)
+    skeleton = model_loading._skeleton(args, config, str(moe), torch.device("cpu"))
+    _, not_streamed = model_loading._stored_tensors(skeleton, str(moe), config, multimodal=False)
+    assert "model.layers.0.mlp.experts.gate_up_proj" in not_streamed
+    options = [*COMMON, "--model", str(moe)]
+    one = run("sft", data_dir, tmp_path / "one", *options, "--batch-size", "4")
+    two = torchrun("sft", data_dir, tmp_path / "two", *options, *TWO_PROCESS_SPLIT["dpo"], "--fsdp")
+    assert_same_training(tmp_path / "two", tmp_path / "one", two, one, LR)
 
 
 def test_a_checkpoint_of_two_fsdp_processes_resumes_in_one(case, data_dir, tmp_path, capsys):

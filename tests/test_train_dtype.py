@@ -90,11 +90,8 @@ def test_cli_bf16_trains_fp32_weights_and_says_so(data_dir, tmp_path):
         assert json.loads((out / "run_args.json").read_text(encoding="utf-8"))["dtype"] == "bf16"
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("make_config", [_qwen3, _gemma3n_bent], ids=["qwen3-tied", "gemma3n"])
-def test_the_fsdp_skeleton_is_the_loaded_model_on_the_meta_device(make_config, dtype, data_dir, tmp_path):
-    """What the processes of an --fsdp run but the first build instead of reading the checkpoint: the loaded model's
-    parameters and buffers (names, shapes, dtypes, ties), LoRA layers included, with no memory behind them."""
+def _skeleton_and_loaded(make_config, dtype, data_dir, tmp_path):
+    """(the --fsdp skeleton of a tiny model of `make_config`, with its LoRA layers; the model loaded)."""
     from transformers import AutoConfig
 
     from pyprefopt.text_model import causal_lm_class
@@ -105,7 +102,35 @@ def test_the_fsdp_skeleton_is_the_loaded_model_on_the_meta_device(make_config, d
     device = torch.device("cpu")
     loaded, _, _ = model_loading.load_model(args, [], device)
     _, model_config = causal_lm_class(AutoConfig.from_pretrained(model_dir))
-    skeleton = model_loading._prepared(model_loading._skeleton(args, model_config, device), args, str(model_dir),
-                                       device, None, skeleton=True)
+    skeleton = model_loading._prepared(model_loading._skeleton(args, model_config, str(model_dir), device), args,
+                                       str(model_dir), device, None, skeleton=True)
+    return skeleton, loaded
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("make_config", [_qwen3, _gemma3n_bent], ids=["qwen3-tied", "gemma3n"])
+def test_the_fsdp_skeleton_is_the_loaded_model_with_its_weights_on_the_meta_device(make_config, dtype, data_dir,
+                                                                                   tmp_path):
+    """What the processes of an --fsdp run build instead of loading the checkpoint: the loaded model's parameters
+    and buffers (names, shapes, dtypes, ties), LoRA layers included, with no memory behind the weights, and the
+    buffers from_pretrained computes (rotary frequencies, Gemma's scales) as it computes them."""
+    skeleton, loaded = _skeleton_and_loaded(make_config, dtype, data_dir, tmp_path)
     assert model_loading._layout(skeleton) == model_loading._layout(loaded)
-    assert all(tensor.is_meta for _, tensor in model_loading._named_tensors(skeleton))
+    assert all(param.is_meta for param in skeleton.parameters())
+    loaded_buffers = dict(loaded.named_buffers())
+    for name, buffer in skeleton.named_buffers():
+        assert torch.equal(buffer, loaded_buffers[name]), name
+    assert not skeleton.training and skeleton.generation_config == loaded.generation_config
+
+
+def test_the_fsdp_skeleton_keeps_in_fp32_what_from_pretrained_loads_in_fp32(monkeypatch, data_dir, tmp_path):
+    """A model's `_keep_in_fp32_modules_strict` (an MoE router's weight in some models): from_pretrained loads those
+    weights in fp32 under bf16, and the skeleton gives them the same dtype."""
+    from transformers import Qwen3ForCausalLM
+
+    monkeypatch.setattr(Qwen3ForCausalLM, "_keep_in_fp32_modules_strict", ["self_attn.q_norm"])
+    skeleton, loaded = _skeleton_and_loaded(_qwen3, "bf16", data_dir, tmp_path)
+    assert model_loading._layout(skeleton) == model_loading._layout(loaded)
+    dtypes = {name: param.dtype for name, param in skeleton.named_parameters()}
+    assert {dtype for name, dtype in dtypes.items() if "q_norm" in name} == {torch.float32}
+    assert dtypes["model.layers.0.self_attn.k_norm.weight"] == torch.bfloat16
