@@ -2,10 +2,11 @@
 the training step's memory beyond the weights goes, and what an activation-lean op would save.
 
     python -m bench.saved_activations [--model Qwen3-1.7B|Qwen2.5-1.5B --targets all-linear --lora-dropout 0
-                                       --tokens 512]
+                                       --tokens 512 --lean]
 
 Builds the card's architecture (`bench.bench_train.real_configs`) with two decoder layers and a small vocabulary,
-bf16 weights, LoRA layers of rank 16 on `--targets` (fp32 factors, as the CLI trains them), and runs one forward
+bf16 weights, LoRA layers of rank 16 on `--targets` (fp32 factors, as the CLI trains them), with `--lean` the
+activation-lean MLP and RMSNorm the train CLI uses (`pyprefopt.lean_activations`), and runs one forward
 under bf16 autocast as the train CLI does on CPU with `--dtype bf16`. Every tensor saved for backward inside the
 second layer is counted once (by storage); the weights, which backward reads in place, are left out; the LoRA
 factors' bf16 casts, a fixed size, are counted per token too (a fraction of a KiB). Prints KiB per token by module,
@@ -21,6 +22,7 @@ import torch
 
 from bench.bench_train import real_configs
 from pyprefopt import lora
+from pyprefopt.lean_activations import use_lean_activations
 
 
 def saved_bytes_by_module(model, layer, input_ids) -> collections.Counter:
@@ -65,6 +67,7 @@ def main(argv=None):
     p.add_argument("--targets", default="all-linear", help="LoRA targets: all-linear or comma-separated names")
     p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument("--tokens", type=int, default=512)
+    p.add_argument("--lean", action="store_true", help="the train CLI's activation-lean MLP and RMSNorm")
     a = p.parse_args(argv)
     from transformers import AutoModelForCausalLM
 
@@ -73,6 +76,8 @@ def main(argv=None):
     config.num_hidden_layers, config.vocab_size = 2, 1024
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     targets = a.targets if a.targets == "all-linear" else a.targets.split(",")
+    if a.lean:
+        use_lean_activations(model)
     lora.inject_lora(model, targets, r=16, lora_alpha=32, lora_dropout=a.lora_dropout)
     model.train()
     for param in model.parameters():
@@ -80,7 +85,8 @@ def main(argv=None):
             param.data = param.data.float()
     saved = saved_bytes_by_module(model, model.model.layers[1], torch.randint(0, 1024, (1, a.tokens)))
     kib = {key: nbytes / a.tokens / 1024 for key, nbytes in saved.items()}
-    print(f"{a.model}, LoRA on {a.targets} (dropout {a.lora_dropout}), {a.tokens} tokens: "
+    print(f"{a.model}{' with lean activations' if a.lean else ''}, LoRA on {a.targets} (dropout {a.lora_dropout}), "
+          f"{a.tokens} tokens: "
           f"{sum(kib.values()):.1f} KiB saved per token per layer")
     print("| module | dtype | shape | KiB per token |\n|---|---|---|---:|")
     for (module, dtype, shape), size in sorted(kib.items(), key=lambda item: -item[1]):

@@ -31,17 +31,6 @@ from pyprefopt.kernels.triton_launch import dot
 
 
 @triton.jit
-def _round(value, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
-    """fp32 `value` in `dtype`, rounded to nearest even as on the GPU. The interpreter (triton 3.9)
-    truncates fp32 -> bf16 whatever the rounding mode, so there the rounding is done on the bits."""
-    if INTERPRETED and dtype == tl.bfloat16:
-        bits = value.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True).to(dtype)
-    return value.to(dtype)
-
-
-@triton.jit
 def _load_base_tile(
     w_ptr, codes_ptr, absmax_ptr, absmax_code_ptr, nested_code_ptr, nested_absmax_ptr, nf4_table_ptr,
     offs_k, offs_n, mask, stride_wk, stride_wn, blocksize, nested_blocksize, nested_offset,
@@ -64,7 +53,7 @@ def _load_base_tile(
         else:
             absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
         # bitsandbytes decodes in fp32 and rounds once to the weight dtype: the same here.
-        return _round(value * absmax, OUT_DTYPE, INTERPRETED)
+        return launch.rounded(value * absmax, OUT_DTYPE, INTERPRETED)
     return tl.load(w_ptr + flat, mask=mask, other=0.0).to(OUT_DTYPE)
 
 
@@ -121,8 +110,8 @@ def lora_main_kernel(
         acc = dot(s, low, acc, IEEE)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], _round(acc, y_ptr.dtype.element_ty, DOT_FP32),
-             mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
+             launch.rounded(acc, y_ptr.dtype.element_ty, DOT_FP32), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit

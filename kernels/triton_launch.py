@@ -33,6 +33,17 @@ def dot(a, b, acc, IEEE: tl.constexpr):
     return tl.dot(a, b, acc)
 
 
+@triton.jit
+def rounded(value, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
+    """fp32 `value` in `dtype`, rounded to nearest even as on the GPU. The interpreter (triton 3.9)
+    truncates fp32 -> bf16 whatever the rounding mode, so there the rounding is done on the bits."""
+    if INTERPRETED and dtype == tl.bfloat16:
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(dtype)
+    return value.to(dtype)
+
+
 def dot_flags(dtype: torch.dtype) -> dict:
     """`DOT_FP32`: upcast tiles before `tl.dot` (the interpreter's is wrong on bf16 operands); `IEEE`: fp32 dots in
     IEEE fp32, as torch's own fp32 matmul computes unless TF32 is allowed."""

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.weak import WeakIdKeyDictionary
 
+from pyprefopt import backend as backend_choice
 from pyprefopt import cpu_linear
 
 # Bytes of fp32 logits one CPU tile may hold. oneDNN (pyprefopt.cpu_linear) writes each tile's GEMM to a fresh
@@ -486,16 +487,6 @@ def slopes_of_kept_tile(transform, kept, tile_max, buffer):
     return transform.slope_from_logits_(logits)
 
 
-def _use_triton(device: torch.device, backend: str) -> bool:
-    if backend == "torch":
-        return False
-    if backend == "triton":
-        return True
-    if backend != "auto":
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    return device.type == "cuda"
-
-
 class FusedLinearLogprobsFunction(torch.autograd.Function):
     """Autograd over rows whose labels are all valid (ignored rows are dropped before the call).
     Outputs: logp, lse, then the requested statistics in `statistics` order; of these only the entropy is
@@ -738,7 +729,7 @@ def fused_linear_logprobs(
     unknown = [name for name in statistics if name not in STATISTICS]
     if unknown or len(set(statistics)) != len(statistics):
         raise ValueError(f"statistics must be distinct names from {STATISTICS}, got {statistics}")
-    use_triton = _use_triton(hidden.device, backend)
+    use_triton = backend_choice.use_triton(hidden.device, backend)
     flat_labels = labels.reshape(-1)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     keep = (flat_labels != ignore_index).nonzero().squeeze(1)

@@ -24,6 +24,7 @@ from pyprefopt import data as D
 from pyprefopt.distributed import FIRST_PROCESS_WEIGHTS, FirstProcessWeights, log
 from pyprefopt.errors import RunError
 from pyprefopt.head_config import check_fused_head_support
+from pyprefopt.lean_activations import use_lean_activations
 from pyprefopt.packed_attention import use_packed_attention
 from pyprefopt.safetensors_io import TensorEntry
 
@@ -262,15 +263,21 @@ def _keep_in_fp32(model, dtype):
 
 
 def _prepared(model, args, base, device, adapter, skeleton=False, lora_device=None):
-    """`model` made ready to train: no KV cache, packed attention on CPU, gradient checkpointing if asked, and every
-    weight trainable (--full) or LoRA layers injected, fresh or --adapter's (a skeleton gets the adapter's layers
-    alone: the first process holds their weights, see _first_process_model). `lora_device`: where a skeleton's LoRA
-    factors are made (lora.inject_lora; by default on the meta device, as its weights)."""
+    """`model` made ready to train: no KV cache, packed attention on CPU, activation-lean MLPs and RMSNorms where the
+    architecture has them, gradient checkpointing if asked, and every weight trainable (--full) or LoRA layers
+    injected, fresh or --adapter's (a skeleton gets the adapter's layers alone: the first process holds their
+    weights, see _first_process_model). `lora_device`: where a skeleton's LoRA factors are made (lora.inject_lora; by
+    default on the meta device, as its weights)."""
     from pyprefopt.lora import inject_lora, load_lora_adapter
 
     model.config.use_cache = False
     if device.type == "cpu":
         use_packed_attention(model)
+    swapped = use_lean_activations(model)
+    if any(swapped.values()):
+        log(dist.get_rank() if dist.is_initialized() else 0,
+            f"activation-lean ops: {swapped['mlp']} SwiGLU MLPs and {swapped['rms_norm']} RMSNorms keep their inputs "
+            "alone for backward (pyprefopt.lean_activations)")
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if args.full:

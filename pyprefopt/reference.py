@@ -76,3 +76,16 @@ def lora_linear_reference(x, weight, lora_a, lora_b, scale, bias=None, lora_x=No
     lora_x = x if lora_x is None else lora_x
     low = torch.nn.functional.linear(torch.nn.functional.linear(lora_x, lora_a), lora_b)
     return torch.nn.functional.linear(x, weight, bias) + scale * low
+
+
+def swiglu_reference(gate, up):
+    """SwiGLU's gating as transformers' Llama/Qwen MLP computes it: `silu(gate) * up`, in the inputs' dtype."""
+    return torch.nn.functional.silu(gate) * up
+
+
+def rms_norm_reference(x, weight, eps=1e-6):
+    """RMSNorm as transformers' Llama/Qwen RMSNorm computes it: statistics in fp32 (fp64 for fp64 inputs), the
+    normalised row rounded to x's dtype, then scaled by the weight."""
+    x_wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    normed = x_wide * torch.rsqrt(x_wide.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)

@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"bf16": ("*bf16", 2), "fp32": ("*fp32", 4)}
-FLOAT_SCALARS = {"out_scale", "in_scale", "scale", "nested_offset"}
+FLOAT_SCALARS = {"out_scale", "in_scale", "scale", "nested_offset", "eps"}
 # Triton specialises a launch on which pointers and integers are multiples of 16. "aligned": the operands and the
 # hidden size (with the strides it sets) are, the token count and the vocabulary not necessarily (GPT-2's 50257);
 # "unaligned": nothing is (a hidden size that is no multiple of 16). Each is compiled as the launcher's prune runs
@@ -65,6 +65,8 @@ class Case:
 
 
 def cases():
+    import triton
+
     from pyprefopt.kernels import fused_linear_logprobs as k
     from pyprefopt.kernels import fused_lora_linear as lora
 
@@ -110,7 +112,28 @@ def cases():
             Case(f"lora_grad_r{block_r}", lora.lora_grad_kernel, lora_configs("skinny", lora.GRAD_CONFIGS),
                  {"BLOCK_R": block_r}, {"x_ptr"}),
         ]
-    return logprobs + lora_cases
+    # The activation-lean ops: RMSNorm at a head's width, Qwen2.5-1.5B's and Qwen3-1.7B's hidden sizes and the widest
+    # row the kernels take (its config is the heaviest); SwiGLU's elementwise kernels.
+    from pyprefopt.kernels import rms_norm, swiglu
+
+    def row_configs(family, element_size):
+        return [rms_norm.row_config(width) for width in (128, 1536, 2048, rms_norm.MAX_ROW)]
+
+    def elementwise_config(family, element_size):
+        return [triton.Config({"BLOCK": swiglu.BLOCK}, num_warps=swiglu.NUM_WARPS)]
+
+    both = ("aligned", "unaligned")
+    lean = [
+        Case("rms_norm_fwd", rms_norm.rms_norm_fwd_kernel, row_configs, {"INTERPRETED": False},
+             {"x_ptr", "w_ptr", "y_ptr"}, specialisations=both),
+        Case("rms_norm_bwd", rms_norm.rms_norm_bwd_kernel, row_configs, {"INTERPRETED": False, "WEIGHT_GRAD": True},
+             {"dy_ptr", "x_ptr", "w_ptr", "dx_ptr"}, specialisations=both),
+        Case("swiglu_fwd", swiglu.swiglu_fwd_kernel, elementwise_config, {"INTERPRETED": False},
+             {"g_ptr", "u_ptr", "h_ptr"}, specialisations=both),
+        Case("swiglu_bwd", swiglu.swiglu_bwd_kernel, elementwise_config, {"INTERPRETED": False},
+             {"dh_ptr", "g_ptr", "u_ptr", "dg_ptr", "du_ptr"}, specialisations=both),
+    ]
+    return logprobs + lora_cases + lean
 
 
 def compile_all():
@@ -140,7 +163,9 @@ def compile_all():
                         if specialisation == "unaligned" or not case.budgeted:
                             config = k.without_register_budget(config)
                         attrs = _aligned_attrs(signature) if specialisation == "aligned" else None
-                        constexprs = dict(case.flags, **config.kwargs, DOT_FP32=False, IEEE=dtype == "fp32")
+                        constexprs = {name: value for name, value in dict(
+                            case.flags, **config.kwargs, DOT_FP32=False, IEEE=dtype == "fp32").items()
+                            if name in {p.name for p in case.kernel.params}}
                         options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
                         if config.maxnreg:
                             options["maxnreg"] = config.maxnreg

@@ -1,0 +1,136 @@
+"""SwiGLU's gating h = silu(gate) * up (Shazeer 2020, "GLU Variants Improve Transformer", eq. 6), keeping only its
+two inputs for backward, and the Llama/Qwen2/Qwen3 MLP built on it: `down_proj(silu(gate_proj(x)) * up_proj(x))`.
+
+Autograd through transformers' MLP keeps three [tokens, intermediate] tensors for the gating (SiLU's input, and
+silu(gate) and up for the product) and, when down_proj has a LoRA branch, a fourth: h, that branch's input.
+`SwiGLUFunction` keeps gate and up and recomputes silu(gate) in backward. `SwiGLUMLP` also has down_proj's saved
+h rebuilt from gate and up when its backward asks for it (a saved-tensor hook): the MLP keeps two intermediate-wide
+tensors instead of three or four, for one elementwise pass per recomputation.
+
+- CUDA: the Triton kernels of `pyprefopt.kernels.swiglu` (fp32 math, one rounding per output).
+- CPU: PyTorch's own `silu` and `silu_backward`, so the forward is transformers' bit for bit and the gradients are
+  those autograd computes through their module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from pyprefopt.backend import use_triton as triton_for
+
+
+def _check_inputs(gate, up):
+    for label, t in (("gate", gate), ("up", up)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{label} must be a tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{label} must be a floating-point tensor, got {t.dtype}")
+    if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
+        raise ValueError(f"gate and up must have one shape, dtype and device, got {tuple(gate.shape)} {gate.dtype} "
+                         f"{gate.device} and {tuple(up.shape)} {up.dtype} {up.device}")
+
+
+def _gated(gate, up, use_triton):
+    if use_triton:
+        from pyprefopt.kernels import swiglu as kernels
+
+        return kernels.forward(gate.contiguous(), up.contiguous())
+    return nn.functional.silu(gate).mul_(up)
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    """silu(gate) * up, elementwise; gradients for gate and up."""
+
+    @staticmethod
+    def forward(ctx, gate, up, use_triton):
+        _check_inputs(gate, up)
+        ctx.use_triton = use_triton
+        ctx.save_for_backward(gate, up)
+        return _gated(gate, up, use_triton)
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        gate, up = ctx.saved_tensors
+        if ctx.use_triton:
+            from pyprefopt.kernels import swiglu as kernels
+
+            return (*kernels.backward(grad_h.contiguous(), gate.contiguous(), up.contiguous()), None)
+        grad_up = grad_h * nn.functional.silu(gate)
+        grad_gate = torch.ops.aten.silu_backward(grad_h * up, gate)
+        return grad_gate, grad_up, None
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """silu(gate) * up, keeping gate and up (nothing else) for backward. backend: "auto" (Triton on CUDA, PyTorch
+    elsewhere), "triton" or "torch"."""
+    return SwiGLUFunction.apply(gate, up, triton_for(gate.device, backend))
+
+
+class _RecomputedGating:
+    """A saved tensor's stand-in: the view of h = silu(gate) * up it was, rebuilt from gate and up when unpacked.
+    gate and up are held as the enclosing saved-tensor hooks packed them (themselves, without such hooks)."""
+
+    __slots__ = ("gate", "up", "use_triton", "size", "stride", "offset")
+
+    def __init__(self, gate, up, use_triton, saved, h):
+        self.gate, self.up, self.use_triton = gate, up, use_triton
+        self.size, self.stride = saved.size(), saved.stride()
+        self.offset = saved.storage_offset() - h.storage_offset()
+
+    def rebuilt(self, unpack):
+        h = _gated(unpack(self.gate), unpack(self.up), self.use_triton)
+        return h.as_strided(self.size, self.stride, h.storage_offset() + self.offset)
+
+
+def _unchanged(tensor):
+    return tensor
+
+
+@contextlib.contextmanager
+def saves_of_gating_recomputed(h, gate, up, use_triton):
+    """Within the block, autograd saves views of `h` (made contiguous by `swiglu(gate, up)`) as a stand-in that
+    rebuilds them from gate and up, which the gating's own backward keeps anyway.
+
+    Saved-tensor hooks already in force (activation checkpointing, offloading, a count of saved bytes) keep
+    their say: every other tensor, and gate and up inside the stand-in, go through them, so under checkpointing
+    gate and up are dropped and recomputed as the checkpoint drops its own. A no-op when nothing saves gate and
+    up (neither needs a gradient) or without grad mode."""
+    if not torch.is_grad_enabled() or not (gate.requires_grad or up.requires_grad) or not h.numel():
+        yield
+        return
+    # The hooks in force, which a nested `saved_tensors_hooks` replaces rather than composes with (no public API
+    # reads them).
+    outer_pack, outer_unpack = torch._C._autograd._top_saved_tensors_default_hooks(False) or (_unchanged,
+                                                                                           _unchanged)
+    storage = h.untyped_storage().data_ptr()
+
+    def pack(t):
+        if t.device == h.device and t.dtype == h.dtype and t.numel() and t.untyped_storage().data_ptr() == storage:
+            return _RecomputedGating(outer_pack(gate), outer_pack(up), use_triton, t, h)
+        return outer_pack(t)
+
+    def unpack(saved):
+        return saved.rebuilt(outer_unpack) if isinstance(saved, _RecomputedGating) else outer_unpack(saved)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
+class SwiGLUMLP(nn.Module):
+    """A drop-in for transformers' Llama/Qwen2/Qwen3 MLP (SiLU), over the same projection modules (plain, LoRA or
+    4-bit; their state-dict keys unchanged), keeping gate and up and nothing else intermediate-wide."""
+
+    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module, backend: str = "auto"):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        use_triton = triton_for(gate.device, self.backend)
+        h = SwiGLUFunction.apply(gate, up, use_triton)
+        with saves_of_gating_recomputed(h, gate, up, use_triton):
+            return self.down_proj(h)

@@ -1,0 +1,110 @@
+"""pyprefopt.lean_activations on tiny random Llama, Qwen2 and Qwen3 models, with and without LoRA layers: the same
+logits and gradients as the model's own modules, less saved for backward (SwiGLU's intermediate-wide tensors and
+RMSNorm's fp32 copies), under activation checkpointing too; Gemma-3n's modules left alone; the train CLI uses it.
+"""
+
+import copy
+
+import pytest
+import torch
+import transformers
+
+from bench.saved_activations import saved_bytes_by_module
+from pyprefopt import lora
+from pyprefopt.lean_activations import use_lean_activations
+from pyprefopt.rms_norm import RMSNorm
+from pyprefopt.swiglu import SwiGLUMLP
+from tests.tensor_asserts import assert_close_verbose
+from tests.tiny_models import gemma3n_config
+
+SIZES = dict(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2)
+CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(**SIZES),
+    "qwen2": lambda: transformers.Qwen2Config(**SIZES),
+    "qwen3": lambda: transformers.Qwen3Config(head_dim=16, **SIZES),
+}
+
+
+def _model(family, targets, dtype=torch.float32):
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[family](), dtype=dtype)
+    if targets:
+        lora.inject_lora(model, targets, r=4, lora_alpha=8)
+        for layer in lora.lora_layers(model).values():
+            torch.nn.init.normal_(layer.lora_B, std=0.1)  # a live LoRA branch: B starts at zero
+    else:
+        for param in model.parameters():
+            param.requires_grad_(True)
+    return model.train()
+
+
+def _loss_and_grads(model, input_ids):
+    model.zero_grad()
+    logits = model(input_ids).logits
+    logits.float().logsumexp(-1).sum().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("targets", [None, "all-linear", ["q_proj", "v_proj"]], ids=["full", "lora-all", "lora-qv"])
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_the_lean_model_computes_what_the_model_does(family, targets):
+    model = _model(family, targets)
+    lean = copy.deepcopy(model)
+    swapped = use_lean_activations(lean, backend="torch")
+    layers = SIZES["num_hidden_layers"]
+    norms = layers * (4 if family == "qwen3" else 2) + 1  # qwen3 adds q_norm and k_norm; the final norm
+    assert swapped == {"mlp": layers, "rms_norm": norms}
+    assert sum(isinstance(m, SwiGLUMLP) for m in lean.modules()) == layers
+    assert sum(isinstance(m, RMSNorm) for m in lean.modules()) == norms
+    assert lean.state_dict().keys() == model.state_dict().keys()
+    input_ids = torch.randint(0, SIZES["vocab_size"], (2, 11))
+    logits, grads = _loss_and_grads(model, input_ids)
+    lean_logits, lean_grads = _loss_and_grads(lean, input_ids)
+    assert torch.equal(lean_logits, logits)  # the PyTorch path's forward is transformers' own ops
+    assert lean_grads.keys() == grads.keys() and grads
+    for name, grad in grads.items():
+        assert_close_verbose(lean_grads[name], grad, rtol=1e-4, atol=1e-5, name=name)
+
+
+def _saved_kib(model, input_ids):
+    layer = model.model.layers[1]
+    return sum(saved_bytes_by_module(model, layer, input_ids).values()) / 1024
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj"]], ids=["lora-all", "lora-qv"])
+def test_the_lean_layer_saves_two_intermediate_tensors_and_no_fp32_copies(targets):
+    """Per token of a bf16 Qwen3 layer: transformers' MLP saves SiLU's input, silu(gate), up (and h for down_proj's
+    LoRA branch); the lean one gate and up. Its RMSNorms save their bf16 input, not an fp32 copy."""
+    model = _model("qwen3", targets, dtype=torch.bfloat16)
+    lean = copy.deepcopy(model)
+    use_lean_activations(lean, backend="torch")
+    tokens = 64
+    input_ids = torch.randint(0, SIZES["vocab_size"], (1, tokens))
+    plain_kib, lean_kib = _saved_kib(model, input_ids), _saved_kib(lean, input_ids)
+    intermediate = SIZES["intermediate_size"] * 2 * tokens / 1024  # one bf16 [tokens, I] tensor
+    hidden, heads = SIZES["hidden_size"] * 2 * tokens / 1024, 4 * 16 * 2 * tokens / 1024
+    kv_heads = 2 * 16 * 2 * tokens / 1024
+    mlp_saved = (2 if targets == "all-linear" else 1) * intermediate
+    # Each norm's fp32 copy (twice its bf16 input) becomes the bf16 input: the two layer norms, q_norm, k_norm.
+    norm_saved = 2 * hidden + heads + kv_heads
+    assert plain_kib - lean_kib == pytest.approx(mlp_saved + norm_saved, rel=0.02)
+
+
+def test_lean_activations_under_activation_checkpointing_give_the_same_gradients():
+    model = _model("qwen3", "all-linear")
+    lean = copy.deepcopy(model)
+    use_lean_activations(lean, backend="torch")
+    for m in (model, lean):
+        m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    input_ids = torch.randint(0, SIZES["vocab_size"], (2, 9))
+    logits, grads = _loss_and_grads(model, input_ids)
+    lean_logits, lean_grads = _loss_and_grads(lean, input_ids)
+    assert torch.equal(lean_logits, logits)
+    for name, grad in grads.items():
+        assert_close_verbose(lean_grads[name], grad, rtol=1e-4, atol=1e-5, name=name)
+
+
+def test_gemma3n_keeps_its_own_mlp_and_norms():
+    model = transformers.AutoModelForCausalLM.from_config(gemma3n_config(96))
+    assert use_lean_activations(model) == {"mlp": 0, "rms_norm": 0}

@@ -1,0 +1,91 @@
+"""pyprefopt.rms_norm on both paths (Triton kernels under TRITON_INTERPRET=1 on CPU tensors, and the PyTorch path)
+against the fp64 reference, fp32 tightly and 16-bit within 2x torch's same-dtype error, forward and the gradients of
+the input and the weight, at odd widths, head-sized rows and many rows per backward program; the PyTorch path's
+forward bit for bit transformers' own; clear errors for bad input."""
+
+import importlib
+
+import pytest
+import torch
+
+from pyprefopt.kernels import rms_norm as kernels
+from pyprefopt.reference import rms_norm_reference
+from pyprefopt.rms_norm import RMSNorm, rms_norm
+from tests.tensor_asserts import assert_close_verbose, assert_within_torch_error
+
+# (shape): a head-sized row under q_norm's [batch, tokens, heads, head_dim], odd widths, more rows than the
+# backward's programs (each then walks several rows and sums its share of dw).
+SHAPES = [(1, 1), (3, 7, 4, 16), (5, 33), (2, 3, 1031), (1200, 24)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _grads(fn, x, weight, grad_y, dtype=None):
+    xs = x.detach().to(dtype or x.dtype).requires_grad_()
+    w = weight.detach().to(dtype or weight.dtype).requires_grad_()
+    y = fn(xs, w)
+    y.backward(grad_y.to(y.dtype))
+    return y, xs.grad, w.grad
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_rms_norm_matches_the_fp64_reference(shape, dtype, backend):
+    x = (4 * torch.randn(shape)).to(dtype)
+    weight = (1 + 0.3 * torch.randn(shape[-1])).to(dtype)
+    grad_y = torch.randn(shape).to(dtype)
+    ours = _grads(lambda a, w: rms_norm(a, w, 1e-6, backend=backend), x, weight, grad_y)
+    truth = _grads(rms_norm_reference, x, weight, grad_y, torch.float64)
+    same_dtype = _grads(rms_norm_reference, x, weight, grad_y)
+    if backend == "torch":
+        assert torch.equal(ours[0], same_dtype[0])  # transformers' own ops, bit for bit
+    for name, got, want, torch_same in zip(("y", "dx", "dw"), ours, truth, same_dtype):
+        assert got.dtype == dtype and got.shape == want.shape
+        if dtype == torch.float32:
+            assert_close_verbose(got, want, rtol=1e-5, atol=2e-5 if name == "dw" else 1e-5, name=name)
+        else:
+            assert_within_torch_error(got, want, torch_same, name=name)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_frozen_weight_gets_no_gradient_and_an_fp32_weight_promotes(backend):
+    x = torch.randn(4, 9, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(9)
+    y = rms_norm(x, weight, backend=backend)
+    assert y.dtype == torch.float32  # transformers: an fp32 weight times the bf16 row promotes
+    assert torch.equal(y, rms_norm_reference(x.detach(), weight))
+    y.sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and weight.grad is None
+
+
+@pytest.mark.parametrize("family", ["Llama", "Qwen2", "Qwen3"])
+def test_the_module_is_transformers_rms_norm(family):
+    modeling = importlib.import_module(f"transformers.models.{family.lower()}.modeling_{family.lower()}")
+    theirs = getattr(modeling, f"{family}RMSNorm")(24, eps=1e-5)
+    torch.nn.init.normal_(theirs.weight, 1.0, 0.2)
+    ours = RMSNorm(theirs.weight, theirs.variance_epsilon, backend="torch")
+    x = torch.randn(3, 5, 24, dtype=torch.bfloat16)
+    assert torch.equal(ours(x), theirs(x))
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+
+
+def test_bad_inputs_name_the_problem():
+    with pytest.raises(ValueError, match=r"weight must be \[H\] for x of \[..., H\]"):
+        rms_norm(torch.randn(2, 8), torch.randn(7))
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        rms_norm(torch.ones(2, 8, dtype=torch.long), torch.randn(8))
+    with pytest.raises(ValueError, match="eps must be a non-negative number"):
+        rms_norm(torch.randn(2, 8), torch.randn(8), eps=-1.0)
+    with pytest.raises(ValueError, match=f"wider than the {kernels.MAX_ROW} the RMSNorm kernels hold"):
+        rms_norm(torch.randn(1, kernels.MAX_ROW + 1), torch.randn(kernels.MAX_ROW + 1), backend="triton")
+
+
+def test_rows_wider_than_the_kernels_hold_take_the_pytorch_path(monkeypatch):
+    """backend "auto" on a device that would run the kernels: a row wider than MAX_ROW goes to the PyTorch path."""
+    import pyprefopt.rms_norm as module
+
+    monkeypatch.setattr(module, "triton_for", lambda device, backend: True)
+    monkeypatch.setattr(kernels, "forward", lambda *args: pytest.fail("the kernel ran on a row wider than MAX_ROW"))
+    width = kernels.MAX_ROW + 1
+    x, weight = torch.randn(2, width), torch.randn(width)
+    assert torch.equal(rms_norm(x, weight), rms_norm_reference(x, weight))
