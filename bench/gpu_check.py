@@ -24,11 +24,14 @@ tests' rule, `tests/tensor_asserts.py`), or bit-exact where the maths is exact:
 - `FusedLoRALinearFunction` through the Triton kernels over a dense base (fp32, bf16) and an NF4 base (plain and
   double-quantised absmax), output and every gradient;
 - `dequant_merge_nf4` through the CUDA extension: the decode bit-exact against the NF4 reference, the merge
-  within one rounding of the output dtype at the size of its terms.
+  within one rounding of the output dtype at the size of its terms;
+- the activation-lean ops through their Triton kernels: `swiglu` (h and both gradients) and `rms_norm` (y, the
+  input's and the weight's gradients), fp32 and bf16, at Qwen3-1.7B's widths and a head's.
 Timings, median of `triton.testing.do_bench`: the fused head against the materialised-logits
 reference in the same dtype (and its peak memory), and soft-capped beside plain (`x_uncapped`, printed for each
 pair against the issue-16 target `SOFTCAP_TARGET`);
-the LoRA layer against the frozen base linear and the unfused three-op LoRA. `--device cpu` runs the same code
+the LoRA layer against the frozen base linear and the unfused three-op LoRA; SwiGLU and RMSNorm against
+transformers' Qwen3 modules (autograd through their ops). `--device cpu` runs the same code
 on CPU tensors with TRITON_INTERPRET=1 at small shapes (what CI does, so the script cannot rot before a GPU is
 lent); its timings mean nothing there.
 
@@ -256,6 +259,41 @@ def check_nf4_merge(device, quick):
     return rows
 
 
+def check_lean_activations(device, quick):
+    from pyprefopt.reference import rms_norm_reference, swiglu_reference
+    from pyprefopt.rms_norm import rms_norm
+    from pyprefopt.swiglu import swiglu
+
+    tokens, hidden, intermediate = (37, 40, 72) if quick else (2048, 2048, 6144)
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        g = torch.Generator().manual_seed(4)
+        gate, up = (3 * torch.randn(tokens, intermediate, generator=g)).to(device, dtype), \
+            torch.randn(tokens, intermediate, generator=g).to(device, dtype)
+        upstream = torch.randn(tokens, intermediate, generator=g).to(device, dtype)
+
+        def leaves(dt, tensors=(gate, up)):
+            return [t.to(dt).requires_grad_() for t in tensors]
+
+        ours = _grads(lambda a, b: swiglu(a, b, backend="triton"), leaves(dtype), upstream)
+        same = _grads(swiglu_reference, leaves(dtype), upstream)
+        truth = _grads(swiglu_reference, leaves(torch.float64), upstream.double())
+        for name, o, t, s in zip(["h", "grad gate", "grad up"], [ours[0], *ours[1]], [truth[0], *truth[1]],
+                                 [same[0], *same[1]]):
+            rows.append(_row(f"swiglu {str(dtype)[6:]}: {name}", o, t, s))
+        for width in (hidden, 128):
+            x = (4 * torch.randn(tokens, width, generator=g)).to(device, dtype)
+            weight = (1 + 0.3 * torch.randn(width, generator=g)).to(device, dtype)
+            upstream = torch.randn(tokens, width, generator=g).to(device, dtype)
+            ours = _grads(lambda a, w: rms_norm(a, w, 1e-6, backend="triton"), leaves(dtype, (x, weight)), upstream)
+            same = _grads(rms_norm_reference, leaves(dtype, (x, weight)), upstream)
+            truth = _grads(rms_norm_reference, leaves(torch.float64, (x, weight)), upstream.double())
+            for name, o, t, s in zip(["y", "grad x", "grad weight"], [ours[0], *ours[1]], [truth[0], *truth[1]],
+                                     [same[0], *same[1]]):
+                rows.append(_row(f"rms_norm H{width} {str(dtype)[6:]}: {name}", o, t, s))
+    return rows
+
+
 def _time_ms(fn, device):
     if device == "cuda":
         from triton.testing import do_bench
@@ -333,6 +371,42 @@ def timings(device, quick):
         rows.append({"timing": f"LoRA fwd+bwd {tokens}x{in_features}->{out_features} r16 bf16", "ours_ms": t["ours"],
                      "unfused_ms": t["unfused"], "base_ms": t["base"], "x_base": t["ours"] / t["base"],
                      "x_unfused": t["ours"] / t["unfused"]})
+    return rows + lean_timings(device, quick)
+
+
+def lean_timings(device, quick):
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    from pyprefopt.rms_norm import RMSNorm
+    from pyprefopt.swiglu import swiglu
+
+    tokens, hidden, intermediate = (32, 40, 72) if quick else (4096, 2048, 6144)
+    gate, up = (torch.randn(tokens, intermediate, device=device, dtype=torch.bfloat16, requires_grad=True)
+                for _ in range(2))
+    grad_h = torch.randn(tokens, intermediate, device=device, dtype=torch.bfloat16)
+    x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
+    grad_y = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
+    theirs_norm = Qwen3RMSNorm(hidden).to(device, torch.bfloat16).requires_grad_(False)
+    ours_norm = RMSNorm(theirs_norm.weight, theirs_norm.variance_epsilon, backend="triton")
+
+    def step(fn, upstream, leaves):
+        def run():
+            for t in leaves:
+                t.grad = None
+            fn().backward(upstream)
+        return run
+
+    rows = []
+    for name, ours, theirs, upstream, leaves in (
+            (f"swiglu fwd+bwd {tokens}x{intermediate} bf16", lambda: swiglu(gate, up, backend="triton"),
+             lambda: torch.nn.functional.silu(gate) * up, grad_h, (gate, up)),
+            (f"rms_norm fwd+bwd {tokens}x{hidden} bf16, frozen weight", lambda: ours_norm(x), lambda: theirs_norm(x),
+             grad_y, (x,))):
+        t_ours, t_theirs = (_time_ms(step(fn, upstream, leaves), device) for fn in (ours, theirs))
+        rows.append({"timing": name, "ours_ms": t_ours, "transformers_ms": t_theirs,
+                     "x_transformers": t_ours / t_theirs,
+                     "ours_peak_mib": _peak_mib(step(ours, upstream, leaves), device, leaves),
+                     "transformers_peak_mib": _peak_mib(step(theirs, upstream, leaves), device, leaves)})
     return rows
 
 
@@ -365,7 +439,7 @@ def main(argv=None) -> int:
 
     # A crash in one family is reported as that family's failure and the rest still run: one device call has to
     # bring back everything it can.
-    for check in (check_logprobs, check_losses, check_lora, check_nf4_merge):
+    for check in (check_logprobs, check_losses, check_lora, check_nf4_merge, check_lean_activations):
         t = time.perf_counter()
         try:
             found = check(args.device, args.quick)
