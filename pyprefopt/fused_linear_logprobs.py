@@ -207,9 +207,25 @@ def as_fp32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.float()
 
 
-def logits_tile(h, weight, bias, v0, tile, buffer):
-    """fp32 `h @ W[v0:v0+tile].T (+ b)` written into `buffer`; returns (the logits, the fp32 weight tile)."""
-    w = as_fp32(weight[v0 : v0 + tile])
+def weight_tile_scratch(weight: torch.Tensor, tile: int) -> torch.Tensor | None:
+    """The fp32 buffer `fp32_weight_tile` upcasts a 16-bit head's tiles into (None for an fp32 head): one for the
+    whole pass, as a fresh [tile, H] tensor per tile pays a page fault per 4 KiB, several times the upcast itself."""
+    if weight.dtype == torch.float32:
+        return None
+    return torch.empty(min(tile, weight.shape[0]), weight.shape[1], dtype=torch.float32, device=weight.device)
+
+
+def fp32_weight_tile(weight, v0, tile, scratch):
+    """Rows [v0, v0 + tile) of the head in fp32: a view of an fp32 head, else upcast into `scratch`
+    (`weight_tile_scratch`), which the next tile overwrites."""
+    rows = weight[v0 : v0 + tile]
+    return rows if scratch is None else scratch[: rows.shape[0]].copy_(rows)
+
+
+def logits_tile(h, weight, bias, v0, tile, buffer, weight_scratch=None):
+    """fp32 `h @ W[v0:v0+tile].T (+ b)` written into `buffer`; returns (the logits, the fp32 weight tile, in
+    `weight_scratch` for a 16-bit head: see `fp32_weight_tile`)."""
+    w = fp32_weight_tile(weight, v0, tile, weight_scratch)
     z = buffer[: h.shape[0], : w.shape[0]]
     cpu_linear.linear(h, w, out=z)
     if bias is not None:
@@ -321,6 +337,7 @@ def cpu_forward(hidden, weight, bias, labels, transform, with_hidden_grad_factor
     stats = {name: torch.empty(n, dtype=torch.bool if name == "is_top1" else torch.float32, device=dev)
              for name in statistics}
     exp_buffer = torch.empty(block, tile, dtype=torch.float32, device=dev) if "entropy" in stats else None
+    weight_scratch = weight_tile_scratch(weight, tile)
     for t0 in range(0, n, block):
         h = as_fp32(hidden[t0 : t0 + block])
         rows = h.shape[0]
@@ -336,7 +353,8 @@ def cpu_forward(hidden, weight, bias, labels, transform, with_hidden_grad_factor
         for v0 in range(0, vocab, tile):
             kept = kept_logits_tile(logits_store, v0, min(tile, vocab - v0), t0, rows) if t0 < n_kept else None
             # A kept tile's logits go straight to the store, or with the entropy, its exp(z - max) does.
-            z, w = logits_tile(h, weight, bias, v0, tile, logits if kept is None or exp_buffer is not None else kept)
+            z, w = logits_tile(h, weight, bias, v0, tile, logits if kept is None or exp_buffer is not None else kept,
+                               weight_scratch)
             slope = None if slopes is None else slopes[:rows, : w.shape[0]]
             transform.apply_(z, slope)
             if logit_sum is not None:
@@ -423,13 +441,14 @@ def cpu_backward(grad_logp, hidden, weight, bias, labels, lse, transform, need_h
     rows_max = max(block, n_kept)
     slopes = torch.empty(rows_max, tile, dtype=torch.float32, device=dev) if transform.capped else None
     log_probs = torch.empty(rows_max, tile, dtype=torch.float32, device=dev) if entropy_scale is not None else None
+    weight_scratch = weight_tile_scratch(weight, tile)
     if n_kept:
         logits_store, kept_max = kept
         h, y, g = as_fp32(hidden[:n_kept]), labels[:n_kept], scale[:n_kept]
         # A kept tile's rows are also its gradient's: z.T goes to this scratch before they are written.
         scratch = torch.empty(n_kept * tile, dtype=torch.float32, device=dev) if grad_weight is not None else None
         for i, v0 in enumerate(range(0, vocab, tile)):
-            w = as_fp32(weight[v0 : v0 + tile])
+            w = fp32_weight_tile(weight, v0, tile, weight_scratch)
             z = kept_logits_tile(logits_store, v0, w.shape[0], 0, n_kept)
             slope = None if slopes is None else slopes_of_kept_tile(transform, z, kept_max[i], slopes)
             # softmax = exp(z/T - m) * exp(m - lse): the kept tile turns into its gradient without a GEMM.
@@ -457,7 +476,7 @@ def cpu_backward(grad_logp, hidden, weight, bias, labels, lse, transform, need_h
         y = labels[t0 : t0 + rows]
         g = scale[t0 : t0 + rows]
         for v0 in range(0, vocab, tile):
-            z, w = logits_tile(h, weight, bias, v0, tile, logits)
+            z, w = logits_tile(h, weight, bias, v0, tile, logits, weight_scratch)
             slope = None if slopes is None else slopes[:rows, : w.shape[0]]
             # z <- softmax = exp(logits - lse), then -g * softmax (* slope) + g (* the label's slope) at each label.
             transform.apply_(z, slope).sub_(lse[t0 : t0 + rows, None])

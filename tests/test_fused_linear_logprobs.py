@@ -197,6 +197,24 @@ def test_low_precision_within_twice_torch_error(backend, dtype):
         assert_within_torch_error(g, tg, t, name=f"grad {name}")
 
 
+@pytest.mark.parametrize("grads", [("hidden",), ("hidden", "weight")], ids=["frozen", "trained"])
+def test_a_bf16_head_over_many_tiles_on_cpu(grads, monkeypatch):
+    """Token blocks of 8 and vocabulary tiles of 256 on a bf16 head: each tile is upcast into the one fp32 scratch
+    that the next tile overwrites, forward and backward (kept and recomputed tiles alike)."""
+    module = sys.modules["pyprefopt.fused_linear_logprobs"]
+    monkeypatch.setattr(module, "CPU_TOKEN_BLOCK", 8)
+    monkeypatch.setattr(module, "CPU_TILE_BYTES", 4096)
+    hidden, weight, bias, labels = make_inputs(3, 23, 31, 1000, dtype=torch.bfloat16, grads=grads, with_bias=False)
+    value_and_grads(fused_linear_logprobs, hidden, weight, bias, labels, grads, backend="torch")
+    out, got = value_and_grads(fused_linear_logprobs, hidden, weight, bias, labels, grads, backend="torch")
+    fp32, fp32_grads = value_and_grads(reference_logprobs, hidden, weight, bias, labels, grads)
+    truth, true_grads = value_and_grads(reference_logprobs, *float64_copies(hidden, weight), None, labels, grads,
+                                        dtype=torch.float64)
+    assert_within_torch_error(out, truth, fp32, name="logp")
+    for name, g, t, tg in zip(grads, got, fp32_grads, true_grads):
+        assert_within_torch_error(g.float(), tg, t, name=f"grad {name}")
+
+
 def test_bf16_operands_give_fp32_logits_on_cpu():
     """bf16 hidden states and head multiply exactly on CPU (`cpu_linear.operand_precision`) and the logits stay fp32:
     the log-probs' error against fp64 on the same values is that of fp32 logits, far below bf16 logits' error."""
