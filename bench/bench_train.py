@@ -203,8 +203,14 @@ def run_trl(method, data_dir, steps, warmup, batch_size, checkpointing, recipe):
         reset_peak_after_loading()
         trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    # The collator runs once per step (no accumulation, no prefetching worker), in step order.
-    timed_tokens = tokens_per_batch[warmup:warmup + steps]
+    # The collator runs once per micro-batch, in order (no worker processes; accelerate's loader collates one batch
+    # ahead, which the run never uses): an optimizer step's tokens are those of its `grad_accum` micro-batches.
+    accum = recipe["grad_accum"]
+    if len(tokens_per_batch) < (warmup + steps) * accum:
+        raise RuntimeError(f"TRL collated {len(tokens_per_batch)} micro-batches for {warmup + steps} steps of {accum}: "
+                           "the token count per step cannot be read off them")
+    step_tokens = [sum(tokens_per_batch[i * accum:(i + 1) * accum]) for i in range(warmup + steps)]
+    timed_tokens = step_tokens[warmup:warmup + steps]
     timed = step_seconds[warmup:warmup + steps]
     return {"tokens": sum(timed_tokens), "seconds": sum(timed), "step_ms": [1e3 * s for s in timed],
             "final_loss": losses[-1]} | _memory(baseline, load_peak)
@@ -431,6 +437,17 @@ def test_train_step_faster_and_smaller_than_trl(tmp_path):
             continue
         assert ours["tokens_per_second"] > theirs["tokens_per_second"], (method, ours, theirs)
         assert ours["peak_extra_mib"] < theirs["peak_extra_mib"], (method, ours, theirs)
+
+
+def test_both_trainers_count_every_accumulated_micro_batchs_tokens(tmp_path):
+    """With gradient accumulation an optimizer step takes several micro-batches: both workers count all of them (rows
+    of one length, so the two counts over the same number of examples agree)."""
+    pytest.importorskip("trl")
+    write_data(tmp_path / "data", 24, 8)
+    results = [run_case(impl, "sft", tmp_path / "data", 2, 1, 2, 1, tmp_path / "cache", recipe={"grad_accum": 3})
+               for impl in IMPLS]
+    ours, theirs = (r["tokens"] for r in results)
+    assert 0.8 * ours <= theirs <= 1.25 * ours, results
 
 
 if __name__ == "__main__":
