@@ -15,6 +15,7 @@ tensors instead of three or four, for one elementwise pass per recomputation.
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 from torch import nn
@@ -75,10 +76,10 @@ class _RecomputedGating:
 
     __slots__ = ("gate", "up", "use_triton", "size", "stride", "offset")
 
-    def __init__(self, gate, up, use_triton, saved, h):
+    def __init__(self, gate, up, use_triton, saved, h_offset):
         self.gate, self.up, self.use_triton = gate, up, use_triton
         self.size, self.stride = saved.size(), saved.stride()
-        self.offset = saved.storage_offset() - h.storage_offset()
+        self.offset = saved.storage_offset() - h_offset
 
     def rebuilt(self, unpack):
         h = _gated(unpack(self.gate), unpack(self.up), self.use_triton)
@@ -105,11 +106,14 @@ def saves_of_gating_recomputed(h, gate, up, use_triton):
     # reads them).
     outer_pack, outer_unpack = torch._C._autograd._top_saved_tensors_default_hooks(False) or (_unchanged,
                                                                                            _unchanged)
-    storage = h.untyped_storage().data_ptr()
+    # Autograd keeps these hooks with every tensor saved in the block until its backward: they refer to h, gate and
+    # up by address and weak reference only, or they would keep h (and, under checkpointing, gate and up) alive.
+    storage, device, dtype, offset = h.untyped_storage().data_ptr(), h.device, h.dtype, h.storage_offset()
+    gate_ref, up_ref = weakref.ref(gate), weakref.ref(up)
 
     def pack(t):
-        if t.device == h.device and t.dtype == h.dtype and t.numel() and t.untyped_storage().data_ptr() == storage:
-            return _RecomputedGating(outer_pack(gate), outer_pack(up), use_triton, t, h)
+        if t.device == device and t.dtype == dtype and t.numel() and t.untyped_storage().data_ptr() == storage:
+            return _RecomputedGating(outer_pack(gate_ref()), outer_pack(up_ref()), use_triton, t, offset)
         return outer_pack(t)
 
     def unpack(saved):

@@ -108,3 +108,49 @@ def test_lean_activations_under_activation_checkpointing_give_the_same_gradients
 def test_gemma3n_keeps_its_own_mlp_and_norms():
     model = transformers.AutoModelForCausalLM.from_config(gemma3n_config(96))
     assert use_lean_activations(model) == {"mlp": 0, "rms_norm": 0}
+
+
+def test_a_peft_model_gets_the_lean_modules_around_its_lora_layers():
+    """As a TRL user calls it: on a PEFT-wrapped model (PEFT's own LoRA layers on every projection), the same logits
+    and LoRA gradients."""
+    import peft
+
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(CONFIGS["qwen3"]())
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    model = peft.get_peft_model(base, config).train()
+    lean = copy.deepcopy(model)
+    assert use_lean_activations(lean) == {"mlp": 2, "rms_norm": 9}
+    input_ids = torch.randint(0, SIZES["vocab_size"], (2, 11))
+    logits, grads = _loss_and_grads(model, input_ids)
+    lean_logits, lean_grads = _loss_and_grads(lean, input_ids)
+    assert torch.equal(lean_logits, logits)
+    assert lean_grads.keys() == grads.keys() and any("mlp.down_proj.lora_A" in name for name in grads)
+    for name, grad in grads.items():
+        assert_close_verbose(lean_grads[name], grad, rtol=1e-4, atol=1e-5, name=name)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_what_the_graph_keeps_alive_after_forward(checkpointing):
+    """Counting saved tensors is not enough: a hook that held h would keep it alive however it packs it. After the
+    forward, with the graph alive, down_proj's LoRA input h is gone; under activation checkpointing gate and up are
+    too (the checkpoint drops them, to be recomputed)."""
+    import weakref
+
+    model = _model("qwen3", "all-linear", dtype=torch.bfloat16)
+    use_lean_activations(model, backend="torch")
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    mlp = model.model.layers[1].mlp
+    refs = {}
+    handles = [mlp.down_proj.register_forward_pre_hook(lambda m, args: refs.update(h=weakref.ref(args[0]))),
+               mlp.gate_proj.register_forward_hook(lambda m, args, out: refs.update(gate=weakref.ref(out))),
+               mlp.up_proj.register_forward_hook(lambda m, args, out: refs.update(up=weakref.ref(out)))]
+    logits = model(torch.randint(0, SIZES["vocab_size"], (1, 16))).logits
+    for handle in handles:
+        handle.remove()
+    alive = {name: ref() is not None for name, ref in refs.items()}
+    assert alive == {"h": False, "gate": not checkpointing, "up": not checkpointing}
+    logits.float().sum().backward()
+    assert all(p.grad is not None for p in lora.lora_layers(model)["model.layers.1.mlp.down_proj"].parameters()
+               if p.requires_grad)
