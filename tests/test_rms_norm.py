@@ -11,20 +11,12 @@ import torch
 from pyprefopt.kernels import rms_norm as kernels
 from pyprefopt.reference import rms_norm_reference
 from pyprefopt.rms_norm import RMSNorm, rms_norm
-from tests.tensor_asserts import assert_close_verbose, assert_within_torch_error
+from tests.tensor_asserts import assert_elementwise_op_matches_fp64
 
 # (shape): a head-sized row under q_norm's [batch, tokens, heads, head_dim], odd widths, more rows than the
 # backward's programs (each then walks several rows and sums its share of dw).
 SHAPES = [(1, 1), (3, 7, 4, 16), (5, 33), (2, 3, 1031), (1200, 24)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def _grads(fn, x, weight, grad_y, dtype=None):
-    xs = x.detach().to(dtype or x.dtype).requires_grad_()
-    w = weight.detach().to(dtype or weight.dtype).requires_grad_()
-    y = fn(xs, w)
-    y.backward(grad_y.to(y.dtype))
-    return y, xs.grad, w.grad
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -33,18 +25,11 @@ def _grads(fn, x, weight, grad_y, dtype=None):
 def test_rms_norm_matches_the_fp64_reference(shape, dtype, backend):
     x = (4 * torch.randn(shape)).to(dtype)
     weight = (1 + 0.3 * torch.randn(shape[-1])).to(dtype)
-    grad_y = torch.randn(shape).to(dtype)
-    ours = _grads(lambda a, w: rms_norm(a, w, 1e-6, backend=backend), x, weight, grad_y)
-    truth = _grads(rms_norm_reference, x, weight, grad_y, torch.float64)
-    same_dtype = _grads(rms_norm_reference, x, weight, grad_y)
+    ours, same_dtype = assert_elementwise_op_matches_fp64(
+        lambda a, w: rms_norm(a, w, 1e-6, backend=backend), rms_norm_reference, (x, weight), torch.randn(shape),
+        ("y", "dx", "dw"), {"y": 1e-5, "dx": 1e-5, "dw": 2e-5})
     if backend == "torch":
         assert torch.equal(ours[0], same_dtype[0])  # transformers' own ops, bit for bit
-    for name, got, want, torch_same in zip(("y", "dx", "dw"), ours, truth, same_dtype):
-        assert got.dtype == dtype and got.shape == want.shape
-        if dtype == torch.float32:
-            assert_close_verbose(got, want, rtol=1e-5, atol=2e-5 if name == "dw" else 1e-5, name=name)
-        else:
-            assert_within_torch_error(got, want, torch_same, name=name)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

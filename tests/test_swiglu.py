@@ -7,18 +7,10 @@ import torch
 
 from pyprefopt.reference import swiglu_reference
 from pyprefopt.swiglu import SwiGLUMLP, swiglu
-from tests.tensor_asserts import assert_close_verbose, assert_within_torch_error
+from tests.tensor_asserts import assert_close_verbose, assert_elementwise_op_matches_fp64
 
 SHAPES = [(1, 1), (7, 33), (3, 5, 1031), (2, 2048 + 3)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-def _grads(fn, gate, up, grad_h, dtype=None):
-    g = gate.detach().to(dtype or gate.dtype).requires_grad_()
-    u = up.detach().to(dtype or up.dtype).requires_grad_()
-    h = fn(g, u)
-    h.backward(grad_h.to(h.dtype))
-    return h, g.grad, u.grad
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -26,16 +18,9 @@ def _grads(fn, gate, up, grad_h, dtype=None):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_swiglu_matches_the_fp64_reference(shape, dtype, backend):
     gate, up = 3 * torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
-    grad_h = torch.randn(shape).to(dtype)
-    ours = _grads(lambda g, u: swiglu(g, u, backend=backend), gate, up, grad_h)
-    truth = _grads(swiglu_reference, gate, up, grad_h, torch.float64)
-    same_dtype = _grads(swiglu_reference, gate, up, grad_h)
-    for name, got, want, torch_same in zip(("h", "d gate", "d up"), ours, truth, same_dtype):
-        assert got.dtype == dtype and got.shape == want.shape
-        if dtype == torch.float32:
-            assert_close_verbose(got, want, rtol=1e-5, atol=1e-6, name=name)
-        else:
-            assert_within_torch_error(got, want, torch_same, name=name)
+    assert_elementwise_op_matches_fp64(lambda g, u: swiglu(g, u, backend=backend), swiglu_reference, (gate, up),
+                                       torch.randn(shape), ("h", "d gate", "d up"),
+                                       {"h": 1e-6, "d gate": 1e-6, "d up": 1e-6})
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
