@@ -273,11 +273,7 @@ def _prepared(model, args, base, device, adapter, skeleton=False, lora_device=No
     model.config.use_cache = False
     if device.type == "cpu":
         use_packed_attention(model)
-    swapped = use_lean_activations(model)
-    if any(swapped.values()):
-        log(dist.get_rank() if dist.is_initialized() else 0,
-            f"activation-lean ops: {swapped['mlp']} SwiGLU MLPs and {swapped['rms_norm']} RMSNorms keep their inputs "
-            "alone for backward (pyprefopt.lean_activations)")
+    use_lean_activations(model)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if args.full:
