@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from bench.side_by_side import interleaved_ms, saved_bytes
+from bench.side_by_side import print_comparison, saved_bytes
 from pyprefopt.rms_norm import RMSNorm
 
 
@@ -53,16 +53,9 @@ def main(argv=None):
     theirs, ours = norms(a.hidden)
     x = torch.randn(a.tokens, a.hidden, dtype=torch.bfloat16, requires_grad=True)
     grad_y = torch.randn(a.tokens, a.hidden, dtype=torch.bfloat16)
-    ms = interleaved_ms({"transformers": lambda: step(theirs, x, grad_y), "pyprefopt": lambda: step(ours, x, grad_y)},
-                        a.rounds)
-    kib = {name: saved_bytes(lambda m=m: step(m, x, grad_y), [m.weight]) / 1024 / a.tokens
-           for name, m in (("transformers", theirs), ("pyprefopt", ours))}
-    print(f"RMSNorm, frozen weight, tokens {a.tokens}, H {a.hidden}, bf16, {a.threads} threads, {a.rounds} rounds")
-    print("| RMSNorm | forward + backward ms | saved KiB per token |\n|---|---:|---:|")
-    for name in ms:
-        print(f"| {name} | {ms[name]:.2f} | {kib[name]:.2f} |")
-    print(f"time ratio (pyprefopt / transformers) {ms['pyprefopt'] / ms['transformers']:.3f}, saved "
-          f"{kib['pyprefopt'] / kib['transformers']:.3f}")
+    print_comparison(f"RMSNorm, frozen weight, tokens {a.tokens}, H {a.hidden}, bf16, {a.threads} threads, "
+                     f"{a.rounds} rounds", "RMSNorm", {"transformers": theirs, "pyprefopt": ours}, step, x, grad_y,
+                     a.rounds, lambda m: [m.weight], 2)
 
 
 if __name__ == "__main__":

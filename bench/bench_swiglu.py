@@ -13,7 +13,7 @@ import copy
 
 import torch
 
-from bench.side_by_side import interleaved_ms, saved_bytes
+from bench.side_by_side import print_comparison, saved_bytes
 from pyprefopt import lora
 from pyprefopt.swiglu import SwiGLUMLP
 
@@ -69,17 +69,9 @@ def main(argv=None):
     theirs, ours = mlps(a.hidden, a.intermediate)
     x = torch.randn(a.tokens, a.hidden, dtype=torch.bfloat16, requires_grad=True)
     grad_y = torch.randn(a.tokens, a.hidden, dtype=torch.bfloat16)
-    ms = interleaved_ms({"transformers": lambda: step(theirs, x, grad_y), "pyprefopt": lambda: step(ours, x, grad_y)},
-                        a.rounds)
-    kib = {name: saved_bytes(lambda m=m: step(m, x, grad_y), frozen_weights(m)) / 1024 / a.tokens
-           for name, m in (("transformers", theirs), ("pyprefopt", ours))}
-    print(f"SwiGLU MLP, LoRA r16 on gate/up/down, tokens {a.tokens}, H {a.hidden}, I {a.intermediate}, bf16, "
-          f"{a.threads} threads, {a.rounds} rounds")
-    print("| MLP | forward + backward ms | saved KiB per token |\n|---|---:|---:|")
-    for name in ms:
-        print(f"| {name} | {ms[name]:.1f} | {kib[name]:.1f} |")
-    print(f"time ratio (pyprefopt / transformers) {ms['pyprefopt'] / ms['transformers']:.3f}, saved "
-          f"{kib['pyprefopt'] / kib['transformers']:.3f}")
+    print_comparison(f"SwiGLU MLP, LoRA r16 on gate/up/down, tokens {a.tokens}, H {a.hidden}, I {a.intermediate}, "
+                     f"bf16, {a.threads} threads, {a.rounds} rounds", "MLP",
+                     {"transformers": theirs, "pyprefopt": ours}, step, x, grad_y, a.rounds, frozen_weights, 1)
 
 
 if __name__ == "__main__":

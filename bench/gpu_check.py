@@ -84,6 +84,16 @@ def _grads(fn, leaves, upstream):
     return out, torch.autograd.grad(out, [t for t in leaves if t.requires_grad], upstream)
 
 
+def _op_rows(label, names, ours_fn, reference_fn, leaves, dtype, upstream):
+    """Rows checking `ours_fn`'s output and input gradients (`names`, in that order) against `reference_fn` in fp64,
+    within 2x the reference's own error in `dtype`; `leaves(dt)` gives fresh inputs in dt."""
+    ours = _grads(ours_fn, leaves(dtype), upstream)
+    same = _grads(reference_fn, leaves(dtype), upstream)
+    truth = _grads(reference_fn, leaves(torch.float64), upstream.double())
+    return [_row(f"{label}: {name}", o, t, s) for name, o, t, s in
+            zip(names, [ours[0], *ours[1]], [truth[0], *truth[1]], [same[0], *same[1]])]
+
+
 def check_logprobs(device, quick):
     from pyprefopt import fused_linear_logprobs
     from pyprefopt.reference import reference_logprobs
@@ -220,13 +230,9 @@ def check_lora(device, quick):
         def reference_fn(xs, a, b, bs):
             return lora_linear_reference(xs, dense.to(xs.dtype), a, b, 2.0, bs)
 
-        ours = _grads(ours_fn, leaves(dtype), upstream.to(dtype))
-        same = _grads(reference_fn, leaves(dtype), upstream.to(dtype))
-        truth = _grads(reference_fn, leaves(torch.float64), upstream.double())
-        label = f"FusedLoRALinearFunction {kind}{' double-quant' if nested else ''} {str(dtype)[6:]}"
-        for name, o, t, s in zip(["y", "grad x", "grad A", "grad B", "grad bias"], [ours[0], *ours[1]],
-                                 [truth[0], *truth[1]], [same[0], *same[1]]):
-            rows.append(_row(f"{label}: {name}", o, t, s))
+        rows += _op_rows(f"FusedLoRALinearFunction {kind}{' double-quant' if nested else ''} {str(dtype)[6:]}",
+                         ["y", "grad x", "grad A", "grad B", "grad bias"], ours_fn, reference_fn, leaves, dtype,
+                         upstream.to(dtype))
     return rows
 
 
@@ -275,22 +281,15 @@ def check_lean_activations(device, quick):
         def leaves(dt, tensors=(gate, up)):
             return [t.to(dt).requires_grad_() for t in tensors]
 
-        ours = _grads(lambda a, b: swiglu(a, b, backend="triton"), leaves(dtype), upstream)
-        same = _grads(swiglu_reference, leaves(dtype), upstream)
-        truth = _grads(swiglu_reference, leaves(torch.float64), upstream.double())
-        for name, o, t, s in zip(["h", "grad gate", "grad up"], [ours[0], *ours[1]], [truth[0], *truth[1]],
-                                 [same[0], *same[1]]):
-            rows.append(_row(f"swiglu {str(dtype)[6:]}: {name}", o, t, s))
+        rows += _op_rows(f"swiglu {str(dtype)[6:]}", ["h", "grad gate", "grad up"],
+                         lambda a, b: swiglu(a, b, backend="triton"), swiglu_reference, leaves, dtype, upstream)
         for width in (hidden, 128):
             x = (4 * torch.randn(tokens, width, generator=g)).to(device, dtype)
             weight = (1 + 0.3 * torch.randn(width, generator=g)).to(device, dtype)
             upstream = torch.randn(tokens, width, generator=g).to(device, dtype)
-            ours = _grads(lambda a, w: rms_norm(a, w, 1e-6, backend="triton"), leaves(dtype, (x, weight)), upstream)
-            same = _grads(rms_norm_reference, leaves(dtype, (x, weight)), upstream)
-            truth = _grads(rms_norm_reference, leaves(torch.float64, (x, weight)), upstream.double())
-            for name, o, t, s in zip(["y", "grad x", "grad weight"], [ours[0], *ours[1]], [truth[0], *truth[1]],
-                                     [same[0], *same[1]]):
-                rows.append(_row(f"rms_norm H{width} {str(dtype)[6:]}: {name}", o, t, s))
+            rows += _op_rows(f"rms_norm H{width} {str(dtype)[6:]}", ["y", "grad x", "grad weight"],
+                             lambda a, w: rms_norm(a, w, 1e-6, backend="triton"), rms_norm_reference,
+                             lambda dt, tensors=(x, weight): leaves(dt, tensors), dtype, upstream)
     return rows
 
 

@@ -38,3 +38,18 @@ def saved_bytes(forward, exclude=()) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         forward()
     return sum(seen.values())
+
+
+def print_comparison(title: str, label: str, modules: dict, step, x, grad_y, rounds: int, frozen, digits: int):
+    """Times `step(module, x, grad_y)` for each of `modules` ("transformers" and "pyprefopt") side by side, counts
+    the KiB per token (row of x) each saves for backward, its `frozen(module)` weights left out, and prints the table
+    under `title` with `label` heading its first column."""
+    ms = interleaved_ms({name: lambda m=m: step(m, x, grad_y) for name, m in modules.items()}, rounds)
+    tokens = x.shape[0]
+    kib = {name: saved_bytes(lambda m=m: step(m, x, grad_y), frozen(m)) / 1024 / tokens for name, m in modules.items()}
+    print(title)
+    print(f"| {label} | forward + backward ms | saved KiB per token |\n|---|---:|---:|")
+    for name in ms:
+        print(f"| {name} | {ms[name]:.{digits}f} | {kib[name]:.{digits}f} |")
+    print(f"time ratio (pyprefopt / transformers) {ms['pyprefopt'] / ms['transformers']:.3f}, saved "
+          f"{kib['pyprefopt'] / kib['transformers']:.3f}")
