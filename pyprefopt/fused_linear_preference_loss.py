@@ -42,6 +42,7 @@ from pyprefopt.fused_linear_logprobs import (
     check_inputs,
     check_label_range,
     fold_tile,
+    fp32_weight_tile,
     fused_linear_logprobs,
     kept_logits_tile,
     labels_in_tile,
@@ -50,6 +51,7 @@ from pyprefopt.fused_linear_logprobs import (
     tile_backward,
     tile_sizes,
     weight_grad_buffer,
+    weight_tile_scratch,
 )
 
 # Bytes of fp32 logits one chunk of whole groups may hold on the trained-head path.
@@ -102,12 +104,16 @@ def _group_chunks(method, labels, ignore_index, vocab):
     return chunks
 
 
-def _walk_tiles(n_tokens, vocab):
+def _walk_tiles(n_tokens, vocab, upcast=False):
     """`(token block, vocabulary tile, slots)`: the tiles a chunk of `n_tokens` is walked in, and how many
-    of them the budget holds. A chunk within the budget is one tile, all its logits at once; a group over
-    it is walked in `fused_linear_logprobs`' CPU tiles, narrowed so that at least four fit in the budget."""
+    of them the budget holds. A chunk within the budget is one tile, all its logits at once (`upcast`, a 16-bit
+    head's, which is upcast to fp32 a tile at a time: its CPU tiles, every one kept); a group over it is walked
+    in `fused_linear_logprobs`' CPU tiles, narrowed so that at least four fit in the budget."""
     if n_tokens <= _budget_tokens(vocab):
-        return max(1, n_tokens), vocab, 1
+        if not upcast:
+            return max(1, n_tokens), vocab, 1
+        block, tile = tile_sizes(n_tokens, vocab)
+        return block, tile, -(-max(1, n_tokens) // block) * -(-vocab // tile)
     block, tile = tile_sizes(n_tokens, vocab)
     tile = max(1, min(tile, TRAINED_HEAD_CHUNK_BYTES // (16 * block)))
     return block, tile, max(1, TRAINED_HEAD_CHUNK_BYTES // (4 * block * tile))
@@ -216,7 +222,6 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
         grad_bias = (
             torch.zeros(vocab, dtype=torch.float32, device=dev) if bias is not None and bias.requires_grad else None
         )
-        w = as_fp32(weight)
         b = None if bias is None else as_fp32(bias)
         positions = torch.arange(seq_len, device=dev)
         token_lists = []
@@ -224,14 +229,15 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
             tokens = (chunk.to(dev)[:, None] * seq_len + positions).reshape(-1)
             tokens = tokens[flat_labels.index_select(0, tokens) != ignore_index]
             token_lists.append(tokens)
-        plans = [_walk_tiles(t.numel(), vocab) for t in token_lists]
+        upcast = weight.dtype != torch.float32
+        plans = [_walk_tiles(t.numel(), vocab, upcast) for t in token_lists]
         if grad_weight is not None:
             # The first chunk with tokens may keep its logits in the weight gradient (see `keep_in_gradient`). If the
             # whole batch can (at most H tokens in one token block), it is one chunk: nothing recomputed, and the
             # weight-gradient GEMMs take all its tokens as depth. Otherwise the place goes to the chunk that would
             # recompute the most (chunks are independent, so their order is free).
             total = sum(t.numel() for t in token_lists)
-            whole_plan = _walk_tiles(total, vocab)
+            whole_plan = _walk_tiles(total, vocab, upcast)
             if len(token_lists) > 1 and _logits_kept_in_gradient(total, whole_plan, vocab, weight.shape[1]):
                 token_lists, plans = [torch.cat(token_lists)], [whole_plan]
             else:
@@ -247,6 +253,9 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
                 for t, (block, tile, slots) in zip(token_lists, plans)),
             dtype=torch.float32, device=dev,
         )
+        # A 16-bit head is upcast one tile at a time into this buffer, never whole; a kept tile's weight rows are
+        # upcast again for its gradient (a copy, against the GEMMs over its tokens).
+        weight_scratch = weight_tile_scratch(weight, max(tile for _, tile, _ in plans))
         # A capped transform's per-logit slopes, one tile at a time.
         slopes = (torch.empty(max(block for block, _, _ in plans), max(tile for _, tile, _ in plans),
                               dtype=torch.float32, device=dev) if transform.capped else None)
@@ -254,7 +263,7 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
         def logits(h, v0, tile, out, slope=None):
             """Transformed logits of rows `h` and vocabulary tile [v0, v0 + tile) in `out` (a capped transform's
             slopes in `slope`); returns (them, the fp32 weight tile)."""
-            z, w_tile = logits_tile(h, w, b, v0, tile, out)
+            z, w_tile = logits_tile(h, weight, b, v0, tile, out, weight_scratch)
             transform.apply_(z, None if slope is None else slope[: z.shape[0], : z.shape[1]])
             return z, w_tile
 
@@ -292,7 +301,7 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
                 tile_max, _ = fold_tile(z, running_max[rows_], running_sum[rows_])
                 running_max[rows_] = tile_max
                 if i >= first_kept:
-                    kept.append((rows_, v0, z, w_tile, tile_max))
+                    kept.append((rows_, v0, z, tile_max))
             lse = running_max.add_(running_sum.log_())
             label_slope = transform.slope_from_logits_(label_logit.clone()) if transform.capped else None
             token_logps.index_copy_(0, tokens, label_logit - lse)
@@ -314,8 +323,9 @@ class _TrainedHeadLossFunction(torch.autograd.Function):
                 unwritten.discard(v0)
                 return first
 
-            for rows_, v0, z, w_tile, tile_max in kept:
+            for rows_, v0, z, tile_max in kept:
                 # softmax = exp(z - max) * exp(max - lse): a kept tile turns into its gradient directly.
+                w_tile = fp32_weight_tile(weight, v0, z.shape[1], weight_scratch)
                 scale = g_all[rows_] * (tile_max - lse[rows_]).exp_()
                 slope = None if slopes is None else slopes_of_kept_tile(transform, z, tile_max, slopes)
                 tile_backward(z, scale, g_all[rows_], y_all[rows_], v0, h_all[rows_], w_tile,

@@ -160,8 +160,8 @@ def test_partial_keep_recomputes_only_the_dropped_logits(method, monkeypatch):
     monkeypatch.setattr(module, "TRAINED_HEAD_CHUNK_BYTES", 4 * 77 * PARTIAL_BUDGET)
     projected, buffer_bytes, in_gradient = [], [], []
 
-    def counting_logits_tile(h, weight, bias, v0, tile, buffer):
-        z, w = logits_tile(h, weight, bias, v0, tile, buffer)
+    def counting_logits_tile(h, weight, bias, v0, tile, buffer, weight_scratch=None):
+        z, w = logits_tile(h, weight, bias, v0, tile, buffer, weight_scratch)
         projected.append(z.numel())
         if buffer.untyped_storage().nbytes() == 4 * weight.numel():
             in_gradient.append(h.shape[0])
@@ -207,8 +207,8 @@ def test_first_chunk_over_budget_keeps_its_logits_in_the_weight_gradient(method,
     projected = []
     logits_tile = module.logits_tile
 
-    def counting_logits_tile(h, weight, bias, v0, tile, buffer):
-        z, w = logits_tile(h, weight, bias, v0, tile, buffer)
+    def counting_logits_tile(h, weight, bias, v0, tile, buffer, weight_scratch=None):
+        z, w = logits_tile(h, weight, bias, v0, tile, buffer, weight_scratch)
         projected.append(z.numel())
         return z, w
 
@@ -228,9 +228,9 @@ def test_batch_of_at_most_h_tokens_is_one_chunk_kept_in_the_weight_gradient(meth
     rows_per_gemm = []
     logits_tile = module.logits_tile
 
-    def counting_logits_tile(h, weight, bias, v0, tile, buffer):
+    def counting_logits_tile(h, weight, bias, v0, tile, buffer, weight_scratch=None):
         rows_per_gemm.append(h.shape[0])
-        return logits_tile(h, weight, bias, v0, tile, buffer)
+        return logits_tile(h, weight, bias, v0, tile, buffer, weight_scratch)
 
     monkeypatch.setattr(module, "logits_tile", counting_logits_tile)
     lengths = FIRST_IN_GRADIENT_LENGTHS["paired" if losses.METHODS[method].paired else "single"]
@@ -498,13 +498,49 @@ def test_only_fp32_weight_gradients_are_kept():
     assert weight.grad.dtype == torch.bfloat16 and weight not in registry
 
 
+# bf16 batches over a vocabulary of 600 in tiles of at most 256, with a budget of 10 tokens: pairs of 10 (at the
+# budget), 41 (over it and over H = 32: kept and recomputed tiles over several token blocks) and 7 + 3 tokens; or
+# pairs of 23 (over the budget, at most H: its logits kept in the weight gradient), 8 and 3 + 6 tokens.
+BF16_TILINGS = {"partial-keep": PARTIAL_LENGTHS["paired"], "in-gradient": FIRST_IN_GRADIENT_LENGTHS["paired"]}
+
+
+def head_shaped_fp32_tensors(run, weight):
+    """The ops that make fp32 tensors of the head's shape while `run()` runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    made = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.shape == weight.shape:
+                    made.append(str(func))
+            return out
+
+    with Watch():
+        run()
+    return made
+
+
+@pytest.mark.parametrize("tiling", [None, *BF16_TILINGS])
 @pytest.mark.parametrize("trained", [False, True], ids=["frozen-head", "trained-head"])
-def test_bf16_within_twice_torch_error(trained):
-    """bf16 inputs: loss and gradients within 2x the error of PyTorch's bf16 materialised logits."""
+def test_bf16_within_twice_torch_error(trained, tiling, monkeypatch):
+    """bf16 inputs: loss and gradients within 2x the error of PyTorch's bf16 materialised logits, in one tile or in
+    many. Over many, the head is upcast to fp32 a tile at a time: the only fp32 tensor of its shape is a trained
+    head's gradient."""
     from tests.tensor_asserts import assert_within_torch_error
 
-    (hidden, weight, labels, _), _, _ = make_batch("dpo", seq=12, trained=trained)
-    ref_logps = torch.randn(4) - 30
+    if tiling is None:
+        (hidden, weight, labels, _), _, _ = make_batch("dpo", seq=12, trained=trained)
+    else:
+        monkeypatch.setattr(module, "TRAINED_HEAD_CHUNK_BYTES", 4 * 600 * PARTIAL_BUDGET)
+        monkeypatch.setattr(sys.modules["pyprefopt.fused_linear_logprobs"], "CPU_TOKEN_BLOCK", 8)
+        monkeypatch.setattr(sys.modules["pyprefopt.fused_linear_logprobs"], "CPU_TILE_BYTES", 4096)
+        lengths = BF16_TILINGS[tiling]
+        (hidden, weight, labels, _), _, _ = make_batch("dpo", len(lengths), 24, 32, 600, trained=trained,
+                                                       lengths=lengths)
+    ref_logps = torch.randn(labels.shape[0]) - 30
     params = [hidden.detach().bfloat16().requires_grad_(), weight.detach().bfloat16().requires_grad_(trained)]
     truth_params = [p.detach().double().requires_grad_(p.requires_grad) for p in params]
     wanted = params if trained else params[:1]
@@ -512,7 +548,15 @@ def test_bf16_within_twice_torch_error(trained):
     def seq_logps(h, w, dtype):
         return reference_logprobs(h, w, labels, dtype=dtype).sum(-1)
 
-    loss, _ = FusedLinearPreferenceLoss("dpo", beta=0.1)(*params, labels, ref_logps=ref_logps)
+    loss = None
+
+    def forward():
+        nonlocal loss
+        loss, _ = FusedLinearPreferenceLoss("dpo", beta=0.1)(*params, labels, ref_logps=ref_logps)
+
+    made = head_shaped_fp32_tensors(forward, params[1])
+    if tiling is not None:
+        assert made == (["aten.empty.memory_format"] if trained else [])
     same_dtype, _ = losses.from_sequence_stats("dpo", seq_logps(*params, torch.bfloat16), (labels != -100).sum(-1),
                                                ref_logps=ref_logps, beta=0.1)
     truth, _ = losses.from_sequence_stats("dpo", seq_logps(*truth_params, torch.float64), (labels != -100).sum(-1),

@@ -1,6 +1,6 @@
-"""pyprefopt.lean_activations on tiny random Llama, Qwen2 and Qwen3 models, with and without LoRA layers: the same
-logits and gradients as the model's own modules, less saved for backward (SwiGLU's intermediate-wide tensors and
-RMSNorm's fp32 copies), under activation checkpointing too; Gemma-3n's modules left alone; the train CLI uses it.
+"""pyprefopt.lean_activations on tiny random Llama, Mistral, Qwen2 and Qwen3 models, with and without LoRA layers:
+the same logits and gradients as the model's own modules, less saved for backward (SwiGLU's intermediate-wide tensors
+and RMSNorm's fp32 copies), under activation checkpointing too; Gemma-3n's modules left alone; the train CLI uses it.
 """
 
 import copy
@@ -21,6 +21,7 @@ SIZES = dict(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_la
              num_key_value_heads=2)
 CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(**SIZES),
+    "mistral": lambda: transformers.MistralConfig(**SIZES),
     "qwen2": lambda: transformers.Qwen2Config(**SIZES),
     "qwen3": lambda: transformers.Qwen3Config(head_dim=16, **SIZES),
 }
