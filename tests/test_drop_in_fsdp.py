@@ -4,24 +4,25 @@ root's FSDP group (unsharded during the root's forward) or sharded in a group of
 
 from __future__ import annotations
 
-import os
-import tempfile
+import sys
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from pyprefopt import drop_in
+from tests.gloo_processes import WORLD, report_every_check_passed, run_in_processes
 from tests.tiny_trl_setup import CHECKED, model, random_state, rank_batch, tiny_config
 
-WORLD = 2
+HEAD_GROUPS = ("head-in-root-group", "head-in-own-group")
 
 
-def _worker(rank, init_file, head_group):
+def _worker(head_group):
+    """One of the WORLD processes torchrun starts (its rank and rendezvous in the environment)."""
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
     try:
         config = tiny_config("qwen3")
         state = random_state(config, 0)
@@ -30,7 +31,7 @@ def _worker(rank, init_file, head_group):
             drop_in.add_fused_lm_head(m)
         for layer in sharded.model.layers:
             fully_shard(layer)
-        if head_group:
+        if head_group == "head-in-own-group":
             fully_shard(sharded.lm_head)
         fully_shard(sharded)
         input_ids, labels = rank_batch(rank)
@@ -47,11 +48,15 @@ def _worker(rank, init_file, head_group):
             expected /= WORLD  # FSDP2 averages gradients over the data-parallel processes
             torch.testing.assert_close(got_grads[name].grad.full_tensor(), expected, rtol=1e-5, atol=1e-7,
                                        msg=lambda m, name=name: f"rank {rank} grad {name}: {m}")
+        report_every_check_passed(rank)
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("head_group", [False, True], ids=["head-in-root-group", "head-in-own-group"])
+@pytest.mark.parametrize("head_group", HEAD_GROUPS)
 def test_fused_head_under_fsdp2_matches_the_unsharded_model(head_group):
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_worker, args=(os.path.join(tmp, "init"), head_group), nprocs=WORLD, start_method="spawn")
+    run_in_processes("tests.test_drop_in_fsdp", head_group)
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])

@@ -4,11 +4,7 @@ differentiating only its own rows of the head; on the blocked CPU path and the T
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,10 +12,9 @@ import torch.distributed as dist
 
 from pyprefopt import FusedLinearPreferenceLoss, fused_linear_logprobs
 from pyprefopt.reference import reference_logprobs, reference_preference_loss
+from tests.gloo_processes import WORLD, report_every_check_passed, run_in_processes
 from tests.tensor_asserts import assert_within_torch_error
 
-ROOT = Path(__file__).resolve().parent.parent
-WORLD = 2
 # Odd, so the shards differ in size (DTensor's Shard(0) gives 151 + 150 rows).
 VOCAB, WIDTH = 301, 24
 CASES = {
@@ -147,44 +142,14 @@ def _worker(backend):
         logp.sum().backward()
         assert not logp.any() and not hidden.grad.any()
         _check_errors(rank, mesh)
-        print(f"rank {rank}: {EVERY_CHECK_PASSED}", flush=True)
+        report_every_check_passed(rank)
     finally:
         dist.destroy_process_group()
 
 
-# torch 2.13's gloo backend now and then aborts a CPU process from one of its own threads ("terminate called without
-# an active exception"), also in a script of nothing but init_process_group, init_device_mesh and two collectives.
-# A run that ends in that abort alone, with no exception of the test's own, passes if every process had reported all
-# its checks passed (the abort came after them) and is run again otherwise; any other failure, an assertion of the
-# test among them, fails at once.
-GLOO_ABORT_RETRIES = 2
-EVERY_CHECK_PASSED = "every check passed"
-# A frame of a worker's own exception (warnings name these files too, but not in this form).
-OWN_FRAME = re.compile(rf'File "[^"]*(/pyprefopt/|{re.escape(os.path.basename(__file__))})", line')
-
-
-def _gloo_abort_only(result) -> bool:
-    return (result.returncode != 0 and "terminate called without an active exception" in result.stderr
-            and not OWN_FRAME.search(result.stderr))
-
-
-def _every_check_passed(result) -> bool:
-    return all(f"rank {rank}: {EVERY_CHECK_PASSED}" in result.stdout for rank in range(WORLD))
-
-
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_vocabulary_sharded_head_matches_the_whole_head(backend):
-    # Processes of their own (torchrun), as a user's job runs: not children of the test process.
-    env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD), "-m",
-               "tests.test_vocab_parallel", backend]
-    for _ in range(GLOO_ABORT_RETRIES + 1):
-        result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-        if result.returncode == 0 or (_gloo_abort_only(result) and _every_check_passed(result)):
-            return
-        if not _gloo_abort_only(result):
-            break
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_in_processes("tests.test_vocab_parallel", backend, env={"TRITON_INTERPRET": "1"})
 
 
 if __name__ == "__main__":
