@@ -25,6 +25,7 @@ from pyprefopt.distributed import FIRST_PROCESS_WEIGHTS, FirstProcessWeights, lo
 from pyprefopt.errors import RunError
 from pyprefopt.head_config import check_fused_head_support
 from pyprefopt.lean_activations import use_lean_activations
+from pyprefopt.memory import release_mapped_file_pages
 from pyprefopt.packed_attention import use_packed_attention
 from pyprefopt.safetensors_io import TensorEntry
 
@@ -189,6 +190,9 @@ def _from_checkpoint(args, base, model_class, model_config, multimodal, device):
         _set_checkpoint_prefix(model, base, _checkpoint_entries(base))
     if not args.load_in_4bit:
         model.to(device)
+    # The pages the loader read through the checkpoint's memory maps, which views of them keep mapped
+    # (pyprefopt.memory): before any weight is trained or any page written.
+    release_mapped_file_pages(checkpoint_dir(base).glob("*.safetensors"))
     return model
 
 
