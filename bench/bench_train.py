@@ -6,6 +6,7 @@ ORPOTrainer) on the same tiny Qwen3, data and hyper-parameters.
     python -m bench.bench_train --synthetic 256          # on a synthetic Arabic/Persian set of 256 rows per split
     python -m bench.bench_train --methods dpo --steps 10 --json bench/results/train.json
     python -m bench.bench_train --real-shapes /tmp/real --threads 2 --steps 2 --warmup 1   # the reference cards
+    python -m bench.bench_train --rounds 3 ...    # every case 3 times, the trainers taking turns to go first
     PYPREFOPT_BENCH_QUICK=0 pytest bench/bench_train.py -m heavy   # the pytest version at full size
 
 `--real-shapes DIR` runs the reference model cards' recipes (`REAL_CARDS`) on their base architectures at the
@@ -14,8 +15,11 @@ weights, built once into DIR, the tokenizer the default model's (its ids index t
 logit of it is still computed), on synthetic rows (4 held out), 2 examples a micro-batch as the cards train.
 
 Each (method, trainer) case runs in a fresh interpreter with OMP_NUM_THREADS=--threads, so memory is a per-process
-high-water mark and no case inherits another's allocator or thread pool. A case imports everything it will use,
-builds the model and data, reads its resident set, then trains `--warmup + --steps` optimizer steps; reported:
+high-water mark and no case inherits another's allocator or thread pool. The cases run one after another, minutes
+apart at real shapes, on a machine whose speed can drift meanwhile: `--rounds N` runs each pair N times, alternating
+which trainer goes first, and the table gives each ratio as the median of the rounds' own ratios. A case imports
+everything it will use, builds the model and data, reads its resident set, then trains `--warmup + --steps` optimizer
+steps; reported:
 
 - tokens/s: tokens of the trained sequences (prompt + completion, no padding, chosen and rejected rows both
   counted; the same count for both trainers) over the wall time of the `--steps` timed optimizer steps (forward,
@@ -289,9 +293,15 @@ def build_real_model(name: str, directory: Path, tokenizer_dir: Path) -> Path:
     return out
 
 
+def rounds_of_cases(rounds: int):
+    """`(round, impl)` in the order the cases run: the two trainers alternate which goes first from round to round,
+    so that a machine whose speed drifts over the minutes a case takes favours neither."""
+    return [(r, impl) for r in range(rounds) for impl in (IMPLS if r % 2 == 0 else IMPLS[::-1])]
+
+
 def run_real_shapes(directory: Path, data: Path, steps, warmup, batch_size, threads, cache, checkpointing,
-                    dtype="fp32", cards=None):
-    """REAL_CARDS (those named "MODEL:METHOD" in `cards`, when given) through both trainers."""
+                    dtype="fp32", cards=None, rounds=1):
+    """REAL_CARDS (those named "MODEL:METHOD" in `cards`, when given) through both trainers, `rounds` times."""
     from pyprefopt import data as D
     from pyprefopt.default_model import default_model_path
 
@@ -303,10 +313,10 @@ def run_real_shapes(directory: Path, data: Path, steps, warmup, batch_size, thre
             continue
         base = build_real_model(name, directory, tokenizer_dir).resolve()
         # The cards' batches: 2 examples (Gemma-3n's card accumulates 4 of them).
-        for impl in IMPLS:
+        for round_, impl in rounds_of_cases(rounds):
             result = run_case(impl, method, data, steps, warmup, batch_size, threads, cache, checkpointing,
                               recipe | {"base": str(base), "dtype": dtype})
-            result["model"] = name
+            result.update(model=name, round=round_)
             print(f"{name} {method} {impl}: {result['tokens_per_second']:.1f} tokens/s, peak extra "
                   f"{result['peak_extra_mib']:.0f} MiB", file=sys.stderr, flush=True)
             results.append(result)
@@ -335,23 +345,33 @@ def run_case(impl, method, data, steps, warmup, batch_size, threads, cache, chec
 
 
 def table(results: list[dict]) -> str:
-    """Training: from the loaded model on (the weights included); with loading: the whole run's peak."""
-    by = {(r.get("model", ""), r["method"], r["impl"]): r for r in results}
-    cases = list(dict.fromkeys((r.get("model", ""), r["method"]) for r in results))
-    lines = ["| model | method | pyprefopt tokens/s | TRL tokens/s | speed-up | training peak extra MiB (ours / TRL) "
-             "| memory ratio | with loading MiB (ours / TRL) | median step ms (ours / TRL) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for model, method in cases:
-        if (model, method, "pyprefopt") not in by or (model, method, "trl") not in by:
+    """Training: from the loaded model on (the weights included); with loading: the whole run's peak. Over several
+    rounds (`round` in the results), each figure is the median over the rounds, and each ratio the median of the
+    rounds' own ratios (ours and TRL's of one round ran next to each other)."""
+    rounds = {}
+    for r in results:
+        rounds.setdefault((r.get("model", ""), r["method"]), {}).setdefault(r.get("round", 0), {})[r["impl"]] = r
+    lines = ["| model | method | rounds | pyprefopt tokens/s | TRL tokens/s | speed-up | training peak extra MiB "
+             "(ours / TRL) | memory ratio | with loading MiB (ours / TRL) | median step ms (ours / TRL) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for (model, method), by_round in rounds.items():
+        pairs = [(r["pyprefopt"], r["trl"]) for r in by_round.values() if len(r) == len(IMPLS)]
+        if not pairs:
             continue
-        ours, theirs = by[(model, method, "pyprefopt")], by[(model, method, "trl")]
+
+        def median(key, pairs=pairs):
+            return [statistics.median(pair[i][key] for pair in pairs) for i in (0, 1)]
+
+        def median_ratio(key, pairs=pairs):
+            return statistics.median(ours[key] / theirs[key] for ours, theirs in pairs)
+
+        speed, train_peak, peak = median("tokens_per_second"), median("train_peak_extra_mib"), median("peak_extra_mib")
+        step_ms = [statistics.median(ms for pair in pairs for ms in pair[i]["step_ms"]) for i in (0, 1)]
         lines.append(
-            f"| {model or 'tiny default'} | {method} | {ours['tokens_per_second']:.1f} | "
-            f"{theirs['tokens_per_second']:.1f} | {ours['tokens_per_second'] / theirs['tokens_per_second']:.2f}x | "
-            f"{ours['train_peak_extra_mib']:.0f} / {theirs['train_peak_extra_mib']:.0f} | "
-            f"{ours['train_peak_extra_mib'] / theirs['train_peak_extra_mib']:.2f}x | "
-            f"{ours['peak_extra_mib']:.0f} / {theirs['peak_extra_mib']:.0f} | "
-            f"{statistics.median(ours['step_ms']):.0f} / {statistics.median(theirs['step_ms']):.0f} |")
+            f"| {model or 'tiny default'} | {method} | {len(pairs)} | {speed[0]:.1f} | {speed[1]:.1f} | "
+            f"{median_ratio('tokens_per_second'):.2f}x | {train_peak[0]:.0f} / {train_peak[1]:.0f} | "
+            f"{median_ratio('train_peak_extra_mib'):.2f}x | {peak[0]:.0f} / {peak[1]:.0f} | "
+            f"{step_ms[0]:.0f} / {step_ms[1]:.0f} |")
     return "\n".join(lines)
 
 
@@ -376,7 +396,11 @@ def main(argv=None):
     p.add_argument("--cards", nargs="+", default=None, metavar="MODEL:METHOD",
                    choices=[f"{name}:{method}" for name, method, _ in REAL_CARDS],
                    help="with --real-shapes: only these cards")
+    p.add_argument("--rounds", type=int, default=1, help="run every case this many times, the trainers alternating "
+                   "which goes first; the table gives medians and the median of the rounds' own ratios")
     a = p.parse_args(argv)
+    if a.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {a.rounds}")
     if a.batch_size is None:
         a.batch_size = 2 if a.real_shapes else 8
     with tempfile.TemporaryDirectory() as tmp:
@@ -398,12 +422,13 @@ def main(argv=None):
         if a.real_shapes:
             a.real_shapes.mkdir(parents=True, exist_ok=True)
             results = run_real_shapes(a.real_shapes, data, a.steps, a.warmup, a.batch_size, a.threads, cache,
-                                      a.gradient_checkpointing, a.dtype, a.cards)
+                                      a.gradient_checkpointing, a.dtype, a.cards, a.rounds)
             a.methods = []
         for method in a.methods:
-            for impl in IMPLS:
+            for round_, impl in rounds_of_cases(a.rounds):
                 result = run_case(impl, method, data, a.steps, a.warmup, a.batch_size, a.threads, cache,
                                   a.gradient_checkpointing, {"dtype": a.dtype})
+                result["round"] = round_
                 print(f"{method} {impl}: {result['tokens_per_second']:.0f} tokens/s, peak extra "
                       f"{result['peak_extra_mib']:.0f} MiB", file=sys.stderr, flush=True)
                 results.append(result)
@@ -448,6 +473,22 @@ def test_both_trainers_count_every_accumulated_micro_batchs_tokens(tmp_path):
                for impl in IMPLS]
     ours, theirs = (r["tokens"] for r in results)
     assert 0.8 * ours <= theirs <= 1.25 * ours, results
+
+
+def test_the_table_takes_each_ratio_as_the_median_of_its_rounds():
+    """Over rounds, a ratio is the median of each round's own (side by side) ratio, not a ratio of medians; the
+    trainers alternate which runs first."""
+    def result(impl, round_, speed, peak):
+        return dict(impl=impl, method="dpo", round=round_, tokens_per_second=speed, train_peak_extra_mib=peak,
+                    peak_extra_mib=peak + 1, step_ms=[1000.0 / speed])
+
+    # Round by round: 3.0x, 1.5x and 2.0x the speed (median 2.0x), where the medians' ratio would be 40 / 10 = 4.0x.
+    results = [result("pyprefopt", 0, 30, 100), result("trl", 0, 10, 200), result("trl", 1, 80, 250),
+               result("pyprefopt", 1, 120, 100), result("pyprefopt", 2, 40, 100), result("trl", 2, 20, 100)]
+    row = table(results).splitlines()[2]
+    assert row.startswith("| tiny default | dpo | 3 | 40.0 | 20.0 | 2.00x | 100 / 200 | 0.50x | 101 / 201 |"), row
+    assert rounds_of_cases(3) == [(0, "pyprefopt"), (0, "trl"), (1, "trl"), (1, "pyprefopt"), (2, "pyprefopt"),
+                                  (2, "trl")]
 
 
 if __name__ == "__main__":
