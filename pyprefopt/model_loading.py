@@ -192,7 +192,7 @@ def _from_checkpoint(args, base, model_class, model_config, multimodal, device):
         model.to(device)
     # The pages the loader read through the checkpoint's memory maps, which views of them keep mapped
     # (pyprefopt.memory): before any weight is trained or any page written.
-    release_mapped_file_pages(checkpoint_dir(base).glob("*.safetensors"))
+    release_mapped_file_pages(checkpoint_dir(base, cached=True).glob("*.safetensors"))
     return model
 
 
@@ -439,14 +439,14 @@ def _layout(model) -> list[tuple]:
             for name, tensor in _named_tensors(model)]
 
 
-def checkpoint_dir(base: str) -> Path:
+def checkpoint_dir(base: str, cached: bool = False) -> Path:
     """The local directory of --model: itself, or a hub model's snapshot (downloaded when not cached and a network is
-    there)."""
+    there; `cached`: the one in the cache, with no request to the hub, for a model already loaded)."""
     if Path(base).is_dir():
         return Path(base)
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(base))
+    return Path(snapshot_download(base, local_files_only=cached))
 
 
 # --load-in-4bit leaves a linear layer in 16-bit when 4-bit would save next to nothing (its weights at 4 bits
