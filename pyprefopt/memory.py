@@ -53,8 +53,8 @@ def bound_onednn_caches(capacity: int = ONEDNN_CACHE_CAPACITY) -> dict[str, str]
     return {name: os.environ[name] for name in ONEDNN_CACHE_VARIABLES}
 
 
-def _mappings(smaps: str):
-    """(start, end, path, fields in kB) of each mapping in an smaps text."""
+def smaps_mappings(smaps: str):
+    """(start, end, path, fields in kB) of each mapping in the text of a /proc/<pid>/smaps file."""
     entry = None
     for line in smaps.splitlines():
         match = _SMAPS_RANGE.match(line)
@@ -81,7 +81,7 @@ def release_mapped_file_pages(paths) -> int:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     released = 0
-    for start, end, path, fields in _mappings(smaps.read_text()):
+    for start, end, path, fields in smaps_mappings(smaps.read_text()):
         if path not in wanted or not fields.get("Rss"):
             continue
         # A private map's written pages are its own copies, counted as Anonymous ("Private_Dirty" also counts pages

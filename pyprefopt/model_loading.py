@@ -186,13 +186,15 @@ def _from_checkpoint(args, base, model_class, model_config, multimodal, device):
             bnb_4bit_compute_dtype=dtype)
         kwargs["device_map"] = {"": device}
     model = model_class.from_pretrained(base, config=model_config, **kwargs)
+    # from_pretrained has the checkpoint locally now: found again with no request to the hub.
+    directory = checkpoint_dir(base, cached=True)
     if multimodal:
-        _set_checkpoint_prefix(model, base, _checkpoint_entries(base))
+        _set_checkpoint_prefix(model, base, _checkpoint_entries(base, directory))
     if not args.load_in_4bit:
         model.to(device)
     # The pages the loader read through the checkpoint's memory maps, which views of them keep mapped
     # (pyprefopt.memory): before any weight is trained or any page written.
-    release_mapped_file_pages(checkpoint_dir(base, cached=True).glob("*.safetensors"))
+    release_mapped_file_pages(directory.glob("*.safetensors"))
     return model
 
 
@@ -201,13 +203,13 @@ def _weights_dtype(args, device) -> torch.dtype:
     return torch.float32 if args.full else compute_dtype(args, device)
 
 
-def _checkpoint_entries(base) -> dict[str, TensorEntry]:
-    """Where each tensor of the safetensors checkpoint at `base` lies (its files' headers); RunError where they
-    cannot be read."""
+def _checkpoint_entries(base, directory: Path) -> dict[str, TensorEntry]:
+    """Where each tensor of the safetensors checkpoint of --model `base`, in `directory`, lies (its files' headers);
+    RunError where they cannot be read."""
     from pyprefopt.safetensors_io import checkpoint_entries
 
     try:
-        return checkpoint_entries(checkpoint_dir(base))
+        return checkpoint_entries(directory)
     except (ValueError, OSError) as e:
         raise RunError(f"--model {base}: {e}") from e
 
@@ -393,9 +395,10 @@ def _stored_tensors(model, base, config, multimodal) -> tuple[dict[int, TensorEn
 
     if getattr(config, "quantization_config", None) is not None:
         return {}, "its config.json declares a quantization_config, which transformers undoes as it loads"
-    if not any((checkpoint_dir(base) / name).is_file() for name in (SINGLE_FILE, INDEX_FILE)):
+    directory = checkpoint_dir(base)
+    if not any((directory / name).is_file() for name in (SINGLE_FILE, INDEX_FILE)):
         return {}, "it holds no safetensors weights"
-    entries = _checkpoint_entries(base)
+    entries = _checkpoint_entries(base, directory)
     if multimodal:
         _set_checkpoint_prefix(model, base, entries)
     conversions = get_model_conversion_mapping(model)

@@ -14,7 +14,7 @@ import torch
 import transformers
 
 from pyprefopt import model_loading, train
-from pyprefopt.memory import _mappings, release_mapped_file_pages
+from pyprefopt.memory import release_mapped_file_pages, smaps_mappings
 from tests.cli_fixtures import data_dir, one_thread_and_private_cache  # noqa: F401
 from tests.tiny_models import gemma3n_config, qwen_config, save_tiny_model
 
@@ -25,7 +25,7 @@ def resident_kib(path) -> list[tuple[int, int]]:
     """(resident KiB, of which written copies) of each of this process's maps of the file `path`."""
     real = os.path.realpath(path)
     return [(fields["Rss"], fields["Anonymous"])
-            for _, _, mapped, fields in _mappings(Path("/proc/self/smaps").read_text()) if mapped == real]
+            for _, _, mapped, fields in smaps_mappings(Path("/proc/self/smaps").read_text()) if mapped == real]
 
 
 @pytest.fixture(scope="module")
