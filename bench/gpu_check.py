@@ -26,7 +26,8 @@ tests' rule, `tests/tensor_asserts.py`), or bit-exact where the maths is exact:
 - `dequant_merge_nf4` through the CUDA extension: the decode bit-exact against the NF4 reference, the merge
   within one rounding of the output dtype at the size of its terms;
 - the activation-lean ops through their Triton kernels: `swiglu` (h and both gradients) and `rms_norm` (y, the
-  input's and the weight's gradients), fp32 and bf16, at Qwen3-1.7B's widths and a head's.
+  input's and the weight's gradients; the Llama order at Qwen3-1.7B's widths and a head's, Gemma's at the hidden
+  width), fp32 and bf16; `geglu` with Gemma-3n's activation sparsity (PyTorch ops) likewise.
 Timings, median of `triton.testing.do_bench`: the fused head against the materialised-logits
 reference in the same dtype (and its peak memory), and soft-capped beside plain (`x_uncapped`, printed for each
 pair against the issue-16 target `SOFTCAP_TARGET`);
@@ -266,7 +267,8 @@ def check_nf4_merge(device, quick):
 
 
 def check_lean_activations(device, quick):
-    from pyprefopt.reference import rms_norm_reference, swiglu_reference
+    from pyprefopt.geglu import geglu
+    from pyprefopt.reference import geglu_reference, rms_norm_reference, swiglu_reference
     from pyprefopt.rms_norm import rms_norm
     from pyprefopt.swiglu import swiglu
 
@@ -283,12 +285,19 @@ def check_lean_activations(device, quick):
 
         rows += _op_rows(f"swiglu {str(dtype)[6:]}", ["h", "grad gate", "grad up"],
                          lambda a, b: swiglu(a, b, backend="triton"), swiglu_reference, leaves, dtype, upstream)
-        for width in (hidden, 128):
+        # GeGLU with Gemma-3n's activation sparsity (PyTorch ops on every device).
+        rows += _op_rows(f"geglu sparse {str(dtype)[6:]}", ["h", "grad gate", "grad up"],
+                         lambda a, b: geglu(a, b, 0.95), lambda a, b: geglu_reference(a, b, 0.95), leaves, dtype,
+                         upstream)
+        # RMSNorm in the Llama order and in Gemma-3n's (the weight multiplies in fp32 before the one rounding).
+        for width, scale_in_fp32 in ((hidden, False), (128, False), (hidden, True)):
             x = (4 * torch.randn(tokens, width, generator=g)).to(device, dtype)
             weight = (1 + 0.3 * torch.randn(width, generator=g)).to(device, dtype)
             upstream = torch.randn(tokens, width, generator=g).to(device, dtype)
-            rows += _op_rows(f"rms_norm H{width} {str(dtype)[6:]}", ["y", "grad x", "grad weight"],
-                             lambda a, w: rms_norm(a, w, 1e-6, backend="triton"), rms_norm_reference,
+            order = " gemma" if scale_in_fp32 else ""
+            rows += _op_rows(f"rms_norm{order} H{width} {str(dtype)[6:]}", ["y", "grad x", "grad weight"],
+                             lambda a, w, s=scale_in_fp32: rms_norm(a, w, 1e-6, backend="triton", scale_in_fp32=s),
+                             lambda a, w, s=scale_in_fp32: rms_norm_reference(a, w, 1e-6, scale_in_fp32=s),
                              lambda dt, tensors=(x, weight): leaves(dt, tensors), dtype, upstream)
     return rows
 

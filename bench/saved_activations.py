@@ -1,8 +1,8 @@
 """What autograd saves for backward per token per decoder layer, by module, at a reference card's real width: where
 the training step's memory beyond the weights goes, and what an activation-lean op would save.
 
-    python -m bench.saved_activations [--model Qwen3-1.7B|Qwen2.5-1.5B --targets all-linear --lora-dropout 0
-                                       --tokens 512 --lean]
+    python -m bench.saved_activations [--model Qwen3-1.7B|Qwen2.5-1.5B|Gemma-3n-E4B --targets all-linear
+                                       --lora-dropout 0 --tokens 512 --lean]
 
 Builds the card's architecture (`bench.bench_train.real_configs`) with two decoder layers and a small vocabulary,
 bf16 weights, LoRA layers of rank 16 on `--targets` (fp32 factors, as the CLI trains them), with `--lean` the
@@ -63,7 +63,7 @@ def saved_bytes_by_module(model, layer, input_ids) -> collections.Counter:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=("Qwen3-1.7B", "Qwen2.5-1.5B"), default="Qwen3-1.7B")
+    p.add_argument("--model", choices=("Qwen3-1.7B", "Qwen2.5-1.5B", "Gemma-3n-E4B"), default="Qwen3-1.7B")
     p.add_argument("--targets", default="all-linear", help="LoRA targets: all-linear or comma-separated names")
     p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument("--tokens", type=int, default=512)
@@ -74,6 +74,11 @@ def main(argv=None):
     torch.manual_seed(0)
     config = real_configs(pad_token_id=0, eos_token_id=1)[a.model]
     config.num_hidden_layers, config.vocab_size = 2, 1024
+    if a.model.startswith("Gemma"):
+        # Two layers of Gemma-3n's first ten (sparse MLPs), neither sharing another's KV cache.
+        config.vocab_size_per_layer_input, config.num_kv_shared_layers = 1024, 0
+        config.activation_sparsity_pattern = config.activation_sparsity_pattern[:2]
+        config.layer_types, config.intermediate_size = config.layer_types[:2], config.intermediate_size[:2]
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     targets = a.targets if a.targets == "all-linear" else a.targets.split(",")
     if a.lean:

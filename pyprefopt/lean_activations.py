@@ -1,22 +1,31 @@
-"""A decoder's MLPs and RMSNorms swapped for ops that keep less for backward (`pyprefopt.swiglu`,
+"""A decoder's MLPs and RMSNorms swapped for ops that keep less for backward (`pyprefopt.swiglu`, `pyprefopt.geglu`,
 `pyprefopt.rms_norm`), over the same parameters.
 
-Only the transformers classes whose forward is the one those ops compute are swapped: the SiLU MLP
-`down_proj(silu(gate_proj(x)) * up_proj(x))` and the RMSNorm `w * round_x(x * rstd)` of Llama, Mistral, Qwen2 and
-Qwen3. Other families (Gemma's RMSNorm scales by 1 + w, in fp32; Gemma-3n's MLP is GELU with activation sparsity)
-keep their own modules.
+Only the transformers classes whose forward is the one those ops compute are swapped:
+- the SiLU MLP `down_proj(silu(gate_proj(x)) * up_proj(x))` of Llama, Mistral, Qwen2 and Qwen3, and the
+  GELU-tanh MLP of Gemma 2, 3 and 3n (Gemma-3n's with its layer's Gaussian top-k activation sparsity);
+- the RMSNorm `w * round_x(x * rstd)` of Llama, Mistral, Qwen2 and Qwen3, and Gemma's `round_x(x * rstd * s)` in
+  fp32, with s = 1 + w (Gemma 2, 3), w or nothing (Gemma-3n's `with_scale`).
+Other modules, and these with another activation in their config, keep their own.
 """
 
 from __future__ import annotations
 
+import functools
+
 from torch import nn
 
+from pyprefopt.geglu import GeGLUMLP
 from pyprefopt.rms_norm import RMSNorm
 from pyprefopt.swiglu import SwiGLUMLP
 
-FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3")
-MLP_CLASSES = frozenset(f"{family}MLP" for family in FAMILIES)
-RMS_NORM_CLASSES = frozenset(f"{family}RMSNorm" for family in FAMILIES)
+LLAMA_ORDER_FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3")
+SILU_MLP_CLASSES = frozenset(f"{family}MLP" for family in LLAMA_ORDER_FAMILIES)
+GELU_TANH_MLP_CLASSES = frozenset({"Gemma2MLP", "Gemma3MLP", "Gemma3nTextMLP"})
+# RMSNorm classes: (scale_in_fp32, weight_offset, the attribute holding eps).
+RMS_NORM_CLASSES = {f"{family}RMSNorm": (False, 0.0, "variance_epsilon") for family in LLAMA_ORDER_FAMILIES} | {
+    "Gemma2RMSNorm": (True, 1.0, "eps"), "Gemma3RMSNorm": (True, 1.0, "eps"),
+    "Gemma3nRMSNorm": (True, 0.0, "variance_epsilon")}
 
 
 def _from_transformers(module: nn.Module, names) -> bool:
@@ -24,22 +33,49 @@ def _from_transformers(module: nn.Module, names) -> bool:
     return cls.__name__ in names and cls.__module__.startswith("transformers.models.")
 
 
-def _is_silu_mlp(module: nn.Module) -> bool:
+def _activation(module: nn.Module) -> str | None:
     act = getattr(module, "act_fn", None)
-    return _from_transformers(module, MLP_CLASSES) and type(act).__name__ in ("SiLU", "SiLUActivation")
+    name = type(act).__name__
+    if name in ("SiLU", "SiLUActivation"):
+        return "silu"
+    # transformers' GELUTanh calls torch's GELU with approximate="tanh", unless built with its Python formula.
+    inner = getattr(act, "act", None)
+    if name == "GELUTanh" and isinstance(inner, functools.partial) and inner.func is nn.functional.gelu \
+            and inner.keywords == {"approximate": "tanh"}:
+        return "gelu_tanh"
+    return None
+
+
+def lean_mlp(module: nn.Module, backend: str = "auto") -> nn.Module | None:
+    """The activation-lean MLP over `module`'s projections, or None for a module of another class or activation."""
+    if _from_transformers(module, SILU_MLP_CLASSES) and _activation(module) == "silu":
+        return SwiGLUMLP(module.gate_proj, module.up_proj, module.down_proj, backend)
+    if _from_transformers(module, GELU_TANH_MLP_CLASSES) and _activation(module) == "gelu_tanh":
+        return GeGLUMLP(module.gate_proj, module.up_proj, module.down_proj,
+                        getattr(module, "activation_sparsity", 0.0))
+    return None
+
+
+def lean_rms_norm(module: nn.Module, backend: str = "auto") -> RMSNorm | None:
+    """The activation-lean RMSNorm over `module`'s weight (if it has one), or None for a module of another class."""
+    if not _from_transformers(module, RMS_NORM_CLASSES):
+        return None
+    scale_in_fp32, offset, eps = RMS_NORM_CLASSES[type(module).__name__]
+    return RMSNorm(getattr(module, "weight", None), getattr(module, eps), backend, scale_in_fp32=scale_in_fp32,
+                   weight_offset=offset)
 
 
 def use_lean_activations(model: nn.Module, backend: str = "auto") -> dict[str, int]:
-    """Swaps, in place, every SiLU MLP and RMSNorm of the families above for `SwiGLUMLP` and `RMSNorm` holding the
-    same projection modules and weight parameters (state-dict keys, LoRA layers and optimizer state are
+    """Swaps, in place, every MLP and RMSNorm of the classes above for `SwiGLUMLP`, `GeGLUMLP` and `RMSNorm` holding
+    the same projection modules and weight parameters (state-dict keys, LoRA layers and optimizer state are
     unchanged). Call it before sharding (FSDP) or compiling. Returns how many of each were swapped."""
     swapped = {"mlp": 0, "rms_norm": 0}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if _is_silu_mlp(child):
-                parent.add_module(name, SwiGLUMLP(child.gate_proj, child.up_proj, child.down_proj, backend))
+            if (mlp := lean_mlp(child, backend)) is not None:
+                parent.add_module(name, mlp)
                 swapped["mlp"] += 1
-            elif _from_transformers(child, RMS_NORM_CLASSES):
-                parent.add_module(name, RMSNorm(child.weight, child.variance_epsilon, backend))
+            elif (norm := lean_rms_norm(child, backend)) is not None:
+                parent.add_module(name, norm)
                 swapped["rms_norm"] += 1
     return swapped

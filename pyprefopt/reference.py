@@ -83,9 +83,25 @@ def swiglu_reference(gate, up):
     return torch.nn.functional.silu(gate) * up
 
 
-def rms_norm_reference(x, weight, eps=1e-6):
+def geglu_reference(gate, up, activation_sparsity=0.0):
+    """GeGLU's gating as transformers' Gemma 2, 3 and 3n MLPs compute it, in the inputs' dtype: `gelu_tanh(s) * up`,
+    s = gate, or with Gemma-3n's activation sparsity `relu(gate - mean - k * std)` over each row, k the normal
+    quantile of `activation_sparsity` in the inputs' dtype."""
+    if activation_sparsity > 0:
+        k = torch.distributions.Normal(0, 1).icdf(torch.tensor(activation_sparsity)).to(gate.dtype)
+        cutoff = gate.mean(-1, keepdim=True) + gate.std(-1, keepdim=True, unbiased=False) * k
+        gate = torch.relu(gate - cutoff)
+    return torch.nn.functional.gelu(gate, approximate="tanh") * up
+
+
+def rms_norm_reference(x, weight, eps=1e-6, scale_in_fp32=False, weight_offset=0.0):
     """RMSNorm as transformers' Llama/Qwen RMSNorm computes it: statistics in fp32 (fp64 for fp64 inputs), the
-    normalised row rounded to x's dtype, then scaled by the weight."""
+    normalised row rounded to x's dtype, then scaled by the weight; with `scale_in_fp32` as Gemma's: scaled by
+    weight_offset + weight (none for weight None) in fp32, then rounded to x's dtype."""
     x_wide = x.to(torch.promote_types(x.dtype, torch.float32))
     normed = x_wide * torch.rsqrt(x_wide.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * normed.to(x.dtype)
+    if not scale_in_fp32:
+        return weight * normed.to(x.dtype)
+    if weight is not None:
+        normed = normed * (weight.to(x_wide.dtype) + weight_offset)
+    return normed.to(x.dtype)

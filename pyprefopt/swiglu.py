@@ -15,6 +15,7 @@ tensors instead of three or four, for one elementwise pass per recomputation.
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 
 import torch
@@ -71,18 +72,18 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str = "auto") -> torch
 
 
 class _RecomputedGating:
-    """A saved tensor's stand-in: the view of h = silu(gate) * up it was, rebuilt from gate and up when unpacked.
+    """A saved tensor's stand-in: the view of h = gating(gate, up) it was, rebuilt from gate and up when unpacked.
     gate and up are held as the enclosing saved-tensor hooks packed them (themselves, without such hooks)."""
 
-    __slots__ = ("gate", "up", "use_triton", "size", "stride", "offset")
+    __slots__ = ("gate", "up", "gating", "size", "stride", "offset")
 
-    def __init__(self, gate, up, use_triton, saved, h_offset):
-        self.gate, self.up, self.use_triton = gate, up, use_triton
+    def __init__(self, gate, up, gating, saved, h_offset):
+        self.gate, self.up, self.gating = gate, up, gating
         self.size, self.stride = saved.size(), saved.stride()
         self.offset = saved.storage_offset() - h_offset
 
     def rebuilt(self, unpack):
-        h = _gated(unpack(self.gate), unpack(self.up), self.use_triton)
+        h = self.gating(unpack(self.gate), unpack(self.up))
         return h.as_strided(self.size, self.stride, h.storage_offset() + self.offset)
 
 
@@ -91,9 +92,10 @@ def _unchanged(tensor):
 
 
 @contextlib.contextmanager
-def saves_of_gating_recomputed(h, gate, up, use_triton):
-    """Within the block, autograd saves views of `h` (made contiguous by `swiglu(gate, up)`) as a stand-in that
-    rebuilds them from gate and up, which the gating's own backward keeps anyway.
+def saves_of_gating_recomputed(h, gate, up, gating):
+    """Within the block, autograd saves views of `h` (made contiguous by `gating(gate, up)`, a gated activation's
+    forward with no graph, which gives h bit for bit again) as a stand-in that rebuilds them from gate and up,
+    which the gating's own backward keeps anyway.
 
     Saved-tensor hooks already in force (activation checkpointing, offloading, a count of saved bytes) keep
     their say: every other tensor, and gate and up inside the stand-in, go through them, so under checkpointing
@@ -113,7 +115,7 @@ def saves_of_gating_recomputed(h, gate, up, use_triton):
 
     def pack(t):
         if t.device == device and t.dtype == dtype and t.numel() and t.untyped_storage().data_ptr() == storage:
-            return _RecomputedGating(outer_pack(gate_ref()), outer_pack(up_ref()), use_triton, t, offset)
+            return _RecomputedGating(outer_pack(gate_ref()), outer_pack(up_ref()), gating, t, offset)
         return outer_pack(t)
 
     def unpack(saved):
@@ -136,5 +138,5 @@ class SwiGLUMLP(nn.Module):
         gate, up = self.gate_proj(x), self.up_proj(x)
         use_triton = triton_for(gate.device, self.backend)
         h = SwiGLUFunction.apply(gate, up, use_triton)
-        with saves_of_gating_recomputed(h, gate, up, use_triton):
+        with saves_of_gating_recomputed(h, gate, up, functools.partial(_gated, use_triton=use_triton)):
             return self.down_proj(h)

@@ -1,7 +1,7 @@
-"""pyprefopt.lean_activations on tiny random Llama, Mistral, Qwen2 and Qwen3 models, with and without LoRA layers:
-the same logits and gradients as the model's own modules, less saved for backward (SwiGLU's intermediate-wide tensors
-and RMSNorm's fp32 copies), under activation checkpointing too; Gemma-3n's modules left alone; the train CLI uses it.
-"""
+"""pyprefopt.lean_activations on tiny random Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 and Gemma-3n models, with
+and without LoRA layers: the same logits and gradients as the model's own modules, less saved for backward (the gated
+MLPs' intermediate-wide tensors and the RMSNorms' fp32 copies), under activation checkpointing too; the train CLI uses
+it."""
 
 import copy
 
@@ -106,9 +106,63 @@ def test_lean_activations_under_activation_checkpointing_give_the_same_gradients
         assert_close_verbose(lean_grads[name], grad, rtol=1e-4, atol=1e-5, name=name)
 
 
-def test_gemma3n_keeps_its_own_mlp_and_norms():
-    model = transformers.AutoModelForCausalLM.from_config(gemma3n_config(96))
-    assert use_lean_activations(model) == {"mlp": 0, "rms_norm": 0}
+GEMMA_SIZES = dict(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16)
+GEMMA_CONFIGS = {
+    # Gemma-3n's first layer sparse (its real config: the first 10 of 35), the second dense.
+    "gemma3n": lambda: gemma3n_config(96, activation_sparsity_pattern=[0.95, 0.0]),
+    "gemma2": lambda: transformers.Gemma2Config(attn_implementation="eager", **GEMMA_SIZES),
+    "gemma3": lambda: transformers.Gemma3TextConfig(**GEMMA_SIZES),
+}
+GEMMA_NORMS = {"gemma3n": "Gemma3nRMSNorm", "gemma2": "Gemma2RMSNorm", "gemma3": "Gemma3RMSNorm"}
+
+
+@pytest.mark.parametrize("targets", [None, "all-linear"], ids=["full", "lora-all"])
+@pytest.mark.parametrize("family", sorted(GEMMA_CONFIGS))
+def test_the_lean_gemma_model_computes_what_the_model_does(family, targets):
+    """Gemma 2, 3 and 3n: every MLP (GELU-tanh, Gemma-3n's with a sparse layer) and RMSNorm (1 + w, w, or no
+    weight: Gemma-3n's v_norm) swapped; the same logits, and gradients within fp32 rounding."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(GEMMA_CONFIGS[family]())
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            torch.nn.init.normal_(param, 0.1, 0.3)  # Gemma 2 and 3 start them at 0, Gemma-3n at 1
+    if targets:
+        lora.inject_lora(model, targets, r=4, lora_alpha=8)
+        for layer in lora.lora_layers(model).values():
+            torch.nn.init.normal_(layer.lora_B, std=0.1)
+    model.train()
+    lean = copy.deepcopy(model)
+    norms = sum(type(m).__name__ == GEMMA_NORMS[family] for m in model.modules())
+    assert use_lean_activations(lean, backend="torch") == {"mlp": 2, "rms_norm": norms}
+    assert lean.state_dict().keys() == model.state_dict().keys()
+    input_ids = torch.randint(0, 96, (2, 11))
+    logits, grads = _loss_and_grads(model, input_ids)
+    lean_logits, lean_grads = _loss_and_grads(lean, input_ids)
+    assert torch.equal(lean_logits, logits)
+    assert lean_grads.keys() == grads.keys() and grads
+    for name, grad in grads.items():
+        assert_close_verbose(lean_grads[name], grad, rtol=1e-4, atol=1e-5, name=name)
+
+
+def test_the_lean_gemma3n_layer_saves_two_intermediate_tensors_and_no_fp32_copies():
+    """Per token of a bf16 Gemma-3n layer with a sparse MLP and LoRA on the MLP (the card's): transformers' MLP saves
+    the gate, its sparse shift, GELU's output, up and down_proj's LoRA input h; the lean one gate and up. The norms
+    save their bf16 input in place of an fp32 copy."""
+    torch.manual_seed(0)
+    config = gemma3n_config(96, activation_sparsity_pattern=[0.95, 0.95])
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    lora.inject_lora(model, ["gate_proj", "up_proj", "down_proj"], r=4, lora_alpha=8)
+    model.train()
+    lean = copy.deepcopy(model)
+    use_lean_activations(lean, backend="torch")
+    tokens = 64
+    input_ids = torch.randint(0, 96, (1, tokens))
+    layer_of = lambda m: m.model.layers[1]  # noqa: E731
+    plain = sum(saved_bytes_by_module(model, layer_of(model), input_ids).values()) / 1024
+    lean_kib = sum(saved_bytes_by_module(lean, layer_of(lean), input_ids).values()) / 1024
+    intermediate = 128 * 2 * tokens / 1024  # one bf16 [tokens, I] tensor (the tiny config's I = 128)
+    assert plain - lean_kib >= 3 * intermediate
 
 
 def test_a_peft_model_gets_the_lean_modules_around_its_lora_layers():

@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"bf16": ("*bf16", 2), "fp32": ("*fp32", 4)}
-FLOAT_SCALARS = {"out_scale", "in_scale", "scale", "nested_offset", "eps"}
+FLOAT_SCALARS = {"out_scale", "in_scale", "scale", "nested_offset", "eps", "weight_offset"}
 # Triton specialises a launch on which pointers and integers are multiples of 16. "aligned": the operands and the
 # hidden size (with the strides it sets) are, the token count and the vocabulary not necessarily (GPT-2's 50257);
 # "unaligned": nothing is (a hidden size that is no multiple of 16). Each is compiled as the launcher's prune runs
@@ -123,11 +123,14 @@ def cases():
         return [triton.Config({"BLOCK": swiglu.BLOCK}, num_warps=swiglu.NUM_WARPS)]
 
     both = ("aligned", "unaligned")
-    lean = [
-        Case("rms_norm_fwd", rms_norm.rms_norm_fwd_kernel, row_configs, {"INTERPRETED": False},
-             {"x_ptr", "w_ptr", "y_ptr"}, specialisations=both),
-        Case("rms_norm_bwd", rms_norm.rms_norm_bwd_kernel, row_configs, {"INTERPRETED": False, "WEIGHT_GRAD": True},
-             {"dy_ptr", "x_ptr", "w_ptr", "dx_ptr"}, specialisations=both),
+    # RMSNorm in the Llama order and in the Gemma order (the weight multiplies in fp32), both with a weight.
+    norm_orders = {"": {"SCALE_IN_FP32": False}, "_gemma": {"SCALE_IN_FP32": True}}
+    lean = [case for suffix, order in norm_orders.items() for case in (
+        Case(f"rms_norm_fwd{suffix}", rms_norm.rms_norm_fwd_kernel, row_configs,
+             dict(order, INTERPRETED=False, HAS_WEIGHT=True), {"x_ptr", "w_ptr", "y_ptr"}, specialisations=both),
+        Case(f"rms_norm_bwd{suffix}", rms_norm.rms_norm_bwd_kernel, row_configs,
+             dict(order, INTERPRETED=False, HAS_WEIGHT=True, WEIGHT_GRAD=True), {"dy_ptr", "x_ptr", "w_ptr", "dx_ptr"},
+             specialisations=both))] + [
         Case("swiglu_fwd", swiglu.swiglu_fwd_kernel, elementwise_config, {"INTERPRETED": False},
              {"g_ptr", "u_ptr", "h_ptr"}, specialisations=both),
         Case("swiglu_bwd", swiglu.swiglu_bwd_kernel, elementwise_config, {"INTERPRETED": False},
