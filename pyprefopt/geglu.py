@@ -45,6 +45,10 @@ def _check_inputs(gate, up, sparsity):
                          f"{gate.device} and {tuple(up.shape)} {up.dtype} {up.device}")
     if gate.dim() < 1:
         raise ValueError("gate and up must be [..., intermediate], got 0-d tensors")
+    _check_sparsity(sparsity)
+
+
+def _check_sparsity(sparsity):
     if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0 <= sparsity < 1:
         raise ValueError(f"activation_sparsity must be a number in [0, 1), got {sparsity!r}")
 
@@ -123,7 +127,7 @@ class GeGLUMLP(nn.Module):
     def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module,
                  activation_sparsity: float = 0.0):
         super().__init__()
-        _check_inputs(torch.empty(1), torch.empty(1), activation_sparsity)
+        _check_sparsity(activation_sparsity)
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
         self.activation_sparsity = float(activation_sparsity)
 

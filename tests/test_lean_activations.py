@@ -117,11 +117,13 @@ GEMMA_CONFIGS = {
 GEMMA_NORMS = {"gemma3n": "Gemma3nRMSNorm", "gemma2": "Gemma2RMSNorm", "gemma3": "Gemma3RMSNorm"}
 
 
-@pytest.mark.parametrize("targets", [None, "all-linear"], ids=["full", "lora-all"])
-@pytest.mark.parametrize("family", sorted(GEMMA_CONFIGS))
-def test_the_lean_gemma_model_computes_what_the_model_does(family, targets):
+@pytest.mark.parametrize("family, targets, checkpointing", [
+    (family, targets, False) for family in sorted(GEMMA_CONFIGS) for targets in (None, "all-linear")] + [
+    ("gemma3n", "all-linear", True)])
+def test_the_lean_gemma_model_computes_what_the_model_does(family, targets, checkpointing):
     """Gemma 2, 3 and 3n: every MLP (GELU-tanh, Gemma-3n's with a sparse layer) and RMSNorm (1 + w, w, or no
-    weight: Gemma-3n's v_norm) swapped; the same logits, and gradients within fp32 rounding."""
+    weight: Gemma-3n's v_norm) swapped; the same logits, and gradients within fp32 rounding (under activation
+    checkpointing too)."""
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(GEMMA_CONFIGS[family]())
     for name, param in model.named_parameters():
@@ -136,6 +138,9 @@ def test_the_lean_gemma_model_computes_what_the_model_does(family, targets):
     norms = sum(type(m).__name__ == GEMMA_NORMS[family] for m in model.modules())
     assert use_lean_activations(lean, backend="torch") == {"mlp": 2, "rms_norm": norms}
     assert lean.state_dict().keys() == model.state_dict().keys()
+    if checkpointing:
+        for m in (model, lean):
+            m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     input_ids = torch.randint(0, 96, (2, 11))
     logits, grads = _loss_and_grads(model, input_ids)
     lean_logits, lean_grads = _loss_and_grads(lean, input_ids)
