@@ -29,20 +29,13 @@ import numbers
 import torch
 from torch import nn
 
-from pyprefopt.swiglu import saves_of_gating_recomputed
+from pyprefopt.swiglu import check_gating_inputs, saves_of_gating_recomputed
 
 GELU_APPROXIMATION = "tanh"
 
 
 def _check_inputs(gate, up, sparsity):
-    for label, t in (("gate", gate), ("up", up)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{label} must be a tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{label} must be a floating-point tensor, got {t.dtype}")
-    if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
-        raise ValueError(f"gate and up must have one shape, dtype and device, got {tuple(gate.shape)} {gate.dtype} "
-                         f"{gate.device} and {tuple(up.shape)} {up.dtype} {up.device}")
+    check_gating_inputs(gate, up)
     if gate.dim() < 1:
         raise ValueError("gate and up must be [..., intermediate], got 0-d tensors")
     _check_sparsity(sparsity)

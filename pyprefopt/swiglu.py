@@ -24,7 +24,8 @@ from torch import nn
 from pyprefopt.backend import use_triton as triton_for
 
 
-def _check_inputs(gate, up):
+def check_gating_inputs(gate, up):
+    """A gated activation's operands: floating-point tensors of one shape, dtype and device."""
     for label, t in (("gate", gate), ("up", up)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{label} must be a tensor, got {type(t).__name__}")
@@ -48,7 +49,7 @@ class SwiGLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate, up, use_triton):
-        _check_inputs(gate, up)
+        check_gating_inputs(gate, up)
         ctx.use_triton = use_triton
         ctx.save_for_backward(gate, up)
         return _gated(gate, up, use_triton)
