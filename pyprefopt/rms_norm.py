@@ -24,15 +24,21 @@ offset + w):
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from pyprefopt.backend import use_triton as triton_for
 
 
-def _check_inputs(x, weight, eps, scale_in_fp32):
+def _check_inputs(x, weight, eps, scale_in_fp32, weight_offset):
     if weight is None and not scale_in_fp32:
         raise ValueError("weight=None (no scale, Gemma-3n's with_scale=False) needs scale_in_fp32=True")
+    if not isinstance(weight_offset, float | int) or not math.isfinite(weight_offset):
+        raise ValueError(f"weight_offset must be a finite number, got {weight_offset!r}")
+    if weight_offset and not scale_in_fp32:
+        raise ValueError("weight_offset (Gemma 2 and 3's 1 + w) needs scale_in_fp32=True: the Llama order has none")
     for label, t in (("x", x), ("weight", weight)):
         if label == "weight" and t is None:
             continue
@@ -58,7 +64,7 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps, use_triton, scale_in_fp32=False, weight_offset=0.0):
-        _check_inputs(x, weight, eps, scale_in_fp32)
+        _check_inputs(x, weight, eps, scale_in_fp32, weight_offset)
         out_dtype = x.dtype if scale_in_fp32 else torch.promote_types(weight.dtype, x.dtype)
         if use_triton and x.numel():
             from pyprefopt.kernels import rms_norm as kernels

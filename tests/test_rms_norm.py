@@ -112,6 +112,10 @@ def test_bad_inputs_name_the_problem():
         rms_norm(torch.ones(2, 8, dtype=torch.long), torch.randn(8))
     with pytest.raises(ValueError, match="weight=None .* needs scale_in_fp32=True"):
         rms_norm(torch.randn(2, 8), None)
+    with pytest.raises(ValueError, match="weight_offset .* needs scale_in_fp32=True"):
+        rms_norm(torch.randn(2, 8), torch.randn(8), weight_offset=1.0)
+    with pytest.raises(ValueError, match="weight_offset must be a finite number"):
+        rms_norm(torch.randn(2, 8), torch.randn(8), scale_in_fp32=True, weight_offset=float("nan"))
     with pytest.raises(ValueError, match="eps must be a non-negative number"):
         rms_norm(torch.randn(2, 8), torch.randn(8), eps=-1.0)
     with pytest.raises(ValueError, match=f"wider than the {kernels.MAX_ROW} the RMSNorm kernels hold"):
