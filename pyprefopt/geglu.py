@@ -62,25 +62,28 @@ def _shifted(gate, cutoff):
     return gate if cutoff is None else nn.functional.relu(gate - cutoff)
 
 
-def _gated(gate, up, multiplier):
-    """h = gelu_tanh(s) * up, s the sparse shift of gate (or gate itself, `multiplier` None), with no graph."""
-    cutoff = None if multiplier is None else _cutoff(gate, multiplier)[0]
+def _gated(gate, up, cutoff):
+    """h = gelu_tanh(s) * up, s the sparse shift of gate by each row's `cutoff` (gate itself for None)."""
     return nn.functional.gelu(_shifted(gate, cutoff), approximate=GELU_APPROXIMATION) * up
 
 
 class GeGLUFunction(torch.autograd.Function):
-    """gelu_tanh(sparse(gate)) * up, elementwise but for the sparsity's row statistics; gradients for gate and up."""
+    """gelu_tanh(sparse(gate)) * up, elementwise but for the sparsity's row statistics; gradients for gate and up.
+    Returns (h, each row's cutoff, or None without sparsity): the cutoff, a constant to autograd (the backward takes
+    its dependence on gate in), lets down_proj's saved h be rebuilt without the row statistics again."""
 
     @staticmethod
     def forward(ctx, gate, up, multiplier):
         cutoff, std = (None, None) if multiplier is None else _cutoff(gate, multiplier)
-        h = nn.functional.gelu(_shifted(gate, cutoff), approximate=GELU_APPROXIMATION) * up
+        h = _gated(gate, up, cutoff)
         ctx.sparse = multiplier is not None
         ctx.save_for_backward(gate, up, *((cutoff, std, multiplier) if ctx.sparse else ()))
-        return h
+        if ctx.sparse:
+            ctx.mark_non_differentiable(cutoff)
+        return h, cutoff
 
     @staticmethod
-    def backward(ctx, grad_h):
+    def backward(ctx, grad_h, _grad_cutoff):
         gate, up, *statistics = ctx.saved_tensors
         cutoff, std, multiplier = statistics if ctx.sparse else (None, None, None)
         shifted = _shifted(gate, cutoff)
@@ -109,7 +112,7 @@ def geglu(gate: torch.Tensor, up: torch.Tensor, activation_sparsity: float = 0.0
     gate and up (and two scalars a row) for backward."""
     _check_inputs(gate, up, activation_sparsity)
     multiplier = std_multiplier(activation_sparsity, gate.dtype, gate.device) if activation_sparsity > 0 else None
-    return GeGLUFunction.apply(gate, up, multiplier)
+    return GeGLUFunction.apply(gate, up, multiplier)[0]
 
 
 class GeGLUMLP(nn.Module):
@@ -129,11 +132,11 @@ class GeGLUMLP(nn.Module):
         multiplier = None
         if self.activation_sparsity > 0:
             multiplier = std_multiplier(self.activation_sparsity, gate.dtype, gate.device)
-        h = GeGLUFunction.apply(gate, up, multiplier)
+        h, cutoff = GeGLUFunction.apply(gate, up, multiplier)
 
         def gating(gate, up):
             with torch.no_grad():
-                return _gated(gate, up, multiplier)
+                return _gated(gate, up, cutoff)
 
         with saves_of_gating_recomputed(h, gate, up, gating):
             return self.down_proj(h)
