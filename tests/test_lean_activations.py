@@ -163,11 +163,14 @@ def test_the_lean_gemma3n_layer_saves_two_intermediate_tensors_and_no_fp32_copie
     use_lean_activations(lean, backend="torch")
     tokens = 64
     input_ids = torch.randint(0, 96, (1, tokens))
-    layer_of = lambda m: m.model.layers[1]  # noqa: E731
-    plain = sum(saved_bytes_by_module(model, layer_of(model), input_ids).values()) / 1024
-    lean_kib = sum(saved_bytes_by_module(lean, layer_of(lean), input_ids).values()) / 1024
-    intermediate = 128 * 2 * tokens / 1024  # one bf16 [tokens, I] tensor (the tiny config's I = 128)
-    assert plain - lean_kib >= 3 * intermediate
+    saved = {name: saved_bytes_by_module(m, m.model.layers[1], input_ids) for name, m in (("plain", model),
+                                                                                       ("lean", lean))}
+    intermediate = 128 * 2 * tokens  # bytes of one bf16 [tokens, I] tensor (the tiny config's I = 128)
+    mlp_wide = {name: sum(nbytes for (module, _, shape), nbytes in by_key.items()
+                          if module.startswith("mlp") and torch.Size(shape).numel() == tokens * 128)
+                for name, by_key in saved.items()}
+    assert mlp_wide == {"plain": 5 * intermediate, "lean": 2 * intermediate}
+    assert sum(saved["plain"].values()) - sum(saved["lean"].values()) >= 3 * intermediate
 
 
 def test_a_peft_model_gets_the_lean_modules_around_its_lora_layers():
