@@ -226,7 +226,7 @@ def check_lora(device, quick):
             return [t.to(dt).requires_grad_() for t in (x, lora_a, lora_b, bias)]
 
         def ours_fn(xs, a, b, bs):
-            return lora.FusedLoRALinearFunction.apply(xs, xs, base, bs, a, b, 2.0, True)
+            return lora.FusedLoRALinearFunction.apply(xs, 0.0, base, bs, a, b, 2.0, True)
 
         def reference_fn(xs, a, b, bs):
             return lora_linear_reference(xs, dense.to(xs.dtype), a, b, 2.0, bs)
@@ -372,7 +372,7 @@ def timings(device, quick):
                 fn().backward(upstream)
             return run
 
-        ours = step(lambda: lora.FusedLoRALinearFunction.apply(x, x, weight, None, lora_a, lora_b, 2.0, True))
+        ours = step(lambda: lora.FusedLoRALinearFunction.apply(x, 0.0, weight, None, lora_a, lora_b, 2.0, True))
         unfused = step(lambda: lora_linear_reference(x, weight, lora_a, lora_b, 2.0))
         base = step(lambda: torch.nn.functional.linear(x, weight))
         t = {name: _time_ms(fn, device) for name, fn in (("ours", ours), ("unfused", unfused), ("base", base))}

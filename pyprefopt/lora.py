@@ -19,7 +19,10 @@ base (reference) model without a second copy.
   `dX = dY @ W += T_s @ A`. The small products are scaled once at rank width (`S_s = s * S`,
   `T_s = s * dY @ B`: the GEMM's alpha, or in fp32 the rank-wide weight scaled, so that the skinny
   products also take oneDNN), and only X, S_s and the weights are kept for backward. With
-  dropout 0 the dropped-out input is X itself: no copy and one dX. An NF4 base is decoded per call by
+  dropout 0 the dropped-out input is X itself: no copy and one dX. With dropout, backward draws the same mask
+  again (the random generator's state at the forward, restored) rather than keeping the mask and the dropped-out
+  input, two more [tokens, in] tensors a layer; the forward draws it as PEFT's `nn.Dropout` does, so the same seed
+  gives PEFT's masks. An NF4 base is decoded per call by
   `pyprefopt.nf4.dequantize_nf4` (bitsandbytes-exact), in forward and again in backward, never stored.
 """
 
@@ -108,8 +111,8 @@ def _nf4_weight(param):
     return nf4.NF4Weight.from_quant_state(param.data, param.quant_state)
 
 
-def _check_function_inputs(x, lora_x, base_weight, bias, lora_a, lora_b, scale, use_triton):
-    for label, t in (("x", x), ("lora_x", lora_x), ("lora_a", lora_a), ("lora_b", lora_b)):
+def _check_function_inputs(x, dropout_p, base_weight, bias, lora_a, lora_b, scale, use_triton):
+    for label, t in (("x", x), ("lora_a", lora_a), ("lora_b", lora_b)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{label} must be a tensor, got {type(t).__name__}")
     if not x.is_floating_point():
@@ -129,9 +132,9 @@ def _check_function_inputs(x, lora_x, base_weight, bias, lora_a, lora_b, scale, 
         raise ValueError("the LoRA rank must be >= 1")
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(f"x's last dimension must be in_features={in_features}, got shape {tuple(x.shape)}")
-    if lora_x.shape != x.shape:
-        raise ValueError(f"lora_x {tuple(lora_x.shape)} must have x's shape {tuple(x.shape)}")
-    tensors = {"lora_x": lora_x, "lora_a": lora_a, "lora_b": lora_b}
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p < 1:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    tensors = {"lora_a": lora_a, "lora_b": lora_b}
     if isinstance(base_weight, torch.Tensor):
         if base_weight.requires_grad:
             raise ValueError("the base weight must be frozen (requires_grad=False): LoRA trains only A and B")
@@ -161,21 +164,45 @@ def _rank_linear(x, rank_weight, scale):
     return torch.addmm(x.new_zeros(()), x, rank_weight.t(), beta=0, alpha=scale)
 
 
-class FusedLoRALinearFunction(torch.autograd.Function):
-    """`x @ W.T + bias + scale * (lora_x @ A.T) @ B.T` over [..., in] inputs; W frozen (a dense tensor or
-    a `pyprefopt.nf4.NF4Weight`, decoded in x's dtype), gradients for x, lora_x, bias, A and B.
+def _rng_state(device: torch.device) -> torch.Tensor:
+    if device.type == "cpu":
+        return torch.get_rng_state()
+    return torch.get_device_module(device.type).get_rng_state(device)
 
-    Pass `lora_x=x` (the same object) when there is no dropout: dX then comes out of one GEMM.
-    `use_triton` runs the Triton kernels (CUDA, or CPU tensors under TRITON_INTERPRET=1)."""
+
+@contextlib.contextmanager
+def _rng_state_restored(device: torch.device, state: torch.Tensor):
+    """Within the block, `device`'s default generator starts from `state`; after it, both it and the CPU's are back
+    where they were."""
+    on_cpu = device.type == "cpu"
+    with torch.random.fork_rng(devices=[] if on_cpu else [device], device_type="cuda" if on_cpu else device.type):
+        if on_cpu:
+            torch.set_rng_state(state)
+        else:
+            torch.get_device_module(device.type).set_rng_state(state, device)
+        yield
+
+
+class FusedLoRALinearFunction(torch.autograd.Function):
+    """`x @ W.T + bias + scale * (dropout(x, dropout_p) @ A.T) @ B.T` over [..., in] inputs; W frozen (a dense tensor
+    or a `pyprefopt.nf4.NF4Weight`, decoded in x's dtype), gradients for x, bias, A and B.
+
+    The dropout is `nn.functional.dropout`'s, drawn from the default generator of x's device; backward draws its
+    mask again from the generator's state at the forward. `use_triton` runs the Triton kernels (CUDA, or CPU
+    tensors under TRITON_INTERPRET=1)."""
 
     @staticmethod
-    def forward(ctx, x, lora_x, base_weight, bias, lora_a, lora_b, scale, use_triton):
-        _check_function_inputs(x, lora_x, base_weight, bias, lora_a, lora_b, scale, use_triton)
+    def forward(ctx, x, dropout_p, base_weight, bias, lora_a, lora_b, scale, use_triton):
+        _check_function_inputs(x, dropout_p, base_weight, bias, lora_a, lora_b, scale, use_triton)
         lead_shape = x.shape[:-1]
         in_features = x.shape[-1]
-        merged = lora_x is x
         x2 = x.reshape(-1, in_features)
-        lora_x2 = x2 if merged else lora_x.reshape(-1, in_features)
+        ctx.dropout_p = float(dropout_p)
+        if dropout_p:
+            ctx.rng_state = _rng_state(x.device)
+            lora_x2 = nn.functional.dropout(x2, dropout_p, True)
+        else:
+            lora_x2 = x2
         if use_triton:
             from pyprefopt.kernels import fused_lora_linear as kernels
 
@@ -192,10 +219,9 @@ class FusedLoRALinearFunction(torch.autograd.Function):
         # `low` is S_s = s * S on CPU and the unscaled fp32 S from the kernels: each backward takes its own.
         ctx.base_weight = base_weight
         ctx.scale = scale
-        ctx.merged = merged
         ctx.use_triton = use_triton
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(lora_x2, low, lora_a, lora_b, base_weight if isinstance(base_weight, torch.Tensor)
+        ctx.save_for_backward(x2, low, lora_a, lora_b, base_weight if isinstance(base_weight, torch.Tensor)
                               else None)
         # The output as a tensor of its own over y's storage, not a view of y: autograd forbids modifying a view
         # that a custom Function made in place, and models do modify projections in place (Gemma-3n scales its
@@ -205,18 +231,25 @@ class FusedLoRALinearFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # its CPU GEMMs read a shared decode buffer that a double backward could not keep
     def backward(ctx, grad_y):
-        lora_x2, low, lora_a, lora_b, dense = ctx.saved_tensors
-        need_x, need_lora_x, _, need_bias, need_a, need_b, _, _ = ctx.needs_input_grad
+        x2, low, lora_a, lora_b, dense = ctx.saved_tensors
+        need_x, _, _, need_bias, need_a, need_b, _, _ = ctx.needs_input_grad
         lead_shape = grad_y.shape[:-1]
         grad_y2 = grad_y.reshape(-1, grad_y.shape[-1])
-        need_x_any = need_x or (ctx.merged and need_lora_x)
+        merged = not ctx.dropout_p
+        lora_x2 = x2
+        if not merged:
+            # The forward's mask drawn again: dropout(x) and, through its own graph, its gradient.
+            with _rng_state_restored(x2.device, ctx.rng_state), torch.enable_grad():
+                dropout_input = x2.detach().requires_grad_(need_x)
+                dropped = nn.functional.dropout(dropout_input, ctx.dropout_p, True)
+            lora_x2 = dropped.detach()
         grad_x = grad_lora_x = grad_a = grad_b = None
         if ctx.use_triton:
             from pyprefopt.kernels import fused_lora_linear as kernels
 
             grad_x, grad_lora_x, grad_a, grad_b = kernels.backward(
-                grad_y2.to(lora_x2.dtype), lora_x2, ctx.kernel_base, lora_a, lora_b, low, ctx.scale, ctx.merged,
-                need_x_any, need_a or need_b)
+                grad_y2.to(lora_x2.dtype), lora_x2, ctx.kernel_base, lora_a, lora_b, low, ctx.scale, merged,
+                need_x, need_a or need_b)
             grad_a = grad_a.to(lora_a.dtype) if need_a else None
             grad_b = grad_b.to(lora_b.dtype) if need_b else None
         else:
@@ -228,22 +261,18 @@ class FusedLoRALinearFunction(torch.autograd.Function):
                 grad_b = cpu_linear.linear(low.t(), grad_y2.t()).t()
             if need_a:
                 grad_a = cpu_linear.linear(low_grad.t(), lora_x2.t())
-            if need_x_any and ctx.merged:
-                grad_x = cpu_linear.linear(grad_y2, weight.t()).addmm_(low_grad, lora_a)
-            else:
-                if need_x_any:
-                    grad_x = cpu_linear.linear(grad_y2, weight.t())
-                if need_lora_x:
+            if need_x:
+                grad_x = cpu_linear.linear(grad_y2, weight.t())
+                if merged:
+                    grad_x.addmm_(low_grad, lora_a)
+                else:
                     grad_lora_x = torch.mm(low_grad, lora_a)
+        if need_x and not merged:
+            grad_x += torch.autograd.grad(dropped, dropout_input, grad_lora_x)[0]
         grad_bias = grad_y2.sum(0) if need_bias and ctx.has_bias else None
         if grad_x is not None:
             grad_x = grad_x.view(*lead_shape, grad_x.shape[-1])
-        if grad_lora_x is not None:
-            grad_lora_x = grad_lora_x.view(*lead_shape, grad_lora_x.shape[-1])
-        # With lora_x = x, dX already holds both terms: lora_x's slot gets None (autograd would add it again).
-        if ctx.merged:
-            return grad_x, None, None, grad_bias, grad_a, grad_b, None, None
-        return grad_x, grad_lora_x, None, grad_bias, grad_a, grad_b, None, None
+        return grad_x, None, None, grad_bias, grad_a, grad_b, None, None
 
 
 class LoRALinear(nn.Module):
@@ -319,10 +348,10 @@ class LoRALinear(nn.Module):
             # The base alone, through the same decode as the adapted path: calling a Linear4bit itself in
             # eval mode without grad would make bitsandbytes repack its codes on CPU.
             return nn.functional.linear(x, _dense_weight(base_weight, x.dtype), bias)
-        # PEFT's semantics: dropout on the LoRA branch's input only; p = 0 passes X itself (no copy).
-        lora_x = nn.functional.dropout(x, self.lora_dropout, True) if self.training and self.lora_dropout > 0 else x
-        return FusedLoRALinearFunction.apply(x, lora_x, base_weight, bias, self.lora_A.to(x.dtype),
-                                             self.lora_B.to(x.dtype), self.scaling, x.is_cuda)
+        # PEFT's semantics: dropout on the LoRA branch's input only, in training.
+        return FusedLoRALinearFunction.apply(x, self.lora_dropout if self.training else 0.0, base_weight, bias,
+                                             self.lora_A.to(x.dtype), self.lora_B.to(x.dtype), self.scaling,
+                                             x.is_cuda)
 
 
 @dataclass

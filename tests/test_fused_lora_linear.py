@@ -37,44 +37,64 @@ def _factors(in_features, out_features, r, dtype=torch.float32):
     return [t.to(dtype) for t in (weight, lora_a, lora_b, bias)]
 
 
-def _reference_grads(x, weight, lora_a, lora_b, scale, bias, grad_y, lora_x=None, dtype=torch.float64):
-    """(y, dx, dlora_x, da, db, dbias) of the plain reference, computed in `dtype`."""
+def _dropout_scale(x, dropout_p, seed):
+    """What `nn.functional.dropout(x, dropout_p)` multiplies x by after `torch.manual_seed(seed)`: 0 or 1 / (1 - p),
+    drawn for x's shape and dtype."""
+    torch.manual_seed(seed)
+    return torch.nn.functional.dropout(torch.ones_like(x), dropout_p, True)
+
+
+def _reference_grads(x, weight, lora_a, lora_b, scale, bias, grad_y, dropout_p=0.0, dtype=torch.float64, seed=0):
+    """(y, dx, da, db, dbias) of the plain reference, computed in `dtype`, the LoRA branch's input dropped out with
+    the mask the Function draws after `torch.manual_seed(seed)`."""
     leaves = [t.detach().to(dtype).requires_grad_() for t in (x, lora_a, lora_b, bias)]
     xs, a, b, bs = leaves
-    lx = None
-    if lora_x is not None:
-        lx = lora_x.detach().to(dtype).requires_grad_()
+    lx = xs * _dropout_scale(x, dropout_p, seed).to(dtype) if dropout_p else None
     y = lora_linear_reference(xs, weight.to(dtype), a, b, scale, bs, lx)
     y.backward(grad_y.to(dtype))
-    return y, xs.grad, None if lx is None else lx.grad, a.grad, b.grad, bs.grad
+    return y, xs.grad, a.grad, b.grad, bs.grad
 
 
-def _function_grads(x, weight, lora_a, lora_b, scale, bias, grad_y, use_triton, lora_x=None):
+def _function_grads(x, weight, lora_a, lora_b, scale, bias, grad_y, use_triton, dropout_p=0.0, seed=0):
     leaves = [t.detach().clone().requires_grad_() for t in (x, lora_a, lora_b, bias)]
     xs, a, b, bs = leaves
-    lx = xs if lora_x is None else lora_x.detach().clone().requires_grad_()
-    y = lora.FusedLoRALinearFunction.apply(xs, lx, weight, bs, a, b, scale, use_triton)
+    torch.manual_seed(seed)
+    y = lora.FusedLoRALinearFunction.apply(xs, dropout_p, weight, bs, a, b, scale, use_triton)
+    torch.manual_seed(seed + 1)  # backward draws the forward's mask whatever the generator has done since
     y.backward(grad_y)
-    return y, xs.grad, None if lora_x is None else lx.grad, a.grad, b.grad, bs.grad
+    return y, xs.grad, a.grad, b.grad, bs.grad
 
 
-NAMES = ("y", "dx", "dlora_x", "dA", "dB", "dbias")
+NAMES = ("y", "dx", "dA", "dB", "dbias")
 
 
 @pytest.mark.parametrize("use_triton", [True, False], ids=["triton", "cpu"])
-@pytest.mark.parametrize("dropout_input", [False, True], ids=["lora_x=x", "lora_x"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["no-dropout", "dropout"])
 @pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_fp32_matches_reference(shape, dropout_input, use_triton):
+def test_fp32_matches_reference(shape, dropout_p, use_triton):
     tokens, in_features, out_features, r = shape
     weight, lora_a, lora_b, bias = _factors(in_features, out_features, r)
     x = torch.randn(tokens, in_features)
-    lora_x = torch.nn.functional.dropout(x, 0.3) if dropout_input else None
     grad_y = torch.randn(tokens, out_features)
-    ours = _function_grads(x, weight, lora_a, lora_b, 1.7, bias, grad_y, use_triton, lora_x)
-    truth = _reference_grads(x, weight, lora_a, lora_b, 1.7, bias, grad_y, lora_x)
+    ours = _function_grads(x, weight, lora_a, lora_b, 1.7, bias, grad_y, use_triton, dropout_p)
+    truth = _reference_grads(x, weight, lora_a, lora_b, 1.7, bias, grad_y, dropout_p)
     for name, a, t in zip(NAMES, ours, truth):
-        if t is not None:
-            assert_close_verbose(a, t, rtol=1e-4, atol=1e-4, name=name)
+        assert_close_verbose(a, t, rtol=1e-4, atol=1e-4, name=name)
+    if dropout_p:  # the mask was real: some inputs dropped from the LoRA branch
+        assert 0 < (_dropout_scale(x, dropout_p, 0) == 0).sum() < x.numel()
+
+
+def test_dropout_keeps_only_the_input():
+    """With dropout the layer keeps x for backward (which draws the mask again), not the mask and the dropped-out
+    input as `nn.functional.dropout` ahead of the layer would."""
+    weight, lora_a, lora_b, bias = _factors(48, 40, 4)
+    x = torch.randn(2, 24, 48, requires_grad=True)
+    a = lora_a.clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        lora.FusedLoRALinearFunction.apply(x, 0.3, weight, bias, a, lora_b, 2.0, False)
+    inputs_wide = [t for t in saved if t.shape[-1] == 48 and t.numel() >= x.numel()]
+    assert len(inputs_wide) == 1 and inputs_wide[0].untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
 
 
 @pytest.mark.parametrize("use_triton", [True, False], ids=["triton", "cpu"])
@@ -433,17 +453,19 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     x = torch.randn(3, 8)
     apply = lora.FusedLoRALinearFunction.apply
     with pytest.raises(TypeError, match="lora_a .* must have x's dtype"):
-        apply(x, x, weight, bias, lora_a.double(), lora_b, 1.0, False)
+        apply(x, 0.0, weight, bias, lora_a.double(), lora_b, 1.0, False)
     with pytest.raises(ValueError, match="last dimension must be in_features=8"):
-        apply(torch.randn(3, 7), torch.randn(3, 7), weight, bias, lora_a, lora_b, 1.0, False)
+        apply(torch.randn(3, 7), 0.0, weight, bias, lora_a, lora_b, 1.0, False)
     with pytest.raises(ValueError, match="shapes do not fit"):
-        apply(x, x, weight, bias, lora_a, lora_b[:5], 1.0, False)
+        apply(x, 0.0, weight, bias, lora_a, lora_b[:5], 1.0, False)
+    with pytest.raises(ValueError, match="dropout_p must be a number in"):
+        apply(x, 1.0, weight, bias, lora_a, lora_b, 1.0, False)
     with pytest.raises(ValueError, match="base weight must be frozen"):
-        apply(x, x, weight.requires_grad_(), bias, lora_a, lora_b, 1.0, False)
+        apply(x, 0.0, weight.requires_grad_(), bias, lora_a, lora_b, 1.0, False)
     with pytest.raises(TypeError, match="Triton kernels take float32, bfloat16 or float16 inputs"):
-        apply(x.double(), x.double(), weight.double(), None, lora_a.double(), lora_b.double(), 1.0, True)
+        apply(x.double(), 0.0, weight.double(), None, lora_a.double(), lora_b.double(), 1.0, True)
     with pytest.raises(TypeError, match="x must be a floating-point tensor"):
-        apply(x.long(), x.long(), weight, None, lora_a, lora_b, 1.0, False)
+        apply(x.long(), 0.0, weight, None, lora_a, lora_b, 1.0, False)
     with pytest.raises(ValueError, match="support ranks 1..64"):
         kernels.block_r(65)
     with pytest.raises(TypeError, match="wraps nn.Linear"):
@@ -483,7 +505,7 @@ def test_output_may_be_modified_in_place(use_triton):
     weight, lora_a, lora_b, bias = _factors(8, 6, 2)
     x = torch.randn(2, 3, 8, requires_grad=True)
     a, b = lora_a.clone().requires_grad_(), lora_b.clone().requires_grad_()
-    y = lora.FusedLoRALinearFunction.apply(x, x, weight, bias, a, b, 2.0, use_triton)
+    y = lora.FusedLoRALinearFunction.apply(x, 0.0, weight, bias, a, b, 2.0, use_triton)
     y *= 3.0
     got = torch.autograd.grad(y.square().sum(), [x, a, b])
     want_y = lora_linear_reference(x, weight, a, b, 2.0, bias) * 3.0

@@ -271,7 +271,7 @@ def test_autotuners_prune_with_the_arguments_our_launchers_pass(monkeypatch, dty
     base_weight = torch.randn(40, 32, dtype=dtype)
     lora_a = torch.randn(4, 32, dtype=dtype, requires_grad=True)
     lora_b = torch.randn(40, 4, dtype=dtype, requires_grad=True)
-    FusedLoRALinearFunction.apply(x, x, base_weight, None, lora_a, lora_b, 2.0, True).sum().backward()
+    FusedLoRALinearFunction.apply(x, 0.0, base_weight, None, lora_a, lora_b, 2.0, True).sum().backward()
 
     element_size = torch.empty(0, dtype=dtype).element_size()
 
