@@ -62,7 +62,8 @@ IMPLS = ("pyprefopt", "trl")
 BETA, MAX_LENGTH, WARMUP_RATIO = 0.1, 512, 0.1
 # The settings both trainers get: the tiny default model's (`base` None) unless a card says otherwise.
 DEFAULT_RECIPE = dict(base=None, lora_r=16, lora_alpha=32.0, lora_dropout=0.0, targets="all-linear",
-                      load_in_4bit=False, optim="adamw", lr=1e-3, weight_decay=0.0, grad_accum=1, seed=0, dtype="fp32")
+                      load_in_4bit=False, optim="adamw", lr=1e-3, weight_decay=0.0, grad_accum=1, seed=0, dtype="fp32",
+                      recompute_mlp=False)
 # --synthetic's word counts (fewest, most) per prompt and answer: varied, so batches carry padding as real data does.
 SYNTHETIC_WORDS = dict(prompt_words=(8, 40), answer_words=(10, 60))
 
@@ -125,6 +126,8 @@ def run_pyprefopt(method, data_dir, steps, warmup, batch_size, checkpointing, re
             argv.append("--load-in-4bit")
         if checkpointing:
             argv.append("--gradient-checkpointing")
+        elif recipe["recompute_mlp"]:
+            argv.append("--recompute-mlp")
         train.main(argv)
         records = [json.loads(line) for line in open(f"{out}/run/metrics.jsonl", encoding="utf-8")]
     timed = [r for r in records if "step_seconds" in r and r["step"] > warmup]

@@ -27,8 +27,10 @@ REFERENCE_FILE = "reference_logps.safetensors"
 # A --fsdp checkpoint's trainable weights and optimizer state: torch.distributed.checkpoint's directory.
 SHARDED_STATE = "sharded"
 RUN_ARGS_FILE = "run_args.json"
-# Options that may differ between a run and its --resume (they do not change what is computed).
-RESUMABLE_CHANGES = {"resume", "eval_every", "save_every", "save_total_limit", "merge", "output_dir"}
+# Options that may differ between a run and its --resume (they do not change what is computed, only when it is
+# saved or what backward recomputes rather than keeps).
+RESUMABLE_CHANGES = {"resume", "eval_every", "save_every", "save_total_limit", "merge", "output_dir",
+                     "gradient_checkpointing", "recompute_mlp"}
 # Options a --resume may change with the number of processes, as long as the checkpoint's global batch, and the
 # split that the method's loss depends on, stay the same (check_batch_split).
 BATCH_SPLIT_OPTIONS = {"batch_size", "grad_accum"}

@@ -29,7 +29,7 @@ import numbers
 import torch
 from torch import nn
 
-from pyprefopt.swiglu import check_gating_inputs, saves_of_gating_recomputed
+from pyprefopt.swiglu import GatedMLP, check_gating_inputs
 
 GELU_APPROXIMATION = "tanh"
 
@@ -115,31 +115,27 @@ def geglu(gate: torch.Tensor, up: torch.Tensor, activation_sparsity: float = 0.0
     return GeGLUFunction.apply(gate, up, multiplier)[0]
 
 
-class GeGLUMLP(nn.Module):
+class GeGLUMLP(GatedMLP):
     """A drop-in for transformers' Gemma 2, 3 and 3n MLPs (GELU-tanh; Gemma-3n's with its layer's activation
-    sparsity), over the same projection modules (plain, LoRA or 4-bit; their state-dict keys unchanged), keeping gate
-    and up and nothing else intermediate-wide."""
+    sparsity)."""
 
     def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module,
                  activation_sparsity: float = 0.0):
-        super().__init__()
+        super().__init__(gate_proj, up_proj, down_proj)
         _check_sparsity(activation_sparsity)
-        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
         self.activation_sparsity = float(activation_sparsity)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
+    def activation(self, gate, up):
         multiplier = None
         if self.activation_sparsity > 0:
             multiplier = std_multiplier(self.activation_sparsity, gate.dtype, gate.device)
         h, cutoff = GeGLUFunction.apply(gate, up, multiplier)
 
-        def gating(gate, up):
+        def rebuild(gate, up):
             with torch.no_grad():
                 return _gated(gate, up, cutoff)
 
-        with saves_of_gating_recomputed(h, gate, up, gating):
-            return self.down_proj(h)
+        return h, rebuild
 
     def extra_repr(self) -> str:
         return f"activation_sparsity={self.activation_sparsity}" if self.activation_sparsity else ""

@@ -65,14 +65,18 @@ def lean_rms_norm(module: nn.Module, backend: str = "auto") -> RMSNorm | None:
                    weight_offset=offset)
 
 
-def use_lean_activations(model: nn.Module, backend: str = "auto") -> dict[str, int]:
+def use_lean_activations(model: nn.Module, backend: str = "auto", recompute_mlp: bool = False) -> dict[str, int]:
     """Swaps, in place, every MLP and RMSNorm of the classes above for `SwiGLUMLP`, `GeGLUMLP` and `RMSNorm` holding
     the same projection modules and weight parameters (state-dict keys, LoRA layers and optimizer state are
-    unchanged). Call it before sharding (FSDP) or compiling. Returns how many of each were swapped."""
+    unchanged). Call it before sharding (FSDP) or compiling. Returns how many of each were swapped.
+
+    `recompute_mlp`: the MLPs keep only their input and run gate_proj, up_proj and the gating again in backward
+    (`GatedMLP.recompute_gating`): less memory for more time, most worth it where the MLP has no LoRA branch."""
     swapped = {"mlp": 0, "rms_norm": 0}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if (mlp := lean_mlp(child, backend)) is not None:
+                mlp.recompute_gating = recompute_mlp
                 parent.add_module(name, mlp)
                 swapped["mlp"] += 1
             elif (norm := lean_rms_norm(child, backend)) is not None:

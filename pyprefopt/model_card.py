@@ -15,7 +15,8 @@ from pyprefopt.losses import METHODS
 # The run's options on the card; the method's own (its record's `options`) come after "optim".
 RUN_OPTIONS = ("method", "max_steps", "epochs", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_ratio",
                "warmup_steps", "weight_decay", "max_grad_norm", "optim", "max_length", "seed", "lora_r", "lora_alpha",
-               "lora_dropout", "target_modules", "adapter", "load_in_4bit", "full", "fsdp", "gradient_checkpointing")
+               "lora_dropout", "target_modules", "adapter", "load_in_4bit", "full", "fsdp", "gradient_checkpointing",
+               "recompute_mlp")
 
 
 def _fmt(value) -> str:

@@ -270,16 +270,16 @@ def _keep_in_fp32(model, dtype):
 
 def _prepared(model, args, base, device, adapter, skeleton=False, lora_device=None):
     """`model` made ready to train: no KV cache, packed attention on CPU, activation-lean MLPs and RMSNorms where the
-    architecture has them, gradient checkpointing if asked, and every weight trainable (--full) or LoRA layers
-    injected, fresh or --adapter's (a skeleton gets the adapter's layers alone: the first process holds their
-    weights, see _first_process_model). `lora_device`: where a skeleton's LoRA factors are made (lora.inject_lora; by
-    default on the meta device, as its weights)."""
+    architecture has them, gradient checkpointing or the MLPs' recomputation if asked, and every weight trainable
+    (--full) or LoRA layers injected, fresh or --adapter's (a skeleton gets the adapter's layers alone: the first
+    process holds their weights, see _first_process_model). `lora_device`: where a skeleton's LoRA factors are made
+    (lora.inject_lora; by default on the meta device, as its weights)."""
     from pyprefopt.lora import inject_lora, load_lora_adapter
 
     model.config.use_cache = False
     if device.type == "cpu":
         use_packed_attention(model)
-    use_lean_activations(model)
+    use_lean_activations(model, recompute_mlp=args.recompute_mlp)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if args.full:

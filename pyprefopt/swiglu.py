@@ -20,6 +20,7 @@ import weakref
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pyprefopt.backend import use_triton as triton_for
 
@@ -126,18 +127,45 @@ def saves_of_gating_recomputed(h, gate, up, gating):
         yield
 
 
-class SwiGLUMLP(nn.Module):
-    """A drop-in for transformers' Llama/Qwen2/Qwen3 MLP (SiLU), over the same projection modules (plain, LoRA or
-    4-bit; their state-dict keys unchanged), keeping gate and up and nothing else intermediate-wide."""
+class GatedMLP(nn.Module):
+    """`down_proj(gating(gate_proj(x), up_proj(x)))` over the given projection modules (plain, LoRA or 4-bit; their
+    state-dict keys unchanged), keeping gate and up and nothing else intermediate-wide; a subclass gives the gating
+    (`activation`).
 
-    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module, backend: str = "auto"):
+    With `recompute_gating` it keeps only x: gate_proj, up_proj and the gating run again in backward (a non-reentrant
+    checkpoint, which stops once they have run), for two more [tokens, hidden] x [hidden, intermediate] GEMMs a
+    layer. Where the projections are frozen that halves a decoder layer's activations (the MLP's share of them goes
+    from two intermediate-wide tensors to one hidden-wide); a down_proj with a LoRA branch keeps h, its input."""
+
+    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
-        self.backend = backend
+        self.recompute_gating = False
+
+    def activation(self, gate, up):
+        """(h, rebuild): the gating's output, through an autograd Function that keeps gate and up, and a function of
+        (gate, up) that computes h again bit for bit, without a graph."""
+        raise NotImplementedError
+
+    def _gating(self, x):
+        return self.activation(self.gate_proj(x), self.up_proj(x))[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.recompute_gating and torch.is_grad_enabled():
+            return self.down_proj(checkpoint(self._gating, x, use_reentrant=False))
         gate, up = self.gate_proj(x), self.up_proj(x)
-        use_triton = triton_for(gate.device, self.backend)
-        h = SwiGLUFunction.apply(gate, up, use_triton)
-        with saves_of_gating_recomputed(h, gate, up, functools.partial(_gated, use_triton=use_triton)):
+        h, rebuild = self.activation(gate, up)
+        with saves_of_gating_recomputed(h, gate, up, rebuild):
             return self.down_proj(h)
+
+
+class SwiGLUMLP(GatedMLP):
+    """A drop-in for transformers' Llama/Qwen2/Qwen3 MLP (SiLU)."""
+
+    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module, backend: str = "auto"):
+        super().__init__(gate_proj, up_proj, down_proj)
+        self.backend = backend
+
+    def activation(self, gate, up):
+        use_triton = triton_for(gate.device, self.backend)
+        return SwiGLUFunction.apply(gate, up, use_triton), functools.partial(_gated, use_triton=use_triton)

@@ -194,7 +194,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "with a PEFT model; default: none")
     p.add_argument("--load-in-4bit", action="store_true", help="QLoRA: the base in bitsandbytes NF4")
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each decoder layer's activations in backward (keeps only each layer's input)")
+    p.add_argument("--recompute-mlp", action="store_true",
+                   help="recompute each MLP's gate_proj, up_proj and gating in backward, keeping only its input: "
+                   "about half the decoder's activations for two of the MLP's three GEMMs again, where the MLP has "
+                   "no LoRA branch (e.g. attention-only targets)")
     p.add_argument("--dtype", default=None, choices=tuple(COMPUTE_DTYPES),
                    help="compute dtype: bf16 runs the model under bf16 autocast and keeps its frozen weights in bf16 "
                    "(half the memory); trained weights (the adapter, or every weight with --full) and the optimizer "
@@ -210,6 +215,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         for name, value in LORA_DEFAULTS.items():
             if getattr(args, name) is None:
                 setattr(args, name, value)
+    if args.recompute_mlp and args.gradient_checkpointing:
+        p.error("--recompute-mlp with --gradient-checkpointing: the layer's checkpoint already recomputes its MLP; "
+                "give one of them")
     for name in ("batch_size", "eval_batch_size", "grad_accum", "lora_r"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")

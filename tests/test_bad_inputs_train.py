@@ -59,6 +59,8 @@ BAD_INPUTS = [
     ("nan learning rate", lambda tmp, d: ["--lr", "nan"], "--lr must be a finite number > 0"),
     ("max length 1", lambda tmp, d: ["--max-length", "1"], "--max-length must be at least 2"),
     ("lora dropout 1", lambda tmp, d: ["--lora-dropout", "1"], "--lora-dropout must be in [0, 1)"),
+    ("two ways to recompute", lambda tmp, d: ["--recompute-mlp", "--gradient-checkpointing"],
+     "--recompute-mlp with --gradient-checkpointing"),
     ("zero lora alpha", lambda tmp, d: ["--lora-alpha", "0"], "--lora-alpha must be a finite number > 0"),
     ("negative weight decay", lambda tmp, d: ["--weight-decay", "-0.1"], "--weight-decay must be"),
     ("resume into a directory that is not a run", _not_a_run, "is not a pyprefopt run"),

@@ -1,7 +1,8 @@
 """pyprefopt.lean_activations on tiny random Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 and Gemma-3n models, with
 and without LoRA layers: the same logits and gradients as the model's own modules, less saved for backward (the gated
-MLPs' intermediate-wide tensors and the RMSNorms' fp32 copies), under activation checkpointing too; the train CLI uses
-it."""
+MLPs' intermediate-wide tensors and the RMSNorms' fp32 copies), under activation checkpointing too; with
+`recompute_mlp`, the same logits and gradients again and no intermediate-wide tensor kept where the MLP has no LoRA
+branch. The train CLI uses it."""
 
 import copy
 
@@ -13,7 +14,7 @@ from bench.saved_activations import saved_bytes_by_module
 from pyprefopt import lora
 from pyprefopt.lean_activations import use_lean_activations
 from pyprefopt.rms_norm import RMSNorm
-from pyprefopt.swiglu import SwiGLUMLP
+from pyprefopt.swiglu import GatedMLP, SwiGLUMLP
 from tests.tensor_asserts import assert_close_verbose
 from tests.tiny_models import gemma3n_config
 
@@ -27,11 +28,11 @@ CONFIGS = {
 }
 
 
-def _model(family, targets, dtype=torch.float32):
+def _model(family, targets, dtype=torch.float32, lora_dropout=0.0):
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(CONFIGS[family](), dtype=dtype)
     if targets:
-        lora.inject_lora(model, targets, r=4, lora_alpha=8)
+        lora.inject_lora(model, targets, r=4, lora_alpha=8, lora_dropout=lora_dropout)
         for layer in lora.lora_layers(model).values():
             torch.nn.init.normal_(layer.lora_B, std=0.1)  # a live LoRA branch: B starts at zero
     else:
@@ -193,16 +194,62 @@ def test_a_peft_model_gets_the_lean_modules_around_its_lora_layers():
         assert_close_verbose(lean_grads[name], grad, rtol=1e-4, atol=1e-5, name=name)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
-def test_what_the_graph_keeps_alive_after_forward(checkpointing):
+@pytest.mark.parametrize("targets, lora_dropout", [(["q_proj", "v_proj"], 0.0), ("all-linear", 0.1)],
+                         ids=["lora-qv", "lora-all-dropout"])
+@pytest.mark.parametrize("family", ["qwen3", "gemma3n"])
+def test_recomputed_mlps_give_the_lean_models_logits_and_gradients(family, targets, lora_dropout):
+    """The MLPs recomputing gate_proj, up_proj and the gating in backward: bit for bit the lean model's logits and
+    gradients (the recomputation draws the LoRA branches' dropout masks of the forward again)."""
+    if family == "gemma3n":
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(GEMMA_CONFIGS["gemma3n"]())
+        lora.inject_lora(model, targets, r=4, lora_alpha=8, lora_dropout=lora_dropout)
+        model.train()
+    else:
+        model = _model(family, targets, lora_dropout=lora_dropout)
+    recomputed = copy.deepcopy(model)
+    use_lean_activations(model, backend="torch")
+    use_lean_activations(recomputed, backend="torch", recompute_mlp=True)
+    assert all(m.recompute_gating for m in recomputed.modules() if isinstance(m, GatedMLP))
+    input_ids = torch.randint(0, 96, (2, 11))
+    torch.manual_seed(1)
+    logits, grads = _loss_and_grads(model, input_ids)
+    torch.manual_seed(1)
+    recomputed_logits, recomputed_grads = _loss_and_grads(recomputed, input_ids)
+    assert torch.equal(recomputed_logits, logits)
+    assert recomputed_grads.keys() == grads.keys() and grads
+    for name, grad in grads.items():
+        assert torch.equal(recomputed_grads[name], grad), name
+
+
+def test_a_recomputed_mlp_without_lora_keeps_only_its_input():
+    """Per token of a bf16 Qwen3 layer with LoRA on q_proj and v_proj: the lean MLP keeps gate and up, the recomputed
+    one its hidden-wide input alone (held by its checkpoint)."""
+    tokens = 64
+    input_ids = torch.randint(0, SIZES["vocab_size"], (1, tokens))
+    kept = {}
+    for recompute in (False, True):
+        model = _model("qwen3", ["q_proj", "v_proj"], dtype=torch.bfloat16)
+        use_lean_activations(model, backend="torch", recompute_mlp=recompute)
+        saved = saved_bytes_by_module(model, model.model.layers[1], input_ids)
+        kept[recompute] = sorted((shape, nbytes) for (module, _, shape), nbytes in saved.items() if module == "mlp")
+    intermediate, hidden = SIZES["intermediate_size"], SIZES["hidden_size"]
+    # gate and up: two bf16 tensors of one shape, counted under one key.
+    assert kept == {False: [((1, tokens, intermediate), 2 * 2 * tokens * intermediate)],
+                    True: [((1, tokens, hidden), 2 * tokens * hidden)]}
+
+
+@pytest.mark.parametrize("mode", ["plain", "checkpointed", "recompute-mlp"])
+def test_what_the_graph_keeps_alive_after_forward(mode):
     """Counting saved tensors is not enough: a hook that held h would keep it alive however it packs it. After the
     forward, with the graph alive, down_proj's LoRA input h is gone; under activation checkpointing gate and up are
-    too (the checkpoint drops them, to be recomputed)."""
+    too (the checkpoint drops them, to be recomputed), and with the MLP recomputed gate and up are gone but h, which
+    down_proj's LoRA branch keeps, is not."""
     import weakref
 
     model = _model("qwen3", "all-linear", dtype=torch.bfloat16)
-    use_lean_activations(model, backend="torch")
-    if checkpointing:
+    use_lean_activations(model, backend="torch", recompute_mlp=mode == "recompute-mlp")
+    if mode == "checkpointed":
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     mlp = model.model.layers[1].mlp
     refs = {}
@@ -213,7 +260,7 @@ def test_what_the_graph_keeps_alive_after_forward(checkpointing):
     for handle in handles:
         handle.remove()
     alive = {name: ref() is not None for name, ref in refs.items()}
-    assert alive == {"h": False, "gate": not checkpointing, "up": not checkpointing}
+    assert alive == {"h": mode == "recompute-mlp", "gate": mode == "plain", "up": mode == "plain"}
     logits.float().sum().backward()
     assert all(p.grad is not None for p in lora.lora_layers(model)["model.layers.1.mlp.down_proj"].parameters()
                if p.requires_grad)

@@ -334,6 +334,27 @@ def test_gradient_accumulation_matches_one_big_batch(method, data_dir, tmp_path)
     assert_same_training(tmp_path / "accum", tmp_path / "one", got, want, 1e-2)
 
 
+# What a record measures of the machine rather than of the training.
+VARYING = {"step_seconds", "tokens_per_second", "peak_memory_mib"}
+
+
+def test_recomputed_mlps_train_as_the_kept_ones(data_dir, tmp_path):
+    """--recompute-mlp changes what backward keeps, not what it computes: the same metrics and adapter bit for bit,
+    LoRA dropout included (the recomputation draws the forward's masks again); a --resume may turn it on."""
+    common = ["--max-steps", "3", "--lr", "1e-2", "--batch-size", "4", "--lora-dropout", "0.1"]
+    want = run("dpo", data_dir, tmp_path / "kept", *common)
+    got = run("dpo", data_dir, tmp_path / "recomputed", *common, "--recompute-mlp")
+    assert [{k: v for k, v in r.items() if k not in VARYING} for r in got] == [
+        {k: v for k, v in r.items() if k not in VARYING} for r in want]
+    kept, recomputed = adapter(tmp_path / "kept"), adapter(tmp_path / "recomputed")
+    assert kept.keys() == recomputed.keys() and all(torch.equal(kept[k], recomputed[k]) for k in kept)
+    resumed = tmp_path / "resumed"
+    run("dpo", data_dir, resumed, *common, "--save-every", "1")
+    shutil.rmtree(checkpoints_newest_first(resumed)[0])
+    run("dpo", data_dir, resumed, *common, "--save-every", "1", "--resume", "--recompute-mlp")
+    assert all(torch.equal(kept[k], adapter(resumed)[k]) for k in kept)
+
+
 def test_help_documents_every_option_with_its_default(capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.parse_args(["--help"])
