@@ -303,7 +303,7 @@ def rounds_of_cases(rounds: int):
 
 
 def run_real_shapes(directory: Path, data: Path, steps, warmup, batch_size, threads, cache, checkpointing,
-                    dtype="fp32", cards=None, rounds=1):
+                    dtype="fp32", cards=None, rounds=1, recompute_mlp=False):
     """REAL_CARDS (those named "MODEL:METHOD" in `cards`, when given) through both trainers, `rounds` times."""
     from pyprefopt import data as D
     from pyprefopt.default_model import default_model_path
@@ -318,7 +318,7 @@ def run_real_shapes(directory: Path, data: Path, steps, warmup, batch_size, thre
         # The cards' batches: 2 examples (Gemma-3n's card accumulates 4 of them).
         for round_, impl in rounds_of_cases(rounds):
             result = run_case(impl, method, data, steps, warmup, batch_size, threads, cache, checkpointing,
-                              recipe | {"base": str(base), "dtype": dtype})
+                              recipe | {"base": str(base), "dtype": dtype, "recompute_mlp": recompute_mlp})
             result.update(model=name, round=round_)
             print(f"{name} {method} {impl}: {result['tokens_per_second']:.1f} tokens/s, peak extra "
                   f"{result['peak_extra_mib']:.0f} MiB", file=sys.stderr, flush=True)
@@ -391,6 +391,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every case")
     p.add_argument("--gradient-checkpointing", action="store_true", help="both trainers recompute activations "
                    "(TRL's default; off by default here, as in pyprefopt)")
+    p.add_argument("--recompute-mlp", action="store_true",
+                   help="pyprefopt with its --recompute-mlp (TRL has no such option; its nearest, gradient "
+                   "checkpointing, recomputes whole layers)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="both trainers' compute dtype (pyprefopt's --dtype; TRL: the model loaded in it, autocast)")
     p.add_argument("--json", type=Path, default=None, help="also write the raw results here")
@@ -404,6 +407,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.rounds < 1:
         p.error(f"--rounds must be at least 1, got {a.rounds}")
+    if a.recompute_mlp and a.gradient_checkpointing:
+        p.error("--recompute-mlp with --gradient-checkpointing: give one of them")
     if a.batch_size is None:
         a.batch_size = 2 if a.real_shapes else 8
     with tempfile.TemporaryDirectory() as tmp:
@@ -425,12 +430,12 @@ def main(argv=None):
         if a.real_shapes:
             a.real_shapes.mkdir(parents=True, exist_ok=True)
             results = run_real_shapes(a.real_shapes, data, a.steps, a.warmup, a.batch_size, a.threads, cache,
-                                      a.gradient_checkpointing, a.dtype, a.cards, a.rounds)
+                                      a.gradient_checkpointing, a.dtype, a.cards, a.rounds, a.recompute_mlp)
             a.methods = []
         for method in a.methods:
             for round_, impl in rounds_of_cases(a.rounds):
                 result = run_case(impl, method, data, a.steps, a.warmup, a.batch_size, a.threads, cache,
-                                  a.gradient_checkpointing, {"dtype": a.dtype})
+                                  a.gradient_checkpointing, {"dtype": a.dtype, "recompute_mlp": a.recompute_mlp})
                 result["round"] = round_
                 print(f"{method} {impl}: {result['tokens_per_second']:.0f} tokens/s, peak extra "
                       f"{result['peak_extra_mib']:.0f} MiB", file=sys.stderr, flush=True)
