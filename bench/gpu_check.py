@@ -21,13 +21,15 @@ tests' rule, `tests/tensor_asserts.py`), or bit-exact where the maths is exact:
   and bf16, frozen and trained head, at a GPT-2 and a Qwen-sized vocabulary, plain and soft-capped (Gemma 2's cap
   of 30, with weights scaled so that |z| reaches ~100 and most logits sit where the cap bends them);
 - `FusedLinearPreferenceLoss` (DPO, KTO) on CUDA tensors, frozen and trained head;
-- `FusedLoRALinearFunction` through the Triton kernels over a dense base (fp32, bf16) and an NF4 base (plain and
-  double-quantised absmax), output and every gradient;
+- `FusedLoRALinearFunction` through the Triton kernels over a dense base (fp32, bf16; bf16 with LoRA dropout, whose
+  mask backward draws again from the CUDA generator's saved state) and an NF4 base (plain and double-quantised
+  absmax), output and every gradient;
 - `dequant_merge_nf4` through the CUDA extension: the decode bit-exact against the NF4 reference, the merge
   within one rounding of the output dtype at the size of its terms;
 - the activation-lean ops through their Triton kernels: `swiglu` (h and both gradients) and `rms_norm` (y, the
   input's and the weight's gradients; the Llama order at Qwen3-1.7B's widths and a head's, Gemma's at the hidden
-  width), fp32 and bf16; `geglu` with Gemma-3n's activation sparsity (PyTorch ops) likewise.
+  width), fp32 and bf16; `geglu` with Gemma-3n's activation sparsity (PyTorch ops) likewise; a `SwiGLUMLP` with LoRA
+  dropout recomputing gate and up in backward (--recompute-mlp) bit for bit as one keeping them.
 Timings, median of `triton.testing.do_bench`: the fused head against the materialised-logits
 reference in the same dtype (and its peak memory), and soft-capped beside plain (`x_uncapped`, printed for each
 pair against the issue-16 target `SOFTCAP_TARGET`);
@@ -203,9 +205,12 @@ def check_lora(device, quick):
 
     tokens, in_features, out_features, r = (37, 50, 70, 8) if quick else (2048, 4096, 4096, 16)
     rows = []
-    cases = [("dense", torch.float32, None), ("dense", torch.bfloat16, None),
-             ("nf4", torch.bfloat16, False), ("nf4", torch.bfloat16, True)]
-    for kind, dtype, nested in cases:
+    # (base, dtype, double-quantised absmax, LoRA dropout): with dropout the backward draws the forward's mask
+    # again from the device generator's saved state.
+    cases = [("dense", torch.float32, None, 0.0), ("dense", torch.bfloat16, None, 0.0),
+             ("dense", torch.bfloat16, None, 0.1), ("nf4", torch.bfloat16, False, 0.0),
+             ("nf4", torch.bfloat16, True, 0.0)]
+    for kind, dtype, nested, dropout_p in cases:
         g = torch.Generator().manual_seed(3)
         # Every input rounded to the dtype first: ours, torch's same-dtype run and the fp64 truth see the same values.
         x = torch.randn(tokens, in_features, generator=g).to(device, dtype)
@@ -222,16 +227,22 @@ def check_lora(device, quick):
             dense = dequant_merge_nf4_reference(w.codes, w.absmax, w.shape, w.blocksize, w.nested_absmax,
                                                 w.nested_code, w.nested_offset, w.nested_blocksize)
 
+        # The inputs dropout keeps after the seed the Function's forward starts from (it scales them by 1 / (1 - p)).
+        torch.manual_seed(5)
+        kept = torch.nn.functional.dropout(torch.ones_like(x), dropout_p, True) != 0
+
         def leaves(dt):
             return [t.to(dt).requires_grad_() for t in (x, lora_a, lora_b, bias)]
 
-        def ours_fn(xs, a, b, bs):
-            return lora.FusedLoRALinearFunction.apply(xs, 0.0, base, bs, a, b, 2.0, True)
+        def ours_fn(xs, a, b, bs, dropout_p=dropout_p):
+            torch.manual_seed(5)
+            return lora.FusedLoRALinearFunction.apply(xs, dropout_p, base, bs, a, b, 2.0, True)
 
-        def reference_fn(xs, a, b, bs):
-            return lora_linear_reference(xs, dense.to(xs.dtype), a, b, 2.0, bs)
+        def reference_fn(xs, a, b, bs, kept=kept, dropout_p=dropout_p):
+            return lora_linear_reference(xs, dense.to(xs.dtype), a, b, 2.0, bs, xs * kept / (1 - dropout_p))
 
-        rows += _op_rows(f"FusedLoRALinearFunction {kind}{' double-quant' if nested else ''} {str(dtype)[6:]}",
+        suffix = f"{' double-quant' if nested else ''}{f' dropout {dropout_p}' if dropout_p else ''}"
+        rows += _op_rows(f"FusedLoRALinearFunction {kind}{suffix} {str(dtype)[6:]}",
                          ["y", "grad x", "grad A", "grad B", "grad bias"], ours_fn, reference_fn, leaves, dtype,
                          upstream.to(dtype))
     return rows
@@ -299,7 +310,33 @@ def check_lean_activations(device, quick):
                              lambda a, w, s=scale_in_fp32: rms_norm(a, w, 1e-6, backend="triton", scale_in_fp32=s),
                              lambda a, w, s=scale_in_fp32: rms_norm_reference(a, w, 1e-6, scale_in_fp32=s),
                              lambda dt, tensors=(x, weight): leaves(dt, tensors), dtype, upstream)
+    rows.append(_recomputed_mlp_row(device, tokens, hidden, intermediate))
     return rows
+
+
+def _recomputed_mlp_row(device, tokens, hidden, intermediate):
+    """A SwiGLUMLP over bf16 projections, gate_proj and down_proj with LoRA branches with dropout, recomputing gate
+    and up in backward (`recompute_gating`, the train CLI's --recompute-mlp) against keeping them: the same output
+    and gradients bit for bit (the recomputation draws the forward's dropout masks again)."""
+    from pyprefopt.lora import LoRALinear
+    from pyprefopt.swiglu import SwiGLUMLP
+
+    results = []
+    for recompute in (False, True):
+        torch.manual_seed(6)
+        gate, up, down = (torch.nn.Linear(*shape, bias=False, device=device, dtype=torch.bfloat16)
+                          for shape in ((hidden, intermediate), (hidden, intermediate), (intermediate, hidden)))
+        gate, down = LoRALinear(gate, 8, 16, 0.1), LoRALinear(down, 8, 16, 0.1)
+        mlp = SwiGLUMLP(gate, up, down, backend="triton")
+        mlp.recompute_gating = recompute
+        x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
+        torch.manual_seed(7)
+        y = mlp(x)
+        y.float().square().sum().backward()
+        results.append([y, x.grad, gate.lora_A.grad, down.lora_A.grad])
+    differences = [(a.double() - b.double()).abs().max().item() for a, b in zip(*results)]
+    return {"check": "SwiGLUMLP recompute_gating, LoRA dropout, bf16: y and gradients as kept",
+            "error": max(differences), "ok": all(torch.equal(a, b) for a, b in zip(*results))}
 
 
 def _time_ms(fn, device):

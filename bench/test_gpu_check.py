@@ -11,7 +11,7 @@ def test_dry_run_passes_every_check(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     families = {row["check"].split(" ")[0] for row in report["checks"]}
     assert families == {"fused_linear_logprobs", "FusedLinearPreferenceLoss", "FusedLoRALinearFunction",
-                        "dequant_merge_nf4", "swiglu", "geglu", "rms_norm"}
+                        "dequant_merge_nf4", "swiglu", "geglu", "rms_norm", "SwiGLUMLP"}
     assert all(row["ok"] for row in report["checks"])
     assert len(report["timings"]) == 12 and all(row["ours_ms"] > 0 for row in report["timings"])
 
