@@ -71,7 +71,8 @@ def use_lean_activations(model: nn.Module, backend: str = "auto", recompute_mlp:
     unchanged). Call it before sharding (FSDP) or compiling. Returns how many of each were swapped.
 
     `recompute_mlp`: the MLPs keep only their input and run gate_proj, up_proj and the gating again in backward
-    (`GatedMLP.recompute_gating`): less memory for more time, most worth it where the MLP has no LoRA branch."""
+    (`GatedMLP.recompute_gating`): less memory for more time, most worth it where the MLP has no LoRA branch, and
+    nothing gained under whole-layer activation checkpointing, which recomputes the MLP anyway."""
     swapped = {"mlp": 0, "rms_norm": 0}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

@@ -174,9 +174,10 @@ def test_the_lean_gemma3n_layer_saves_two_intermediate_tensors_and_no_fp32_copie
     assert sum(saved["plain"].values()) - sum(saved["lean"].values()) >= 3 * intermediate
 
 
-def test_a_peft_model_gets_the_lean_modules_around_its_lora_layers():
+@pytest.mark.parametrize("recompute_mlp", [False, True], ids=["kept", "recompute-mlp"])
+def test_a_peft_model_gets_the_lean_modules_around_its_lora_layers(recompute_mlp):
     """As a TRL user calls it: on a PEFT-wrapped model (PEFT's own LoRA layers on every projection), the same logits
-    and LoRA gradients."""
+    and LoRA gradients, with the MLPs recomputed too."""
     import peft
 
     torch.manual_seed(0)
@@ -184,7 +185,7 @@ def test_a_peft_model_gets_the_lean_modules_around_its_lora_layers():
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
     model = peft.get_peft_model(base, config).train()
     lean = copy.deepcopy(model)
-    assert use_lean_activations(lean) == {"mlp": 2, "rms_norm": 9}
+    assert use_lean_activations(lean, recompute_mlp=recompute_mlp) == {"mlp": 2, "rms_norm": 9}
     input_ids = torch.randint(0, SIZES["vocab_size"], (2, 11))
     logits, grads = _loss_and_grads(model, input_ids)
     lean_logits, lean_grads = _loss_and_grads(lean, input_ids)
