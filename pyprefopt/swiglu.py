@@ -5,7 +5,9 @@ Autograd through transformers' MLP keeps three [tokens, intermediate] tensors fo
 silu(gate) and up for the product) and, when down_proj has a LoRA branch, a fourth: h, that branch's input.
 `SwiGLUFunction` keeps gate and up and recomputes silu(gate) in backward. `SwiGLUMLP` also has down_proj's saved
 h rebuilt from gate and up when its backward asks for it (a saved-tensor hook): the MLP keeps two intermediate-wide
-tensors instead of three or four, for one elementwise pass per recomputation.
+tensors instead of three or four, for one elementwise pass per recomputation. With `recompute_gating` (the train
+CLI's --recompute-mlp) it keeps none: gate and up are recomputed from the MLP's input in backward. `GatedMLP` holds
+what the SwiGLU and GeGLU (`pyprefopt.geglu`) MLPs share.
 
 - CUDA: the Triton kernels of `pyprefopt.kernels.swiglu` (fp32 math, one rounding per output).
 - CPU: PyTorch's own `silu` and `silu_backward`, so the forward is transformers' bit for bit and the gradients are
@@ -134,8 +136,8 @@ class GatedMLP(nn.Module):
 
     With `recompute_gating` it keeps only x: gate_proj, up_proj and the gating run again in backward (a non-reentrant
     checkpoint, which stops once they have run), for two more [tokens, hidden] x [hidden, intermediate] GEMMs a
-    layer. Where the projections are frozen that halves a decoder layer's activations (the MLP's share of them goes
-    from two intermediate-wide tensors to one hidden-wide); a down_proj with a LoRA branch keeps h, its input."""
+    layer. Where the projections are frozen the MLP's share of a decoder layer's activations goes from two
+    intermediate-wide tensors to one hidden-wide; a down_proj with a LoRA branch also keeps h, its input."""
 
     def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module):
         super().__init__()
