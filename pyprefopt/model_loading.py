@@ -279,7 +279,11 @@ def _prepared(model, args, base, device, adapter, skeleton=False, lora_device=No
     model.config.use_cache = False
     if device.type == "cpu":
         use_packed_attention(model)
-    use_lean_activations(model, recompute_mlp=args.recompute_mlp)
+    if not use_lean_activations(model, recompute_mlp=args.recompute_mlp)["mlp"] and args.recompute_mlp:
+        mlp_classes = sorted({type(m).__name__ for name, m in model.named_modules() if name.endswith(".mlp")})
+        raise RunError(f"--recompute-mlp: none of --model {base}'s MLPs ({', '.join(mlp_classes) or 'none found'}) "
+                       "is one it recomputes (the SiLU MLPs of Llama, Mistral, Qwen2 and Qwen3, the GELU-tanh ones of "
+                       "Gemma 2, 3 and 3n); leave the option off, or use --gradient-checkpointing")
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if args.full:

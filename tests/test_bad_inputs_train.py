@@ -301,3 +301,19 @@ def test_an_moe_model_with_router_losses_is_refused_before_anything_is_written(d
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "output_router_logits" in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+def test_recompute_mlp_on_a_model_without_such_mlps_is_refused(data_dir, tmp_path, capsys):
+    """--recompute-mlp on a model none of whose MLPs pyprefopt recomputes (a mixture of experts) would change
+    nothing: one clear error before anything is written, not a silent no-op."""
+    from transformers import Qwen3MoeConfig
+
+    def tiny_moe(vocab_size, **ids):
+        return Qwen3MoeConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                              num_experts=2, num_experts_per_tok=1, bos_token_id=None, **ids)
+
+    model_dir = save_tiny_model(tmp_path / "moe", data_dir, tiny_moe)
+    assert_refused_before_writing(["--method", "sft", "--model", str(model_dir), "--data", str(data_dir / "sft"),
+                                   "--output-dir", str(tmp_path / "run"), "--max-steps", "1", "--recompute-mlp"],
+                                  tmp_path, capsys, "none of --model")
