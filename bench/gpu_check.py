@@ -310,14 +310,15 @@ def check_lean_activations(device, quick):
                              lambda a, w, s=scale_in_fp32: rms_norm(a, w, 1e-6, backend="triton", scale_in_fp32=s),
                              lambda a, w, s=scale_in_fp32: rms_norm_reference(a, w, 1e-6, scale_in_fp32=s),
                              lambda dt, tensors=(x, weight): leaves(dt, tensors), dtype, upstream)
-    rows.append(_recomputed_mlp_row(device, tokens, hidden, intermediate))
+    rows += [_recomputed_mlp_row(device, tokens, hidden, intermediate, down_lora) for down_lora in (False, True)]
     return rows
 
 
-def _recomputed_mlp_row(device, tokens, hidden, intermediate):
-    """A SwiGLUMLP over bf16 projections, gate_proj and down_proj with LoRA branches with dropout, recomputing gate
-    and up in backward (`recompute_gating`, the train CLI's --recompute-mlp) against keeping them: the same output
-    and gradients bit for bit (the recomputation draws the forward's dropout masks again)."""
+def _recomputed_mlp_row(device, tokens, hidden, intermediate, down_lora):
+    """A SwiGLUMLP over bf16 projections, gate_proj (and with `down_lora` down_proj) with a LoRA branch with
+    dropout, keeping only its input and recomputing in backward (`recompute`, the train CLI's --recompute-mlp) against
+    keeping gate and up: the same output and gradients bit for bit (the recomputation draws the forward's dropout
+    masks again)."""
     from pyprefopt.lora import LoRALinear
     from pyprefopt.swiglu import SwiGLUMLP
 
@@ -326,16 +327,19 @@ def _recomputed_mlp_row(device, tokens, hidden, intermediate):
         torch.manual_seed(6)
         gate, up, down = (torch.nn.Linear(*shape, bias=False, device=device, dtype=torch.bfloat16)
                           for shape in ((hidden, intermediate), (hidden, intermediate), (intermediate, hidden)))
-        gate, down = LoRALinear(gate, 8, 16, 0.1), LoRALinear(down, 8, 16, 0.1)
+        gate = LoRALinear(gate, 8, 16, 0.1)
+        if down_lora:
+            down = LoRALinear(down, 8, 16, 0.1)
         mlp = SwiGLUMLP(gate, up, down, backend="triton")
-        mlp.recompute_gating = recompute
+        mlp.recompute = recompute
         x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
         torch.manual_seed(7)
         y = mlp(x)
         y.float().square().sum().backward()
-        results.append([y, x.grad, gate.lora_A.grad, down.lora_A.grad])
+        results.append([y, x.grad, gate.lora_A.grad] + ([down.lora_A.grad] if down_lora else []))
     differences = [(a.double() - b.double()).abs().max().item() for a, b in zip(*results)]
-    return {"check": "SwiGLUMLP recompute_gating, LoRA dropout, bf16: y and gradients as kept",
+    return {"check": f"SwiGLUMLP recomputed, LoRA dropout on gate_proj{' and down_proj' if down_lora else ''}, bf16: "
+                     "y and gradients as kept",
             "error": max(differences), "ok": all(torch.equal(a, b) for a, b in zip(*results))}
 
 

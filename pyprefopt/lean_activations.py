@@ -70,14 +70,15 @@ def use_lean_activations(model: nn.Module, backend: str = "auto", recompute_mlp:
     the same projection modules and weight parameters (state-dict keys, LoRA layers and optimizer state are
     unchanged). Call it before sharding (FSDP) or compiling. Returns how many of each were swapped.
 
-    `recompute_mlp`: the MLPs keep only their input and run gate_proj, up_proj and the gating again in backward
-    (`GatedMLP.recompute_gating`): less memory for more time, most worth it where the MLP has no LoRA branch, and
-    nothing gained under whole-layer activation checkpointing, which recomputes the MLP anyway."""
+    `recompute_mlp`: the MLPs keep only their input and run gate_proj, up_proj and the gating (and down_proj where
+    it has a LoRA branch) again in backward (`GatedMLP.recompute`): less memory for more time, cheapest where the
+    MLP has no LoRA branch, and nothing gained under whole-layer activation checkpointing, which recomputes the MLP
+    anyway."""
     swapped = {"mlp": 0, "rms_norm": 0}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if (mlp := lean_mlp(child, backend)) is not None:
-                mlp.recompute_gating = recompute_mlp
+                mlp.recompute = recompute_mlp
                 parent.add_module(name, mlp)
                 swapped["mlp"] += 1
             elif (norm := lean_rms_norm(child, backend)) is not None:

@@ -5,8 +5,8 @@ Autograd through transformers' MLP keeps three [tokens, intermediate] tensors fo
 silu(gate) and up for the product) and, when down_proj has a LoRA branch, a fourth: h, that branch's input.
 `SwiGLUFunction` keeps gate and up and recomputes silu(gate) in backward. `SwiGLUMLP` also has down_proj's saved
 h rebuilt from gate and up when its backward asks for it (a saved-tensor hook): the MLP keeps two intermediate-wide
-tensors instead of three or four, for one elementwise pass per recomputation. With `recompute_gating` (the train
-CLI's --recompute-mlp) it keeps none: gate and up are recomputed from the MLP's input in backward. `GatedMLP` holds
+tensors instead of three or four, for one elementwise pass per recomputation. With `recompute` (the train CLI's
+--recompute-mlp) it keeps none: the MLP keeps its input alone and recomputes from it in backward. `GatedMLP` holds
 what the SwiGLU and GeGLU (`pyprefopt.geglu`) MLPs share.
 
 - CUDA: the Triton kernels of `pyprefopt.kernels.swiglu` (fp32 math, one rounding per output).
@@ -134,15 +134,15 @@ class GatedMLP(nn.Module):
     state-dict keys unchanged), keeping gate and up and nothing else intermediate-wide; a subclass gives the gating
     (`activation`).
 
-    With `recompute_gating` it keeps only x: gate_proj, up_proj and the gating run again in backward (a non-reentrant
-    checkpoint, which stops once they have run), for two more [tokens, hidden] x [hidden, intermediate] GEMMs a
-    layer. Where the projections are frozen the MLP's share of a decoder layer's activations goes from two
-    intermediate-wide tensors to one hidden-wide; a down_proj with a LoRA branch also keeps h, its input."""
+    With `recompute` it keeps only x, its share of a decoder layer's activations going from two intermediate-wide
+    tensors to one hidden-wide: gate_proj, up_proj and the gating run again in backward (a non-reentrant checkpoint,
+    which stops once they have run), two more [tokens, hidden] x [hidden, intermediate] GEMMs a layer; and down_proj
+    too where it has a LoRA branch (or a trained weight), which would otherwise keep h, its input: a third GEMM."""
 
     def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
-        self.recompute_gating = False
+        self.recompute = False
 
     def activation(self, gate, up):
         """(h, rebuild): the gating's output, through an autograd Function that keeps gate and up, and a function of
@@ -152,8 +152,13 @@ class GatedMLP(nn.Module):
     def _gating(self, x):
         return self.activation(self.gate_proj(x), self.up_proj(x))[0]
 
+    def _whole(self, x):
+        return self.down_proj(self._gating(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.recompute_gating and torch.is_grad_enabled():
+        if self.recompute and torch.is_grad_enabled():
+            if any(p.requires_grad for p in self.down_proj.parameters()):
+                return checkpoint(self._whole, x, use_reentrant=False)
             return self.down_proj(checkpoint(self._gating, x, use_reentrant=False))
         gate, up = self.gate_proj(x), self.up_proj(x)
         h, rebuild = self.activation(gate, up)

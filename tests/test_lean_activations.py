@@ -211,7 +211,7 @@ def test_recomputed_mlps_give_the_lean_models_logits_and_gradients(family, targe
     recomputed = copy.deepcopy(model)
     use_lean_activations(model, backend="torch")
     use_lean_activations(recomputed, backend="torch", recompute_mlp=True)
-    assert all(m.recompute_gating for m in recomputed.modules() if isinstance(m, GatedMLP))
+    assert all(m.recompute for m in recomputed.modules() if isinstance(m, GatedMLP))
     input_ids = torch.randint(0, 96, (2, 11))
     torch.manual_seed(1)
     logits, grads = _loss_and_grads(model, input_ids)
@@ -223,29 +223,36 @@ def test_recomputed_mlps_give_the_lean_models_logits_and_gradients(family, targe
         assert torch.equal(recomputed_grads[name], grad), name
 
 
-def test_a_recomputed_mlp_without_lora_keeps_only_its_input():
-    """Per token of a bf16 Qwen3 layer with LoRA on q_proj and v_proj: the lean MLP keeps gate and up, the recomputed
-    one its hidden-wide input alone (held by its checkpoint)."""
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear"], ids=["lora-qv", "lora-all"])
+def test_a_recomputed_mlp_keeps_only_its_input(targets):
+    """Per token of a bf16 Qwen3 layer: the lean MLP keeps gate and up (and, with LoRA on its projections, x for
+    gate_proj's and up_proj's LoRA branches; down_proj's input h is rebuilt from gate and up), the recomputed one its
+    hidden-wide input alone (held by its checkpoint), with a LoRA branch on down_proj too. Tensors at least
+    hidden-wide are counted (the LoRA branches' rank-wide products are not)."""
     tokens = 64
     input_ids = torch.randint(0, SIZES["vocab_size"], (1, tokens))
     kept = {}
     for recompute in (False, True):
-        model = _model("qwen3", ["q_proj", "v_proj"], dtype=torch.bfloat16)
+        model = _model("qwen3", targets, dtype=torch.bfloat16)
         use_lean_activations(model, backend="torch", recompute_mlp=recompute)
         saved = saved_bytes_by_module(model, model.model.layers[1], input_ids)
-        kept[recompute] = sorted((shape, nbytes) for (module, _, shape), nbytes in saved.items() if module == "mlp")
-    intermediate, hidden = SIZES["intermediate_size"], SIZES["hidden_size"]
-    # gate and up: two bf16 tensors of one shape, counted under one key.
-    assert kept == {False: [((1, tokens, intermediate), 2 * 2 * tokens * intermediate)],
-                    True: [((1, tokens, hidden), 2 * tokens * hidden)]}
+        hidden = SIZES["hidden_size"]
+        kept[recompute] = {module: sum(nbytes for (name, _, shape), nbytes in saved.items()
+                                       if name == module and tokens in shape and shape[-1] >= hidden)
+                           for module in ("mlp", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    intermediate = SIZES["intermediate_size"]
+    # gate and up; x, which gate_proj's LoRA branch saves first and up_proj's shares.
+    assert kept[False] == {"mlp": 2 * 2 * tokens * intermediate,
+                           "mlp.gate_proj": 2 * tokens * hidden * (targets == "all-linear"), "mlp.up_proj": 0,
+                           "mlp.down_proj": 0}
+    assert kept[True] == {"mlp": 2 * tokens * hidden, "mlp.gate_proj": 0, "mlp.up_proj": 0, "mlp.down_proj": 0}
 
 
 @pytest.mark.parametrize("mode", ["plain", "checkpointed", "recompute-mlp"])
 def test_what_the_graph_keeps_alive_after_forward(mode):
     """Counting saved tensors is not enough: a hook that held h would keep it alive however it packs it. After the
     forward, with the graph alive, down_proj's LoRA input h is gone; under activation checkpointing gate and up are
-    too (the checkpoint drops them, to be recomputed), and with the MLP recomputed gate and up are gone but h, which
-    down_proj's LoRA branch keeps, is not."""
+    too (the checkpoint drops them, to be recomputed), and so are they with the MLP recomputed."""
     import weakref
 
     model = _model("qwen3", "all-linear", dtype=torch.bfloat16)
@@ -261,7 +268,7 @@ def test_what_the_graph_keeps_alive_after_forward(mode):
     for handle in handles:
         handle.remove()
     alive = {name: ref() is not None for name, ref in refs.items()}
-    assert alive == {"h": mode == "recompute-mlp", "gate": mode == "plain", "up": mode == "plain"}
+    assert alive == {"h": False, "gate": mode == "plain", "up": mode == "plain"}
     logits.float().sum().backward()
     assert all(p.grad is not None for p in lora.lora_layers(model)["model.layers.1.mlp.down_proj"].parameters()
                if p.requires_grad)
