@@ -197,9 +197,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute each decoder layer's activations in backward (keeps only each layer's input)")
     p.add_argument("--recompute-mlp", action="store_true",
-                   help="recompute each MLP's gate_proj, up_proj and gating in backward, keeping only its input: "
-                   "about half the decoder's activations for two of the MLP's three GEMMs again, where the MLP has "
-                   "no LoRA branch (e.g. attention-only targets)")
+                   help="each MLP keeps only its input and recomputes gate_proj, up_proj and the gating in backward "
+                   "(and down_proj where it has a LoRA branch): about half the decoder's activations for two of the "
+                   "MLP's three GEMMs again (all three with LoRA on down_proj)")
     p.add_argument("--dtype", default=None, choices=tuple(COMPUTE_DTYPES),
                    help="compute dtype: bf16 runs the model under bf16 autocast and keeps its frozen weights in bf16 "
                    "(half the memory); trained weights (the adapter, or every weight with --full) and the optimizer "
