@@ -22,6 +22,7 @@ from pyprefopt.swiglu import SwiGLUMLP
 LLAMA_ORDER_FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3")
 SILU_MLP_CLASSES = frozenset(f"{family}MLP" for family in LLAMA_ORDER_FAMILIES)
 GELU_TANH_MLP_CLASSES = frozenset({"Gemma2MLP", "Gemma3MLP", "Gemma3nTextMLP"})
+LEAN_MLP_CLASSES = SILU_MLP_CLASSES | GELU_TANH_MLP_CLASSES
 # RMSNorm classes: (scale_in_fp32, weight_offset, the attribute holding eps).
 RMS_NORM_CLASSES = {f"{family}RMSNorm": (False, 0.0, "variance_epsilon") for family in LLAMA_ORDER_FAMILIES} | {
     "Gemma2RMSNorm": (True, 1.0, "eps"), "Gemma3RMSNorm": (True, 1.0, "eps"),

@@ -24,7 +24,7 @@ from pyprefopt import data as D
 from pyprefopt.distributed import FIRST_PROCESS_WEIGHTS, FirstProcessWeights, log
 from pyprefopt.errors import RunError
 from pyprefopt.head_config import check_fused_head_support
-from pyprefopt.lean_activations import use_lean_activations
+from pyprefopt.lean_activations import LEAN_MLP_CLASSES, use_lean_activations
 from pyprefopt.memory import release_mapped_file_pages
 from pyprefopt.packed_attention import use_packed_attention
 from pyprefopt.safetensors_io import TensorEntry
@@ -279,11 +279,12 @@ def _prepared(model, args, base, device, adapter, skeleton=False, lora_device=No
     model.config.use_cache = False
     if device.type == "cpu":
         use_packed_attention(model)
-    if not use_lean_activations(model, recompute_mlp=args.recompute_mlp)["mlp"] and args.recompute_mlp:
+    swapped = use_lean_activations(model, recompute_mlp=args.recompute_mlp)
+    if args.recompute_mlp and not swapped["mlp"]:
         mlp_classes = sorted({type(m).__name__ for name, m in model.named_modules() if name.endswith(".mlp")})
         raise RunError(f"--recompute-mlp: none of --model {base}'s MLPs ({', '.join(mlp_classes) or 'none found'}) "
-                       "is one it recomputes (the SiLU MLPs of Llama, Mistral, Qwen2 and Qwen3, the GELU-tanh ones of "
-                       "Gemma 2, 3 and 3n); leave the option off, or use --gradient-checkpointing")
+                       f"is one it recomputes ({', '.join(sorted(LEAN_MLP_CLASSES))}); leave the option off, or use "
+                       "--gradient-checkpointing")
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if args.full:
