@@ -12,7 +12,9 @@ ORPOTrainer) on the same tiny Qwen3, data and hyper-parameters.
 `--real-shapes DIR` runs the reference model cards' recipes (`REAL_CARDS`) on their base architectures at the
 real configs (Qwen3-1.7B and Qwen2.5-1.5B at V=151936, Gemma-3n-E4B's text model at V=262400) with random
 weights, built once into DIR, the tokenizer the default model's (its ids index the real vocabulary; every
-logit of it is still computed), on synthetic rows (4 held out), 2 examples a micro-batch as the cards train.
+logit of it is still computed), on synthetic rows (4 held out), each card's micro-batch as its README command trains:
+Gemma-3n's card's 2 examples accumulating 4, 8 for the Qwen cards (which name none: the train CLI's default, and TRL's
+`per_device_train_batch_size` default, the trainer the cards were made with); `--batch-size` sets one for all.
 
 Each (method, trainer) case runs in a fresh interpreter with OMP_NUM_THREADS=--threads, so memory is a per-process
 high-water mark and no case inherits another's allocator or thread pool. The cases run one after another, minutes
@@ -262,15 +264,19 @@ def real_configs(pad_token_id, eos_token_id):
     }
 
 
-# (base, method, recipe): Qwen3-1.7B with IPO, CPO and KTO (LoRA on every linear layer); Qwen2.5-1.5B LoRA SFT then
-# DPO (r=16, alpha=32, dropout 0.05, q_proj/v_proj); Gemma-3n-E4B QLoRA SFT (r=8, alpha=16, the MLP, 8-bit AdamW,
-# lr 2e-5, weight decay 0.01, seed 3407, batch 2 x accumulation 4).
-QWEN25_LORA = dict(lora_dropout=0.05, targets="q_proj,v_proj")
+# (base, method, recipe): README's reference recipes. Qwen3-1.7B with IPO, CPO and KTO (LoRA on every linear layer);
+# Qwen2.5-1.5B LoRA SFT (its MLPs recomputed in backward) then DPO (r=16, alpha=32, dropout 0.05, q_proj/v_proj);
+# Gemma-3n-E4B QLoRA SFT (r=8, alpha=16, the MLP, 8-bit AdamW, lr 2e-5, weight decay 0.01, seed 3407, batch 2 x
+# accumulation 4). The Qwen cards name no batch: their commands train at the CLI's default --batch-size, TRL's too.
+QWEN_BATCH = 8
+QWEN25_LORA = dict(lora_dropout=0.05, targets="q_proj,v_proj", batch_size=QWEN_BATCH)
 REAL_CARDS = [
-    ("Qwen3-1.7B", "ipo", {}), ("Qwen3-1.7B", "cpo", {}), ("Qwen3-1.7B", "kto", {}),
-    ("Qwen2.5-1.5B", "sft", QWEN25_LORA), ("Qwen2.5-1.5B", "dpo", QWEN25_LORA),
+    ("Qwen3-1.7B", "ipo", dict(batch_size=QWEN_BATCH)), ("Qwen3-1.7B", "cpo", dict(batch_size=QWEN_BATCH)),
+    ("Qwen3-1.7B", "kto", dict(batch_size=QWEN_BATCH)),
+    ("Qwen2.5-1.5B", "sft", QWEN25_LORA | dict(recompute_mlp=True)), ("Qwen2.5-1.5B", "dpo", QWEN25_LORA),
     ("Gemma-3n-E4B", "sft", dict(load_in_4bit=True, lora_r=8, lora_alpha=16.0, targets="gate_proj,up_proj,down_proj",
-                                 optim="adamw_8bit", lr=2e-5, weight_decay=0.01, grad_accum=4, seed=3407)),
+                                 optim="adamw_8bit", lr=2e-5, weight_decay=0.01, batch_size=2, grad_accum=4,
+                                 seed=3407)),
 ]
 
 
@@ -304,7 +310,8 @@ def rounds_of_cases(rounds: int):
 
 def run_real_shapes(directory: Path, data: Path, steps, warmup, batch_size, threads, cache, checkpointing,
                     dtype="fp32", cards=None, rounds=1, recompute_mlp=False):
-    """REAL_CARDS (those named "MODEL:METHOD" in `cards`, when given) through both trainers, `rounds` times."""
+    """REAL_CARDS (those named "MODEL:METHOD" in `cards`, when given) through both trainers, `rounds` times, each at
+    its card's batch unless `batch_size` is given; `recompute_mlp` recomputes every card's MLPs (some cards' do)."""
     from pyprefopt import data as D
     from pyprefopt.default_model import default_model_path
 
@@ -315,11 +322,13 @@ def run_real_shapes(directory: Path, data: Path, steps, warmup, batch_size, thre
         if cards is not None and f"{name}:{method}" not in cards:
             continue
         base = build_real_model(name, directory, tokenizer_dir).resolve()
-        # The cards' batches: 2 examples (Gemma-3n's card accumulates 4 of them).
+        settings = dict(recipe, base=str(base), dtype=dtype)
+        card_batch = settings.pop("batch_size")
+        settings["recompute_mlp"] = recompute_mlp or settings.get("recompute_mlp", False)
         for round_, impl in rounds_of_cases(rounds):
-            result = run_case(impl, method, data, steps, warmup, batch_size, threads, cache, checkpointing,
-                              recipe | {"base": str(base), "dtype": dtype, "recompute_mlp": recompute_mlp})
-            result.update(model=name, round=round_)
+            result = run_case(impl, method, data, steps, warmup, batch_size or card_batch, threads, cache,
+                              checkpointing, settings)
+            result.update(model=name, round=round_, batch_size=batch_size or card_batch)
             print(f"{name} {method} {impl}: {result['tokens_per_second']:.1f} tokens/s, peak extra "
                   f"{result['peak_extra_mib']:.0f} MiB", file=sys.stderr, flush=True)
             results.append(result)
@@ -354,9 +363,10 @@ def table(results: list[dict]) -> str:
     rounds = {}
     for r in results:
         rounds.setdefault((r.get("model", ""), r["method"]), {}).setdefault(r.get("round", 0), {})[r["impl"]] = r
-    lines = ["| model | method | rounds | pyprefopt tokens/s | TRL tokens/s | speed-up | training peak extra MiB "
-             "(ours / TRL) | memory ratio | with loading MiB (ours / TRL) | median step ms (ours / TRL) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | method | batch | rounds | pyprefopt tokens/s | TRL tokens/s | speed-up | "
+             "training peak extra MiB (ours / TRL) | memory ratio | with loading MiB (ours / TRL) | "
+             "median step ms (ours / TRL) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (model, method), by_round in rounds.items():
         pairs = [(r["pyprefopt"], r["trl"]) for r in by_round.values() if len(r) == len(IMPLS)]
         if not pairs:
@@ -371,7 +381,8 @@ def table(results: list[dict]) -> str:
         speed, train_peak, peak = median("tokens_per_second"), median("train_peak_extra_mib"), median("peak_extra_mib")
         step_ms = [statistics.median(ms for pair in pairs for ms in pair[i]["step_ms"]) for i in (0, 1)]
         lines.append(
-            f"| {model or 'tiny default'} | {method} | {len(pairs)} | {speed[0]:.1f} | {speed[1]:.1f} | "
+            f"| {model or 'tiny default'} | {method} | {pairs[0][0]['batch_size']} | {len(pairs)} | {speed[0]:.1f} | "
+            f"{speed[1]:.1f} | "
             f"{median_ratio('tokens_per_second'):.2f}x | {train_peak[0]:.0f} / {train_peak[1]:.0f} | "
             f"{median_ratio('train_peak_extra_mib'):.2f}x | {peak[0]:.0f} / {peak[1]:.0f} | "
             f"{step_ms[0]:.0f} / {step_ms[1]:.0f} |")
@@ -386,8 +397,8 @@ def main(argv=None):
     p.add_argument("--synthetic", type=int, default=None, help="use a synthetic set of N rows per split instead")
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    p.add_argument("--batch-size", type=int, default=None, help="examples per micro-batch (default: 8; 2, the cards', "
-                   "with --real-shapes)")
+    p.add_argument("--batch-size", type=int, default=None, help="examples per micro-batch (default: 8; with "
+                   "--real-shapes, each card's own)")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every case")
     p.add_argument("--gradient-checkpointing", action="store_true", help="both trainers recompute activations "
                    "(TRL's default; off by default here, as in pyprefopt)")
@@ -409,15 +420,16 @@ def main(argv=None):
         p.error(f"--rounds must be at least 1, got {a.rounds}")
     if a.recompute_mlp and a.gradient_checkpointing:
         p.error("--recompute-mlp with --gradient-checkpointing: give one of them")
-    if a.batch_size is None:
-        a.batch_size = 2 if a.real_shapes else 8
+    if a.batch_size is None and not a.real_shapes:
+        a.batch_size = 8
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = a.data
         if a.real_shapes and not (a.data or a.synthetic):
             # Enough rows for the timed steps; a small held-out split, whose evaluation is not timed.
             data = tmp / "data"
-            write_data(data, max(16, a.batch_size * 4 * (a.steps + a.warmup)), 4, **SYNTHETIC_WORDS)
+            largest_batch = a.batch_size or max(recipe["batch_size"] for _, _, recipe in REAL_CARDS)
+            write_data(data, max(16, largest_batch * 4 * (a.steps + a.warmup)), 4, **SYNTHETIC_WORDS)
         elif a.synthetic:
             data = tmp / "data"
             write_data(data, a.synthetic, a.synthetic, **SYNTHETIC_WORDS)
@@ -436,7 +448,7 @@ def main(argv=None):
             for round_, impl in rounds_of_cases(a.rounds):
                 result = run_case(impl, method, data, a.steps, a.warmup, a.batch_size, a.threads, cache,
                                   a.gradient_checkpointing, {"dtype": a.dtype, "recompute_mlp": a.recompute_mlp})
-                result["round"] = round_
+                result.update(round=round_, batch_size=a.batch_size)
                 print(f"{method} {impl}: {result['tokens_per_second']:.0f} tokens/s, peak extra "
                       f"{result['peak_extra_mib']:.0f} MiB", file=sys.stderr, flush=True)
                 results.append(result)
@@ -487,16 +499,46 @@ def test_the_table_takes_each_ratio_as_the_median_of_its_rounds():
     """Over rounds, a ratio is the median of each round's own (side by side) ratio, not a ratio of medians; the
     trainers alternate which runs first."""
     def result(impl, round_, speed, peak):
-        return dict(impl=impl, method="dpo", round=round_, tokens_per_second=speed, train_peak_extra_mib=peak,
-                    peak_extra_mib=peak + 1, step_ms=[1000.0 / speed])
+        return dict(impl=impl, method="dpo", round=round_, batch_size=4, tokens_per_second=speed,
+                    train_peak_extra_mib=peak, peak_extra_mib=peak + 1, step_ms=[1000.0 / speed])
 
     # Round by round: 3.0x, 1.5x and 2.0x the speed (median 2.0x), where the medians' ratio would be 40 / 10 = 4.0x.
     results = [result("pyprefopt", 0, 30, 100), result("trl", 0, 10, 200), result("trl", 1, 80, 250),
                result("pyprefopt", 1, 120, 100), result("pyprefopt", 2, 40, 100), result("trl", 2, 20, 100)]
     row = table(results).splitlines()[2]
-    assert row.startswith("| tiny default | dpo | 3 | 40.0 | 20.0 | 2.00x | 100 / 200 | 0.50x | 101 / 201 |"), row
+    assert row.startswith("| tiny default | dpo | 4 | 3 | 40.0 | 20.0 | 2.00x | 100 / 200 | 0.50x | 101 / 201 |"), row
     assert rounds_of_cases(3) == [(0, "pyprefopt"), (0, "trl"), (1, "trl"), (1, "pyprefopt"), (2, "pyprefopt"),
                                   (2, "trl")]
+
+
+# What README's reference recipes set that decides a step's time and memory; the rest (learning rate, schedule, beta)
+# both trainers get from DEFAULT_RECIPE alike.
+COST_SETTINGS = ("batch_size", "grad_accum", "load_in_4bit", "optim", "recompute_mlp", "lora_r", "lora_alpha",
+                 "lora_dropout", "target_modules")
+
+
+def test_each_real_shape_card_costs_what_its_readme_command_does():
+    """REAL_CARDS, whose rows README's summary reports, run each card as README's "Reference recipes" command does
+    in every setting that changes a step's cost: its micro-batch (the CLI's default where the command names none),
+    accumulation, 4-bit base, optimizer, recomputation and LoRA (a command continuing an adapter, its LoRA)."""
+    from pyprefopt.train import parse_args
+    from tests.test_reference_recipes import DATA, PROGRAM, readme_recipes
+
+    checked, lora = set(), {}
+    for commands in readme_recipes().values():
+        for command in commands:
+            args = parse_args(command.replace(DATA, "DATA").split()[len(PROGRAM):])
+            if args.adapter is None:
+                lora = {k: getattr(args, k) for k in ("lora_r", "lora_alpha", "lora_dropout", "target_modules")}
+            wanted = {k: getattr(args, k) for k in COST_SETTINGS} | lora
+            model = args.model.rsplit("/", 1)[-1].lower()
+            (card,) = [(name, method) for name, method, _ in REAL_CARDS
+                       if model.startswith(name.lower()) and method == args.method]
+            recipe = DEFAULT_RECIPE | next(r for name, method, r in REAL_CARDS if (name, method) == card)
+            recipe["target_modules"] = recipe.pop("targets")
+            assert {k: recipe[k] for k in COST_SETTINGS} == wanted, (command, card)
+            checked.add(card)
+    assert checked == {(name, method) for name, method, _ in REAL_CARDS}
 
 
 if __name__ == "__main__":

@@ -49,8 +49,8 @@ CARDS = {
     "Qwen3-1.7B IPO": [{"method": "ipo", **DEFAULT_LORA}],
     "Qwen3-1.7B CPO": [{"method": "cpo", **DEFAULT_LORA}],
     "Qwen3-1.7B KTO (Arabic)": [{"method": "kto", **DEFAULT_LORA}],
-    "Qwen2.5-1.5B-Instruct LoRA SFT, then DPO from its adapter": [{"method": "sft", **QWEN25_LORA},
-                                                                  {"method": "dpo", **QWEN25_LORA}],
+    "Qwen2.5-1.5B-Instruct LoRA SFT, then DPO from its adapter": [
+        {"method": "sft", **QWEN25_LORA, "recompute_mlp": True}, {"method": "dpo", **QWEN25_LORA}],
     "Gemma-3n-E4B QLoRA SFT, merged to 16-bit": [{
         "method": "sft", "load_in_4bit": True, "lora_r": 8, "lora_alpha": 16.0, "lora_dropout": 0.0,
         "target_modules": ["down_proj", "gate_proj", "up_proj"], "optim": "adamw_8bit", "lr": 2e-5,
