@@ -45,6 +45,7 @@ import gc
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -329,8 +330,7 @@ def run_real_shapes(directory: Path, data: Path, steps, warmup, batch_size, thre
             result = run_case(impl, method, data, steps, warmup, batch_size or card_batch, threads, cache,
                               checkpointing, settings)
             result.update(model=name, round=round_, batch_size=batch_size or card_batch)
-            print(f"{name} {method} {impl}: {result['tokens_per_second']:.1f} tokens/s, peak extra "
-                  f"{result['peak_extra_mib']:.0f} MiB", file=sys.stderr, flush=True)
+            print(f"{name} {method} {impl}: {summary(result)}", file=sys.stderr, flush=True)
             results.append(result)
     return results
 
@@ -351,15 +351,44 @@ def run_case(impl, method, data, steps, warmup, batch_size, threads, cache, chec
                str(batch_size), "--out", out.name, "--recipe", json.dumps(recipe)] + (
                    ["--gradient-checkpointing"] if checkpointing else [])
         proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode == -signal.SIGKILL:
+            # What the kernel's out-of-memory killer does to a trainer that does not fit the machine at these
+            # settings: a result of the case, and the run goes on to the others.
+            return {"impl": impl, "method": method, OUT_OF_MEMORY: True}
         if proc.returncode != 0:
             raise RuntimeError(f"{impl} {method} failed:\n{proc.stderr[-4000:]}")
         return json.load(open(out.name, encoding="utf-8"))
 
 
+def summary(result: dict) -> str:
+    if result.get(OUT_OF_MEMORY):
+        return "killed (SIGKILL: out of memory)"
+    return f"{result['tokens_per_second']:.1f} tokens/s, peak extra {result['peak_extra_mib']:.0f} MiB"
+
+
+OUT_OF_MEMORY = "killed_for_memory"
+
+
+def _row_with_a_killed_trainer(model, method, pairs, killed) -> str:
+    def cell(i, key, fmt):
+        return "out of memory" if killed[i] else format(statistics.median(pair[i][key] for pair in pairs), fmt)
+
+    def both(key, fmt):
+        return f"{cell(0, key, fmt)} / {cell(1, key, fmt)}"
+
+    step_ms = ["out of memory" if killed[i] else f"{statistics.median(ms for p in pairs for ms in p[i]['step_ms']):.0f}"
+               for i in (0, 1)]
+    return (f"| {model or 'tiny default'} | {method} | {pairs[0][0]['batch_size']} | {len(pairs)} | "
+            f"{cell(0, 'tokens_per_second', '.1f')} | "
+            f"{cell(1, 'tokens_per_second', '.1f')} | - | {both('train_peak_extra_mib', '.0f')} | - | "
+            f"{both('peak_extra_mib', '.0f')} | {step_ms[0]} / {step_ms[1]} |")
+
+
 def table(results: list[dict]) -> str:
     """Training: from the loaded model on (the weights included); with loading: the whole run's peak. Over several
     rounds (`round` in the results), each figure is the median over the rounds, and each ratio the median of the
-    rounds' own ratios (ours and TRL's of one round ran next to each other)."""
+    rounds' own ratios (ours and TRL's of one round ran next to each other). A trainer killed for memory in any
+    round has no figures or ratios: the other's are its rounds' medians."""
     rounds = {}
     for r in results:
         rounds.setdefault((r.get("model", ""), r["method"]), {}).setdefault(r.get("round", 0), {})[r["impl"]] = r
@@ -370,6 +399,10 @@ def table(results: list[dict]) -> str:
     for (model, method), by_round in rounds.items():
         pairs = [(r["pyprefopt"], r["trl"]) for r in by_round.values() if len(r) == len(IMPLS)]
         if not pairs:
+            continue
+        killed = [any(pair[i].get(OUT_OF_MEMORY) for pair in pairs) for i in (0, 1)]
+        if any(killed):
+            lines.append(_row_with_a_killed_trainer(model, method, pairs, killed))
             continue
 
         def median(key, pairs=pairs):
@@ -449,8 +482,7 @@ def main(argv=None):
                 result = run_case(impl, method, data, a.steps, a.warmup, a.batch_size, a.threads, cache,
                                   a.gradient_checkpointing, {"dtype": a.dtype, "recompute_mlp": a.recompute_mlp})
                 result.update(round=round_, batch_size=a.batch_size)
-                print(f"{method} {impl}: {result['tokens_per_second']:.0f} tokens/s, peak extra "
-                      f"{result['peak_extra_mib']:.0f} MiB", file=sys.stderr, flush=True)
+                print(f"{method} {impl}: {summary(result)}", file=sys.stderr, flush=True)
                 results.append(result)
     print(table(results))
     if a.json:
@@ -509,6 +541,26 @@ def test_the_table_takes_each_ratio_as_the_median_of_its_rounds():
     assert row.startswith("| tiny default | dpo | 4 | 3 | 40.0 | 20.0 | 2.00x | 100 / 200 | 0.50x | 101 / 201 |"), row
     assert rounds_of_cases(3) == [(0, "pyprefopt"), (0, "trl"), (1, "trl"), (1, "pyprefopt"), (2, "pyprefopt"),
                                   (2, "trl")]
+
+
+
+def test_a_trainer_killed_for_memory_is_a_row_not_an_aborted_run(monkeypatch):
+    """A worker the kernel's out-of-memory killer ends (SIGKILL) is that case's result; the table gives the other
+    trainer's figures beside "out of memory" and no ratio. Any other failure still stops the run."""
+    def killed_worker(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, -signal.SIGKILL, "", "")
+
+    monkeypatch.setattr(subprocess, "run", killed_worker)
+    theirs = run_case("trl", "cpo", ROOT, 2, 1, 8, 1, ROOT / "no-cache") | {"round": 0, "batch_size": 8}
+    assert summary(theirs) == "killed (SIGKILL: out of memory)"
+    ours = dict(impl="pyprefopt", method="cpo", round=0, batch_size=8, tokens_per_second=90.0,
+                train_peak_extra_mib=5000.0, peak_extra_mib=9000.0, step_ms=[1000.0, 1200.0])
+    row = table([ours, theirs]).splitlines()[2]
+    assert row == ("| tiny default | cpo | 8 | 1 | 90.0 | out of memory | - | 5000 / out of memory | - | "
+                   "9000 / out of memory | 1100 / out of memory |"), row
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kwargs: subprocess.CompletedProcess(cmd, 1, "", "boom"))
+    with pytest.raises(RuntimeError, match="trl cpo failed:\nboom"):
+        run_case("trl", "cpo", ROOT, 2, 1, 8, 1, ROOT / "no-cache")
 
 
 # What README's reference recipes set that decides a step's time and memory; the rest (learning rate, schedule, beta)
