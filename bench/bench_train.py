@@ -32,6 +32,9 @@ steps; reported:
   LoRA layers, tokenising the data and training; pyprefopt's also its reference pass and its evaluations (TRL
   computes its reference log-probs every step and evaluates nothing here).
 
+A case the kernel's out-of-memory killer ends is reported as such (its trainer does not fit the machine at these
+settings), and the run goes on.
+
 Matched settings: LoRA r=16, alpha=32, every linear layer but the head, no dropout; AdamW, lr 1e-3, cosine with
 10 % warmup, clipping at 1.0; batch --batch-size, no accumulation; max_length 512; beta 0.1; fp32; no gradient
 checkpointing (TRL 1.16 defaults to it; `--gradient-checkpointing` turns it on for both). TRL's SFT runs
