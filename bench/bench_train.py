@@ -65,6 +65,8 @@ from tests.synthetic_data import write_data
 
 ROOT = Path(__file__).resolve().parent.parent
 IMPLS = ("pyprefopt", "trl")
+# A case's result when the kernel's out-of-memory killer ended its worker.
+OUT_OF_MEMORY = "killed_for_memory"
 BETA, MAX_LENGTH, WARMUP_RATIO = 0.1, 512, 0.1
 # The settings both trainers get: the tiny default model's (`base` None) unless a card says otherwise.
 DEFAULT_RECIPE = dict(base=None, lora_r=16, lora_alpha=32.0, lora_dropout=0.0, targets="all-linear",
@@ -369,24 +371,6 @@ def summary(result: dict) -> str:
     return f"{result['tokens_per_second']:.1f} tokens/s, peak extra {result['peak_extra_mib']:.0f} MiB"
 
 
-OUT_OF_MEMORY = "killed_for_memory"
-
-
-def _row_with_a_killed_trainer(model, method, pairs, killed) -> str:
-    def cell(i, key, fmt):
-        return "out of memory" if killed[i] else format(statistics.median(pair[i][key] for pair in pairs), fmt)
-
-    def both(key, fmt):
-        return f"{cell(0, key, fmt)} / {cell(1, key, fmt)}"
-
-    step_ms = ["out of memory" if killed[i] else f"{statistics.median(ms for p in pairs for ms in p[i]['step_ms']):.0f}"
-               for i in (0, 1)]
-    return (f"| {model or 'tiny default'} | {method} | {pairs[0][0]['batch_size']} | {len(pairs)} | "
-            f"{cell(0, 'tokens_per_second', '.1f')} | "
-            f"{cell(1, 'tokens_per_second', '.1f')} | - | {both('train_peak_extra_mib', '.0f')} | - | "
-            f"{both('peak_extra_mib', '.0f')} | {step_ms[0]} / {step_ms[1]} |")
-
-
 def table(results: list[dict]) -> str:
     """Training: from the loaded model on (the weights included); with loading: the whole run's peak. Over several
     rounds (`round` in the results), each figure is the median over the rounds, and each ratio the median of the
@@ -404,24 +388,25 @@ def table(results: list[dict]) -> str:
         if not pairs:
             continue
         killed = [any(pair[i].get(OUT_OF_MEMORY) for pair in pairs) for i in (0, 1)]
-        if any(killed):
-            lines.append(_row_with_a_killed_trainer(model, method, pairs, killed))
-            continue
 
-        def median(key, pairs=pairs):
-            return [statistics.median(pair[i][key] for pair in pairs) for i in (0, 1)]
+        def median(i, key, fmt, pairs=pairs, killed=killed):
+            return "out of memory" if killed[i] else format(statistics.median(pair[i][key] for pair in pairs), fmt)
 
-        def median_ratio(key, pairs=pairs):
-            return statistics.median(ours[key] / theirs[key] for ours, theirs in pairs)
+        def both(key, fmt):
+            return f"{median(0, key, fmt)} / {median(1, key, fmt)}"
 
-        speed, train_peak, peak = median("tokens_per_second"), median("train_peak_extra_mib"), median("peak_extra_mib")
-        step_ms = [statistics.median(ms for pair in pairs for ms in pair[i]["step_ms"]) for i in (0, 1)]
+        def median_ratio(key, pairs=pairs, killed=killed):
+            if any(killed):
+                return "-"
+            return f"{statistics.median(ours[key] / theirs[key] for ours, theirs in pairs):.2f}x"
+
+        step_ms = ["out of memory" if killed[i] else
+                   f"{statistics.median(ms for pair in pairs for ms in pair[i]['step_ms']):.0f}" for i in (0, 1)]
         lines.append(
-            f"| {model or 'tiny default'} | {method} | {pairs[0][0]['batch_size']} | {len(pairs)} | {speed[0]:.1f} | "
-            f"{speed[1]:.1f} | "
-            f"{median_ratio('tokens_per_second'):.2f}x | {train_peak[0]:.0f} / {train_peak[1]:.0f} | "
-            f"{median_ratio('train_peak_extra_mib'):.2f}x | {peak[0]:.0f} / {peak[1]:.0f} | "
-            f"{step_ms[0]:.0f} / {step_ms[1]:.0f} |")
+            f"| {model or 'tiny default'} | {method} | {pairs[0][0]['batch_size']} | {len(pairs)} | "
+            f"{median(0, 'tokens_per_second', '.1f')} | {median(1, 'tokens_per_second', '.1f')} | "
+            f"{median_ratio('tokens_per_second')} | {both('train_peak_extra_mib', '.0f')} | "
+            f"{median_ratio('train_peak_extra_mib')} | {both('peak_extra_mib', '.0f')} | {step_ms[0]} / {step_ms[1]} |")
     return "\n".join(lines)
 
 
