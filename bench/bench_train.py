@@ -330,11 +330,11 @@ def run_real_shapes(directory: Path, data: Path, steps, warmup, batch_size, thre
         base = build_real_model(name, directory, tokenizer_dir).resolve()
         settings = dict(recipe, base=str(base), dtype=dtype)
         card_batch = settings.pop("batch_size")
+        batch = batch_size or card_batch
         settings["recompute_mlp"] = recompute_mlp or settings.get("recompute_mlp", False)
         for round_, impl in rounds_of_cases(rounds):
-            result = run_case(impl, method, data, steps, warmup, batch_size or card_batch, threads, cache,
-                              checkpointing, settings)
-            result.update(model=name, round=round_, batch_size=batch_size or card_batch)
+            result = run_case(impl, method, data, steps, warmup, batch, threads, cache, checkpointing, settings)
+            result.update(model=name, round=round_, batch_size=batch)
             print(f"{name} {method} {impl}: {summary(result)}", file=sys.stderr, flush=True)
             results.append(result)
     return results
@@ -562,19 +562,19 @@ def test_each_real_shape_card_costs_what_its_readme_command_does():
     in every setting that changes a step's cost: its micro-batch (the CLI's default where the command names none),
     accumulation, 4-bit base, optimizer, recomputation and LoRA (a command continuing an adapter, its LoRA)."""
     from pyprefopt.train import parse_args
-    from tests.test_reference_recipes import DATA, PROGRAM, readme_recipes
+    from tests.test_reference_recipes import command_arguments, readme_recipes
 
     checked, lora = set(), {}
     for commands in readme_recipes().values():
         for command in commands:
-            args = parse_args(command.replace(DATA, "DATA").split()[len(PROGRAM):])
+            args = parse_args(command_arguments(command))
             if args.adapter is None:
                 lora = {k: getattr(args, k) for k in ("lora_r", "lora_alpha", "lora_dropout", "target_modules")}
             wanted = {k: getattr(args, k) for k in COST_SETTINGS} | lora
             model = args.model.rsplit("/", 1)[-1].lower()
-            (card,) = [(name, method) for name, method, _ in REAL_CARDS
-                       if model.startswith(name.lower()) and method == args.method]
-            recipe = DEFAULT_RECIPE | next(r for name, method, r in REAL_CARDS if (name, method) == card)
+            ((card, card_recipe),) = [((name, method), r) for name, method, r in REAL_CARDS
+                                      if model.startswith(name.lower()) and method == args.method]
+            recipe = DEFAULT_RECIPE | card_recipe
             recipe["target_modules"] = recipe.pop("targets")
             assert {k: recipe[k] for k in COST_SETTINGS} == wanted, (command, card)
             checked.add(card)

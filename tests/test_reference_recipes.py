@@ -80,6 +80,11 @@ def readme_recipes() -> dict[str, list[str]]:
 RECIPES = readme_recipes()
 
 
+def command_arguments(command: str) -> list[str]:
+    """A README command's arguments after `python -m pyprefopt.train`, with `<your data>` as DATA."""
+    return shlex.split(command.replace(DATA, "DATA"))[len(PROGRAM):]
+
+
 def test_the_table_has_one_row_per_card_and_every_command_names_a_hub_model_and_the_data_placeholder():
     assert list(RECIPES) == list(CARDS)
     for card, commands in RECIPES.items():
@@ -101,7 +106,7 @@ def tiny_models(tmp_path_factory, data_dir):
 def run_command(command: str, tiny_models, data_dir, workdir: Path, index: int, capsys) -> tuple[Path, str]:
     """Run one README command in-process from `workdir`: the hub model and `<your data>` replaced, OVERRIDES and
     (unless the command names one) an --output-dir appended. (the run's output directory, its stderr)."""
-    argv = shlex.split(command.replace(DATA, "DATA"))[len(PROGRAM):]
+    argv = command_arguments(command)
     method = argv[argv.index("--method") + 1]
     argv[argv.index("--data") + 1] = str(data_dir / losses.METHODS[method].data_format)
     model = argv.index("--model") + 1
